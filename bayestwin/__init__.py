@@ -1,0 +1,25 @@
+"""bayestwin: patient digital twins from hierarchical Bayesian population models.
+
+Cohort -> fit -> Population -> condition -> Twin -> predict -> Forecast.
+"""
+
+import warnings as _warnings
+
+import jax as _jax
+
+_jax.config.update("jax_enable_x64", True)
+# pytensor warns at import when it finds no optimised BLAS; we compile to JAX, not C.
+_warnings.filterwarnings("ignore", message=".*BLAS.*", module="pytensor")
+
+from bayestwin.data import Cohort, Schema, new_key, pseudonymise, reidentify  # noqa: E402
+from bayestwin.errors import ConvergenceWarning, DataError  # noqa: E402
+from bayestwin.families import Prior, Progression  # noqa: E402
+from bayestwin.forecast import Forecast  # noqa: E402
+from bayestwin.population import Population, fit  # noqa: E402
+from bayestwin.twin import Twin  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = [
+    "Cohort", "ConvergenceWarning", "DataError", "Forecast", "Population", "Prior", "Progression", "Schema",
+    "Twin", "fit", "new_key", "pseudonymise", "reidentify",
+]

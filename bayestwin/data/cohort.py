@@ -1,0 +1,321 @@
+"""Cohort: a validated, pseudonymised long/tidy table of patient outcomes, and its Schema.
+
+One row per (patient, time) measurement. The therapy column gives the therapy received during the
+interval that *ends* at that row's visit (from the previous visit, or from time 0), so switches are
+piecewise constant. Baseline covariates are constant within a patient; they may sit in the long
+table or in a separate one-row-per-patient ``baseline`` table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from bayestwin.data.pseudonym import new_key, pseudonymise
+from bayestwin.errors import DataError
+
+PATIENT, TIME, OUTCOME, THERAPY = "patient", "time", "outcome", "therapy"
+
+
+@dataclass(frozen=True)
+class Schema:
+    """What a population model learned about the shape of its data; new patients must match it.
+
+    Attributes
+    ----------
+    therapies
+        Therapy labels, reference (control) first; effects are relative to it.
+    numeric
+        Numeric covariate -> (mean, sd) used to standardise it.
+    categorical
+        Categorical covariate -> levels, reference first.
+    time_scale, outcome_mean, outcome_sd
+        Scales used for weakly-informative default priors.
+    """
+
+    therapies: tuple[str, ...]
+    numeric: dict[str, tuple[float, float]] = field(default_factory=dict)
+    categorical: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    time_scale: float = 1.0
+    outcome_mean: float = 0.0
+    outcome_sd: float = 1.0
+
+    @property
+    def covariates(self) -> list[str]:
+        """Covariate columns as given by the user."""
+        return list(self.numeric) + list(self.categorical)
+
+    @property
+    def design_columns(self) -> list[str]:
+        """Names of the columns of the covariate design matrix (standardised, one-hot)."""
+        cols = list(self.numeric)
+        for name, levels in self.categorical.items():
+            cols += [f"{name}[{lvl}]" for lvl in levels[1:]]
+        return cols
+
+    def covariate_matrix(self, baseline: pd.DataFrame) -> np.ndarray:
+        """Design matrix (patients x design_columns) from a one-row-per-patient table."""
+        cols = [(baseline[n].to_numpy(float) - m) / s for n, (m, s) in self.numeric.items()]
+        for name, levels in self.categorical.items():
+            values = baseline[name].astype(str).to_numpy()
+            cols += [(values == lvl).astype(float) for lvl in levels[1:]]
+        return np.column_stack(cols) if cols else np.zeros((len(baseline), 0))
+
+    def to_dict(self) -> dict:
+        return {
+            "therapies": list(self.therapies),
+            "numeric": {k: list(v) for k, v in self.numeric.items()},
+            "categorical": {k: list(v) for k, v in self.categorical.items()},
+            "time_scale": self.time_scale,
+            "outcome_mean": self.outcome_mean,
+            "outcome_sd": self.outcome_sd,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Schema:
+        return cls(
+            therapies=tuple(d["therapies"]),
+            numeric={k: tuple(v) for k, v in d["numeric"].items()},
+            categorical={k: tuple(v) for k, v in d["categorical"].items()},
+            time_scale=float(d["time_scale"]),
+            outcome_mean=float(d["outcome_mean"]),
+            outcome_sd=float(d["outcome_sd"]),
+        )
+
+
+@dataclass(frozen=True)
+class Columns:
+    """How the user's columns map onto bayestwin's roles."""
+
+    patient: str = PATIENT
+    time: str = TIME
+    outcome: str = OUTCOME
+    therapy: str | None = THERAPY
+    covariates: tuple[str, ...] = ()
+
+
+class Cohort:
+    """A validated, pseudonymised set of patients and their longitudinal outcomes.
+
+    Parameters
+    ----------
+    data
+        Long table: one row per patient and time.
+    patient, time, outcome, therapy
+        Column names. ``therapy=None`` means every patient is on a single (reference) therapy.
+    covariates
+        Baseline covariate columns (numeric, or categorical for object/category/bool dtype).
+    therapies
+        Declared therapy set, reference first. Default: the sorted labels found in the data.
+    baseline
+        Optional one-row-per-patient table holding the covariates (and possibly patients with no
+        outcome rows yet).
+    key
+        Pseudonymisation key (bytes/str, >= 16 bytes). It stays with you: the Cohort keeps it
+        only to pseudonymise, never shows it, and no result stores it. ``None``: a random key.
+    schema
+        The schema of a fitted population; new patients are validated against it.
+    allow_empty
+        Accept baseline patients with no outcome rows (conditioning gives them the population
+        predictive). Fitting needs every patient to have data.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> df = pd.DataFrame({"patient": ["a", "a", "b"], "time": [0.0, 1.0, 0.0],
+    ...                    "outcome": [1.0, 1.5, 0.3], "therapy": ["ctl", "ctl", "drug"]})
+    >>> Cohort(df, therapies=["ctl", "drug"], key=b"my-secret-key-123").n_patients
+    2
+    """
+
+    def __init__(
+        self,
+        data: pd.DataFrame,
+        *,
+        patient: str = PATIENT,
+        time: str = TIME,
+        outcome: str = OUTCOME,
+        therapy: str | None = THERAPY,
+        covariates: Sequence[str] = (),
+        therapies: Sequence[str] | None = None,
+        baseline: pd.DataFrame | None = None,
+        key: bytes | str | None = None,
+        schema: Schema | None = None,
+        allow_empty: bool = False,
+    ):
+        if not isinstance(data, pd.DataFrame):
+            raise TypeError(f"data must be a pandas DataFrame, not {type(data).__name__}")
+        if therapy is not None and therapy not in data.columns and therapies is None and schema is None:
+            therapy = None  # no therapy column at all: single-therapy cohort
+        self.columns = Columns(patient, time, outcome, therapy, tuple(covariates))
+        self.__key = new_key() if key is None else key
+        frame, base = _validate(data, baseline, self.columns, therapies, schema, self._pseudo, allow_empty)
+        self.frame: pd.DataFrame = frame
+        self.baseline: pd.DataFrame = base
+        self.schema: Schema = schema if schema is not None else _derive_schema(frame, base, self.columns, therapies)
+
+    def _pseudo(self, pid) -> str:
+        return pseudonymise(pid, self.__key)
+
+    @property
+    def patients(self) -> list[str]:
+        """Pseudonymised patient ids, in a stable order."""
+        return list(self.baseline.index)
+
+    @property
+    def n_patients(self) -> int:
+        return len(self.baseline)
+
+    def rows(self, patient: str) -> pd.DataFrame:
+        """Outcome rows of one patient (by pseudonym)."""
+        return self.frame[self.frame[PATIENT] == patient]
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __repr__(self) -> str:
+        return (
+            f"Cohort({self.n_patients} patients, {len(self.frame)} rows, "
+            f"therapies={list(self.schema.therapies)}, covariates={self.schema.covariates})"
+        )
+
+
+def _derive_schema(frame, base, cols: Columns, therapies) -> Schema:
+    if therapies is None:
+        therapies = sorted(frame[THERAPY].unique()) if cols.therapy is not None else ["none"]
+    numeric, categorical = {}, {}
+    for c in cols.covariates:
+        if _is_categorical(base[c]):
+            levels = sorted(base[c].astype(str).unique())
+            if isinstance(base[c].dtype, pd.CategoricalDtype):
+                levels = [str(x) for x in base[c].cat.categories]
+            categorical[c] = tuple(levels)
+        else:
+            x = base[c].to_numpy(float)
+            sd = float(x.std()) if len(x) > 1 and x.std() > 0 else 1.0
+            numeric[c] = (float(x.mean()), sd)
+    y = frame[OUTCOME].to_numpy(float)
+    t = frame[TIME].to_numpy(float)
+    return Schema(
+        therapies=tuple(str(t_) for t_ in therapies),
+        numeric=numeric,
+        categorical=categorical,
+        time_scale=float(t.max()) if len(t) and t.max() > 0 else 1.0,
+        outcome_mean=float(y.mean()) if len(y) else 0.0,
+        outcome_sd=float(y.std()) if len(y) > 1 and y.std() > 0 else 1.0,
+    )
+
+
+def _is_categorical(s: pd.Series) -> bool:
+    return not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s)
+
+
+def _validate(data, baseline, cols: Columns, therapies, schema, pseudo, allow_empty):
+    """Validate and normalise; raise DataError at the first problem found (patient, row, column)."""
+    required = [cols.patient, cols.time, cols.outcome] + ([cols.therapy] if cols.therapy else [])
+    if baseline is None:
+        required += list(cols.covariates)
+    for c in required:
+        if c not in data.columns:
+            raise DataError("missing required column", column=c)
+    if schema is not None:
+        missing = [c for c in schema.covariates if c not in cols.covariates]
+        if missing:
+            raise DataError("covariate used by the population model is not given", column=missing[0])
+
+    def fail(problem, mask, column, frame=data):
+        mask = np.asarray(mask, bool)
+        if mask.any():
+            i = int(np.argmax(mask))
+            pid = frame[cols.patient].iloc[i]
+            raise DataError(problem, patient=None if pd.isna(pid) else pseudo(pid), row=frame.index[i], column=column)
+
+    fail("missing patient id", data[cols.patient].isna(), cols.patient)
+    for col, what in ((cols.time, "time"), (cols.outcome, "outcome")):
+        s = data[col]
+        if pd.api.types.is_bool_dtype(s):
+            fail(f"wrong dtype for {what}: expected numbers, got bool", np.ones(len(s)), col)
+        num = pd.to_numeric(s, errors="coerce")
+        bad = (num.isna() & s.notna()).to_numpy()
+        if bad.any():
+            fail(f"non-numeric {what} value {s[bad].iloc[0]!r}", bad, col)
+        fail(f"{what} is NaN or infinite", ~np.isfinite(num.to_numpy(float)), col)
+    t = pd.to_numeric(data[cols.time]).to_numpy(float)
+    fail("negative time", t < 0, cols.time)
+
+    frame = pd.DataFrame(
+        {
+            PATIENT: [pseudo(p) for p in data[cols.patient]],
+            TIME: t,
+            OUTCOME: pd.to_numeric(data[cols.outcome]).to_numpy(float),
+        },
+        index=data.index,
+    )
+    fail("duplicate time for this patient", frame.duplicated([PATIENT, TIME]).to_numpy(), cols.time)
+
+    declared = tuple(schema.therapies) if schema is not None else (tuple(map(str, therapies)) if therapies else None)
+    if cols.therapy is not None:
+        th = data[cols.therapy].astype(str).where(data[cols.therapy].notna(), None)
+        fail("missing therapy", th.isna(), cols.therapy)
+        if declared is not None:
+            bad = ~th.isin(declared)
+            if bad.any():
+                fail(f"therapy {th[bad].iloc[0]!r} not in the declared set {list(declared)}", bad, cols.therapy)
+        frame[THERAPY] = th.to_numpy()
+    else:
+        frame[THERAPY] = declared[0] if declared else "none"
+
+    # Baseline covariates: one row per patient.
+    if baseline is None:
+        source = data
+        pid_col = cols.patient
+    else:
+        if not isinstance(baseline, pd.DataFrame):
+            raise TypeError("baseline must be a pandas DataFrame")
+        for c in [cols.patient, *cols.covariates]:
+            if c not in baseline.columns:
+                raise DataError("missing required column in the baseline table", column=c)
+        source, pid_col = baseline, cols.patient
+        dup = baseline[cols.patient].duplicated().to_numpy()
+        fail("patient appears twice in the baseline table", dup, cols.patient, baseline)
+    cov = {}
+    for c in cols.covariates:
+        s = source[c]
+        fail("covariate missing", s.isna(), c, source)
+        if schema is not None:
+            if c in schema.numeric:
+                num = pd.to_numeric(s, errors="coerce")
+                if _is_categorical(s) and not pd.api.types.is_bool_dtype(s):
+                    fail("non-numeric value in numeric covariate", num.isna(), c, source)
+                if pd.api.types.is_bool_dtype(s):
+                    fail("wrong dtype: numeric covariate got bool", np.ones(len(s)), c, source)
+                s = num
+            else:
+                levels = schema.categorical[c]
+                sv = s.astype(str)
+                bad = ~sv.isin(levels)
+                if bad.any():
+                    fail(f"level {sv[bad].iloc[0]!r} was not seen in fitting (known: {list(levels)})", bad, c, source)
+        cov[c] = s
+    cov_frame = pd.DataFrame(cov, index=source.index)
+    cov_frame[PATIENT] = [pseudo(p) for p in source[pid_col]]
+    if baseline is None:
+        for c in cols.covariates:
+            changed = cov_frame.groupby(PATIENT, sort=False)[c].transform("nunique").to_numpy() > 1
+            fail("baseline covariate changes within the patient", changed, c, source)
+        base = cov_frame.drop_duplicates(PATIENT).set_index(PATIENT)
+    else:
+        base = cov_frame.set_index(PATIENT)
+        unknown = ~frame[PATIENT].isin(base.index)
+        fail("patient has outcome rows but no baseline row (covariate missing)", unknown, cols.patient)
+        empty = ~base.index.isin(frame[PATIENT])
+        if empty.any() and not allow_empty:
+            fail("patient has zero outcome rows", empty, cols.patient, baseline)
+    if len(base) == 0:
+        raise DataError("the table has no patients")
+    base = base[list(cols.covariates)]
+    frame = frame.sort_values([PATIENT, TIME], kind="stable")
+    return frame, base

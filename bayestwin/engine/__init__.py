@@ -1,0 +1,1 @@
+"""Engine: PyMC graphs compiled to JAX, and vectorised NUTS across patients."""

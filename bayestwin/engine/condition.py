@@ -1,0 +1,135 @@
+"""Conditioning a population posterior on patients: pure functions over arrays.
+
+The twin posterior is p(theta_new, phi | Y, y_new) ∝ p(phi | Y) p(theta_new | phi) p(y_new | theta_new, phi).
+The population posterior p(phi | Y) is known only through draws; we approximate it by a Gaussian
+in the sampler's unconstrained space (mean and covariance of the draws), and sample (phi, theta_new)
+jointly by NUTS. Written in whitened coordinates w (phi = m + L w, w ~ N(0, I)), the population
+part is a standard normal, so the adapted diagonal metric is near ideal.
+
+Why this approximation, and its limits: in unconstrained space a population posterior of a
+cohort of tens of patients or more is close to Gaussian (log-SDs, Cholesky-packed correlations),
+and one extra patient moves it little, so the error is small against Monte-Carlo error (checked
+against full refits in tests and in ``../shared/STACK-NOTES.md``). It is least accurate where the
+population posterior is skewed or multimodal in unconstrained space: very small cohorts (< ~10
+patients), variance components near zero, or a patient so unusual that it moves phi far into a
+tail. ``Population.condition`` reports, per twin, the shift of phi in whitened units, so such
+cases are visible.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bayestwin.engine.compile import TwinProgram, as_jax
+from bayestwin.engine.nuts import NutsConfig, chain_keys, make_sampler
+
+
+class GaussianApprox(NamedTuple):
+    """p(phi | cohort) ≈ N(mean, chol chol^T) in unconstrained space."""
+
+    mean: jax.Array
+    chol: jax.Array
+
+    @classmethod
+    def from_draws(cls, draws: np.ndarray) -> GaussianApprox:
+        mean = draws.mean(0)
+        cov = np.atleast_2d(np.cov(draws, rowvar=False))
+        jitter = 1e-10 * np.trace(cov) / len(cov)
+        return cls(jnp.asarray(mean), jnp.asarray(np.linalg.cholesky(cov + jitter * np.eye(len(cov)))))
+
+
+def pad(design_data: dict, patients: list[str], n_pad: int) -> tuple[dict, np.ndarray]:
+    """Split a multi-patient design into per-patient arrays padded to ``n_pad`` rows.
+
+    Returns the batched data (leading axis: patient) and the mask (1 = observed row).
+    """
+    idx = design_data["patient_idx"]
+    B = len(patients)
+    out = {}
+    mask = np.zeros((B, n_pad))
+    for name, arr in design_data.items():
+        if name == "X":
+            out[name] = arr[:, None, :]
+        elif name == "patient_idx":
+            out[name] = np.zeros((B, n_pad), np.int64)
+        else:
+            out[name] = np.zeros((B, n_pad, *arr.shape[1:]), arr.dtype)
+    for i in range(B):
+        rows = np.flatnonzero(idx == i)
+        mask[i, : len(rows)] = 1.0
+        for name, arr in design_data.items():
+            if name not in ("X", "patient_idx"):
+                out[name][i, : len(rows)] = arr[rows]
+    return out, mask
+
+
+def padded_length(n: int) -> int:
+    """Round up to a few fixed sizes so that compiled programs are reused across batches."""
+    n = max(n, 1)
+    return int(2 ** np.ceil(np.log2(n))) if n > 8 else 8
+
+
+def twin_logdensity(program: TwinProgram, approx: GaussianApprox):
+    """log p(w, theta | y_new) up to a constant, over the flat position [w, theta]."""
+    d_phi = approx.mean.shape[0]
+
+    def logdensity(x, data):
+        arrays, mask = data
+        w = x[:d_phi]
+        values = program.split(approx.mean + approx.chol @ w, x[d_phi:])
+        return -0.5 * w @ w + program.logp(*values, *arrays, mask)[0]
+
+    return logdensity
+
+
+def run(program: TwinProgram, approx: GaussianApprox, data: dict, mask: np.ndarray, seeds: np.ndarray, cfg: NutsConfig, sampler=None):
+    """Condition a batch: NUTS over (w, theta) for every patient and chain in one program.
+
+    Initial positions are drawn from the (whitened) prior, so chains start overdispersed.
+    Returns the :class:`~bayestwin.engine.nuts.Draws` and the sampler (reusable for the same shapes).
+    """
+    d = approx.mean.shape[0] + sum(b.size for b in program.patient)
+    sampler = sampler or make_sampler(twin_logdensity(program, approx), cfg)
+    keys = chain_keys(jnp.asarray(seeds, jnp.uint32), cfg.chains)
+    init = jax.vmap(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 7), (d,))))(keys)
+    arrays = tuple(as_jax(data[n]) for n in program.data_names)
+    return sampler(keys, init, (arrays, jnp.asarray(mask))), sampler
+
+
+def outputs(program: TwinProgram, approx: GaussianApprox, position: jax.Array, data: dict) -> dict:
+    """Constrained outputs for every draw: {name: (B, C, D, ...)}."""
+    d_phi = approx.mean.shape[0]
+    arrays = tuple(as_jax(data[n]) for n in program.data_names)
+
+    def one(x, arrs):
+        values = program.split(approx.mean + approx.chol @ x[:d_phi], x[d_phi:])
+        return program.outputs(*values, *arrs)
+
+    per_draw = jax.vmap(one, in_axes=(0, None))
+    per_chain = jax.vmap(per_draw, in_axes=(0, None))
+    res = jax.jit(jax.vmap(per_chain, in_axes=(0, 0)))(position, arrays)
+    return dict(zip(program.output_names, res, strict=True))
+
+
+def predict(program: TwinProgram, approx: GaussianApprox, position: jax.Array, pred_data: dict) -> jax.Array:
+    """Structural prediction ``mu`` for every draw and scenario.
+
+    ``pred_data[name]`` has leading axes (B, S) — patient and scenario (e.g. therapy) — followed
+    by the prediction's own shape. Returns (B, S, C, D, T).
+    """
+    d_phi = approx.mean.shape[0]
+    arrays = tuple(as_jax(pred_data[n]) for n in program.predict_data_names)
+
+    def one(x, arrs):
+        values = program.split(approx.mean + approx.chol @ x[:d_phi], x[d_phi:])
+        return program.predict(*values, *arrs)[0]
+
+    f = jax.vmap(one, in_axes=(0, None))  # draws
+    f = jax.vmap(f, in_axes=(0, None))  # chains
+    f = jax.vmap(f, in_axes=(None, 0))  # scenarios
+    f = jax.vmap(f, in_axes=(0, 0))  # patients
+    return jax.jit(f)(position, arrays)

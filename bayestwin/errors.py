@@ -1,0 +1,32 @@
+"""Exception and warning types. Errors are part of the API: they name the patient, row and column."""
+
+from __future__ import annotations
+
+
+class BayestwinError(Exception):
+    """Base class for every error raised by bayestwin."""
+
+
+class DataError(BayestwinError, ValueError):
+    """Invalid input data, located by patient (pseudonym), row and column.
+
+    Attributes
+    ----------
+    patient, row, column
+        Where the problem is; ``None`` when it does not apply (e.g. a missing column).
+    """
+
+    def __init__(self, problem: str, *, patient=None, row=None, column=None):
+        self.problem, self.patient, self.row, self.column = problem, patient, row, column
+        where = []
+        if patient is not None:
+            where.append(f"patient {patient}")
+        if row is not None:
+            where.append(f"row {row}")
+        if column is not None:
+            where.append(f"column '{column}'")
+        super().__init__(problem + (f" ({', '.join(where)})" if where else ""))
+
+
+class ConvergenceWarning(UserWarning):
+    """A fit or twin failed the convergence gate; the verdict also travels with the result."""

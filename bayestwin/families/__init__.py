@@ -1,0 +1,19 @@
+"""Model families: small objects that build one PyMC model each."""
+
+from bayestwin.families.base import Design, Prior
+from bayestwin.families.progression import Progression
+
+FAMILIES = {"progression": Progression}
+
+
+def get_family(name_or_family="progression", **kwargs):
+    """A family instance from its name (or pass an instance through)."""
+    if not isinstance(name_or_family, str):
+        return name_or_family
+    try:
+        return FAMILIES[name_or_family](**kwargs)
+    except KeyError:
+        raise ValueError(f"unknown family {name_or_family!r}; known: {sorted(FAMILIES)}") from None
+
+
+__all__ = ["Design", "FAMILIES", "Prior", "Progression", "get_family"]

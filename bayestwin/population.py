@@ -1,0 +1,211 @@
+"""Population: a family's posterior over a cohort, ready to condition new patients into twins."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import warnings
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+import pymc as pm
+import xarray as xr
+
+from bayestwin.data.cohort import Cohort, Columns, Schema
+from bayestwin.engine import condition as cond
+from bayestwin.engine.compile import TwinProgram, compile_twin, unconstrained_draws
+from bayestwin.engine.nuts import NutsConfig
+from bayestwin.families import get_family
+from bayestwin.review.convergence import Thresholds, Verdict, diagnostics, gate
+
+
+@dataclass
+class Population:
+    """A fitted population model.
+
+    Attributes
+    ----------
+    family
+        The model family that built the PyMC model.
+    schema
+        Therapies, covariate levels and scales the model was fitted with.
+    columns
+        The column roles of the fitting table (reused for new patients' rows).
+    idata
+        ArviZ DataTree: posterior, sample_stats, observed_data, log_likelihood.
+    verdict
+        Convergence gate of the fit.
+    """
+
+    family: object
+    schema: Schema
+    columns: Columns
+    idata: xr.DataTree
+    verdict: Verdict
+    sampler: dict = field(default_factory=dict)
+    _programs: dict = field(default_factory=dict, repr=False)
+    _samplers: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def posterior(self) -> xr.Dataset:
+        return self.idata.posterior.to_dataset()
+
+    @property
+    def population_vars(self) -> list[str]:
+        """Population-level variables (no patient or observation dimension)."""
+        return _population_vars(self.posterior)
+
+    def summary(self) -> pd.DataFrame:
+        """ArviZ summary of the population-level parameters (constant entries dropped)."""
+        import arviz_stats as azs
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            table = azs.summary(self.idata, var_names=self.population_vars)
+        return table[table["sd"] > 1e-12]
+
+    def model(self, cohort: Cohort | None = None) -> pm.Model:
+        """The PyMC model (for ``cohort``, or a one-patient template) to print, graph or extend."""
+        if cohort is None:
+            from bayestwin.engine.compile import template_design
+
+            return self.family.build_model(template_design(self.family, self.schema, 1), self.schema)
+        return self.family.build_model(self.family.design(cohort.frame, cohort.baseline, self.schema), self.schema)
+
+    # ------------------------------------------------------------ conditioning
+    def program(self, n_obs: int) -> TwinProgram:
+        """The compiled one-patient program for ``n_obs`` padded rows (cached)."""
+        if n_obs not in self._programs:
+            self._programs[n_obs] = compile_twin(self.family, self.schema, n_obs)
+        return self._programs[n_obs]
+
+    @cached_property
+    def approx(self) -> cond.GaussianApprox:
+        """Gaussian approximation of p(phi | cohort) in unconstrained space."""
+        prog = self.program(8)
+        return cond.GaussianApprox.from_draws(unconstrained_draws(prog.model, self.posterior, prog.phi))
+
+    def cohort(self, rows, *, key=None, baseline=None) -> Cohort:
+        """Validate new patients' rows against this population's schema."""
+        if isinstance(rows, Cohort):
+            return rows
+        c = self.columns
+        return Cohort(
+            rows, patient=c.patient, time=c.time, outcome=c.outcome, therapy=c.therapy, covariates=c.covariates,
+            baseline=baseline, key=key, schema=self.schema, allow_empty=True,
+        )
+
+    def condition(
+        self,
+        rows,
+        *,
+        key=None,
+        baseline: pd.DataFrame | None = None,
+        chains: int = 4,
+        tune: int = 1000,
+        draws: int = 1000,
+        target_accept: float = 0.8,
+        seed: int = 0,
+        batch_size: int = 1000,
+        thresholds: Thresholds = Thresholds(),
+    ):
+        """Condition the population on one or many patients' rows: their posterior twins.
+
+        Each twin's posterior is p(theta_new, phi | cohort, y_new), sampled by NUTS with
+        ``chains`` chains per patient, all patients in one vectorised JAX program per batch.
+
+        Parameters
+        ----------
+        rows
+            A table with the fitting table's columns (or a :class:`Cohort`). Patients listed in
+            ``baseline`` with no rows get the population predictive.
+        key
+            Your pseudonymisation key (the same as for the cohort, to join results back).
+        seed
+            Base seed; each patient's chains are seeded from (seed, pseudonym), so results do not
+            depend on batch layout.
+
+        Returns
+        -------
+        Twin
+
+        Examples
+        --------
+        >>> twin = population.condition(new_rows, key=KEY)  # doctest: +SKIP
+        >>> twin.predict(times=[12, 24]).summary()  # doctest: +SKIP
+        """
+        from bayestwin.twin import Twin
+
+        cohort = self.cohort(rows, key=key, baseline=baseline)
+        cfg = NutsConfig(chains=chains, tune=tune, draws=draws, target_accept=target_accept)
+        return Twin.from_cohort(self, cohort, cfg, seed=seed, batch_size=batch_size, thresholds=thresholds)
+
+    def patient_seeds(self, patients: list[str], seed: int) -> np.ndarray:
+        """One 32-bit seed per patient from (seed, pseudonym)."""
+        return np.array(
+            [int.from_bytes(hashlib.sha256(f"{seed}:{p}".encode()).digest()[:4], "little") for p in patients],
+            dtype=np.uint32,
+        )
+
+    def __repr__(self) -> str:
+        n = self.idata.posterior.sizes
+        return (
+            f"Population(family={self.family.name!r}, therapies={list(self.schema.therapies)}, "
+            f"covariates={self.schema.covariates}, draws={n['chain']}x{n['draw']}, verdict: {self.verdict})"
+        )
+
+    def _repr_html_(self) -> str:
+        return (
+            f"<b>Population</b> ({self.family.name}) — <i>{self.verdict}</i>"
+            + self.summary().to_html(float_format=lambda x: f"{x:.3g}")
+        )
+
+
+def fit(
+    cohort: Cohort,
+    family="progression",
+    *,
+    draws: int = 1000,
+    tune: int = 1000,
+    chains: int = 4,
+    target_accept: float = 0.9,
+    seed: int = 0,
+    progressbar: bool | None = None,
+    thresholds: Thresholds = Thresholds(),
+) -> Population:
+    """Fit a family to a cohort by JAX NUTS (numpyro) and return the Population.
+
+    Examples
+    --------
+    >>> from bayestwin.families.progression import simulate
+    >>> df, _ = simulate(n_patients=30, seed=1)
+    >>> cohort = Cohort(df, covariates=["age", "sex"], therapies=["standard", "drug_a", "drug_b"])
+    >>> pop = fit(cohort, draws=500, tune=500)  # doctest: +SKIP
+    """
+    fam = get_family(family)
+    design = fam.design(cohort.frame, cohort.baseline, cohort.schema)
+    model = fam.build_model(design, cohort.schema)
+    if progressbar is None:
+        progressbar = sys.stderr.isatty()
+    settings = {"draws": draws, "tune": tune, "chains": chains, "target_accept": target_accept, "seed": seed,
+                "sampler": "numpyro", "chain_method": "vectorized"}
+    with model, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        idata = pm.sample(
+            draws=draws, tune=tune, chains=chains, target_accept=target_accept, random_seed=seed,
+            nuts_sampler="numpyro", nuts={"chain_method": "vectorized"},
+            progressbar=progressbar, compute_convergence_checks=False,
+        )
+        pm.compute_log_likelihood(idata, model=model, progressbar=False)
+    post = idata.posterior.to_dataset()
+    table = diagnostics(post[_population_vars(post)], idata.sample_stats.to_dataset())
+    verdict = gate(table, thresholds)
+    verdict.warn("The population fit")
+    return Population(family=fam, schema=cohort.schema, columns=cohort.columns, idata=idata, verdict=verdict, sampler=settings)
+
+
+def _population_vars(posterior: xr.Dataset) -> list[str]:
+    """Population-level variables; the packed Cholesky factor is shown as SDs and correlations."""
+    return [n for n, v in posterior.data_vars.items() if not {"patient", "obs"} & set(v.dims) and n != "re_chol"]

@@ -1,0 +1,127 @@
+"""Convergence gate: R-hat, bulk/tail ESS, divergences and E-BFMI, computed by ArviZ.
+
+A verdict travels with every Population and Twin, so a fit that failed cannot pass for one that
+did; failing also raises one :class:`~bayestwin.errors.ConvergenceWarning`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import arviz_stats as azs
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from bayestwin.errors import ConvergenceWarning
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Limits of the gate (Vehtari et al. 2021 for R-hat and ESS; Betancourt 2016 for E-BFMI)."""
+
+    rhat: float = 1.01
+    ess_bulk: float = 400.0
+    ess_tail: float = 400.0
+    divergences: int = 0
+    bfmi: float = 0.3
+
+
+@dataclass
+class Verdict:
+    """Outcome of the gate. ``table`` has one row per variable (fits) or per patient (twins)."""
+
+    converged: bool
+    table: pd.DataFrame
+    failing: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        if self.converged:
+            return "converged (R-hat, ESS, divergences and E-BFMI within limits)"
+        return "NOT CONVERGED: " + "; ".join(self.failing)
+
+    def warn(self, what: str) -> None:
+        if not self.converged:
+            warnings.warn(f"{what} did not converge: {'; '.join(self.failing)}", ConvergenceWarning, stacklevel=3)
+
+
+def _reduce(ds: xr.Dataset, keep: tuple[str, ...], how: str) -> xr.DataArray:
+    """One DataArray over ``keep`` dims: the worst value over variables and their other dims."""
+    arrays = []
+    for da in ds.data_vars.values():
+        other = [d for d in da.dims if d not in keep]
+        arrays.append(getattr(da, how)(other) if other else da)
+    stacked = xr.concat(arrays, dim="__var__")
+    return getattr(stacked, how)("__var__")
+
+
+def diagnostics(posterior: xr.Dataset, sample_stats: xr.Dataset, by: str | None = None) -> pd.DataFrame:
+    """Worst R-hat, bulk and tail ESS, divergences and E-BFMI, per variable or per ``by`` dim.
+
+    Constant entries (e.g. the unit diagonal of a correlation matrix) have undefined R-hat and
+    are skipped.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rhat = azs.rhat(posterior, sample_dims=["chain", "draw"])
+        bulk = azs.ess(posterior, sample_dims=["chain", "draw"], method="bulk")
+        tail = azs.ess(posterior, sample_dims=["chain", "draw"], method="tail")
+    constant = posterior.std(["chain", "draw"]) < 1e-12
+    rhat, bulk, tail = (x.where(~constant) for x in (rhat, bulk, tail))
+    div = sample_stats["diverging"].sum(["chain", "draw"])
+    energy = sample_stats["energy"]
+    # E-BFMI per chain: mean squared energy change over the energy variance.
+    bfmi = (energy.diff("draw") ** 2).mean("draw") / energy.var("draw")
+    if by is None:
+        rows = {
+            name: {
+                "rhat": float(rhat[name].max()),
+                "ess_bulk": float(bulk[name].min()),
+                "ess_tail": float(tail[name].min()),
+            }
+            for name in posterior.data_vars
+        }
+        table = pd.DataFrame.from_dict(rows, orient="index")
+        table.attrs.update(divergences=int(div), bfmi_min=float(bfmi.min()))
+        return table
+    keep = (by,)
+    return pd.DataFrame(
+        {
+            "rhat": _reduce(rhat, keep, "max").to_series(),
+            "ess_bulk": _reduce(bulk, keep, "min").to_series(),
+            "ess_tail": _reduce(tail, keep, "min").to_series(),
+            "divergences": div.to_series().astype(int),
+            "bfmi_min": bfmi.min("chain").to_series(),
+        }
+    )
+
+
+def gate(table: pd.DataFrame, limits: Thresholds = Thresholds(), by: str | None = None) -> Verdict:
+    """Apply ``limits`` to a :func:`diagnostics` table and say what failed."""
+    failing = []
+    bad_rhat = table.index[~(table["rhat"] <= limits.rhat)]
+    bad_bulk = table.index[~(table["ess_bulk"] >= limits.ess_bulk)]
+    bad_tail = table.index[~(table["ess_tail"] >= limits.ess_tail)]
+    what = "patients" if by else "variables"
+    for label, bad in ((f"R-hat > {limits.rhat}", bad_rhat), (f"bulk ESS < {limits.ess_bulk:g}", bad_bulk),
+                       (f"tail ESS < {limits.ess_tail:g}", bad_tail)):
+        if len(bad):
+            failing.append(f"{label} for {what} {_names(bad)}")
+    if by is None:
+        divs, bfmi = table.attrs["divergences"], table.attrs["bfmi_min"]
+    else:
+        divs, bfmi = int(table["divergences"].sum()), float(table["bfmi_min"].min())
+        bad_div = table.index[table["divergences"] > limits.divergences]
+        if len(bad_div):
+            failing.append(f"{divs} divergent transitions in patients {_names(bad_div)}")
+    if by is None and divs > limits.divergences:
+        failing.append(f"{divs} divergent transitions")
+    if not np.isnan(bfmi) and bfmi < limits.bfmi:
+        failing.append(f"E-BFMI {bfmi:.2f} < {limits.bfmi}")
+    return Verdict(converged=not failing, table=table, failing=failing)
+
+
+def _names(index, limit: int = 5) -> str:
+    names = [str(i) for i in index]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
