@@ -114,8 +114,8 @@ class Cohort:
         Optional one-row-per-patient table holding the covariates (and possibly patients with no
         outcome rows yet).
     key
-        Pseudonymisation key (bytes/str, >= 16 bytes). It stays with you: the Cohort keeps it
-        only to pseudonymise, never shows it, and no result stores it. ``None``: a random key.
+        Pseudonymisation key (bytes/str, >= 16 bytes). It stays with you: it is used while the
+        Cohort is built and then dropped; no object or result keeps it. ``None``: a random key.
     schema
         The schema of a fitted population; new patients are validated against it.
     allow_empty
@@ -151,14 +151,16 @@ class Cohort:
         if therapy is not None and therapy not in data.columns and therapies is None and schema is None:
             therapy = None  # no therapy column at all: single-therapy cohort
         self.columns = Columns(patient, time, outcome, therapy, tuple(covariates))
-        self.__key = new_key() if key is None else key
-        frame, base = _validate(data, baseline, self.columns, therapies, schema, self._pseudo, allow_empty)
+        key = new_key() if key is None else key
+
+        def pseudo(pid):
+            return pseudonymise(pid, key)
+
+        # The key is used here and not kept: new rows for these patients need it passed again.
+        frame, base = _validate(data, baseline, self.columns, therapies, schema, pseudo, allow_empty)
         self.frame: pd.DataFrame = frame
         self.baseline: pd.DataFrame = base
         self.schema: Schema = schema if schema is not None else _derive_schema(frame, base, self.columns, therapies)
-
-    def _pseudo(self, pid) -> str:
-        return pseudonymise(pid, self.__key)
 
     @property
     def patients(self) -> list[str]:

@@ -97,7 +97,20 @@ def run(program: TwinProgram, approx: GaussianApprox, data: dict, mask: np.ndarr
     keys = chain_keys(jnp.asarray(seeds, jnp.uint32), cfg.chains)
     init = jax.vmap(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 7), (d,))))(keys)
     arrays = tuple(as_jax(data[n]) for n in program.data_names)
-    return sampler(keys, init, (arrays, jnp.asarray(mask))), sampler
+    args = _shard((keys, init, (arrays, jnp.asarray(mask))))
+    return sampler(*args), sampler
+
+
+def _shard(tree):
+    """Spread the patient axis over all local devices (CPU cores when XLA exposes them, GPUs)."""
+    devices = jax.devices()
+    n = len(jax.tree_util.tree_leaves(tree)[0])
+    if len(devices) < 2 or n % len(devices):
+        return tree
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(Mesh(np.array(devices), ("patient",)), PartitionSpec("patient"))
+    return jax.device_put(tree, sharding)
 
 
 def outputs(program: TwinProgram, approx: GaussianApprox, position: jax.Array, data: dict) -> dict:
