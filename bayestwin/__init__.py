@@ -20,6 +20,17 @@ from bayestwin.twin import Twin  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
-    "Cohort", "ConvergenceWarning", "DataError", "Forecast", "Population", "Prior", "Progression", "Schema",
-    "Twin", "fit", "new_key", "pseudonymise", "reidentify",
+    "Cohort",
+    "ConvergenceWarning",
+    "DataError",
+    "Forecast",
+    "Population",
+    "Prior",
+    "Progression",
+    "Schema",
+    "Twin",
+    "fit",
+    "new_key",
+    "pseudonymise",
+    "reidentify",
 ]

@@ -46,8 +46,7 @@ def _demo(args) -> int:
     say(f"\n4. Forecast at t = {horizon:g} if each therapy starts now (lower outcome is better):")
     say(table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     verdict_ok = pop.verdict.converged and twin.verdict.converged
-    say(f"\nConvergence verdict: {'PASS' if verdict_ok else 'FAIL'} "
-        f"(population: {pop.verdict}; twin: {twin.verdict})")
+    say(f"\nConvergence verdict: {'PASS' if verdict_ok else 'FAIL'} (population: {pop.verdict}; twin: {twin.verdict})")
     say(f"Total time {time.perf_counter() - t_start:.1f} s")
     pd.set_option("display.width", 120)
     return 0 if verdict_ok else 2

@@ -41,7 +41,9 @@ def prob_cross(draws: xr.DataArray, threshold: float, by: float, direction: str 
     return crossed.any("time").mean(SAMPLE).transpose("patient", "therapy").to_pandas()
 
 
-def expected_utility(draws: xr.DataArray, utility: Callable[[xr.DataArray], xr.DataArray], time: float | None = None) -> pd.DataFrame:
+def expected_utility(
+    draws: xr.DataArray, utility: Callable[[xr.DataArray], xr.DataArray], time: float | None = None
+) -> pd.DataFrame:
     """Posterior expected utility per patient and therapy.
 
     ``utility`` maps outcome draws (a DataArray; at ``time`` if given, else the whole trajectory

@@ -78,7 +78,10 @@ class Forecast:
 
     def __repr__(self) -> str:
         s = self.draws.sizes
-        return f"Forecast({s['patient']} patient(s) x {s['therapy']} therapies x {s['time']} times, {s['chain']}x{s['draw']} draws)"
+        return (
+            f"Forecast({s['patient']} patient(s) x {s['therapy']} therapies x {s['time']} times, "
+            f"{s['chain']}x{s['draw']} draws)"
+        )
 
     def _repr_html_(self) -> str:
         t = float(np.max(self.draws.time))

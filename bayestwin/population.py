@@ -93,8 +93,16 @@ class Population:
             return rows
         c = self.columns
         return Cohort(
-            rows, patient=c.patient, time=c.time, outcome=c.outcome, therapy=c.therapy, covariates=c.covariates,
-            baseline=baseline, key=key, schema=self.schema, allow_empty=True,
+            rows,
+            patient=c.patient,
+            time=c.time,
+            outcome=c.outcome,
+            therapy=c.therapy,
+            covariates=c.covariates,
+            baseline=baseline,
+            key=key,
+            schema=self.schema,
+            allow_empty=True,
         )
 
     def condition(
@@ -104,11 +112,12 @@ class Population:
         key=None,
         baseline: pd.DataFrame | None = None,
         chains: int = 4,
-        tune: int = 1000,
+        tune: int = 500,
         draws: int = 1000,
         target_accept: float = 0.8,
         seed: int = 0,
-        batch_size: int = 1000,
+        chunk: int = 32,
+        max_doublings: int = 6,
         thresholds: Thresholds = Thresholds(),
     ):
         """Condition the population on one or many patients' rows: their posterior twins.
@@ -123,6 +132,12 @@ class Population:
             ``baseline`` with no rows get the population predictive.
         key
             Your pseudonymisation key (the same as for the cohort, to join results back).
+        tune, draws, chains, target_accept, max_doublings
+            NUTS settings per patient: Stan-style warmup with a dense mass matrix, then draws.
+            Trees are capped at 2**max_doublings - 1 leapfrog steps: patients run in lock-step,
+            so one deep tree would stall the whole chunk (a twin needs ~7 steps per draw).
+        chunk
+            Patients per call of the compiled vectorised program.
         seed
             Base seed; each patient's chains are seeded from (seed, pseudonym), so results do not
             depend on batch layout.
@@ -139,8 +154,10 @@ class Population:
         from bayestwin.twin import Twin
 
         cohort = self.cohort(rows, key=key, baseline=baseline)
-        cfg = NutsConfig(chains=chains, tune=tune, draws=draws, target_accept=target_accept)
-        return Twin.from_cohort(self, cohort, cfg, seed=seed, batch_size=batch_size, thresholds=thresholds)
+        cfg = NutsConfig(
+            chains=chains, tune=tune, draws=draws, target_accept=target_accept, max_doublings=max_doublings, chunk=chunk
+        )
+        return Twin.from_cohort(self, cohort, cfg, seed=seed, thresholds=thresholds)
 
     def patient_seeds(self, patients: list[str], seed: int) -> np.ndarray:
         """One 32-bit seed per patient from (seed, pseudonym)."""
@@ -157,9 +174,8 @@ class Population:
         )
 
     def _repr_html_(self) -> str:
-        return (
-            f"<b>Population</b> ({self.family.name}) — <i>{self.verdict}</i>"
-            + self.summary().to_html(float_format=lambda x: f"{x:.3g}")
+        return f"<b>Population</b> ({self.family.name}) — <i>{self.verdict}</i>" + self.summary().to_html(
+            float_format=lambda x: f"{x:.3g}"
         )
 
 
@@ -189,21 +205,36 @@ def fit(
     model = fam.build_model(design, cohort.schema)
     if progressbar is None:
         progressbar = sys.stderr.isatty()
-    settings = {"draws": draws, "tune": tune, "chains": chains, "target_accept": target_accept, "seed": seed,
-                "sampler": "numpyro", "chain_method": "vectorized"}
+    settings = {
+        "draws": draws,
+        "tune": tune,
+        "chains": chains,
+        "target_accept": target_accept,
+        "seed": seed,
+        "sampler": "numpyro",
+        "chain_method": "vectorized",
+    }
     with model, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         idata = pm.sample(
-            draws=draws, tune=tune, chains=chains, target_accept=target_accept, random_seed=seed,
-            nuts_sampler="numpyro", nuts={"chain_method": "vectorized"},
-            progressbar=progressbar, compute_convergence_checks=False,
+            draws=draws,
+            tune=tune,
+            chains=chains,
+            target_accept=target_accept,
+            random_seed=seed,
+            nuts_sampler="numpyro",
+            nuts={"chain_method": "vectorized"},
+            progressbar=progressbar,
+            compute_convergence_checks=False,
         )
         pm.compute_log_likelihood(idata, model=model, progressbar=False)
     post = idata.posterior.to_dataset()
     table = diagnostics(post[_population_vars(post)], idata.sample_stats.to_dataset())
     verdict = gate(table, thresholds)
     verdict.warn("The population fit")
-    return Population(family=fam, schema=cohort.schema, columns=cohort.columns, idata=idata, verdict=verdict, sampler=settings)
+    return Population(
+        family=fam, schema=cohort.schema, columns=cohort.columns, idata=idata, verdict=verdict, sampler=settings
+    )
 
 
 def _population_vars(posterior: xr.Dataset) -> list[str]:

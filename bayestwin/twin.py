@@ -42,7 +42,7 @@ class Twin:
     _positions: jax.Array  # (B, C, D, d) raw sampler positions, for predictions
 
     @classmethod
-    def from_cohort(cls, population, cohort: Cohort, cfg: NutsConfig, *, seed=0, batch_size=1000, thresholds=Thresholds()) -> Twin:
+    def from_cohort(cls, population, cohort: Cohort, cfg: NutsConfig, *, seed=0, thresholds=Thresholds()) -> Twin:
         fam, schema = population.family, population.schema
         patients = cohort.patients
         design = fam.design(cohort.frame, cohort.baseline, schema)
@@ -52,16 +52,25 @@ class Twin:
         approx = population.approx
         data, mask = cond.pad(design.data, patients, n_pad)
         seeds = population.patient_seeds(patients, seed)
+        # Fixed-size chunks: one compiled program serves any number of patients. (XLA on CPU also
+        # stalled on some large vmapped batches, e.g. exactly 100 or 200 patients, in our runs.)
+        chunk = min(cfg.chunk, len(patients))
+        devices = jax.local_devices()
         parts, outs = [], []
-        for lo in range(0, len(patients), batch_size):
-            sl = slice(lo, lo + batch_size)
-            batch = {k: v[sl] for k, v in data.items()}
-            skey = (n_pad, cfg, min(batch_size, len(patients) - lo))
-            draws, sampler = cond.run(program, approx, batch, mask[sl], seeds[sl], cfg, population._samplers.get(skey))
+        for lo in range(0, len(patients), chunk):
+            idx = np.minimum(np.arange(lo, lo + chunk), len(patients) - 1)  # pad by repeating the last
+            keep = int(min(chunk, len(patients) - lo))
+            batch = {k: v[idx] for k, v in data.items()}
+            skey = (n_pad, cfg)
+            device = devices[(lo // chunk) % len(devices)]  # chunks on different devices overlap
+            draws, sampler = cond.run(
+                program, approx, batch, mask[idx], seeds[idx], cfg, population._samplers.get(skey), device
+            )
             population._samplers[skey] = sampler
+            draws = jax.tree_util.tree_map(lambda x, k=keep: x[:k], draws)
             parts.append(draws)
-            outs.append(cond.outputs(program, approx, draws.position, batch))
-        draws = jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *parts)
+            outs.append(cond.outputs(program, approx, draws.position, {k: v[:keep] for k, v in batch.items()}))
+        draws = jax.tree_util.tree_map(lambda *x: np.concatenate([np.asarray(a) for a in x]), *parts)
         values = {k: np.concatenate([np.asarray(o[k]) for o in outs]) for k in outs[0]}
         idata = _to_datatree(values, draws, patients, n_rows, fam)
         table = diagnostics(idata.posterior.to_dataset(), idata.sample_stats.to_dataset(), by="patient")
@@ -114,8 +123,12 @@ class Twin:
             from bayestwin.errors import DataError
 
             i = int(np.argmax(dup))
-            raise DataError("new row repeats an existing time for this patient", patient=frame[PATIENT].iloc[i],
-                            row=frame.index[i], column=self.population.columns.time)
+            raise DataError(
+                "new row repeats an existing time for this patient",
+                patient=frame[PATIENT].iloc[i],
+                row=frame.index[i],
+                column=self.population.columns.time,
+            )
         merged = object.__new__(Cohort)
         merged.__dict__.update(self.cohort.__dict__)
         merged.frame = frame.sort_values([PATIENT, TIME], kind="stable")
@@ -160,19 +173,25 @@ class Twin:
             scen = [fam.prediction_design(rows, times, th, s, schema) for th in therapies]
             d = {k: np.stack([sc[k] for sc in scen]) for k in scen[0]}
             d["X"] = np.broadcast_to(X[i][None, None, :], (len(therapies), 1, X.shape[1]))
-            d["patient_idx"] = np.zeros((len(therapies), len(times)), np.int64)
             per_patient.append(d)
         pred = {k: np.stack([d[k] for d in per_patient]) for k in per_patient[0]}
         program = self.population.program(cond.padded_length(1))  # prediction shapes are free
         mu = cond.predict(program, self.population.approx, self._positions, pred)  # (B, S, C, D, T)
         post = self.posterior
-        params = {n: jnp.asarray(post[n].transpose("patient", "chain", "draw").to_numpy())[:, None, :, :, None]
-                  for n in fam.residual_params}
+        params = {
+            n: jnp.asarray(post[n].transpose("patient", "chain", "draw").to_numpy())[:, None, :, :, None]
+            for n in fam.residual_params
+        }
         noise = fam.noise(jax.random.key(seed), mu.shape, params)
         mean = np.moveaxis(np.asarray(mu), (2, 3), (0, 1))  # (C, D, B, S, T)
         obs = np.moveaxis(np.asarray(mu + noise), (2, 3), (0, 1))
-        coords = {"chain": post.chain.values, "draw": post.draw.values, "patient": self.patients,
-                  "therapy": therapies, "time": times}
+        coords = {
+            "chain": post.chain.values,
+            "draw": post.draw.values,
+            "patient": self.patients,
+            "therapy": therapies,
+            "time": times,
+        }
         dims = ("chain", "draw", "patient", "therapy", "time")
         ds = xr.Dataset({"mean": (dims, mean), "observation": (dims, obs)}, coords=coords)
         ds["mean"].attrs["description"] = "expected trajectory (structural prediction)"
@@ -184,16 +203,22 @@ class Twin:
 
     def __repr__(self) -> str:
         ok = int(_ok(self.verdict.table, Thresholds()).sum())
-        return (f"Twin({len(self.patients)} patient(s), {self.config.chains}x{self.config.draws} draws, "
-                f"{ok} converged; verdict: {self.verdict})")
+        return (
+            f"Twin({len(self.patients)} patient(s), {self.config.chains}x{self.config.draws} draws, "
+            f"{ok} converged; verdict: {self.verdict})"
+        )
 
     def _repr_html_(self) -> str:
         return f"<b>Twin</b> — <i>{self.verdict}</i>" + self.summary().to_html(float_format=lambda x: f"{x:.3g}")
 
 
 def _ok(table: pd.DataFrame, limits: Thresholds) -> pd.Series:
-    return ((table["rhat"] <= limits.rhat) & (table["ess_bulk"] >= limits.ess_bulk)
-            & (table["ess_tail"] >= limits.ess_tail) & (table["divergences"] <= limits.divergences))
+    return (
+        (table["rhat"] <= limits.rhat)
+        & (table["ess_bulk"] >= limits.ess_bulk)
+        & (table["ess_tail"] >= limits.ess_tail)
+        & (table["divergences"] <= limits.divergences)
+    )
 
 
 def _to_datatree(values: dict, draws, patients, n_rows, family) -> xr.DataTree:

@@ -78,7 +78,18 @@ def test_forecast_dims_summary_and_decisions(twin, population):
     assert set(pp["mean"].dims) == {"chain", "draw", "patient", "therapy", "time"}
     assert list(pp["mean"].therapy.values) == THERAPIES
     table = fc.summary()
-    assert list(table.columns) == ["patient", "therapy", "time", "quantity", "mean", "q05", "q25", "median", "q75", "q95"]
+    assert list(table.columns) == [
+        "patient",
+        "therapy",
+        "time",
+        "quantity",
+        "mean",
+        "q05",
+        "q25",
+        "median",
+        "q75",
+        "q95",
+    ]
     assert len(table) == 3 * 3 * 3 * 2
     assert (table["q05"] <= table["median"]).all() and (table["median"] <= table["q95"]).all()
     # At the start time every therapy shares the same history; later the drugs bend the slope down,

@@ -57,6 +57,7 @@ class TwinProgram:
     output_names: tuple[str, ...]
     predict: Callable  # (*values, *prediction data) -> [mu]
     predict_data_names: tuple[str, ...]
+    symbolic: dict  # the pytensor log-density before JAX: {"logp", "values", "data", "mask"}
 
     def split(self, phi_flat, patient_flat) -> list:
         """Flat vectors -> the list of value arrays in model order."""
@@ -88,9 +89,14 @@ def compile_twin(family, schema, n_obs: int) -> TwinProgram:
     """Compile the family's graph for one patient slot of ``n_obs`` observations."""
     design = template_design(family, schema, n_obs)
     model = family.build_model(design, schema)
-    data_names = tuple(design.data)
-    inputs = {name: pt.tensor(f"{name}_in", dtype=model[name].dtype, shape=(None,) * model[name].ndim) for name in data_names}
+    data_names = tuple(n for n in design.data if n != "patient_idx")
+    inputs = {
+        name: pt.tensor(f"{name}_in", dtype=model[name].dtype, shape=(None,) * model[name].ndim) for name in data_names
+    }
     replace = {model[name]: inputs[name] for name in data_names}
+    # One patient slot: every row belongs to patient 0. A constant (not an input) lets pytensor's
+    # rewrites turn the per-row gather into a broadcast, which vectorises far better.
+    replace[model["patient_idx"]] = pt.zeros(inputs["time"].shape, dtype=model["patient_idx"].dtype)
     mask = pt.vector("mask", dtype=pytensor.config.floatX)
 
     patient_rvs = [model[n] for n in family.patient_vars]
@@ -106,10 +112,12 @@ def compile_twin(family, schema, n_obs: int) -> TwinProgram:
         (blocks_pat if rv.name in family.patient_vars else blocks_phi).append(block)
 
     names = [*family.patient_outputs, *family.residual_params]
-    names += [b.rv for b in blocks_phi if b.rv not in names] + [d.name for d in model.deterministics if d.name.startswith("re_chol_")]
+    names += [b.rv for b in blocks_phi if b.rv not in names] + [
+        d.name for d in model.deterministics if d.name.startswith("re_chol_")
+    ]
     outs = graph_replace(model.replace_rvs_by_values([model[n] for n in names]), replace, strict=False)
 
-    pred_names = tuple(n for n in data_names if n != "y_obs")
+    pred_names = tuple(n for n in data_names if n != "y_obs")  # patient_idx is implied
     [mu] = graph_replace(model.replace_rvs_by_values([model[family.prediction]]), replace, strict=False)
 
     values = list(model.value_vars)
@@ -128,6 +136,7 @@ def compile_twin(family, schema, n_obs: int) -> TwinProgram:
         output_names=tuple(names),
         predict=pred_fn,
         predict_data_names=pred_names,
+        symbolic={"logp": logp, "values": values, "data": inputs, "mask": mask},
     )
 
 
@@ -155,3 +164,34 @@ def as_jax(tree):
     import jax
 
     return jax.tree_util.tree_map(jnp.asarray, tree)
+
+
+def twin_pymc_model(program: TwinProgram, mean: np.ndarray, chol: np.ndarray, data: dict, mask: np.ndarray):
+    """The same twin posterior as a standalone PyMC model, for one patient.
+
+    ``pm.sample`` on it is the baseline the batched engine is measured against: identical
+    density (whitened population part ``w ~ N(0, I)`` plus the patient-conditional terms).
+    """
+    import pymc as pm
+
+    sym = program.symbolic
+    d_phi = len(mean)
+    d_pat = sum(b.size for b in program.patient)
+    with pm.Model() as model:
+        w = pm.Normal("w", 0.0, 1.0, shape=d_phi)
+        theta = pm.Flat("theta", shape=d_pat)  # its prior is inside the patient-conditional terms
+        phi = pt.as_tensor(mean) + pt.as_tensor(chol) @ w
+        parts, i = {}, 0
+        for b in program.phi:
+            parts[b.name] = phi[i : i + b.size].reshape(b.shape)
+            i += b.size
+        i = 0
+        for b in program.patient:
+            parts[b.name] = theta[i : i + b.size].reshape(b.shape)
+            i += b.size
+        replace = {v: parts[v.name] for v in sym["values"]}
+        replace |= {sym["data"][n]: pt.as_tensor(np.asarray(data[n])) for n in sym["data"]}
+        replace[sym["mask"]] = pt.as_tensor(np.asarray(mask, dtype=pytensor.config.floatX))
+        [logp] = graph_replace([sym["logp"]], replace, strict=False)
+        pm.Potential("patient_conditional", logp)
+    return model

@@ -86,31 +86,31 @@ def twin_logdensity(program: TwinProgram, approx: GaussianApprox):
     return logdensity
 
 
-def run(program: TwinProgram, approx: GaussianApprox, data: dict, mask: np.ndarray, seeds: np.ndarray, cfg: NutsConfig, sampler=None):
+def run(
+    program: TwinProgram,
+    approx: GaussianApprox,
+    data: dict,
+    mask: np.ndarray,
+    seeds: np.ndarray,
+    cfg: NutsConfig,
+    sampler=None,
+    device=None,
+):
     """Condition a batch: NUTS over (w, theta) for every patient and chain in one program.
 
     Initial positions are drawn from the (whitened) prior, so chains start overdispersed.
     Returns the :class:`~bayestwin.engine.nuts.Draws` and the sampler (reusable for the same shapes).
+    ``device``: where to run (chunks on different devices run concurrently).
     """
     d = approx.mean.shape[0] + sum(b.size for b in program.patient)
     sampler = sampler or make_sampler(twin_logdensity(program, approx), cfg)
     keys = chain_keys(jnp.asarray(seeds, jnp.uint32), cfg.chains)
     init = jax.vmap(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 7), (d,))))(keys)
     arrays = tuple(as_jax(data[n]) for n in program.data_names)
-    args = _shard((keys, init, (arrays, jnp.asarray(mask))))
+    args = (keys, init, (arrays, jnp.asarray(mask)))
+    if device is not None:
+        args = jax.device_put(args, device)
     return sampler(*args), sampler
-
-
-def _shard(tree):
-    """Spread the patient axis over all local devices (CPU cores when XLA exposes them, GPUs)."""
-    devices = jax.devices()
-    n = len(jax.tree_util.tree_leaves(tree)[0])
-    if len(devices) < 2 or n % len(devices):
-        return tree
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    sharding = NamedSharding(Mesh(np.array(devices), ("patient",)), PartitionSpec("patient"))
-    return jax.device_put(tree, sharding)
 
 
 def outputs(program: TwinProgram, approx: GaussianApprox, position: jax.Array, data: dict) -> dict:

@@ -26,6 +26,8 @@ class NutsConfig(NamedTuple):
     draws: int = 1000
     target_accept: float = 0.8
     max_doublings: int = 10
+    diagonal: bool = False  # dense: a twin couples its own parameters to the population's
+    chunk: int = 32  # patients per call of the compiled program (the last chunk is padded)
 
 
 class Draws(NamedTuple):
@@ -65,6 +67,7 @@ def make_sampler(logdensity: Callable, cfg: NutsConfig) -> Callable:
             ld,
             target_acceptance_rate=cfg.target_accept,
             adaptation_info_fn=get_filter_adapt_info_fn(),
+            is_mass_matrix_diagonal=cfg.diagonal,
             max_num_doublings=cfg.max_doublings,
         )
         (state, params), _ = warmup.run(warm_key, position, num_steps=cfg.tune)
@@ -72,12 +75,19 @@ def make_sampler(logdensity: Callable, cfg: NutsConfig) -> Callable:
 
         def one_step(state, k):
             state, info = step(k, state)
-            return state, (state.position, info.is_divergent, info.acceptance_rate, info.num_integration_steps, info.energy)
+            return state, (
+                state.position,
+                info.is_divergent,
+                info.acceptance_rate,
+                info.num_integration_steps,
+                info.energy,
+            )
 
         _, (pos, div, acc, steps, energy) = jax.lax.scan(one_step, state, jax.random.split(sample_key, cfg.draws))
         return Draws(pos, div, acc, steps, energy, params["step_size"])
 
     per_patient = jax.vmap(one_chain, in_axes=(0, 0, None))
+
     return jax.jit(jax.vmap(per_patient, in_axes=(0, 0, 0)))
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pymc as pm
@@ -87,8 +86,18 @@ class Progression:
         self.residual = residual
         self.level_effects = level_effects
         self.priors = dict(priors or {})
-        known = {"intercept", "slope", "beta_level", "beta_slope", "therapy_slope", "therapy_level",
-                 "re_sd", "sigma", "nu", "re_corr_eta"}
+        known = {
+            "intercept",
+            "slope",
+            "beta_level",
+            "beta_slope",
+            "therapy_slope",
+            "therapy_level",
+            "re_sd",
+            "sigma",
+            "nu",
+            "re_corr_eta",
+        }
         unknown = set(self.priors) - known
         if unknown:
             raise ValueError(f"unknown prior name(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -271,8 +280,12 @@ def simulate(
             rows.append((f"sim-{i:04d}", tt, yy, therapies[arm[i]], age[i], "F" if female[i] else "M"))
     df = pd.DataFrame(rows, columns=["patient", "time", "outcome", "therapy", "age", "sex"])
     truth = {
-        "intercept": intercept, "slope": slope, "therapy_slope": dict(zip(therapies[1:], therapy_slope, strict=True)),
-        "re_sd": re_sd, "re_corr": re_corr, "sigma": sigma,
+        "intercept": intercept,
+        "slope": slope,
+        "therapy_slope": dict(zip(therapies[1:], therapy_slope, strict=True)),
+        "re_sd": re_sd,
+        "re_corr": re_corr,
+        "sigma": sigma,
         "patient_intercept": dict(zip(df.patient.unique(), a, strict=True)),
         "patient_slope": dict(zip(df.patient.unique(), b, strict=True)),
     }

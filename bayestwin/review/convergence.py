@@ -104,8 +104,11 @@ def gate(table: pd.DataFrame, limits: Thresholds = Thresholds(), by: str | None 
     bad_bulk = table.index[~(table["ess_bulk"] >= limits.ess_bulk)]
     bad_tail = table.index[~(table["ess_tail"] >= limits.ess_tail)]
     what = "patients" if by else "variables"
-    for label, bad in ((f"R-hat > {limits.rhat}", bad_rhat), (f"bulk ESS < {limits.ess_bulk:g}", bad_bulk),
-                       (f"tail ESS < {limits.ess_tail:g}", bad_tail)):
+    for label, bad in (
+        (f"R-hat > {limits.rhat}", bad_rhat),
+        (f"bulk ESS < {limits.ess_bulk:g}", bad_bulk),
+        (f"tail ESS < {limits.ess_tail:g}", bad_tail),
+    ):
         if len(bad):
             failing.append(f"{label} for {what} {_names(bad)}")
     if by is None:

@@ -86,7 +86,13 @@ def test_duplicate_patient_time():
 
 
 def test_therapy_not_declared():
-    expect(frame({("arm", 3): "placebo"}), "therapy 'placebo' not in the declared set ['ctl', 'drug']", 3, "arm", patient="MRN-B")
+    expect(
+        frame({("arm", 3): "placebo"}),
+        "therapy 'placebo' not in the declared set ['ctl', 'drug']",
+        3,
+        "arm",
+        patient="MRN-B",
+    )
 
 
 def test_covariate_missing_and_changing():
@@ -112,7 +118,14 @@ def test_patient_with_zero_rows_in_baseline_table():
 
 def test_rows_without_baseline_entry():
     base = pd.DataFrame({"id": ["MRN-A"], "age": [50.0], "sex": ["F"]})
-    expect(frame().drop(columns=["age", "sex"]), "no baseline row (covariate missing)", 3, "id", patient="MRN-B", baseline=base)
+    expect(
+        frame().drop(columns=["age", "sex"]),
+        "no baseline row (covariate missing)",
+        3,
+        "id",
+        patient="MRN-B",
+        baseline=base,
+    )
 
 
 def test_missing_patient_id_has_no_patient_to_name():

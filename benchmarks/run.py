@@ -1,0 +1,142 @@
+"""Benchmarks for the core engine (issue 2). One command, prints a table:
+
+    .venv/bin/python benchmarks/run.py            # full: 1,000 twins, 5-patient loop, fit vs nutpie
+    .venv/bin/python benchmarks/run.py --quick    # smaller, for a smoke check
+
+(a) twins per second: the batched engine (one vectorised JAX program, 4 chains x 1000 draws per
+    patient) vs a Python loop of ``pm.sample(nuts_sampler="numpyro")`` on the *same* twin
+    posterior, one patient at a time (timed on a few patients, extrapolated; first call excluded
+    as compile).
+(b) population fit: minimum bulk ESS per second, bayestwin.fit (numpyro, vectorised chains) vs
+    ``pm.sample(nuts_sampler="nutpie")`` on the same model and data, wall time including compile.
+Needs the bench extra for nutpie: ``.venv/bin/pip install -e .[bench]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+
+import numpy as np
+
+warnings.simplefilter("ignore")
+
+import arviz_stats as azs  # noqa: E402
+import pymc as pm  # noqa: E402
+
+import bayestwin as bt  # noqa: E402
+from bayestwin.engine import condition as cond  # noqa: E402
+from bayestwin.engine.compile import twin_pymc_model  # noqa: E402
+from bayestwin.families.progression import simulate  # noqa: E402
+
+KEY = b"benchmark-key-0123456"
+THERAPIES = ["standard", "drug_a", "drug_b"]
+
+
+def min_ess(idata, names) -> float:
+    ess = azs.ess(idata.posterior.to_dataset()[names], sample_dims=["chain", "draw"], method="bulk")
+    return float(min(float(ess[n].min()) for n in names))
+
+
+def bench_twins(pop, n_patients: int, n_loop: int, draws: int, tune: int) -> list[tuple]:
+    new, _ = simulate(n_patients=n_patients, therapies=THERAPIES, seed=123)
+    new = new[new.time <= 6.0]
+    pop.condition(new[new.patient.isin(new.patient.unique()[:8])], key=KEY, draws=draws, tune=tune)  # compile
+    t0 = time.perf_counter()
+    twin = pop.condition(new, key=KEY, draws=draws, tune=tune)
+    batched = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    twin = pop.condition(new, key=KEY, draws=draws, tune=tune, seed=1)
+    batched_warm = time.perf_counter() - t0
+    table = twin.verdict.table
+
+    # Baseline: the same posterior, one pm.sample per patient.
+    cohort = pop.cohort(new, key=KEY)
+    design = pop.family.design(cohort.frame, cohort.baseline, pop.schema)
+    data, mask = cond.pad(design.data, cohort.patients, 8)
+    prog, ap = pop.program(8), pop.approx
+    times = []
+    for i in range(n_loop + 1):
+        one = {k: v[i] for k, v in data.items()}
+        model = twin_pymc_model(prog, np.asarray(ap.mean), np.asarray(ap.chol), one, mask[i])
+        t0 = time.perf_counter()
+        with model:
+            pm.sample(
+                draws=draws,
+                tune=tune,
+                chains=4,
+                nuts_sampler="numpyro",
+                progressbar=False,
+                random_seed=i,
+                compute_convergence_checks=False,
+            )
+        times.append(time.perf_counter() - t0)
+    loop_rate = 1.0 / np.mean(times[1:])  # first call compiles
+    rows = [
+        ("twins/s, batched engine (first call, incl. compile)", n_patients / batched, ""),
+        ("twins/s, batched engine (warm)", n_patients / batched_warm, ""),
+        (f"twins/s, pm.sample loop (mean of {n_loop}, warm)", loop_rate, f"first call {times[0]:.1f} s"),
+        ("speed-up, batched warm / loop", (n_patients / batched_warm) / loop_rate, "target >= 150"),
+        (
+            "twins converged (R-hat<=1.01, ESS>=400, 0 div.)",
+            float(bt.twin._ok(table, bt.review.Thresholds()).mean()),
+            f"max R-hat {table.rhat.max():.4f}",
+        ),
+    ]
+    return rows
+
+
+def bench_fit(cohort, draws: int) -> list[tuple]:
+    rows = []
+    t0 = time.perf_counter()
+    pop = bt.fit(cohort, draws=draws, tune=draws, seed=0)
+    ours = time.perf_counter() - t0
+    names = pop.population_vars
+    ess_ours = min_ess(pop.idata, names)
+    try:
+        import nutpie  # noqa: F401
+
+        model = pop.model(cohort)
+        t0 = time.perf_counter()
+        with model:
+            ref = pm.sample(draws=draws, tune=draws, chains=4, nuts_sampler="nutpie", progressbar=False, random_seed=0)
+        theirs = time.perf_counter() - t0
+        ess_ref = min_ess(ref, names)
+    except ImportError:
+        theirs, ess_ref = float("nan"), float("nan")
+    rows.append(("population fit: wall s, bayestwin (numpyro)", ours, f"min ESS_bulk {ess_ours:.0f}"))
+    rows.append(("population fit: wall s, nutpie", theirs, f"min ESS_bulk {ess_ref:.0f}"))
+    rows.append(("min ESS_bulk/s, bayestwin", ess_ours / ours, ""))
+    rows.append(("min ESS_bulk/s, nutpie", ess_ref / theirs, ""))
+    rows.append(("ratio ESS/s bayestwin / nutpie", (ess_ours / ours) / (ess_ref / theirs), "target >= 1.0"))
+    return rows, pop
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--patients", type=int, default=1000)
+    ap.add_argument("--loop", type=int, default=5)
+    ap.add_argument("--draws", type=int, default=1000)
+    ap.add_argument("--tune", type=int, default=500)
+    ap.add_argument("--quick", action="store_true", help="100 twins, 2-patient loop")
+    args = ap.parse_args()
+    if args.quick:
+        args.patients, args.loop = 100, 2
+    df, _ = simulate(n_patients=60, therapies=THERAPIES, seed=0)
+    cohort = bt.Cohort(df, covariates=["age", "sex"], therapies=THERAPIES, key=KEY)
+    fit_rows, pop = bench_fit(cohort, 1000)
+    twin_rows = bench_twins(pop, args.patients, args.loop, args.draws, args.tune)
+    print(
+        f"\nbayestwin benchmarks on {os.cpu_count()} CPU core(s); {args.patients} twins, "
+        f"4 chains x {args.draws} draws ({args.tune} tuning) per twin\n"
+    )
+    print(f"{'measure':<52} {'value':>12}  note")
+    print("-" * 90)
+    for name, value, note in twin_rows + fit_rows:
+        print(f"{name:<52} {value:>12.3f}  {note}")
+
+
+if __name__ == "__main__":
+    main()
