@@ -114,24 +114,7 @@ class Twin:
         approximation error: it equals conditioning on all rows at once.
         """
         new = self.population.cohort(new_rows, key=key, baseline=baseline)
-        unknown = set(new.patients) - set(self.patients)
-        if unknown:
-            raise ValueError(f"update() got rows of patients not in this twin: {sorted(unknown)}")
-        frame = pd.concat([self.cohort.frame, new.frame])
-        dup = frame.duplicated([PATIENT, TIME]).to_numpy()
-        if dup.any():
-            from bayestwin.errors import DataError
-
-            i = int(np.argmax(dup))
-            raise DataError(
-                "new row repeats an existing time for this patient",
-                patient=frame[PATIENT].iloc[i],
-                row=frame.index[i],
-                column=self.population.columns.time,
-            )
-        merged = object.__new__(Cohort)
-        merged.__dict__.update(self.cohort.__dict__)
-        merged.frame = frame.sort_values([PATIENT, TIME], kind="stable")
+        merged = self.cohort.extend(new)
         return Twin.from_cohort(self.population, merged, self.config, seed=self.seed + 1 if seed is None else seed)
 
     # ------------------------------------------------------------- predict

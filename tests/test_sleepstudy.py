@@ -32,6 +32,8 @@ def sleep_fit():
 @pytest.mark.slow
 def test_sleepstudy_matches_lme4(sleep_fit):
     assert sleep_fit.verdict.converged, str(sleep_fit.verdict)
+    assert {"posterior", "sample_stats", "observed_data", "log_likelihood"} <= set(sleep_fit.idata.children)
+    assert sleep_fit.idata.log_likelihood["y"].sizes["obs"] == 180
     post = sleep_fit.posterior
     for name, (est, se) in FIXED.items():
         mean, sd = float(post[name].mean()), float(post[name].std())

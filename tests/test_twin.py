@@ -70,6 +70,9 @@ def test_update_rejects_repeated_time(population, simulated):
     first = population.condition(rows, key=KEY, seed=1, draws=200, tune=200)
     with pytest.raises(bt.DataError, match="new row repeats an existing time for this patient"):
         first.update(rows.iloc[:1], key=KEY)
+    later = rows.iloc[:1].assign(time=99.0)
+    with pytest.raises(bt.DataError, match=r"rows of a patient not in this cohort \(was the same key used\?\)"):
+        first.update(later, key=b"another-key-0123456789")
 
 
 def test_forecast_dims_summary_and_decisions(twin, population):

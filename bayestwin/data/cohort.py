@@ -178,6 +178,29 @@ class Cohort:
     def __len__(self) -> int:
         return len(self.frame)
 
+    def extend(self, new: Cohort) -> Cohort:
+        """This cohort plus ``new`` rows of the same patients (validated with the same schema and key).
+
+        Raises DataError if a new row repeats a (patient, time) already present.
+        """
+        unknown = sorted(set(new.patients) - set(self.patients))
+        if unknown:
+            raise DataError("rows of a patient not in this cohort (was the same key used?)", patient=unknown[0])
+        frame = pd.concat([self.frame, new.frame])
+        dup = frame.duplicated([PATIENT, TIME]).to_numpy()
+        if dup.any():
+            i = int(np.argmax(dup))
+            raise DataError(
+                "new row repeats an existing time for this patient",
+                patient=frame[PATIENT].iloc[i],
+                row=frame.index[i],
+                column=self.columns.time,
+            )
+        out = object.__new__(Cohort)
+        out.__dict__.update(self.__dict__)
+        out.frame = frame.sort_values([PATIENT, TIME], kind="stable")
+        return out
+
     def __repr__(self) -> str:
         return (
             f"Cohort({self.n_patients} patients, {len(self.frame)} rows, "
