@@ -46,7 +46,7 @@ class Population:
     verdict: Verdict
     sampler: dict = field(default_factory=dict)
     _programs: dict = field(default_factory=dict, repr=False)
-    _samplers: dict = field(default_factory=dict, repr=False)
+    _compiled: dict = field(default_factory=dict, repr=False)  # jitted samplers/outputs/predict
 
     @property
     def posterior(self) -> xr.Dataset:
@@ -80,6 +80,13 @@ class Population:
         if n_obs not in self._programs:
             self._programs[n_obs] = compile_twin(self.family, self.schema, n_obs)
         return self._programs[n_obs]
+
+    def compiled(self, kind: str, n_obs: int, build):
+        """A jitted function for the ``n_obs`` program, built once by ``build(program, approx)``."""
+        key = (kind, n_obs)
+        if key not in self._compiled:
+            self._compiled[key] = build(self.program(n_obs), self.approx)
+        return self._compiled[key]
 
     @cached_property
     def approx(self) -> cond.GaussianApprox:

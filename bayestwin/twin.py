@@ -48,8 +48,9 @@ class Twin:
         design = fam.design(cohort.frame, cohort.baseline, schema)
         n_rows = np.bincount(design.data["patient_idx"], minlength=len(patients))
         n_pad = cond.padded_length(int(n_rows.max()) if len(n_rows) else 1)
-        program = population.program(n_pad)
         approx = population.approx
+        run = population.compiled(("run", cfg), n_pad, lambda p, a: cond.make_run(p, a, cfg))
+        outputs = population.compiled("outputs", n_pad, cond.make_outputs)
         data, mask = cond.pad(design.data, patients, n_pad)
         seeds = population.patient_seeds(patients, seed)
         # Fixed-size chunks: one compiled program serves any number of patients. (XLA on CPU also
@@ -61,15 +62,10 @@ class Twin:
             idx = np.minimum(np.arange(lo, lo + chunk), len(patients) - 1)  # pad by repeating the last
             keep = int(min(chunk, len(patients) - lo))
             batch = {k: v[idx] for k, v in data.items()}
-            skey = (n_pad, cfg)
             device = devices[(lo // chunk) % len(devices)]  # chunks on different devices overlap
-            draws, sampler = cond.run(
-                program, approx, batch, mask[idx], seeds[idx], cfg, population._samplers.get(skey), device
-            )
-            population._samplers[skey] = sampler
-            draws = jax.tree_util.tree_map(lambda x, k=keep: x[:k], draws)
+            draws = jax.tree_util.tree_map(lambda x, k=keep: x[:k], run(batch, mask[idx], seeds[idx], device))
             parts.append(draws)
-            outs.append(cond.outputs(program, approx, draws.position, {k: v[:keep] for k, v in batch.items()}))
+            outs.append(outputs(draws.position, {k: v[:keep] for k, v in batch.items()}))
         draws = jax.tree_util.tree_map(lambda *x: np.concatenate([np.asarray(a) for a in x]), *parts)
         values = {k: np.concatenate([np.asarray(o[k]) for o in outs]) for k in outs[0]}
         idata = _to_datatree(values, draws, patients, n_rows, fam)
@@ -78,7 +74,7 @@ class Twin:
         table["n_obs"] = n_rows
         table["phi_shift"] = shift  # how far the patient moved phi, in population-posterior SDs
         verdict = gate(table, thresholds, by="patient")
-        verdict.warn(f"{(~_ok(table, thresholds)).sum()} of {len(patients)} twin(s)")
+        verdict.warn(f"{(~verdict.table['converged']).sum()} of {len(patients)} twin(s)")
         return cls(population, cohort, idata, verdict, cfg, seed, draws.position)
 
     # --------------------------------------------------------------- access
@@ -102,7 +98,7 @@ class Twin:
             out[(n, "q05")] = q[n].sel(quantile=0.05).to_series()
             out[(n, "q95")] = q[n].sel(quantile=0.95).to_series()
         table = pd.DataFrame(out)
-        table[("gate", "converged")] = _ok(self.verdict.table, Thresholds())
+        table[("gate", "converged")] = self.verdict.table["converged"]
         return table
 
     # -------------------------------------------------------------- update
@@ -158,8 +154,8 @@ class Twin:
             d["X"] = np.broadcast_to(X[i][None, None, :], (len(therapies), 1, X.shape[1]))
             per_patient.append(d)
         pred = {k: np.stack([d[k] for d in per_patient]) for k in per_patient[0]}
-        program = self.population.program(cond.padded_length(1))  # prediction shapes are free
-        mu = cond.predict(program, self.population.approx, self._positions, pred)  # (B, S, C, D, T)
+        predict = self.population.compiled("predict", cond.padded_length(1), cond.make_predict)  # shapes free
+        mu = predict(self._positions, pred)  # (B, S, C, D, T)
         post = self.posterior
         params = {
             n: jnp.asarray(post[n].transpose("patient", "chain", "draw").to_numpy())[:, None, :, :, None]
@@ -185,7 +181,7 @@ class Twin:
         return self.posterior.sel(patient=patient)
 
     def __repr__(self) -> str:
-        ok = int(_ok(self.verdict.table, Thresholds()).sum())
+        ok = int(self.verdict.table["converged"].sum())
         return (
             f"Twin({len(self.patients)} patient(s), {self.config.chains}x{self.config.draws} draws, "
             f"{ok} converged; verdict: {self.verdict})"
@@ -193,15 +189,6 @@ class Twin:
 
     def _repr_html_(self) -> str:
         return f"<b>Twin</b> — <i>{self.verdict}</i>" + self.summary().to_html(float_format=lambda x: f"{x:.3g}")
-
-
-def _ok(table: pd.DataFrame, limits: Thresholds) -> pd.Series:
-    return (
-        (table["rhat"] <= limits.rhat)
-        & (table["ess_bulk"] >= limits.ess_bulk)
-        & (table["ess_tail"] >= limits.ess_tail)
-        & (table["divergences"] <= limits.divergences)
-    )
 
 
 def _to_datatree(values: dict, draws, patients, n_rows, family) -> xr.DataTree:

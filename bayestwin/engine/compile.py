@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytensor
@@ -161,8 +162,6 @@ def unconstrained_draws(model, posterior, blocks: tuple[Block, ...]) -> np.ndarr
 
 def as_jax(tree):
     """numpy leaves -> jax arrays (the jaxified graphs need jax arrays, not numpy)."""
-    import jax
-
     return jax.tree_util.tree_map(jnp.asarray, tree)
 
 

@@ -80,69 +80,75 @@ def twin_logdensity(program: TwinProgram, approx: GaussianApprox):
     def logdensity(x, data):
         arrays, mask = data
         w = x[:d_phi]
-        values = program.split(approx.mean + approx.chol @ w, x[d_phi:])
-        return -0.5 * w @ w + program.logp(*values, *arrays, mask)[0]
+        return -0.5 * w @ w + program.logp(*_values(program, approx, x), *arrays, mask)[0]
 
     return logdensity
 
 
-def run(
-    program: TwinProgram,
-    approx: GaussianApprox,
-    data: dict,
-    mask: np.ndarray,
-    seeds: np.ndarray,
-    cfg: NutsConfig,
-    sampler=None,
-    device=None,
-):
-    """Condition a batch: NUTS over (w, theta) for every patient and chain in one program.
+def make_run(program: TwinProgram, approx: GaussianApprox, cfg: NutsConfig):
+    """``run(data, mask, seeds, device=None) -> Draws``: condition a batch of patients.
 
-    Initial positions are drawn from the (whitened) prior, so chains start overdispersed.
-    Returns the :class:`~bayestwin.engine.nuts.Draws` and the sampler (reusable for the same shapes).
-    ``device``: where to run (chunks on different devices run concurrently).
+    NUTS over (w, theta) for every patient and chain in one compiled program; chains start from
+    draws of the (whitened) prior, so they are overdispersed. ``device``: where to run (chunks on
+    different devices run concurrently). Build once per shape and settings, then reuse.
     """
     d = approx.mean.shape[0] + sum(b.size for b in program.patient)
-    sampler = sampler or make_sampler(twin_logdensity(program, approx), cfg)
-    keys = chain_keys(jnp.asarray(seeds, jnp.uint32), cfg.chains)
-    init = jax.vmap(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 7), (d,))))(keys)
-    arrays = tuple(as_jax(data[n]) for n in program.data_names)
-    args = (keys, init, (arrays, jnp.asarray(mask)))
-    if device is not None:
-        args = jax.device_put(args, device)
-    return sampler(*args), sampler
+    sampler = make_sampler(twin_logdensity(program, approx), cfg)
+
+    def run(data: dict, mask: np.ndarray, seeds: np.ndarray, device=None):
+        keys = chain_keys(jnp.asarray(seeds, jnp.uint32), cfg.chains)
+        init = jax.vmap(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 7), (d,))))(keys)
+        arrays = tuple(as_jax(data[n]) for n in program.data_names)
+        args = (keys, init, (arrays, jnp.asarray(mask)))
+        if device is not None:
+            args = jax.device_put(args, device)
+        return sampler(*args)
+
+    return run
 
 
-def outputs(program: TwinProgram, approx: GaussianApprox, position: jax.Array, data: dict) -> dict:
-    """Constrained outputs for every draw: {name: (B, C, D, ...)}."""
-    d_phi = approx.mean.shape[0]
-    arrays = tuple(as_jax(data[n]) for n in program.data_names)
+def make_outputs(program: TwinProgram, approx: GaussianApprox):
+    """Jitted ``f(position (B, C, D, d), data) -> {name: (B, C, D, ...)}`` of constrained outputs.
+
+    Build it once and reuse it: each new jitted function compiles again.
+    """
 
     def one(x, arrs):
-        values = program.split(approx.mean + approx.chol @ x[:d_phi], x[d_phi:])
-        return program.outputs(*values, *arrs)
+        return program.outputs(*_values(program, approx, x), *arrs)
 
     per_draw = jax.vmap(one, in_axes=(0, None))
     per_chain = jax.vmap(per_draw, in_axes=(0, None))
-    res = jax.jit(jax.vmap(per_chain, in_axes=(0, 0)))(position, arrays)
-    return dict(zip(program.output_names, res, strict=True))
+    jitted = jax.jit(jax.vmap(per_chain, in_axes=(0, 0)))
+
+    def outputs(position, data: dict) -> dict:
+        res = jitted(position, tuple(as_jax(data[n]) for n in program.data_names))
+        return dict(zip(program.output_names, res, strict=True))
+
+    return outputs
 
 
-def predict(program: TwinProgram, approx: GaussianApprox, position: jax.Array, pred_data: dict) -> jax.Array:
-    """Structural prediction ``mu`` for every draw and scenario.
+def make_predict(program: TwinProgram, approx: GaussianApprox):
+    """Jitted ``f(position, pred_data) -> mu (B, S, C, D, T)``: the structural prediction.
 
     ``pred_data[name]`` has leading axes (B, S) — patient and scenario (e.g. therapy) — followed
-    by the prediction's own shape. Returns (B, S, C, D, T).
+    by the prediction's own shape.
     """
-    d_phi = approx.mean.shape[0]
-    arrays = tuple(as_jax(pred_data[n]) for n in program.predict_data_names)
 
     def one(x, arrs):
-        values = program.split(approx.mean + approx.chol @ x[:d_phi], x[d_phi:])
-        return program.predict(*values, *arrs)[0]
+        return program.predict(*_values(program, approx, x), *arrs)[0]
 
     f = jax.vmap(one, in_axes=(0, None))  # draws
     f = jax.vmap(f, in_axes=(0, None))  # chains
     f = jax.vmap(f, in_axes=(None, 0))  # scenarios
-    f = jax.vmap(f, in_axes=(0, 0))  # patients
-    return jax.jit(f)(position, arrays)
+    jitted = jax.jit(jax.vmap(f, in_axes=(0, 0)))  # patients
+
+    def predict(position, pred_data: dict):
+        return jitted(position, tuple(as_jax(pred_data[n]) for n in program.predict_data_names))
+
+    return predict
+
+
+def _values(program: TwinProgram, approx: GaussianApprox, x):
+    """Flat sampler position [w, theta] -> value arrays in model order (phi = m + L w)."""
+    d_phi = approx.mean.shape[0]
+    return program.split(approx.mean + approx.chol @ x[:d_phi], x[d_phi:])

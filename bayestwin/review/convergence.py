@@ -98,7 +98,10 @@ def diagnostics(posterior: xr.Dataset, sample_stats: xr.Dataset, by: str | None 
 
 
 def gate(table: pd.DataFrame, limits: Thresholds = Thresholds(), by: str | None = None) -> Verdict:
-    """Apply ``limits`` to a :func:`diagnostics` table and say what failed."""
+    """Apply ``limits`` to a :func:`diagnostics` table and say what failed.
+
+    With ``by`` (one row per patient), the verdict's table gains a boolean ``converged`` column.
+    """
     failing = []
     bad_rhat = table.index[~(table["rhat"] <= limits.rhat)]
     bad_bulk = table.index[~(table["ess_bulk"] >= limits.ess_bulk)]
@@ -118,6 +121,8 @@ def gate(table: pd.DataFrame, limits: Thresholds = Thresholds(), by: str | None 
         bad_div = table.index[table["divergences"] > limits.divergences]
         if len(bad_div):
             failing.append(f"{divs} divergent transitions in patients {_names(bad_div)}")
+        table = table.copy()
+        table["converged"] = ~table.index.isin(bad_rhat.union(bad_bulk).union(bad_tail).union(bad_div))
     if by is None and divs > limits.divergences:
         failing.append(f"{divs} divergent transitions")
     if not np.isnan(bfmi) and bfmi < limits.bfmi:
