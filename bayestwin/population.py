@@ -16,6 +16,7 @@ import xarray as xr
 from bayestwin.data.cohort import Cohort, Columns, Schema
 from bayestwin.engine import condition as cond
 from bayestwin.engine.compile import TwinProgram, compile_twin, unconstrained_draws
+from bayestwin.engine.importance import ImportanceConfig
 from bayestwin.engine.nuts import NutsConfig
 from bayestwin.families import get_family
 from bayestwin.review.convergence import Thresholds, Verdict, diagnostics, gate
@@ -126,6 +127,8 @@ class Population:
         chunk: int = 32,
         max_doublings: int = 6,
         thresholds: Thresholds = Thresholds(),
+        method: str = "nuts",
+        proposals: int = 2000,
     ):
         """Condition the population on one or many patients' rows: their posterior twins.
 
@@ -148,6 +151,12 @@ class Population:
         seed
             Base seed; each patient's chains are seeded from (seed, pseudonym), so results do not
             depend on batch layout.
+        method
+            ``"nuts"`` (default): NUTS for every twin. ``"importance"``: the fast path: each of the
+            ``chains`` chains is an independent importance sampler with ``proposals`` draws from
+            the twin's Laplace approximation, Pareto-smoothed (PSIS) and resampled to ``draws``;
+            twins whose k̂, ESS or R-hat then fail ``thresholds`` are redone by NUTS
+            (``twin.verdict.table["method"]`` says which). Same target density either way.
 
         Returns
         -------
@@ -164,7 +173,12 @@ class Population:
         cfg = NutsConfig(
             chains=chains, tune=tune, draws=draws, target_accept=target_accept, max_doublings=max_doublings, chunk=chunk
         )
-        return Twin.from_cohort(self, cohort, cfg, seed=seed, thresholds=thresholds)
+        if method not in ("nuts", "importance"):
+            raise ValueError(f"method must be 'nuts' or 'importance', not {method!r}")
+        importance = None
+        if method == "importance":
+            importance = ImportanceConfig(chains=chains, draws=draws, proposals=proposals, chunk=chunk)
+        return Twin.from_cohort(self, cohort, cfg, seed=seed, thresholds=thresholds, importance=importance)
 
     def patient_seeds(self, patients: list[str], seed: int) -> np.ndarray:
         """One 32-bit seed per patient from (seed, pseudonym)."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -13,8 +16,10 @@ import xarray as xr
 
 from bayestwin.data.cohort import PATIENT, TIME, Cohort
 from bayestwin.engine import condition as cond
+from bayestwin.engine.importance import ImportanceConfig
 from bayestwin.engine.nuts import NutsConfig
-from bayestwin.review.convergence import Thresholds, Verdict, diagnostics, gate
+from bayestwin.review import batched
+from bayestwin.review.convergence import Thresholds, Verdict, gate
 
 
 @dataclass
@@ -39,43 +44,65 @@ class Twin:
     verdict: Verdict
     config: NutsConfig
     seed: int
-    _positions: jax.Array  # (B, C, D, d) raw sampler positions, for predictions
+    _positions: np.ndarray  # (B, C, D, d) raw sampler positions, for predictions
+    importance: ImportanceConfig | None = None  # the fast path's settings, when it was asked for
 
     @classmethod
-    def from_cohort(cls, population, cohort: Cohort, cfg: NutsConfig, *, seed=0, thresholds=Thresholds()) -> Twin:
+    def from_cohort(
+        cls,
+        population,
+        cohort: Cohort,
+        cfg: NutsConfig,
+        *,
+        seed=0,
+        thresholds=Thresholds(),
+        importance: ImportanceConfig | None = None,
+    ) -> Twin:
+        """Condition ``population`` on ``cohort`` by NUTS, or by importance sampling first.
+
+        With ``importance``, every twin is first drawn by Laplace-proposal importance sampling;
+        twins that then fail the gate (Pareto k̂, ESS, R-hat across the independent samplers)
+        are redone by NUTS with ``cfg``. ``verdict.table["method"]`` says which path each took.
+        """
         fam, schema = population.family, population.schema
         patients = cohort.patients
         design = fam.design(cohort.frame, cohort.baseline, schema)
         n_rows = np.bincount(design.data["patient_idx"], minlength=len(patients))
         n_pad = cond.padded_length(int(n_rows.max()) if len(n_rows) else 1)
         approx = population.approx
-        run = population.compiled(("run", cfg), n_pad, lambda p, a: cond.make_run(p, a, cfg))
-        outputs = population.compiled("outputs", n_pad, cond.make_outputs)
         data, mask = cond.pad(design.data, patients, n_pad)
         seeds = population.patient_seeds(patients, seed)
-        # Fixed-size chunks: one compiled program serves any number of patients. (XLA on CPU also
-        # stalled on some large vmapped batches, e.g. exactly 100 or 200 patients, in our runs.)
-        chunk = min(cfg.chunk, len(patients))
-        devices = jax.local_devices()
-        parts, outs = [], []
-        for lo in range(0, len(patients), chunk):
-            idx = np.minimum(np.arange(lo, lo + chunk), len(patients) - 1)  # pad by repeating the last
-            keep = int(min(chunk, len(patients) - lo))
-            batch = {k: v[idx] for k, v in data.items()}
-            device = devices[(lo // chunk) % len(devices)]  # chunks on different devices overlap
-            draws = jax.tree_util.tree_map(lambda x, k=keep: x[:k], run(batch, mask[idx], seeds[idx], device))
-            parts.append(draws)
-            outs.append(outputs(draws.position, {k: v[:keep] for k, v in batch.items()}))
-        draws = jax.tree_util.tree_map(lambda *x: np.concatenate([np.asarray(a) for a in x]), *parts)
-        values = {k: np.concatenate([np.asarray(o[k]) for o in outs]) for k in outs[0]}
-        idata = _to_datatree(values, draws, patients, n_rows, fam)
-        table = diagnostics(idata.posterior.to_dataset(), idata.sample_stats.to_dataset(), by="patient")
-        shift = np.linalg.norm(np.asarray(draws.position[..., : approx.mean.shape[0]]).mean((1, 2)), axis=-1)
-        table["n_obs"] = n_rows
-        table["phi_shift"] = shift  # how far the patient moved phi, in population-posterior SDs
+
+        def nuts(sel):
+            run = population.compiled(("run", cfg), n_pad, lambda p, a: cond.make_run(p, a, cfg))
+            return _chunked(run, {k: v[sel] for k, v in data.items()}, mask[sel], seeds[sel], cfg.chunk)
+
+        everyone = np.arange(len(patients))
+        if importance is None:
+            draws, values = nuts(everyone)
+            stats = _nuts_stats(draws)
+        else:
+            run_is = population.compiled(
+                ("importance", importance), n_pad, lambda p, a: cond.make_importance(p, a, importance)
+            )
+            draws, values = _chunked(run_is, data, mask, seeds, importance.chunk)
+            stats = _importance_stats(draws)
+        table = _table(values, stats, patients, n_rows, fam, approx)
+        if importance is not None:
+            redo = np.flatnonzero(~gate(table, thresholds, by="patient").table["converged"].to_numpy())
+            if len(redo):  # the fast path did not pass the gate for these twins: NUTS decides
+                draws, sub = nuts(redo)
+                fresh = _nuts_stats(draws)
+                for k, v in stats.items():
+                    v[redo] = fresh[k]
+                for k, v in values.items():
+                    v[redo] = sub[k]
+                fixed = _table(sub, fresh, [patients[i] for i in redo], n_rows[redo], fam, approx)
+                table.iloc[redo] = fixed.to_numpy()
         verdict = gate(table, thresholds, by="patient")
         verdict.warn(f"{(~verdict.table['converged']).sum()} of {len(patients)} twin(s)")
-        return cls(population, cohort, idata, verdict, cfg, seed, draws.position)
+        idata = _to_datatree(values, stats, patients, fam)
+        return cls(population, cohort, idata, verdict, cfg, seed, stats["position"], importance)
 
     # --------------------------------------------------------------- access
     @property
@@ -111,7 +138,14 @@ class Twin:
         """
         new = self.population.cohort(new_rows, key=key, baseline=baseline)
         merged = self.cohort.extend(new)
-        return Twin.from_cohort(self.population, merged, self.config, seed=self.seed + 1 if seed is None else seed)
+        return Twin.from_cohort(
+            self.population,
+            merged,
+            self.config,
+            seed=self.seed + 1 if seed is None else seed,
+            thresholds=self.verdict.thresholds,
+            importance=self.importance,
+        )
 
     # ------------------------------------------------------------- predict
     def predict(self, therapies: Sequence[str] | None = None, times=None, *, start: float | None = None, seed: int = 0):
@@ -191,7 +225,136 @@ class Twin:
         return f"<b>Twin</b> — <i>{self.verdict}</i>" + self.summary().to_html(float_format=lambda x: f"{x:.3g}")
 
 
-def _to_datatree(values: dict, draws, patients, n_rows, family) -> xr.DataTree:
+def _chunked(run, data: dict, mask: np.ndarray, seeds: np.ndarray, chunk: int):
+    """``run`` over fixed-size chunks of patients; numpy results concatenated along patients.
+
+    Fixed-size chunks let one compiled program serve any number of patients (the last chunk is
+    padded by repeating its last patient). XLA on CPU also stalled on some large vmapped batches,
+    e.g. exactly 100 or 200 patients, in our runs. Chunks alternate between local devices.
+    """
+    n = len(seeds)
+    chunk = min(chunk, n)
+    devices = _devices()
+    starts = list(range(0, n, chunk))
+    result = {}  # leaf path -> preallocated (n, ...) array, filled chunk by chunk in the workers
+
+    def one(lo):
+        idx = np.minimum(np.arange(lo, lo + chunk), n - 1)
+        device = devices[(lo // chunk) % len(devices)]
+        out = run({k: v[idx] for k, v in data.items()}, mask[idx], seeds[idx], device)
+        keep = int(min(chunk, n - lo))
+        leaves, treedef = jax.tree_util.tree_flatten(out)
+        for i, leaf in enumerate(leaves):
+            a = np.asarray(leaf)  # waits for this chunk only
+            if i not in result:
+                result.setdefault(i, np.empty((n, *a.shape[1:]), a.dtype))
+            result[i][lo : lo + keep] = a[:keep]
+        return treedef
+
+    # One thread per device: XLA runs a CPU device's program on the calling thread with the GIL
+    # released, so threads let chunks on different cores overlap (and copy out in parallel).
+    with ThreadPoolExecutor(len(devices)) as pool:
+        treedefs = list(pool.map(one, starts))
+    return jax.tree_util.tree_unflatten(treedefs[0], [result[i] for i in range(len(result))])
+
+
+def _devices() -> list:
+    """Devices to spread chunks over: every accelerator, or on CPU one host device per core.
+
+    (PyMC's JAX module asks XLA for 100 host devices; a program is compiled once per device it
+    runs on, so rotating over all of them would mostly compile.)
+    """
+    devices = jax.local_devices()
+    if devices[0].platform == "cpu":
+        devices = devices[: max(1, min(len(devices), os.cpu_count() or 1))]
+    return devices
+
+
+def _nuts_stats(draws) -> dict:
+    B, C = draws.step_size.shape
+    return {
+        "position": np.asarray(draws.position),
+        "diverging": np.asarray(draws.diverging),
+        "acceptance_rate": np.asarray(draws.acceptance_rate),
+        "n_steps": np.asarray(draws.n_steps),
+        "energy": np.asarray(draws.energy),
+        "step_size": np.asarray(draws.step_size),
+        "khat": np.full((B, C), np.nan),
+        "ess_is": np.full((B, C), np.nan),
+        "method": np.full(B, "nuts", dtype=object),
+    }
+
+
+def _importance_stats(draws) -> dict:
+    B, C, D = draws.position.shape[:3]
+    return {
+        "position": np.asarray(draws.position),
+        "diverging": np.zeros((B, C, D), bool),
+        "acceptance_rate": np.full((B, C, D), np.nan),
+        "n_steps": np.zeros((B, C, D), np.int64),
+        "energy": np.full((B, C, D), np.nan),
+        "step_size": np.full((B, C), np.nan),
+        "khat": np.asarray(draws.khat),
+        "ess_is": np.asarray(draws.ess),
+        "method": np.full(B, "importance", dtype=object),
+    }
+
+
+def _table(values: dict, stats: dict, patients, n_rows, family, approx) -> pd.DataFrame:
+    """Per-patient diagnostics: R-hat, bulk/tail ESS, divergences, E-BFMI, and k̂ for importance twins.
+
+    NUTS twins: the worst rank-normalised R-hat and bulk/tail ESS over every posterior quantity
+    (ArviZ's estimators, computed batched by :mod:`bayestwin.review.batched`). Importance twins:
+    R-hat across the independent samplers on the patient's own parameters, and as ESS the
+    resampled importance ESS Σ_chains 1 / (1/ESS_psis + 1/draws) (their draws are resampled from
+    weighted proposals, so an autocorrelation ESS would count duplicates as new draws).
+    """
+    B, C, D = stats["position"].shape[:3]
+    is_imp = stats["method"] == "importance"
+    rhat, bulk, tail = np.full(B, np.nan), np.full(B, np.nan), np.full(B, np.nan)
+
+    def series(names, sel):  # (patients, quantities, chain, draw)
+        x = np.concatenate([values[n][sel].reshape(len(sel), C, D, -1) for n in names], axis=-1)
+        return np.moveaxis(x, -1, 1)
+
+    sel = np.flatnonzero(~is_imp)
+    if len(sel):
+        x = series(list(values), sel)
+        r, b, t = batched.diagnose(x)
+        constant = x.std(axis=(-2, -1)) < 1e-12  # e.g. the unit diagonal of a correlation matrix
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            rhat[sel] = np.nanmax(np.where(constant, np.nan, r), axis=1)
+            bulk[sel] = np.nanmin(np.where(constant, np.nan, b), axis=1)
+            tail[sel] = np.nanmin(np.where(constant, np.nan, t), axis=1)
+    sel = np.flatnonzero(is_imp)
+    if len(sel):
+        rhat[sel] = batched.rhat(series(list(family.patient_outputs), sel)).max(axis=1)
+        bulk[sel] = tail[sel] = (1.0 / (1.0 / stats["ess_is"][sel] + 1.0 / D)).sum(1)
+    energy = stats["energy"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        bfmi = (np.diff(energy, axis=-1) ** 2).mean(-1) / energy.var(-1, ddof=1)  # E-BFMI per chain
+        bfmi_min = np.nanmin(bfmi, axis=1)
+    table = pd.DataFrame(
+        {
+            "rhat": rhat,
+            "ess_bulk": bulk,
+            "ess_tail": tail,
+            "divergences": stats["diverging"].sum((1, 2)).astype(int),
+            "bfmi_min": bfmi_min,
+            "method": stats["method"],
+            "khat": stats["khat"].max(1),
+            "n_obs": n_rows,
+            # how far the patient moved phi, in population-posterior SDs
+            "phi_shift": np.linalg.norm(stats["position"][..., : approx.mean.shape[0]].mean((1, 2)), axis=-1),
+        },
+        index=pd.Index(patients, name="patient"),
+    )
+    return table
+
+
+def _to_datatree(values: dict, stats: dict, patients, family) -> xr.DataTree:
     dims = ("patient", "chain", "draw")
     post = {}
     for name, arr in values.items():
@@ -200,14 +363,12 @@ def _to_datatree(values: dict, draws, patients, n_rows, family) -> xr.DataTree:
         extra = tuple(f"{name}_dim_{i}" for i in range(arr.ndim - 3))
         post[name] = (dims + extra, arr)
     posterior = xr.Dataset(post, coords={"patient": patients}).transpose("chain", "draw", "patient", ...)
-    stats = xr.Dataset(
-        {
-            "diverging": (dims, np.asarray(draws.diverging)),
-            "acceptance_rate": (dims, np.asarray(draws.acceptance_rate)),
-            "n_steps": (dims, np.asarray(draws.n_steps)),
-            "energy": (dims, np.asarray(draws.energy)),
-            "step_size": (("patient", "chain"), np.asarray(draws.step_size)),
-        },
+    per_draw = ("diverging", "acceptance_rate", "n_steps", "energy")
+    per_chain = ("step_size", "khat", "ess_is")
+    sample_stats = xr.Dataset(
+        {**{k: (dims, stats[k]) for k in per_draw}, **{k: (("patient", "chain"), stats[k]) for k in per_chain}},
         coords={"patient": patients},
     ).transpose("chain", "draw", "patient", ...)
-    return xr.DataTree.from_dict({"posterior": posterior, "sample_stats": stats})
+    sample_stats["khat"].attrs["description"] = "Pareto k of the importance weights (importance twins only)"
+    sample_stats["ess_is"].attrs["description"] = "PSIS effective sample size of the proposals (importance twins)"
+    return xr.DataTree.from_dict({"posterior": posterior, "sample_stats": sample_stats})

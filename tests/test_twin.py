@@ -134,3 +134,31 @@ def test_switch_mid_history_enters_exposure():
     cum, cur = exposure(np.array([0.0, 2.0, 5.0, 9.0]), np.array([3.0, np.inf]), np.array([0, 2]), 3)
     np.testing.assert_allclose(cum, [[0, 0, 0], [2, 0, 0], [3, 0, 2], [3, 0, 6]])
     np.testing.assert_allclose(cur.argmax(1), [0, 0, 2, 2])
+
+
+def test_importance_path_gate_and_fallback(population, simulated, twin):
+    from bayestwin.review.convergence import Thresholds
+
+    _, held, _ = simulated
+    fast = population.condition(held, key=KEY, seed=3, method="importance")
+    table = fast.verdict.table
+    assert fast.verdict.converged and (table["method"] == "importance").all()
+    assert (table["khat"] <= 0.7).all() and (table["ess_bulk"] >= 400).all()
+    assert fast.idata.sample_stats["khat"].sizes == {"chain": 4, "patient": 3}
+    # Same target as NUTS: the two agree within Monte-Carlo error (ESS >= 400 on each side).
+    for name in ("patient_intercept", "patient_slope"):
+        a, b = twin.posterior[name], fast.posterior[name]
+        sd = a.std(["chain", "draw"])
+        assert (abs(a.mean(["chain", "draw"]) - b.mean(["chain", "draw"])) < 0.25 * sd).all()
+    # Twins failing the gate are redone by NUTS, with the same per-patient seeds as method="nuts".
+    strict = population.condition(held, key=KEY, seed=3, method="importance", thresholds=Thresholds(khat=-1.0))
+    assert (strict.verdict.table["method"] == "nuts").all() and strict.verdict.converged
+    np.testing.assert_array_equal(
+        strict.posterior["patient_slope"].to_numpy(), twin.posterior["patient_slope"].to_numpy()
+    )
+    # An update stays on the fast path.
+    pid = held.patient.unique()[0]
+    later = held[held.patient == pid].iloc[-1:].assign(time=9.0)
+    assert (fast.update(later, key=KEY).verdict.table["method"] == "importance").all()
+    with pytest.raises(ValueError, match="method must be 'nuts' or 'importance', not 'laplace'"):
+        population.condition(held, key=KEY, method="laplace")

@@ -8,7 +8,7 @@ For patient *i* at time *t*::
     y_it  ~ Normal(mu_it, sigma)   or   StudentT(nu, mu_it, sigma)
 
 with ``u_i = L · z_i``, ``z_i ~ N(0, I)`` (non-centred), ``L`` the Cholesky factor of an
-LKJ(eta)-correlated covariance with half-normal SDs. ``E_ik(t)`` is the time patient *i* has
+LKJ(eta)-correlated covariance with Gamma(2) SDs (zero-avoiding). ``E_ik(t)`` is the time patient *i* has
 spent on therapy *k* up to *t* (therapy switches are piecewise constant) and ``on_ik(t)`` flags
 therapy *k* being given at *t*. Covariates are standardised (numeric) or one-hot (categorical).
 
@@ -124,7 +124,9 @@ class Progression:
             "beta_slope": Prior("Normal", mu=0.0, sigma=sy / T),
             "therapy_slope": Prior("Normal", mu=0.0, sigma=sy / T),
             "therapy_level": Prior("Normal", mu=0.0, sigma=sy),
-            "re_sd": Prior("HalfNormal", sigma=np.array([sy, sy / T])),
+            # zero-avoiding Gamma(2) on the random-effect SDs (Chung et al. 2013): with HalfNormal,
+            # chains could stall at an SD of ~0 with a large residual SD (seen on simulated cohorts)
+            "re_sd": Prior("Gamma", alpha=2.0, beta=2.0 / np.array([sy, sy / T])),
             "sigma": Prior("HalfNormal", sigma=sy),
             "nu": Prior("Gamma", alpha=2.0, beta=0.1),
             "re_corr_eta": 2.0,
@@ -139,13 +141,14 @@ class Progression:
         code = {t: k for k, t in enumerate(schema.therapies)}
         n = len(frame)
         cumulative, current = np.zeros((n, K)), np.zeros((n, K))
-        pos = 0
-        for _, rows in frame.groupby(PATIENT, sort=False):
-            t = rows[TIME].to_numpy(float)
+        times = frame[TIME].to_numpy(float)
+        codes = frame[THERAPY].map(code).to_numpy()
+        ids = frame[PATIENT].to_numpy()
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # rows are grouped by patient
+        for lo, hi in zip(starts, np.r_[starts[1:], n], strict=True) if n else ():
+            t = times[lo:hi]
             bounds = np.concatenate([t[:-1], [np.inf]])
-            c = rows[THERAPY].map(code).to_numpy()
-            cumulative[pos : pos + len(t)], current[pos : pos + len(t)] = exposure(t, bounds, c, K)
-            pos += len(t)
+            cumulative[lo:hi], current[lo:hi] = exposure(t, bounds, codes[lo:hi], K)
         data = {
             "X": schema.covariate_matrix(baseline),
             "patient_idx": frame[PATIENT].map(index).to_numpy(np.int64),

@@ -26,6 +26,7 @@ class Thresholds:
     ess_tail: float = 400.0
     divergences: int = 0
     bfmi: float = 0.3
+    khat: float = 0.7  # Pareto k of importance weights (Vehtari et al. 2024), importance twins only
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Verdict:
     converged: bool
     table: pd.DataFrame
     failing: list[str] = field(default_factory=list)
+    thresholds: Thresholds = Thresholds()
 
     def __str__(self) -> str:
         if self.converged:
@@ -106,11 +108,13 @@ def gate(table: pd.DataFrame, limits: Thresholds = Thresholds(), by: str | None 
     bad_rhat = table.index[~(table["rhat"] <= limits.rhat)]
     bad_bulk = table.index[~(table["ess_bulk"] >= limits.ess_bulk)]
     bad_tail = table.index[~(table["ess_tail"] >= limits.ess_tail)]
+    bad_k = table.index[table["khat"] > limits.khat] if "khat" in table else table.index[:0]
     what = "patients" if by else "variables"
     for label, bad in (
         (f"R-hat > {limits.rhat}", bad_rhat),
         (f"bulk ESS < {limits.ess_bulk:g}", bad_bulk),
         (f"tail ESS < {limits.ess_tail:g}", bad_tail),
+        (f"Pareto k > {limits.khat}", bad_k),
     ):
         if len(bad):
             failing.append(f"{label} for {what} {_names(bad)}")
@@ -122,12 +126,12 @@ def gate(table: pd.DataFrame, limits: Thresholds = Thresholds(), by: str | None 
         if len(bad_div):
             failing.append(f"{divs} divergent transitions in patients {_names(bad_div)}")
         table = table.copy()
-        table["converged"] = ~table.index.isin(bad_rhat.union(bad_bulk).union(bad_tail).union(bad_div))
+        table["converged"] = ~table.index.isin(bad_rhat.union(bad_bulk).union(bad_tail).union(bad_div).union(bad_k))
     if by is None and divs > limits.divergences:
         failing.append(f"{divs} divergent transitions")
     if not np.isnan(bfmi) and bfmi < limits.bfmi:
         failing.append(f"E-BFMI {bfmi:.2f} < {limits.bfmi}")
-    return Verdict(converged=not failing, table=table, failing=failing)
+    return Verdict(converged=not failing, table=table, failing=failing, thresholds=limits)
 
 
 def _names(index, limit: int = 5) -> str:
