@@ -1,0 +1,221 @@
+"""NONMEM-style event tables: the dosing and observation records every pharmacometric tool reads.
+
+One row per event. Columns (matched case-insensitively):
+
+========  ==========================================================================
+ID        subject identifier (pseudonymised on entry with your key, as in a Cohort)
+TIME      event time (non-decreasing within an ID, except at a reset, EVID 3 or 4)
+AMT       dose amount (doses only)
+DV        dependent variable: the measured concentration (observations only)
+EVID      0 observation, 1 dose, 2 other (e.g. a covariate change), 3 reset, 4 reset and dose
+MDV       optional; 1 for rows without an observation (derived from EVID if absent)
+CMT       optional compartment (default 1: depot for oral doses, or the sampled compartment)
+RATE      optional zero-order infusion rate (0: bolus / oral)
+II, ADDL  optional dosing interval and number of additional doses (repeated doses)
+BLQ/LLOQ  optional: 1 if the observation is below the lower limit of quantification / that limit
+========  ==========================================================================
+
+plus covariate columns, which may vary with time. Missing values may be written as ``.`` (the
+NONMEM convention) or left empty. Every problem raises :class:`~bayestwin.errors.DataError` naming
+the ID (pseudonym), the row (the input's index label; for a CSV, the 0-based data row) and the
+column. An observation before the first dose is allowed (e.g. a pre-dose baseline level) and
+flagged in ``Events.frame["before_first_dose"]``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from bayestwin.data.pseudonym import new_key, pseudonymise
+from bayestwin.errors import DataError
+
+REQUIRED = ("ID", "TIME", "AMT", "DV", "EVID")
+OPTIONAL = {"MDV": np.nan, "CMT": 1, "RATE": 0.0, "II": 0.0, "ADDL": 0, "BLQ": 0, "LLOQ": np.nan}
+EVIDS = {0: "observation", 1: "dose", 2: "other", 3: "reset", 4: "reset and dose"}
+
+
+@dataclass
+class Events:
+    """A validated NONMEM-style event table.
+
+    Attributes
+    ----------
+    frame
+        The records in input order with upper-case column names, ``ID`` replaced by the pseudonym,
+        optional columns filled with their defaults, and a ``before_first_dose`` flag.
+    covariates
+        Covariate columns (time-varying allowed).
+    """
+
+    frame: pd.DataFrame
+    covariates: list[str]
+
+    @property
+    def patients(self) -> list[str]:
+        """Pseudonymised IDs, in order of first appearance."""
+        return list(pd.unique(self.frame["ID"]))
+
+    def doses(self) -> pd.DataFrame:
+        """Every dose as its own row, ADDL expanded (time + k·II, k = 1..ADDL).
+
+        Columns ID, TIME, AMT, CMT, RATE, DURATION (AMT/RATE for infusions, 0 otherwise), sorted
+        by ID and time.
+        """
+        f = self.frame[self.frame["EVID"].isin([1, 4])]
+        reps = f["ADDL"].to_numpy(int) + 1
+        out = f.loc[f.index.repeat(reps), ["ID", "TIME", "AMT", "CMT", "RATE"]].reset_index(drop=True)
+        k = np.concatenate([np.arange(r) for r in reps]) if len(reps) else np.zeros(0)
+        out["TIME"] = out["TIME"].to_numpy(float) + k * np.repeat(f["II"].to_numpy(float), reps)
+        rate = out["RATE"].to_numpy(float)
+        out["DURATION"] = np.where(rate > 0, out["AMT"].to_numpy(float) / np.where(rate > 0, rate, 1.0), 0.0)
+        return out.sort_values(["ID", "TIME"], kind="stable").reset_index(drop=True)
+
+    def observations(self) -> pd.DataFrame:
+        """Observation rows: ID, TIME, DV, CMT, BLQ (bool), LLOQ, before_first_dose, covariates."""
+        f = self.frame[self.frame["EVID"] == 0]
+        cols = ["ID", "TIME", "DV", "CMT", "BLQ", "LLOQ", "before_first_dose", *self.covariates]
+        out = f[cols].copy()
+        out["BLQ"] = out["BLQ"].astype(bool)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __repr__(self) -> str:
+        obs = int((self.frame["EVID"] == 0).sum())
+        doses = int(self.frame["EVID"].isin([1, 4]).sum())
+        return (
+            f"Events({len(self.patients)} IDs, {doses} dose records, {obs} observations, covariates={self.covariates})"
+        )
+
+
+def read_nonmem(
+    data: pd.DataFrame | str | os.PathLike,
+    *,
+    covariates: Sequence[str] = (),
+    key: bytes | str | None = None,
+    allow_no_observations: bool = False,
+) -> Events:
+    """Read and validate a NONMEM-style event table from a DataFrame or a CSV path.
+
+    Parameters
+    ----------
+    data
+        The records, or the path of a CSV file holding them.
+    covariates
+        Covariate columns to keep (numeric or categorical; may change over time within an ID).
+    key
+        Your pseudonymisation key (the same key maps results back with ``bt.reidentify``).
+    allow_no_observations
+        Accept IDs without observations (a new patient before the first level is drawn).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> df = pd.DataFrame({"ID": [1, 1, 1], "TIME": [0.0, 1.0, 4.0], "AMT": [320.0, 0, 0],
+    ...                    "DV": [".", 7.2, 5.1], "EVID": [1, 0, 0]})
+    >>> read_nonmem(df, key=b"0123456789abcdef")
+    Events(1 IDs, 1 dose records, 2 observations, covariates=[])
+    """
+    if isinstance(data, (str, os.PathLike)):
+        data = pd.read_csv(data, na_values=["."], keep_default_na=True)
+    if not isinstance(data, pd.DataFrame):
+        raise TypeError(f"data must be a pandas DataFrame or a CSV path, not {type(data).__name__}")
+    key = new_key() if key is None else key
+    upper = {c: str(c).upper() for c in data.columns}
+    frame = data.rename(columns=upper)
+    covariates = [str(c).upper() for c in covariates]
+    for c in (*REQUIRED, *covariates):
+        if c not in frame.columns:
+            raise DataError("missing required column", column=c)
+
+    ids = frame["ID"]
+
+    def fail(problem: str, mask, column: str):
+        mask = np.asarray(mask, bool)
+        if mask.any():
+            i = int(np.argmax(mask))
+            pid = ids.iloc[i]
+            raise DataError(
+                problem, patient=None if pd.isna(pid) else pseudonymise(pid, key), row=frame.index[i], column=column
+            )
+
+    fail("missing ID", ids.isna(), "ID")
+    numeric = {}
+    for c in ("TIME", "AMT", "DV", "EVID", *[c for c in OPTIONAL if c in frame.columns]):
+        s = frame[c].replace(".", np.nan) if frame[c].dtype == object else frame[c]
+        if pd.api.types.is_bool_dtype(s) and c != "BLQ":
+            fail("wrong dtype: expected numbers, got bool", np.ones(len(s)), c)
+        values = pd.to_numeric(s, errors="coerce")
+        fail("non-numeric value", values.isna() & s.notna(), c)
+        numeric[c] = values.to_numpy(float)
+    for c, default in OPTIONAL.items():
+        if c not in numeric:
+            numeric[c] = np.full(len(frame), default, float)
+    time, amt, dv, evid = numeric["TIME"], numeric["AMT"], numeric["DV"], numeric["EVID"]
+    fail("missing TIME", np.isnan(time), "TIME")
+    fail("TIME is not finite", ~np.isfinite(time), "TIME")
+    fail("negative TIME", time < 0, "TIME")
+    fail("missing EVID", np.isnan(evid), "EVID")
+    fail(
+        f"unknown EVID (known: {', '.join(f'{k} {v}' for k, v in EVIDS.items())})", ~np.isin(evid, list(EVIDS)), "EVID"
+    )
+    dose = np.isin(evid, [1, 4])
+    obs = evid == 0
+    fail("dose with AMT <= 0", dose & ~(amt > 0), "AMT")
+    fail("observation with AMT", obs & ~np.isnan(amt) & (amt != 0), "AMT")
+    blq = np.nan_to_num(numeric["BLQ"]) > 0
+    fail("observation without DV", obs & np.isnan(dv) & ~blq, "DV")
+    fail("DV is not finite", obs & np.isinf(dv), "DV")
+    fail("negative DV", obs & (dv < 0), "DV")
+    rate = np.nan_to_num(numeric["RATE"])
+    fail("modelled RATE (-1, -2) is not supported: give the infusion rate", rate < 0, "RATE")
+    fail("RATE without AMT", (rate > 0) & ~(dose & (amt > 0)), "RATE")
+    addl, ii = np.nan_to_num(numeric["ADDL"]), np.nan_to_num(numeric["II"])
+    fail("ADDL must be a whole number >= 0", (addl < 0) | (addl != np.round(addl)), "ADDL")
+    fail("ADDL without II", (addl > 0) & ~(ii > 0), "II")
+    fail("II or ADDL on a row that is not a dose", ((addl > 0) | (ii > 0)) & ~dose, "II")
+    fail("BLQ observation without LLOQ", obs & blq & np.isnan(numeric["LLOQ"]), "LLOQ")
+    for c in covariates:
+        fail("covariate missing", frame[c].isna().to_numpy(), c)
+
+    pseudo = ids.map(lambda p: pseudonymise(p, key)).to_numpy()
+    # Within an ID, times may not go back except at a reset.
+    same = np.r_[False, pseudo[1:] == pseudo[:-1]]
+    back = same & (np.r_[np.inf, np.diff(time)] < 0) & ~np.isin(evid, [3, 4])
+    fail("times not sorted within ID (only a reset, EVID 3 or 4, may restart time)", back, "TIME")
+    seen = pd.Series(pseudo).duplicated().to_numpy() & ~same  # an ID that reappears after another
+    fail("rows of an ID are not contiguous", seen, "ID")
+
+    out = pd.DataFrame(
+        {
+            "ID": pseudo,
+            "TIME": time,
+            "AMT": np.where(dose, amt, 0.0),
+            "DV": np.where(obs, dv, np.nan),
+            "EVID": evid.astype(int),
+            "MDV": (~obs).astype(int),
+            "CMT": np.nan_to_num(numeric["CMT"], nan=1.0).astype(int),
+            "RATE": rate,
+            "II": ii,
+            "ADDL": addl.astype(int),
+            "BLQ": blq.astype(int),
+            "LLOQ": numeric["LLOQ"],
+        },
+        index=frame.index,
+    )
+    for c in covariates:
+        out[c] = frame[c].to_numpy()
+    # Pre-dose observations: allowed (e.g. a baseline level), flagged; a reset starts over.
+    episode = np.cumsum(np.r_[True, ~same[1:]] | np.isin(evid, [3, 4]))
+    dosed = pd.Series(dose).groupby(episode).cummax().to_numpy()
+    out["before_first_dose"] = obs & ~dosed
+    if not allow_no_observations:
+        has_obs = pd.Series(obs).groupby(pseudo).transform("any").to_numpy()
+        fail("ID with no observations", ~has_obs, "EVID")
+    return Events(frame=out, covariates=covariates)

@@ -1,0 +1,119 @@
+"""NONMEM-style event tables: parsing, ADDL expansion, and one exact error per bad input."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import bayestwin as bt
+from bayestwin.data.nonmem import read_nonmem
+
+KEY = b"nonmem-test-key-0123"
+
+
+def events(changes=None):
+    """Two IDs: oral dose then levels (ID 1 with a pre-dose level and a weight covariate)."""
+    df = pd.DataFrame(
+        {
+            "ID": [1, 1, 1, 1, 2, 2, 2],
+            "TIME": [0.0, 0.0, 1.0, 6.0, 0.0, 2.0, 12.0],
+            "AMT": [0.0, 320.0, 0.0, 0.0, 300.0, 0.0, 0.0],
+            "DV": [0.1, ".", 7.2, 5.1, ".", 8.0, 2.2],
+            "EVID": [0, 1, 0, 0, 1, 0, 0],
+            "CMT": [2, 1, 2, 2, 1, 2, 2],
+            "WT": [70.0, 70.0, 70.0, 71.0, 80.0, 80.0, 80.0],
+        }
+    )
+    for (row, col), value in (changes or {}).items():
+        df[col] = df[col].astype(object)
+        df.loc[row, col] = value
+    return df
+
+
+def test_reads_flags_and_pseudonymises(tmp_path):
+    ev = read_nonmem(events(), covariates=["WT"], key=KEY)
+    assert ev.patients == [bt.pseudonymise(1, KEY), bt.pseudonymise(2, KEY)]
+    obs = ev.observations()
+    assert len(obs) == 5 and obs["before_first_dose"].tolist() == [True, False, False, False, False]
+    assert obs["WT"].tolist() == [70.0, 70.0, 71.0, 80.0, 80.0]  # time-varying covariate kept
+    assert ev.frame["MDV"].tolist() == [0, 1, 0, 0, 1, 0, 0]
+    path = tmp_path / "events.csv"
+    events().to_csv(path, index=False)  # "." for missing DV, as NONMEM writes it
+    pd.testing.assert_frame_equal(read_nonmem(path, covariates=["wt"], key=KEY).frame, ev.frame)
+
+
+def test_addl_and_infusions_expand_to_single_doses():
+    df = pd.DataFrame(
+        {
+            "ID": [7, 7, 7],
+            "TIME": [0.0, 0.0, 30.0],
+            "AMT": [500.0, 0.0, 0.0],
+            "DV": [np.nan, np.nan, 12.0],
+            "EVID": [1, 2, 0],
+            "RATE": [250.0, 0.0, 0.0],
+            "II": [12.0, 0.0, 0.0],
+            "ADDL": [3, 0, 0],
+        }
+    )
+    doses = read_nonmem(df, key=KEY).doses()
+    np.testing.assert_allclose(doses["TIME"], [0, 12, 24, 36])
+    np.testing.assert_allclose(doses["AMT"], 500.0)
+    np.testing.assert_allclose(doses["DURATION"], 2.0)
+
+
+def test_reset_may_restart_time():
+    df = events()
+    df.loc[4, "ID"] = 1
+    df.loc[4:, "ID"] = 1
+    df.loc[4, "EVID"] = 4  # reset and dose: a new occasion for the same subject
+    ev = read_nonmem(df, key=KEY)
+    assert ev.patients == [bt.pseudonymise(1, KEY)]
+    assert not ev.observations()["before_first_dose"].iloc[1:].any()
+
+
+P1, P2 = bt.pseudonymise(1, KEY), bt.pseudonymise(2, KEY)
+UNKNOWN_EVID = "unknown EVID (known: 0 observation, 1 dose, 2 other, 3 reset, 4 reset and dose)"
+UNSORTED = "times not sorted within ID (only a reset, EVID 3 or 4, may restart time)"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {(2, "EVID"): 7},
+            f"{UNKNOWN_EVID} (patient {P1}, row 2, column 'EVID')",
+        ),
+        ({(1, "AMT"): 0.0}, f"dose with AMT <= 0 (patient {P1}, row 1, column 'AMT')"),
+        ({(4, "AMT"): -5.0}, f"dose with AMT <= 0 (patient {P2}, row 4, column 'AMT')"),
+        ({(2, "AMT"): 10.0}, f"observation with AMT (patient {P1}, row 2, column 'AMT')"),
+        ({(3, "DV"): -1.0}, f"negative DV (patient {P1}, row 3, column 'DV')"),
+        (
+            {(6, "TIME"): 1.0},
+            f"{UNSORTED} (patient {P2}, row 6, column 'TIME')",
+        ),
+        ({(5, "TIME"): "soon"}, f"non-numeric value (patient {P2}, row 5, column 'TIME')"),
+        ({(3, "WT"): np.nan}, f"covariate missing (patient {P1}, row 3, column 'WT')"),
+        ({(2, "DV"): np.nan}, f"observation without DV (patient {P1}, row 2, column 'DV')"),
+    ],
+)
+def test_errors_name_id_row_and_column(changes, message):
+    with pytest.raises(bt.DataError) as err:
+        read_nonmem(events(changes), covariates=["WT"], key=KEY)
+    assert str(err.value) == message
+
+
+def test_rate_without_amt_addl_without_ii_and_missing_column():
+    df = events().assign(RATE=[0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0])
+    with pytest.raises(bt.DataError, match=rf"^RATE without AMT \(patient {P1}, row 2, column 'RATE'\)$"):
+        read_nonmem(df, key=KEY)
+    df = events().assign(ADDL=[0, 2, 0, 0, 0, 0, 0])
+    with pytest.raises(bt.DataError, match=rf"^ADDL without II \(patient {P1}, row 1, column 'II'\)$"):
+        read_nonmem(df, key=KEY)
+    with pytest.raises(bt.DataError, match=r"^missing required column \(column 'EVID'\)$"):
+        read_nonmem(events().drop(columns="EVID"), key=KEY)
+
+
+def test_id_without_observations():
+    df = events().iloc[:5]  # ID 2 keeps only its dose
+    with pytest.raises(bt.DataError, match=rf"^ID with no observations \(patient {P2}, row 4, column 'EVID'\)$"):
+        read_nonmem(df, key=KEY)
+    assert len(read_nonmem(df, key=KEY, allow_no_observations=True).patients) == 2
