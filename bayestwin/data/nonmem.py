@@ -83,6 +83,39 @@ class Events:
         out["BLQ"] = out["BLQ"].astype(bool)
         return out
 
+    @property
+    def baseline(self) -> pd.DataFrame:
+        """One row per ID (index: pseudonym): each covariate's first value (its baseline)."""
+        first = self.frame.groupby("ID", sort=False)[self.covariates].first() if self.covariates else None
+        index = pd.Index(self.patients, name="ID")
+        return first.reindex(index) if first is not None else pd.DataFrame(index=index)
+
+    @property
+    def schema(self):
+        """Covariate standardisation and data scales, as a Cohort's (no therapies: doses say it)."""
+        from bayestwin.data.cohort import Schema, _is_categorical
+
+        base = self.baseline
+        numeric, categorical = {}, {}
+        for c in self.covariates:
+            if _is_categorical(base[c]):
+                categorical[c] = tuple(sorted(base[c].astype(str).unique()))
+            else:
+                x = base[c].to_numpy(float)
+                numeric[c] = (float(x.mean()), float(x.std()) if len(x) > 1 and x.std() > 0 else 1.0)
+        obs = self.frame[self.frame["EVID"] == 0]
+        y, t = obs["DV"].dropna().to_numpy(float), self.frame["TIME"].to_numpy(float)
+        return Schema(
+            therapies=(),
+            numeric=numeric,
+            categorical=categorical,
+            time_scale=float(t.max()) if len(t) and t.max() > 0 else 1.0,
+            outcome_mean=float(y.mean()) if len(y) else 0.0,
+            outcome_sd=float(y.std()) if len(y) > 1 and y.std() > 0 else 1.0,
+        )
+
+    columns = None  # NONMEM column names are fixed
+
     def __len__(self) -> int:
         return len(self.frame)
 

@@ -1,9 +1,10 @@
 """Model families: small objects that build one PyMC model each."""
 
 from bayestwin.families.base import Design, Prior
+from bayestwin.families.pk import Pk
 from bayestwin.families.progression import Progression
 
-FAMILIES = {"progression": Progression}
+FAMILIES = {"progression": Progression, "pk": Pk}
 
 
 def get_family(name_or_family="progression", **kwargs):
@@ -16,4 +17,4 @@ def get_family(name_or_family="progression", **kwargs):
         raise ValueError(f"unknown family {name_or_family!r}; known: {sorted(FAMILIES)}") from None
 
 
-__all__ = ["Design", "FAMILIES", "Prior", "Progression", "get_family"]
+__all__ = ["Design", "FAMILIES", "Pk", "Prior", "Progression", "get_family"]

@@ -1,0 +1,253 @@
+"""Family ``pk``: population pharmacokinetics of NONMEM-style event data.
+
+For subject *i* with doses (t_d, amt_d, duration_d) and an observation at time *t*::
+
+    log θ_ik = log θ_k + [allometry] + X_i · beta_k + η_ik        θ = (CL, V, ka) or (CL, V1, Q, V2, ka)
+    C_i(t)   = Σ_d  c(t - t_d; amt_d, duration_d, θ_i)            closed forms, :mod:`pk_analytic`
+    y_it     ~ Normal(C_i(t), sqrt(σ_add² + (σ_prop · C_i(t))²))  (additive, proportional or combined)
+
+with ``η_i = L · z_i``, ``z_i ~ N(0, I)`` (non-centred) and ``L`` the Cholesky factor of an
+LKJ-correlated covariance with Gamma(2) SDs (between-subject variability on the log scale).
+Allometric weight scaling, when a weight covariate is named, is (WT/70)^0.75 on clearances and
+(WT/70)^1 on volumes, with fixed exponents; other covariates act on CL only (standardised numeric,
+one-hot categorical, e.g. a CYP2D6 phenotype). Doses with RATE > 0 are zero-order infusions into
+the central compartment; the others are absorbed first-order (``route="oral"``) or are IV boluses
+(``route="iv"``). For one compartment with oral doses, ``log_ka`` is the log of the *excess*
+ka - k (so ka > k: no flip-flop; the likelihood alone cannot tell ka from k).
+``parameterisation="rate"`` uses (ke, ka, CL) as nlme's ``SSfol`` does, with V = CL/ke, and
+``correlated=False`` makes the between-subject variability diagonal (nlme's ``pdDiag``).
+Observations below the LLOQ (BLQ = 1) enter by the M3 method: the likelihood
+is P(y < LLOQ), not a dropped row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+import pandas as pd
+import pymc as pm
+import pytensor.tensor as pt
+
+from bayestwin.data.cohort import Schema
+from bayestwin.families import pk_analytic as pka
+from bayestwin.families.base import Design, Prior
+
+ERRORS = ("additive", "proportional", "combined")
+
+
+class Pk:
+    """Population PK family (1 or 2 compartments; oral or IV; bolus and infusion doses).
+
+    Examples
+    --------
+    >>> fam = Pk(compartments=1, error="additive")
+    >>> fam.parameters
+    ('cl', 'v', 'ka')
+    """
+
+    name = "pk"
+
+    def __init__(
+        self,
+        compartments: int = 1,
+        route: str = "oral",
+        error: str = "combined",
+        weight: str | None = None,
+        priors: Mapping | None = None,
+        parameterisation: str = "clearance",
+        correlated: bool = True,
+    ):
+        if compartments not in (1, 2):
+            raise ValueError(f"compartments must be 1 or 2, not {compartments!r}")
+        if route not in ("oral", "iv"):
+            raise ValueError(f"route must be 'oral' or 'iv', not {route!r}")
+        if error not in ERRORS:
+            raise ValueError(f"error must be one of {ERRORS}, not {error!r}")
+        if parameterisation not in ("clearance", "rate"):
+            raise ValueError(f"parameterisation must be 'clearance' or 'rate', not {parameterisation!r}")
+        if parameterisation == "rate" and compartments != 1:
+            raise ValueError("parameterisation='rate' (ke, ka, cl) is for one compartment")
+        self.compartments, self.route, self.error, self.weight = compartments, route, error, weight
+        self.parameterisation, self.correlated = parameterisation, correlated
+        self.priors = dict(priors or {})
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        """Log-normal parameters with between-subject variability, in model order."""
+        if self.parameterisation == "rate":  # as nlme's SSfol: lKe, lKa, lCl
+            return ("ke", "ka", "cl") if self.route == "oral" else ("ke", "cl")
+        base = ("cl", "v") if self.compartments == 1 else ("cl", "v1", "q", "v2")
+        return base + (("ka",) if self.route == "oral" else ())
+
+    @property
+    def patient_outputs(self) -> tuple[str, ...]:
+        return tuple(f"patient_{p}" for p in self.parameters)
+
+    @property
+    def residual_params(self) -> tuple[str, ...]:
+        return {"additive": ("sigma_add",), "proportional": ("sigma_prop",)}.get(
+            self.error, ("sigma_add", "sigma_prop")
+        )
+
+    def config(self) -> dict:
+        return {
+            "family": self.name,
+            "compartments": self.compartments,
+            "route": self.route,
+            "error": self.error,
+            "weight": self.weight,
+            "parameterisation": self.parameterisation,
+            "correlated": self.correlated,
+            "priors": {k: (v.to_dict() if isinstance(v, Prior) else v) for k, v in self.priors.items()},
+        }
+
+    def default_priors(self, schema: Schema, design: Design) -> dict:
+        """Weakly informative, on the log scale, centred from the data's own scales.
+
+        V around (median dose / largest level), rates around a few per observation span.
+        """
+        d = design.data
+        amt = d["amt"][d["amt"] > 0]
+        dv = d["y_obs"][d["blq"] == 0]
+        v0 = float(np.median(amt) / dv.max()) if len(amt) and len(dv) and dv.max() > 0 else 1.0
+        k0 = 3.0 / schema.time_scale  # elimination over a third of the sampling span
+        centres = {"cl": np.log(v0 * k0), "v": np.log(v0), "v1": np.log(v0), "q": np.log(v0 * k0), "ke": np.log(k0)}
+        centres |= {"v2": np.log(2 * v0), "ka": np.log(10.0 / schema.time_scale)}
+        pri = {f"log_{p}": Prior("Normal", mu=float(centres[p]), sigma=2.0) for p in self.parameters}
+        pri |= {
+            "beta_cl": Prior("Normal", mu=0.0, sigma=1.0),
+            "bsv_sd": Prior("Gamma", alpha=2.0, beta=4.0),  # mean 0.5 on the log scale, zero-avoiding
+            "bsv_corr_eta": 2.0,
+            "sigma_add": Prior("HalfNormal", sigma=schema.outcome_sd),
+            "sigma_prop": Prior("HalfNormal", sigma=0.5),
+        }
+        return pri
+
+    # ---------------------------------------------------------------- design
+    def design(self, frame: pd.DataFrame, baseline: pd.DataFrame, schema: Schema) -> Design:
+        """Arrays for :meth:`build_model` from an :class:`~bayestwin.data.nonmem.Events` frame."""
+        patients = list(baseline.index)
+        index = {p: i for i, p in enumerate(patients)}
+        doses = frame[frame["EVID"].isin([1, 4])]
+        reps = doses["ADDL"].to_numpy(int) + 1
+        d_id = np.repeat(doses["ID"].map(index).to_numpy(), reps)
+        k = np.concatenate([np.arange(r) for r in reps]) if len(reps) else np.zeros(0)
+        d_t = np.repeat(doses["TIME"].to_numpy(float), reps) + k * np.repeat(doses["II"].to_numpy(float), reps)
+        d_amt = np.repeat(doses["AMT"].to_numpy(float), reps)
+        rate = np.repeat(doses["RATE"].to_numpy(float), reps)
+        d_dur = np.where(rate > 0, d_amt / np.where(rate > 0, rate, 1.0), 0.0)
+        n_dose = np.bincount(d_id, minlength=len(patients)) if len(d_id) else np.zeros(len(patients), int)
+        m = max(int(n_dose.max()) if len(n_dose) else 0, 1)
+        t_dose, amt, duration = np.zeros((len(patients), m)), np.zeros((len(patients), m)), np.zeros((len(patients), m))
+        slot = np.zeros(len(patients), int)
+        for i, t, a, du in zip(d_id, d_t, d_amt, d_dur, strict=True):
+            t_dose[i, slot[i]], amt[i, slot[i]], duration[i, slot[i]] = t, a, du
+            slot[i] += 1
+        obs = frame[frame["EVID"] == 0]
+        blq = obs["BLQ"].to_numpy(int) > 0
+        X = schema.covariate_matrix(baseline) if schema.covariates else np.zeros((len(patients), 0))
+        if self.weight is not None:
+            X = X[:, [j for j, c in enumerate(schema.design_columns) if c != self.weight]]
+        data = {
+            "X": X,
+            "log_wt": (
+                np.log(baseline[self.weight].to_numpy(float) / 70.0) if self.weight else np.zeros(len(patients))
+            ),
+            "patient_idx": obs["ID"].map(index).to_numpy(np.int64),
+            "time": obs["TIME"].to_numpy(float),
+            "y_obs": np.where(blq, obs["LLOQ"].to_numpy(float), obs["DV"].to_numpy(float)),
+            "blq": blq.astype(float),
+            "t_dose": t_dose,
+            "amt": amt,
+            "duration": np.where(duration > 0, duration, 1.0),  # padding: any positive value
+            "infusion": (duration > 0).astype(float),
+        }
+        return Design(patients=patients, data=data)
+
+    # ----------------------------------------------------------------- model
+    def build_model(self, design: Design, schema: Schema) -> pm.Model:
+        """The PyMC model for ``design``: print it, graph it, sample it."""
+        pri = self.default_priors(schema, design) | self.priors
+        d = design.data
+        names = self.parameters
+        cov_cols = [c for c in schema.design_columns if c != self.weight]
+        coords = {
+            "patient": design.patients,
+            "obs": np.arange(len(d["y_obs"])),
+            "pk_param": list(names),
+            "covariate": cov_cols,
+            "dose": np.arange(d["t_dose"].shape[1]),
+        }
+        with pm.Model(coords=coords) as model:
+            X = pm.Data("X", d["X"], dims=("patient", "covariate"))
+            log_wt = pm.Data("log_wt", d["log_wt"], dims="patient")
+            idx = pm.Data("patient_idx", d["patient_idx"], dims="obs")
+            t = pm.Data("time", d["time"], dims="obs")
+            y_obs = pm.Data("y_obs", d["y_obs"], dims="obs")
+            blq = pm.Data("blq", d["blq"], dims="obs")
+            t_dose = pm.Data("t_dose", d["t_dose"], dims=("patient", "dose"))
+            amt = pm.Data("amt", d["amt"], dims=("patient", "dose"))
+            duration = pm.Data("duration", d["duration"], dims=("patient", "dose"))
+            infusion = pm.Data("infusion", d["infusion"], dims=("patient", "dose"))
+
+            typical = pt.stack([pri[f"log_{p}"].create(f"log_{p}") for p in names])
+            z = pm.Normal("z", 0.0, 1.0, dims=("patient", "pk_param"))
+            if self.correlated:
+                chol, _, _ = pm.LKJCholeskyCov(
+                    "re_chol",
+                    n=len(names),
+                    eta=pri["bsv_corr_eta"],
+                    sd_dist=pri["bsv_sd"].unnamed(shape=len(names)),
+                    compute_corr=True,
+                )
+                eta = z @ chol.T
+            else:
+                eta = z * pri["bsv_sd"].create("bsv_sd", dims="pk_param")[None, :]
+            log_theta = typical[None, :] + eta
+            allometry = {"cl": 0.75, "q": 0.75, "v": 1.0, "v1": 1.0, "v2": 1.0, "ke": -0.25, "ka": 0.0}
+            log_theta = log_theta + log_wt[:, None] * np.array([allometry[p] for p in names])[None, :]
+            if cov_cols:
+                beta = pri["beta_cl"].create("beta_cl", dims="covariate")
+                j = names.index("cl")
+                log_theta = pt.set_subtensor(log_theta[:, j], log_theta[:, j] + X @ beta)
+            theta = {p: pt.exp(log_theta[:, j]) for j, p in enumerate(names)}
+            if "ke" in theta:
+                theta["v"] = theta["cl"] / theta["ke"]
+            if self.route == "oral" and self.compartments == 1:
+                # No flip-flop: ka = k + exp(.), so absorption is faster than elimination. The
+                # one-compartment oral likelihood is symmetric in ka and k (with V rescaled), and
+                # without this the posterior has a mirror mode that chains fall into.
+                theta["ka"] = theta["cl"] / theta["v"] + theta["ka"]
+            theta = {p: pm.Deterministic(f"patient_{p}", v, dims="patient") for p, v in theta.items()}
+
+            per_obs = {p: v[idx][:, None] for p, v in theta.items()}
+            td, a, du, inf = t_dose[idx], amt[idx], duration[idx], infusion[idx]
+            tt = t[:, None]
+            if self.compartments == 1:
+                struct = {"cl": per_obs["cl"], "v": per_obs["v"]}
+                bolus_fn, inf_fn, oral_fn = pka.one_cmt_bolus, pka.one_cmt_infusion, pka.one_cmt_oral
+            else:
+                struct = {k: per_obs[k] for k in ("cl", "v1", "q", "v2")}
+                bolus_fn, inf_fn, oral_fn = pka.two_cmt_bolus, pka.two_cmt_infusion, pka.two_cmt_oral
+            if self.route == "oral":
+                first = oral_fn(pt, tt, td, a, ka=per_obs["ka"], **struct)
+            else:
+                first = bolus_fn(pt, tt, td, a, **struct)
+            by_infusion = inf_fn(pt, tt, td, a, du, **struct)
+            conc = pm.Deterministic("conc", pt.sum(pt.where(inf > 0, by_infusion, first), axis=1), dims="obs")
+
+            if self.error == "additive":
+                sd = pri["sigma_add"].create("sigma_add")
+            elif self.error == "proportional":
+                sd = pri["sigma_prop"].create("sigma_prop") * conc + 1e-9
+            else:
+                s_add, s_prop = pri["sigma_add"].create("sigma_add"), pri["sigma_prop"].create("sigma_prop")
+                sd = pt.sqrt(s_add**2 + (s_prop * conc) ** 2)
+            upper = pt.where(blq > 0, y_obs, np.inf)  # M3: a BLQ row is P(y < LLOQ)
+            pm.Censored("y", pm.Normal.dist(mu=conc, sigma=sd), lower=None, upper=upper, observed=y_obs, dims="obs")
+        return model
+
+    def noise(self, key, shape, params: Mapping) -> jax.Array:
+        raise NotImplementedError("PK forecasts (twin.predict) come with the PK twin: see issue 3")
