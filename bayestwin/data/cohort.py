@@ -211,17 +211,7 @@ class Cohort:
 def _derive_schema(frame, base, cols: Columns, therapies) -> Schema:
     if therapies is None:
         therapies = sorted(frame[THERAPY].unique()) if cols.therapy is not None else ["none"]
-    numeric, categorical = {}, {}
-    for c in cols.covariates:
-        if _is_categorical(base[c]):
-            levels = sorted(base[c].astype(str).unique())
-            if isinstance(base[c].dtype, pd.CategoricalDtype):
-                levels = [str(x) for x in base[c].cat.categories]
-            categorical[c] = tuple(levels)
-        else:
-            x = base[c].to_numpy(float)
-            sd = float(x.std()) if len(x) > 1 and x.std() > 0 else 1.0
-            numeric[c] = (float(x.mean()), sd)
+    numeric, categorical = covariate_scales(base, cols.covariates)
     y = frame[OUTCOME].to_numpy(float)
     t = frame[TIME].to_numpy(float)
     return Schema(
@@ -232,6 +222,25 @@ def _derive_schema(frame, base, cols: Columns, therapies) -> Schema:
         outcome_mean=float(y.mean()) if len(y) else 0.0,
         outcome_sd=float(y.std()) if len(y) > 1 and y.std() > 0 else 1.0,
     )
+
+
+def covariate_scales(base: pd.DataFrame, covariates) -> tuple[dict, dict]:
+    """(numeric: name -> (mean, sd), categorical: name -> levels, reference first) of a baseline table.
+
+    Levels are sorted, or a pandas Categorical's own order (so its first category is the reference).
+    """
+    numeric, categorical = {}, {}
+    for c in covariates:
+        if _is_categorical(base[c]):
+            levels = sorted(base[c].astype(str).unique())
+            if isinstance(base[c].dtype, pd.CategoricalDtype):
+                levels = [str(x) for x in base[c].cat.categories]
+            categorical[c] = tuple(levels)
+        else:
+            x = base[c].to_numpy(float)
+            sd = float(x.std()) if len(x) > 1 and x.std() > 0 else 1.0
+            numeric[c] = (float(x.mean()), sd)
+    return numeric, categorical
 
 
 def _is_categorical(s: pd.Series) -> bool:

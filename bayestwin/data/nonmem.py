@@ -66,14 +66,7 @@ class Events:
         Columns ID, TIME, AMT, CMT, RATE, DURATION (AMT/RATE for infusions, 0 otherwise), sorted
         by ID and time.
         """
-        f = self.frame[self.frame["EVID"].isin([1, 4])]
-        reps = f["ADDL"].to_numpy(int) + 1
-        out = f.loc[f.index.repeat(reps), ["ID", "TIME", "AMT", "CMT", "RATE"]].reset_index(drop=True)
-        k = np.concatenate([np.arange(r) for r in reps]) if len(reps) else np.zeros(0)
-        out["TIME"] = out["TIME"].to_numpy(float) + k * np.repeat(f["II"].to_numpy(float), reps)
-        rate = out["RATE"].to_numpy(float)
-        out["DURATION"] = np.where(rate > 0, out["AMT"].to_numpy(float) / np.where(rate > 0, rate, 1.0), 0.0)
-        return out.sort_values(["ID", "TIME"], kind="stable").reset_index(drop=True)
+        return expand_doses(self.frame)
 
     def observations(self) -> pd.DataFrame:
         """Observation rows: ID, TIME, DV, CMT, BLQ (bool), LLOQ, before_first_dose, covariates."""
@@ -93,16 +86,9 @@ class Events:
     @property
     def schema(self):
         """Covariate standardisation and data scales, as a Cohort's (no therapies: doses say it)."""
-        from bayestwin.data.cohort import Schema, _is_categorical
+        from bayestwin.data.cohort import Schema, covariate_scales
 
-        base = self.baseline
-        numeric, categorical = {}, {}
-        for c in self.covariates:
-            if _is_categorical(base[c]):
-                categorical[c] = tuple(sorted(base[c].astype(str).unique()))
-            else:
-                x = base[c].to_numpy(float)
-                numeric[c] = (float(x.mean()), float(x.std()) if len(x) > 1 and x.std() > 0 else 1.0)
+        numeric, categorical = covariate_scales(self.baseline, self.covariates)
         obs = self.frame[self.frame["EVID"] == 0]
         y, t = obs["DV"].dropna().to_numpy(float), self.frame["TIME"].to_numpy(float)
         return Schema(
@@ -125,6 +111,18 @@ class Events:
         return (
             f"Events({len(self.patients)} IDs, {doses} dose records, {obs} observations, covariates={self.covariates})"
         )
+
+
+def expand_doses(frame: pd.DataFrame) -> pd.DataFrame:
+    """Dose rows of a validated event frame, one per dose (ADDL expanded), with DURATION."""
+    f = frame[frame["EVID"].isin([1, 4])]
+    reps = f["ADDL"].to_numpy(int) + 1
+    out = f.loc[f.index.repeat(reps), ["ID", "TIME", "AMT", "CMT", "RATE"]].reset_index(drop=True)
+    k = np.concatenate([np.arange(r) for r in reps]) if len(reps) else np.zeros(0)
+    out["TIME"] = out["TIME"].to_numpy(float) + k * np.repeat(f["II"].to_numpy(float), reps)
+    rate = out["RATE"].to_numpy(float)
+    out["DURATION"] = np.where(rate > 0, out["AMT"].to_numpy(float) / np.where(rate > 0, rate, 1.0), 0.0)
+    return out.sort_values(["ID", "TIME"], kind="stable").reset_index(drop=True)
 
 
 def read_nonmem(

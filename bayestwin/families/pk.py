@@ -31,6 +31,7 @@ import pymc as pm
 import pytensor.tensor as pt
 
 from bayestwin.data.cohort import Schema
+from bayestwin.data.nonmem import expand_doses
 from bayestwin.families import pk_analytic as pka
 from bayestwin.families.base import Design, Prior
 
@@ -130,14 +131,9 @@ class Pk:
         """Arrays for :meth:`build_model` from an :class:`~bayestwin.data.nonmem.Events` frame."""
         patients = list(baseline.index)
         index = {p: i for i, p in enumerate(patients)}
-        doses = frame[frame["EVID"].isin([1, 4])]
-        reps = doses["ADDL"].to_numpy(int) + 1
-        d_id = np.repeat(doses["ID"].map(index).to_numpy(), reps)
-        k = np.concatenate([np.arange(r) for r in reps]) if len(reps) else np.zeros(0)
-        d_t = np.repeat(doses["TIME"].to_numpy(float), reps) + k * np.repeat(doses["II"].to_numpy(float), reps)
-        d_amt = np.repeat(doses["AMT"].to_numpy(float), reps)
-        rate = np.repeat(doses["RATE"].to_numpy(float), reps)
-        d_dur = np.where(rate > 0, d_amt / np.where(rate > 0, rate, 1.0), 0.0)
+        doses = expand_doses(frame)
+        d_id = doses["ID"].map(index).to_numpy()
+        d_t, d_amt, d_dur = (doses[c].to_numpy(float) for c in ("TIME", "AMT", "DURATION"))
         n_dose = np.bincount(d_id, minlength=len(patients)) if len(d_id) else np.zeros(len(patients), int)
         m = max(int(n_dose.max()) if len(n_dose) else 0, 1)
         t_dose, amt, duration = np.zeros((len(patients), m)), np.zeros((len(patients), m)), np.zeros((len(patients), m))
