@@ -70,23 +70,22 @@ class Population:
     def model(self, cohort: Cohort | None = None) -> pm.Model:
         """The PyMC model (for ``cohort``, or a one-patient template) to print, graph or extend."""
         if cohort is None:
-            from bayestwin.engine.compile import template_design
-
-            return self.family.build_model(template_design(self.family, self.schema, 1), self.schema)
+            return self.family.build_model(self.family.template_design(self.schema, 1), self.schema)
         return self.family.build_model(self.family.design(cohort.frame, cohort.baseline, self.schema), self.schema)
 
     # ------------------------------------------------------------ conditioning
-    def program(self, n_obs: int) -> TwinProgram:
-        """The compiled one-patient program for ``n_obs`` padded rows (cached)."""
-        if n_obs not in self._programs:
-            self._programs[n_obs] = compile_twin(self.family, self.schema, n_obs)
-        return self._programs[n_obs]
+    def program(self, n_obs: int, **slots) -> TwinProgram:
+        """The compiled one-patient program for ``n_obs`` padded rows (and ``slots`` sizes), cached."""
+        key = (n_obs, *sorted(slots.items()))
+        if key not in self._programs:
+            self._programs[key] = compile_twin(self.family, self.schema, n_obs, **slots)
+        return self._programs[key]
 
-    def compiled(self, kind: str, n_obs: int, build):
+    def compiled(self, kind, n_obs: int, build, **slots):
         """A jitted function for the ``n_obs`` program, built once by ``build(program, approx)``."""
-        key = (kind, n_obs)
+        key = (kind, n_obs, *sorted(slots.items()))
         if key not in self._compiled:
-            self._compiled[key] = build(self.program(n_obs), self.approx)
+            self._compiled[key] = build(self.program(n_obs, **slots), self.approx)
         return self._compiled[key]
 
     @cached_property
@@ -97,8 +96,10 @@ class Population:
 
     def cohort(self, rows, *, key=None, baseline=None) -> Cohort:
         """Validate new patients' rows against this population's schema."""
-        if isinstance(rows, Cohort):
-            return rows
+        if isinstance(rows, Cohort) or hasattr(rows, "baseline") and hasattr(rows, "frame"):
+            return rows  # already validated (a Cohort, or a family's own table such as Events)
+        if hasattr(self.family, "read"):
+            return self.family.read(rows, key=key, schema=self.schema)
         c = self.columns
         return Cohort(
             rows,

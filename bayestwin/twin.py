@@ -69,12 +69,13 @@ class Twin:
         design = fam.design(cohort.frame, cohort.baseline, schema)
         n_rows = np.bincount(design.data["patient_idx"], minlength=len(patients))
         n_pad = cond.padded_length(int(n_rows.max()) if len(n_rows) else 1)
+        slots = {k: cond.padded_length(v) for k, v in fam.slots(design).items()}  # e.g. doses
         approx = population.approx
-        data, mask = cond.pad(design.data, patients, n_pad)
+        data, mask = cond.pad(design.data, patients, n_pad, fam, slots)
         seeds = population.patient_seeds(patients, seed)
 
         def nuts(sel):
-            run = population.compiled(("run", cfg), n_pad, lambda p, a: cond.make_run(p, a, cfg))
+            run = population.compiled(("run", cfg), n_pad, lambda p, a: cond.make_run(p, a, cfg), **slots)
             return _chunked(run, {k: v[sel] for k, v in data.items()}, mask[sel], seeds[sel], cfg.chunk)
 
         everyone = np.arange(len(patients))
@@ -83,7 +84,7 @@ class Twin:
             stats = _nuts_stats(draws)
         else:
             run_is = population.compiled(
-                ("importance", importance), n_pad, lambda p, a: cond.make_importance(p, a, importance)
+                ("importance", importance), n_pad, lambda p, a: cond.make_importance(p, a, importance), **slots
             )
             draws, values = _chunked(run_is, data, mask, seeds, importance.chunk)
             stats = _importance_stats(draws)

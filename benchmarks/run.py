@@ -92,7 +92,7 @@ def bench_twins(pop, n_patients: int, n_loop: int, draws: int, tune: int, chunk:
     # Baseline: the same posterior, one pm.sample per patient.
     cohort = pop.cohort(new, key=KEY)
     design = pop.family.design(cohort.frame, cohort.baseline, pop.schema)
-    data, mask = cond.pad(design.data, cohort.patients, 8)
+    data, mask = cond.pad(design.data, cohort.patients, 8, pop.family)
     prog, ap = pop.program(8), pop.approx
     times = []
     for i in range(n_loop + 1):

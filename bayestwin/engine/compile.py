@@ -71,24 +71,17 @@ class TwinProgram:
         return [parts[name] for name in self.order]
 
 
-def template_design(family, schema, n_obs: int) -> Design:
-    """A one-patient design with ``n_obs`` zero rows: only the shapes matter."""
-    p = len(schema.design_columns)
-    k = len(schema.therapies) - 1
-    data = {
-        "X": np.zeros((1, p)),
-        "patient_idx": np.zeros(n_obs, np.int64),
-        "time": np.zeros(n_obs),
-        "exposure": np.zeros((n_obs, k)),
-        "on_therapy": np.zeros((n_obs, k)),
-        "y_obs": np.zeros(n_obs),
-    }
-    return Design(patients=["twin"], data=data)
+def template_design(family, schema, n_obs: int, **slots) -> Design:
+    """A one-patient design with ``n_obs`` zero rows (and ``slots`` sizes): only the shapes matter."""
+    return family.template_design(schema, n_obs, **slots)
 
 
-def compile_twin(family, schema, n_obs: int) -> TwinProgram:
-    """Compile the family's graph for one patient slot of ``n_obs`` observations."""
-    design = template_design(family, schema, n_obs)
+def compile_twin(family, schema, n_obs: int, **slots) -> TwinProgram:
+    """Compile the family's graph for one patient slot of ``n_obs`` observations.
+
+    ``slots``: sizes of the family's other padded axes (e.g. ``dose`` for PK), fixed per program.
+    """
+    design = template_design(family, schema, n_obs, **slots)
     model = family.build_model(design, schema)
     data_names = tuple(n for n in design.data if n != "patient_idx")
     inputs = {

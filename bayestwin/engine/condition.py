@@ -43,18 +43,27 @@ class GaussianApprox(NamedTuple):
         return cls(jnp.asarray(mean), jnp.asarray(np.linalg.cholesky(cov + jitter * np.eye(len(cov)))))
 
 
-def pad(design_data: dict, patients: list[str], n_pad: int) -> tuple[dict, np.ndarray]:
+def pad(design_data: dict, patients: list[str], n_pad: int, family=None, slots: dict | None = None):
     """Split a multi-patient design into per-patient arrays padded to ``n_pad`` rows.
 
+    The family's ``per_patient`` arrays have one row per patient (kept as a one-row slot); those
+    it maps in ``slot_axes`` have a second axis (e.g. doses) widened to ``slots[name]`` with the
+    family's ``pad_fill`` (default 0). The other arrays have one row per observation.
     Returns the batched data (leading axis: patient) and the mask (1 = observed row).
     """
+    per_patient = getattr(family, "per_patient", ("X",))
+    slot_axes, fill = getattr(family, "slot_axes", {}), getattr(family, "pad_fill", {})
     idx = design_data["patient_idx"]
     B = len(patients)
     out = {}
     mask = np.zeros((B, n_pad))
     for name, arr in design_data.items():
-        if name == "X":
-            out[name] = arr[:, None, :]
+        if name in slot_axes:
+            wide = np.full((B, slots[slot_axes[name]]), fill.get(name, 0), arr.dtype)
+            wide[:, : arr.shape[1]] = arr
+            arr = wide
+        if name in per_patient:
+            out[name] = arr[:, None, ...]
         elif name == "patient_idx":
             out[name] = np.zeros((B, n_pad), np.int64)
         else:
@@ -63,7 +72,7 @@ def pad(design_data: dict, patients: list[str], n_pad: int) -> tuple[dict, np.nd
         rows = np.flatnonzero(idx == i)
         mask[i, : len(rows)] = 1.0
         for name, arr in design_data.items():
-            if name not in ("X", "patient_idx"):
+            if name not in per_patient and name != "patient_idx":
                 out[name][i, : len(rows)] = arr[rows]
     return out, mask
 

@@ -49,6 +49,12 @@ class Pk:
     """
 
     name = "pk"
+    patient_vars = ("z",)  # the subject's own variables, sampled per twin
+    observed = "y"
+    prediction = "conc"
+    per_patient = ("X", "log_wt", "t_dose", "amt", "duration", "infusion")  # one row per subject
+    slot_axes = {"t_dose": "dose", "amt": "dose", "duration": "dose", "infusion": "dose"}
+    pad_fill = {"duration": 1.0}  # a padded dose slot (amt 0) still needs a positive duration
 
     def __init__(
         self,
@@ -127,6 +133,34 @@ class Pk:
         return pri
 
     # ---------------------------------------------------------------- design
+    def read(self, rows, *, key=None, schema: Schema | None = None):
+        """New subjects' event rows for conditioning (IDs without levels yet are allowed)."""
+        from bayestwin.data.nonmem import read_nonmem
+
+        covariates = schema.covariates if schema is not None else ()
+        return read_nonmem(rows, covariates=covariates, key=key, allow_no_observations=True)
+
+    def slots(self, design: Design) -> dict:
+        """Sizes of padded axes other than observations: the number of dose slots."""
+        return {"dose": int(design.data["t_dose"].shape[1])}
+
+    def template_design(self, schema: Schema, n_obs: int, dose: int = 1) -> Design:
+        """A one-subject design with ``n_obs`` observation rows and ``dose`` dose slots (zeros)."""
+        p = len([c for c in schema.design_columns if c != self.weight])
+        data = {
+            "X": np.zeros((1, p)),
+            "log_wt": np.zeros(1),
+            "patient_idx": np.zeros(n_obs, np.int64),
+            "time": np.zeros(n_obs),
+            "y_obs": np.zeros(n_obs),
+            "blq": np.zeros(n_obs),
+            "t_dose": np.zeros((1, dose)),
+            "amt": np.zeros((1, dose)),
+            "duration": np.ones((1, dose)),
+            "infusion": np.zeros((1, dose)),
+        }
+        return Design(patients=["twin"], data=data)
+
     def design(self, frame: pd.DataFrame, baseline: pd.DataFrame, schema: Schema) -> Design:
         """Arrays for :meth:`build_model` from an :class:`~bayestwin.data.nonmem.Events` frame."""
         patients = list(baseline.index)

@@ -75,6 +75,7 @@ class Progression:
     name = "progression"
     #: Free variables that belong to one patient; every other free variable is population-level.
     patient_vars = ("z",)
+    per_patient = ("X",)  # design arrays with one row per patient; the others have one per observation
     observed = "y"
     #: Deterministics that describe one patient, reported for each twin.
     patient_outputs = ("patient_intercept", "patient_slope")
@@ -180,6 +181,23 @@ class Progression:
         codes = np.concatenate([given[keep], [carry, code[therapy]]])
         cumulative, current = exposure(times, bounds, codes, K)
         return {"time": np.asarray(times, float), "exposure": cumulative[:, 1:], "on_therapy": current[:, 1:]}
+
+    def slots(self, design: Design) -> dict:
+        """Sizes of padded axes other than observations (none here)."""
+        return {}
+
+    def template_design(self, schema: Schema, n_obs: int) -> Design:
+        """A one-patient design with ``n_obs`` zero rows, for compiling the twin program."""
+        k = len(schema.therapies) - 1
+        data = {
+            "X": np.zeros((1, len(schema.design_columns))),
+            "patient_idx": np.zeros(n_obs, np.int64),
+            "time": np.zeros(n_obs),
+            "exposure": np.zeros((n_obs, k)),
+            "on_therapy": np.zeros((n_obs, k)),
+            "y_obs": np.zeros(n_obs),
+        }
+        return Design(patients=["twin"], data=data)
 
     # ----------------------------------------------------------------- model
     def build_model(self, design: Design, schema: Schema) -> pm.Model:
