@@ -25,20 +25,32 @@ KEY = b"theoph-test-key-01"
 PARAMS = ("patient_cl", "patient_v", "patient_ka")
 
 
-@pytest.mark.slow
-def test_pk_twin_matches_full_refit():
+P12 = bt.pseudonymise(12, KEY)
+
+
+@pytest.fixture(scope="module")
+def theoph_twin():
+    """(population of 11 subjects, subject 12's twin from its levels up to 3 h, the rows used)."""
     from tests.test_theoph import theoph_table
 
     table = theoph_table()
-    p12 = bt.pseudonymise(12, KEY)
     train = table[table.ID != 12]
     new = table[(table.ID == 12) & ((table.EVID == 1) | (table.TIME <= 3.0))]
-    fam = Pk(error="additive", correlated=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        pop = bt.fit(read_nonmem(train.reset_index(drop=True), key=KEY), fam, seed=1)
-        ref = bt.fit(read_nonmem(pd.concat([train, new]).reset_index(drop=True), key=KEY), fam, seed=2, draws=2000)
+        pop = bt.fit(read_nonmem(train.reset_index(drop=True), key=KEY), Pk(error="additive", correlated=False), seed=1)
     twin = pop.condition(new.reset_index(drop=True), key=KEY, method="importance", draws=2000)
+    return pop, twin, (train, new)
+
+
+@pytest.mark.slow
+def test_pk_twin_matches_full_refit(theoph_twin):
+    pop, twin, (train, new) = theoph_twin
+    p12 = P12
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        full = read_nonmem(pd.concat([train, new]).reset_index(drop=True), key=KEY)
+        ref = bt.fit(full, pop.family, seed=2, draws=2000)
     assert pop.verdict.converged and ref.verdict.converged
     assert twin.verdict.converged, str(twin.verdict)
     r_post = ref.posterior[list(PARAMS)].sel(patient=p12)
@@ -56,3 +68,21 @@ def test_pk_twin_matches_full_refit():
         assert 3 * se < 0.1
         assert delta <= 0.1
         assert 0.9 <= ratio <= 1.1
+
+
+def test_dose_search_on_the_twin(theoph_twin):
+    from bayestwin.dosing import Regimen, dose_search
+
+    _, twin, _ = theoph_twin
+    regimens = [Regimen(amount, 12.0, doses=6) for amount in (2.0, 3.0, 4.0, 5.0, 6.0)]
+    table = dose_search(twin, regimens, target=(5.0, 15.0), metric="trough", limit=20.0, max_toxic=0.1)
+    print(table.to_string())
+    assert list(table["regimen"]) == [r.label for r in regimens]
+    # Linear PK: trough and peak grow with the amount, and so does the risk of toxicity.
+    assert np.all(np.diff(table["trough_mean"]) > 0) and np.all(np.diff(table["P(toxic)"]) >= 0)
+    assert table["P(target)"].between(0, 1).all() and table["P(toxic)"].between(0, 1).all()
+    feasible = table[table["P(toxic)"] <= 0.1]
+    best = table[table["recommended"]]
+    assert len(best) == 1 and best.index[0] == feasible["P(target)"].idxmax()
+    with pytest.raises(ValueError, match="metric must be one of"):
+        dose_search(twin, regimens, target=(5.0, 15.0), metric="cmin")

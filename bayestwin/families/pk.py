@@ -253,20 +253,9 @@ class Pk:
             theta = {p: pm.Deterministic(f"patient_{p}", v, dims="patient") for p, v in theta.items()}
 
             per_obs = {p: v[idx][:, None] for p, v in theta.items()}
-            td, a, du, inf = t_dose[idx], amt[idx], duration[idx], infusion[idx]
-            tt = t[:, None]
-            if self.compartments == 1:
-                struct = {"cl": per_obs["cl"], "v": per_obs["v"]}
-                bolus_fn, inf_fn, oral_fn = pka.one_cmt_bolus, pka.one_cmt_infusion, pka.one_cmt_oral
-            else:
-                struct = {k: per_obs[k] for k in ("cl", "v1", "q", "v2")}
-                bolus_fn, inf_fn, oral_fn = pka.two_cmt_bolus, pka.two_cmt_infusion, pka.two_cmt_oral
-            if self.route == "oral":
-                first = oral_fn(pt, tt, td, a, ka=per_obs["ka"], **struct)
-            else:
-                first = bolus_fn(pt, tt, td, a, **struct)
-            by_infusion = inf_fn(pt, tt, td, a, du, **struct)
-            conc = pm.Deterministic("conc", pt.sum(pt.where(inf > 0, by_infusion, first), axis=1), dims="obs")
+            doses = (t_dose[idx], amt[idx], duration[idx], infusion[idx])
+            per_dose = self.concentration(pt, per_obs, t[:, None], *doses)
+            conc = pm.Deterministic("conc", per_dose.sum(axis=1), dims="obs")
 
             if self.error == "additive":
                 sd = pri["sigma_add"].create("sigma_add")
@@ -278,6 +267,26 @@ class Pk:
             upper = pt.where(blq > 0, y_obs, np.inf)  # M3: a BLQ row is P(y < LLOQ)
             pm.Censored("y", pm.Normal.dist(mu=conc, sigma=sd), lower=None, upper=upper, observed=y_obs, dims="obs")
         return model
+
+    def concentration(self, xp, theta: Mapping, t, t_dose, amt, duration, infusion):
+        """Each dose's contribution to the central concentration at ``t`` (broadcast, not summed).
+
+        ``theta`` maps parameter names (``cl``, ``v`` or ``v1``/``q``/``v2``, ``ka``) to arrays
+        broadcastable against ``t - t_dose``. Infusions (``infusion`` = 1) use ``duration``; other
+        doses are oral (first-order absorption) or IV boluses, per the family's route. The one
+        formula behind the PyMC model and the dose search.
+        """
+        if self.compartments == 1:
+            struct = {"cl": theta["cl"], "v": theta["v"]}
+            bolus_fn, inf_fn, oral_fn = pka.one_cmt_bolus, pka.one_cmt_infusion, pka.one_cmt_oral
+        else:
+            struct = {k: theta[k] for k in ("cl", "v1", "q", "v2")}
+            bolus_fn, inf_fn, oral_fn = pka.two_cmt_bolus, pka.two_cmt_infusion, pka.two_cmt_oral
+        if self.route == "oral":
+            first = oral_fn(xp, t, t_dose, amt, ka=theta["ka"], **struct)
+        else:
+            first = bolus_fn(xp, t, t_dose, amt, **struct)
+        return xp.where(infusion > 0, inf_fn(xp, t, t_dose, amt, duration, **struct), first)
 
     def noise(self, key, shape, params: Mapping) -> jax.Array:
         raise NotImplementedError("PK forecasts (twin.predict) come with the PK twin: see issue 3")
