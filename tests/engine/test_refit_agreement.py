@@ -9,12 +9,11 @@ cannot pass merely because the draws were too few to see a difference.
 
 import warnings
 
-import arviz_stats as azs
-import numpy as np
 import pandas as pd
 import pytest
 
 import bayestwin as bt
+from tests.agreement import assert_twin_matches_refit
 from tests.conftest import KEY, THERAPIES
 
 PARAMS = ("patient_intercept", "patient_slope")
@@ -57,19 +56,4 @@ def test_twin_matches_full_refit(simulated, twins, refits, method, which):
     ref, twins = refits(which), twins[method]
     assert ref.verdict.converged and twins.verdict.converged
     assert (twins.verdict.table["method"] == method).all()  # no fallback here: the fast path itself
-    p = bt.pseudonymise(pid, KEY)
-    ref_post = ref.posterior[list(PARAMS)].sel(patient=p)
-    twin_post = twins.posterior[list(PARAMS)].sel(patient=p)
-    ref_mcse = azs.mcse(ref_post, sample_dims=["chain", "draw"])
-    # the twin's worst ESS from its gate (for importance twins: the resampled importance ESS)
-    twin_ess = float(twins.verdict.table.loc[p, "ess_bulk"])
-    for name in PARAMS:
-        r, t = ref_post[name], twin_post[name]
-        sd = float(r.std())
-        delta = abs(float(t.mean()) - float(r.mean())) / sd
-        ratio = float(t.std()) / sd
-        se_delta = np.hypot(float(ref_mcse[name]), float(t.std()) / np.sqrt(twin_ess)) / sd
-        print(f"{method} {p} {name}: Δmean/SD={delta:.3f} (MC SE {se_delta:.3f}), SD ratio={ratio:.3f}")
-        assert 3 * se_delta < 0.1, "too few draws for the tolerance to mean anything"
-        assert delta <= 0.1
-        assert 0.9 <= ratio <= 1.1
+    assert_twin_matches_refit(ref, twins, bt.pseudonymise(pid, KEY), PARAMS)
