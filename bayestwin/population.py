@@ -96,7 +96,7 @@ class Population:
 
     def cohort(self, rows, *, key=None, baseline=None) -> Cohort:
         """Validate new patients' rows against this population's schema."""
-        if isinstance(rows, Cohort) or hasattr(rows, "baseline") and hasattr(rows, "frame"):
+        if hasattr(rows, "baseline") and hasattr(rows, "frame"):
             return rows  # already validated (a Cohort, or a family's own table such as Events)
         if hasattr(self.family, "read"):
             return self.family.read(rows, key=key, schema=self.schema)

@@ -168,13 +168,10 @@ class Pk:
         doses = expand_doses(frame)
         d_id = doses["ID"].map(index).to_numpy()
         d_t, d_amt, d_dur = (doses[c].to_numpy(float) for c in ("TIME", "AMT", "DURATION"))
-        n_dose = np.bincount(d_id, minlength=len(patients)) if len(d_id) else np.zeros(len(patients), int)
-        m = max(int(n_dose.max()) if len(n_dose) else 0, 1)
-        t_dose, amt, duration = np.zeros((len(patients), m)), np.zeros((len(patients), m)), np.zeros((len(patients), m))
-        slot = np.zeros(len(patients), int)
-        for i, t, a, du in zip(d_id, d_t, d_amt, d_dur, strict=True):
-            t_dose[i, slot[i]], amt[i, slot[i]], duration[i, slot[i]] = t, a, du
-            slot[i] += 1
+        slot = pd.Series(d_id).groupby(d_id).cumcount().to_numpy()  # position among the subject's doses
+        m = max(int(slot.max()) + 1 if len(slot) else 0, 1)
+        t_dose, amt, duration = (np.zeros((len(patients), m)) for _ in range(3))
+        t_dose[d_id, slot], amt[d_id, slot], duration[d_id, slot] = d_t, d_amt, d_dur
         obs = frame[frame["EVID"] == 0]
         blq = obs["BLQ"].to_numpy(int) > 0
         X = schema.covariate_matrix(baseline) if schema.covariates else np.zeros((len(patients), 0))

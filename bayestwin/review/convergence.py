@@ -48,18 +48,10 @@ class Verdict:
             warnings.warn(f"{what} did not converge: {'; '.join(self.failing)}", ConvergenceWarning, stacklevel=3)
 
 
-def _reduce(ds: xr.Dataset, keep: tuple[str, ...], how: str) -> xr.DataArray:
-    """One DataArray over ``keep`` dims: the worst value over variables and their other dims."""
-    arrays = []
-    for da in ds.data_vars.values():
-        other = [d for d in da.dims if d not in keep]
-        arrays.append(getattr(da, how)(other) if other else da)
-    stacked = xr.concat(arrays, dim="__var__")
-    return getattr(stacked, how)("__var__")
+def diagnostics(posterior: xr.Dataset, sample_stats: xr.Dataset) -> pd.DataFrame:
+    """Worst R-hat, bulk and tail ESS per variable, with divergences and E-BFMI, for a fit.
 
-
-def diagnostics(posterior: xr.Dataset, sample_stats: xr.Dataset, by: str | None = None) -> pd.DataFrame:
-    """Worst R-hat, bulk and tail ESS, divergences and E-BFMI, per variable or per ``by`` dim.
+    (Twins are diagnosed per patient by the same estimators, batched: ``review/batched.py``.)
 
     Constant entries (e.g. the unit diagonal of a correlation matrix) have undefined R-hat and
     are skipped.
@@ -75,28 +67,17 @@ def diagnostics(posterior: xr.Dataset, sample_stats: xr.Dataset, by: str | None 
     energy = sample_stats["energy"]
     # E-BFMI per chain: mean squared energy change over the energy variance.
     bfmi = (energy.diff("draw") ** 2).mean("draw") / energy.var("draw")
-    if by is None:
-        rows = {
-            name: {
-                "rhat": float(rhat[name].max()),
-                "ess_bulk": float(bulk[name].min()),
-                "ess_tail": float(tail[name].min()),
-            }
-            for name in posterior.data_vars
+    rows = {
+        name: {
+            "rhat": float(rhat[name].max()),
+            "ess_bulk": float(bulk[name].min()),
+            "ess_tail": float(tail[name].min()),
         }
-        table = pd.DataFrame.from_dict(rows, orient="index")
-        table.attrs.update(divergences=int(div), bfmi_min=float(bfmi.min()))
-        return table
-    keep = (by,)
-    return pd.DataFrame(
-        {
-            "rhat": _reduce(rhat, keep, "max").to_series(),
-            "ess_bulk": _reduce(bulk, keep, "min").to_series(),
-            "ess_tail": _reduce(tail, keep, "min").to_series(),
-            "divergences": div.to_series().astype(int),
-            "bfmi_min": bfmi.min("chain").to_series(),
-        }
-    )
+        for name in posterior.data_vars
+    }
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.attrs.update(divergences=int(div), bfmi_min=float(bfmi.min()))
+    return table
 
 
 def gate(table: pd.DataFrame, limits: Thresholds = Thresholds(), by: str | None = None) -> Verdict:
