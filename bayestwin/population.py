@@ -16,6 +16,7 @@ import xarray as xr
 from bayestwin.data.cohort import Cohort, Columns, Schema
 from bayestwin.engine import condition as cond
 from bayestwin.engine.compile import TwinProgram, compile_twin, unconstrained_draws
+from bayestwin.engine.fit import FitConfig, sample_model
 from bayestwin.engine.importance import ImportanceConfig
 from bayestwin.engine.nuts import NutsConfig
 from bayestwin.families import get_family
@@ -209,11 +210,25 @@ def fit(
     tune: int = 1000,
     chains: int = 4,
     target_accept: float = 0.9,
+    mass: str = "block",
     seed: int = 0,
     progressbar: bool | None = None,
     thresholds: Thresholds = Thresholds(),
 ) -> Population:
     """Fit a family to a cohort by JAX NUTS (numpyro) and return the Population.
+
+    Parameters
+    ----------
+    cohort
+        A validated table (:class:`Cohort`, or a family's own such as NONMEM ``Events``).
+    family
+        A family instance or name (``"progression"``, ``"pk"``).
+    draws, tune, chains, target_accept
+        NUTS settings (chains run vectorised in one JAX program).
+    mass
+        Mass matrix: ``"block"`` (default; dense over the population parameters, diagonal over
+        the per-patient ones), ``"diag"`` (what ``pm.sample`` gives) or ``"dense"``.
+        See :mod:`bayestwin.engine.fit`.
 
     Examples
     --------
@@ -227,33 +242,14 @@ def fit(
     model = fam.build_model(design, cohort.schema)
     if progressbar is None:
         progressbar = sys.stderr.isatty()
-    settings = {
-        "draws": draws,
-        "tune": tune,
-        "chains": chains,
-        "target_accept": target_accept,
-        "seed": seed,
-        "sampler": "numpyro",
-        "chain_method": "vectorized",
-    }
-    with model, warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        idata = pm.sample(
-            draws=draws,
-            tune=tune,
-            chains=chains,
-            target_accept=target_accept,
-            random_seed=seed,
-            nuts_sampler="numpyro",
-            nuts={"chain_method": "vectorized"},
-            progressbar=progressbar,
-            compute_convergence_checks=False,
-        )
-        pm.compute_log_likelihood(idata, model=model, progressbar=False)
+    cfg = FitConfig(draws=draws, tune=tune, chains=chains, target_accept=target_accept, mass=mass)
+    population = [rv.name for rv in model.free_RVs if rv.name not in fam.patient_vars]
+    idata = sample_model(model, population, cfg, seed=seed, progressbar=progressbar)
     post = idata.posterior.to_dataset()
     table = diagnostics(post[_population_vars(post)], idata.sample_stats.to_dataset())
     verdict = gate(table, thresholds)
     verdict.warn("The population fit")
+    settings = {**cfg._asdict(), "seed": seed, "sampler": "numpyro", "chain_method": "vectorized"}
     return Population(
         family=fam, schema=cohort.schema, columns=cohort.columns, idata=idata, verdict=verdict, sampler=settings
     )

@@ -1,4 +1,4 @@
-"""Convergence gate: R-hat, bulk/tail ESS, divergences and E-BFMI, computed by ArviZ.
+"""Convergence gate: R-hat, bulk/tail ESS, divergences and E-BFMI (ArviZ's estimators).
 
 A verdict travels with every Population and Twin, so a fit that failed cannot pass for one that
 did; failing also raises one :class:`~bayestwin.errors.ConvergenceWarning`.
@@ -9,12 +9,12 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-import arviz_stats as azs
 import numpy as np
 import pandas as pd
 import xarray as xr
 
 from bayestwin.errors import ConvergenceWarning
+from bayestwin.review import batched
 
 
 @dataclass(frozen=True)
@@ -51,30 +51,38 @@ class Verdict:
 def diagnostics(posterior: xr.Dataset, sample_stats: xr.Dataset) -> pd.DataFrame:
     """Worst R-hat, bulk and tail ESS per variable, with divergences and E-BFMI, for a fit.
 
-    (Twins are diagnosed per patient by the same estimators, batched: ``review/batched.py``.)
+    ArviZ's estimators (rank-normalised split R-hat, bulk and tail ESS), computed for every
+    entry of every variable at once by :mod:`bayestwin.review.batched` (tested equal to
+    ``arviz_stats``; ArviZ loops over entries in Python, ~1.5 s for a 60-patient fit). Twins are
+    diagnosed per patient by the same functions.
 
     Constant entries (e.g. the unit diagonal of a correlation matrix) have undefined R-hat and
     are skipped.
     """
+    names = list(posterior.data_vars)
+    series = [posterior[n].transpose("chain", "draw", ...).to_numpy() for n in names]
+    flat = [x.reshape(*x.shape[:2], -1) for x in series]
+    x = np.moveaxis(np.concatenate(flat, axis=-1), -1, 0)  # (entries, chain, draw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        rhat = azs.rhat(posterior, sample_dims=["chain", "draw"])
-        bulk = azs.ess(posterior, sample_dims=["chain", "draw"], method="bulk")
-        tail = azs.ess(posterior, sample_dims=["chain", "draw"], method="tail")
-    constant = posterior.std(["chain", "draw"]) < 1e-12
-    rhat, bulk, tail = (x.where(~constant) for x in (rhat, bulk, tail))
+        rhat, bulk, tail = batched.diagnose(x)
+    constant = x.std(axis=(-2, -1)) < 1e-12
+    rhat, bulk, tail = (np.where(constant, np.nan, a) for a in (rhat, bulk, tail))
+    owner = np.repeat(np.arange(len(names)), [f.shape[-1] for f in flat])
+    rows = {}
+    for i, name in enumerate(names):
+        sel = owner == i
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            rows[name] = {
+                "rhat": float(np.nanmax(rhat[sel])) if sel.any() else np.nan,
+                "ess_bulk": float(np.nanmin(bulk[sel])) if sel.any() else np.nan,
+                "ess_tail": float(np.nanmin(tail[sel])) if sel.any() else np.nan,
+            }
     div = sample_stats["diverging"].sum(["chain", "draw"])
     energy = sample_stats["energy"]
     # E-BFMI per chain: mean squared energy change over the energy variance.
     bfmi = (energy.diff("draw") ** 2).mean("draw") / energy.var("draw")
-    rows = {
-        name: {
-            "rhat": float(rhat[name].max()),
-            "ess_bulk": float(bulk[name].min()),
-            "ess_tail": float(tail[name].min()),
-        }
-        for name in posterior.data_vars
-    }
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.attrs.update(divergences=int(div), bfmi_min=float(bfmi.min()))
     return table
