@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -54,58 +55,109 @@ def evaluate_regimens(
     theta: dict,
     regimens: Sequence[Regimen],
     *,
-    start: float,
-    history: pd.DataFrame | None = None,
+    start,
+    history=None,
     grid: int = 25,
+    batch: int = 8,
 ) -> dict[str, np.ndarray]:
-    """Trough, peak and AUC over each regimen's last interval, per draw: arrays (regimens, draws).
+    """Trough, peak and AUC over each regimen's last interval, per draw.
 
-    ``theta`` maps parameter names to arrays of draws (S,); ``history`` holds doses already
-    given (columns TIME, AMT, DURATION), which keep contributing by superposition.
+    ``theta`` maps parameter names to draws: shape (S,) for one patient, or (P, S) for P
+    patients at once. ``start`` (scalar or (P,)) is when each patient's first new dose is given;
+    ``history`` (a DataFrame, or one per patient, columns TIME, AMT, DURATION) holds the doses
+    already given, which keep contributing by superposition. Patients are evaluated ``batch``
+    at a time inside one compiled program (memory grows with batch x regimens x draws x grid x
+    doses).
+
+    Returns arrays (regimens, draws), or (patients, regimens, draws) for batched ``theta``.
+    """
+    theta = {p: np.asarray(v, float) for p, v in theta.items()}
+    single = next(iter(theta.values())).ndim == 1
+    if single:
+        theta = {p: v[None] for p, v in theta.items()}
+        history = [history]
+    n = next(iter(theta.values())).shape[0]
+    starts = np.broadcast_to(np.asarray(start, float), (n,))
+    if history is None or isinstance(history, pd.DataFrame):
+        history = [history] * n
+    designs = [_regimen_design(regimens, starts[i], history[i], grid) for i in range(n)]
+    m = max(d["t_dose"].shape[1] for d in designs)
+    arrays = {k: np.stack([_widen(d[k], m, k) for d in designs]) for k in designs[0]}
+    out = _metrics(family, grid)(theta, arrays, batch)
+    out = {k: np.asarray(v) for k, v in out.items()}
+    return {k: v[0] for k, v in out.items()} if single else out
+
+
+def regimen_doses(regimens: Sequence[Regimen], start: float, history: pd.DataFrame | None = None) -> dict:
+    """Dose slots of each regimen given from ``start`` on top of the ``history`` already given.
+
+    ``history``: doses as rows with TIME, AMT, DURATION (0 = bolus or oral), e.g. from
+    ``Events.doses()``. Returns arrays (regimens, slots): ``t_dose``, ``amt``, ``dur`` (> 0) and
+    ``inf`` (1 for infusions); with no regimens, one row holding the history alone.
     """
     past = history if history is not None else pd.DataFrame({"TIME": [], "AMT": [], "DURATION": []})
-    n_new = max(r.doses for r in regimens)
-    m = len(past) + n_new
-    R = len(regimens)
+    k = len(past)
+    plans = list(regimens) or [None]
+    m = max(k + max((r.doses for r in regimens), default=0), 1)
+    R = len(plans)
     t_dose, amt, dur, inf = np.zeros((R, m)), np.zeros((R, m)), np.ones((R, m)), np.zeros((R, m))
-    times = np.zeros((R, grid))
-    for i, r in enumerate(regimens):
-        k = len(past)
+    d_past = past["DURATION"].to_numpy(float)
+    for i, r in enumerate(plans):
         t_dose[i, :k], amt[i, :k] = past["TIME"].to_numpy(float), past["AMT"].to_numpy(float)
-        d_past = past["DURATION"].to_numpy(float)
         dur[i, :k], inf[i, :k] = np.where(d_past > 0, d_past, 1.0), (d_past > 0).astype(float)
+        if r is None:
+            continue
         new = start + r.interval * np.arange(r.doses)
         t_dose[i, k : k + r.doses], amt[i, k : k + r.doses] = new, r.amount
         if r.duration > 0:
             dur[i, k : k + r.doses], inf[i, k : k + r.doses] = r.duration, 1.0
-        # the last interval, from the last dose to just before the next one would be due
-        times[i] = new[-1] + np.linspace(0.0, r.interval, grid)
-    step = np.array([r.interval for r in regimens])[:, None] / (grid - 1)
-    theta = {p: np.asarray(v, float) for p, v in theta.items()}
-    out = _metrics(family)(theta, times, t_dose, amt, dur, inf, step)
-    return {k: np.asarray(v) for k, v in out.items()}
+    return {"t_dose": t_dose, "amt": amt, "dur": dur, "inf": inf}
+
+
+def _regimen_design(regimens: Sequence[Regimen], start: float, history: pd.DataFrame | None, grid: int) -> dict:
+    """Dose slots (regimens, doses) and the last interval's time grid (regimens, grid) for one patient."""
+    out = regimen_doses(regimens, start, history)
+    # the last interval, from the last dose to just before the next one would be due
+    last = np.array([start + r.interval * (r.doses - 1) for r in regimens])
+    interval = np.array([r.interval for r in regimens])
+    out["times"] = last[:, None] + interval[:, None] * np.linspace(0.0, 1.0, grid)[None, :]
+    out["step"] = interval[:, None] / (grid - 1)
+    return out
+
+
+def _widen(a: np.ndarray, m: int, name: str) -> np.ndarray:
+    """Pad a (regimens, doses) array to ``m`` dose slots with empty doses (amount 0)."""
+    if name not in ("t_dose", "amt", "dur", "inf") or a.shape[1] == m:
+        return a
+    fill = 1.0 if name == "dur" else 0.0
+    return np.concatenate([a, np.full((a.shape[0], m - a.shape[1]), fill)], axis=1)
 
 
 _JITTED: dict = {}
 
 
-def _metrics(family):
+def _metrics(family, grid: int):
     """The jitted metric computation for ``family`` (compiled once per family configuration)."""
-    key = repr(sorted(family.config().items()))
+    key = (repr(sorted(family.config().items())), grid)
     if key not in _JITTED:
 
-        def metrics(theta, times, t_dose, amt, dur, inf, step):
+        def one(theta, a):
             th = {p: v[None, :, None, None] for p, v in theta.items()}  # (1, S, 1, 1)
-            t = times[:, None, :, None]  # (R, 1, G, 1)
+            t = a["times"][:, None, :, None]  # (R, 1, G, 1)
 
-            def arr(a):
-                return a[:, None, None, :]  # (R, 1, 1, M)
+            def arr(x):
+                return x[:, None, None, :]  # (R, 1, 1, M)
 
-            conc = family.concentration(jnp, th, t, arr(t_dose), arr(amt), arr(dur), arr(inf)).sum(-1)
-            auc = step * (conc[..., 1:] + conc[..., :-1]).sum(-1) / 2.0  # (R, S)
+            doses = (arr(a["t_dose"]), arr(a["amt"]), arr(a["dur"]), arr(a["inf"]))
+            conc = family.concentration(jnp, th, t, *doses).sum(-1)  # (R, S, G)
+            auc = a["step"] * (conc[..., 1:] + conc[..., :-1]).sum(-1) / 2.0  # (R, S)
             return {"trough": conc[..., -1], "peak": conc.max(-1), "auc": auc}
 
-        _JITTED[key] = jax.jit(metrics)
+        @partial(jax.jit, static_argnums=2)
+        def metrics(theta, arrays, batch):
+            return jax.lax.map(lambda x: one(*x), (theta, arrays), batch_size=batch)
+
+        _JITTED[key] = metrics
     return _JITTED[key]
 
 
@@ -118,26 +170,35 @@ def dose_search(
     limit: float | None = None,
     max_toxic: float = 0.1,
     start: float | None = None,
-    patient: str | None = None,
+    patient: str | Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Evaluate ``regimens`` for one PK twin and recommend one.
+    """Evaluate ``regimens`` for PK twins and recommend one per patient.
 
     Parameters
     ----------
     twin
-        A PK :class:`~bayestwin.twin.Twin` (``patient`` picks one if it holds several).
+        A PK :class:`~bayestwin.twin.Twin` of one or many patients.
+    regimens
+        Candidate :class:`Regimen` s.
     target
         (low, high) window for ``metric`` ("trough", "peak" or "auc") over the last interval.
     limit, max_toxic
         Toxicity: P(peak > ``limit``) must not exceed ``max_toxic`` for a recommendation.
     start
-        When the first new dose is given (default: the patient's last recorded event).
+        When the first new dose is given (default: each patient's last recorded event).
+    patient
+        One pseudonym or several (default: every patient of the twin, all in one program).
 
     Returns
     -------
-    DataFrame, one row per regimen: the regimen, the posterior mean and 90% interval of the
-    metric, P(target), P(toxic) and ``recommended`` (the feasible regimen with the highest
-    P(target); none if no regimen is feasible).
+    DataFrame, one row per patient and regimen: the regimen, the posterior mean and 90%
+    interval of the metric, P(target), P(toxic) and ``recommended`` (per patient, the feasible
+    regimen with the highest P(target); none if no regimen is feasible).
+
+    Examples
+    --------
+    >>> table = dose_search(twin, [Regimen(a, 12.0) for a in (100, 200, 300)],
+    ...                     target=(5, 15), limit=20)  # doctest: +SKIP
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")
@@ -147,38 +208,62 @@ def dose_search(
     if not regimens:
         raise ValueError("no regimens given")
     fam = twin.population.family
-    patient = patient or twin.patients[0]
-    if patient not in twin.patients:
-        raise ValueError(f"patient {patient!r} is not in this twin")
-    post = twin.posterior.sel(patient=patient)
-    theta = {n.removeprefix("patient_"): post[n].to_numpy().ravel() for n in fam.patient_outputs}
+    patients = [patient] if isinstance(patient, str) else list(patient or twin.patients)
+    for p in patients:
+        if p not in twin.patients:
+            raise ValueError(f"patient {p!r} is not in this twin")
+    theta = twin_parameters(twin, patients)
+    events = twin.cohort
+    doses = events.doses()
+    history = [doses[doses["ID"] == p] for p in patients]
+    if start is None:
+        last = events.frame.groupby("ID")["TIME"].max()
+        starts = last.reindex(patients).to_numpy(float)
+    else:
+        starts = np.full(len(patients), float(start))
+    values = evaluate_regimens(fam, theta, regimens, start=starts, history=history)
+    return regimen_table(values, regimens, patients, metric=metric, target=target, limit=limit, max_toxic=max_toxic)
+
+
+def twin_parameters(twin, patients: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each patient's PK parameter draws from a twin: name -> (patients, draws)."""
+    fam = twin.population.family
+    post = twin.posterior.sel(patient=list(patients))
+    theta = {}
+    for n in fam.patient_outputs:
+        x = post[n].transpose("patient", "chain", "draw").to_numpy()
+        theta[n.removeprefix("patient_")] = x.reshape(len(patients), -1)
     if "v" not in theta and "ke" in theta:  # rate parameterisation
         theta["v"] = theta["cl"] / theta["ke"]
-    events = twin.cohort
-    history = events.doses()
-    history = history[history["ID"] == patient]
-    if start is None:
-        start = float(events.frame.loc[events.frame["ID"] == patient, "TIME"].max())
-    values = evaluate_regimens(fam, theta, regimens, start=start, history=history)
+    return theta
+
+
+def regimen_table(
+    values: dict, regimens: Sequence[Regimen], patients, *, metric: str, target, limit, max_toxic: float
+) -> pd.DataFrame:
+    """The per-patient regimen table from metric draws (patients, regimens, draws)."""
+    lo, hi = target
     x = values[metric]
-    p_target = ((x >= lo) & (x <= hi)).mean(1)
-    p_toxic = (values["peak"] > limit).mean(1) if limit is not None else np.zeros(len(regimens))
-    table = pd.DataFrame(
+    p_target = ((x >= lo) & (x <= hi)).mean(-1)  # (P, R)
+    p_toxic = (values["peak"] > limit).mean(-1) if limit is not None else np.zeros_like(p_target)
+    q05, q95 = np.quantile(x, [0.05, 0.95], axis=-1)
+    P, R = p_target.shape
+    feasible = p_toxic <= max_toxic
+    best = np.argmax(np.where(feasible, p_target, -1.0), axis=1)
+    recommended = np.zeros((P, R), bool)
+    recommended[np.arange(P), best] = feasible[np.arange(P), best]
+    return pd.DataFrame(
         {
-            "regimen": [r.label for r in regimens],
-            "amount": [r.amount for r in regimens],
-            "interval": [r.interval for r in regimens],
-            "duration": [r.duration for r in regimens],
-            f"{metric}_mean": x.mean(1),
-            f"{metric}_q05": np.quantile(x, 0.05, axis=1),
-            f"{metric}_q95": np.quantile(x, 0.95, axis=1),
-            "P(target)": p_target,
-            "P(toxic)": p_toxic,
+            "patient": np.repeat(list(patients), R),
+            "regimen": [r.label for r in regimens] * P,
+            "amount": [r.amount for r in regimens] * P,
+            "interval": [r.interval for r in regimens] * P,
+            "duration": [r.duration for r in regimens] * P,
+            f"{metric}_mean": x.mean(-1).ravel(),
+            f"{metric}_q05": q05.ravel(),
+            f"{metric}_q95": q95.ravel(),
+            "P(target)": p_target.ravel(),
+            "P(toxic)": p_toxic.ravel(),
+            "recommended": recommended.ravel(),
         }
     )
-    feasible = p_toxic <= max_toxic
-    table["recommended"] = False
-    if feasible.any():
-        best = int(np.argmax(np.where(feasible, p_target, -1.0)))
-        table.loc[best, "recommended"] = True
-    return table

@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import jax
 import numpy as np
 import pandas as pd
 import pymc as pm
@@ -122,9 +123,9 @@ class Population:
         key=None,
         baseline: pd.DataFrame | None = None,
         chains: int = 4,
-        tune: int = 500,
+        tune: int | None = None,
         draws: int = 1000,
-        target_accept: float = 0.8,
+        target_accept: float | None = None,
         seed: int = 0,
         chunk: int = 32,
         max_doublings: int = 6,
@@ -146,6 +147,9 @@ class Population:
             Your pseudonymisation key (the same as for the cohort, to join results back).
         tune, draws, chains, target_accept, max_doublings
             NUTS settings per patient: Stan-style warmup with a dense mass matrix, then draws.
+            ``tune`` and ``target_accept`` default to the family's ``twin_nuts`` (progression:
+            500 and 0.8; PK: 1000 and 0.95, for the curved posteriors of subjects with only
+            a few levels).
             Trees are capped at 2**max_doublings - 1 leapfrog steps: patients run in lock-step,
             so one deep tree would stall the whole chunk (a twin needs ~7 steps per draw).
         chunk
@@ -172,6 +176,9 @@ class Population:
         from bayestwin.twin import Twin
 
         cohort = self.cohort(rows, key=key, baseline=baseline)
+        defaults = {"tune": 500, "target_accept": 0.8} | getattr(self.family, "twin_nuts", {})
+        tune = defaults["tune"] if tune is None else tune
+        target_accept = defaults["target_accept"] if target_accept is None else target_accept
         cfg = NutsConfig(
             chains=chains, tune=tune, draws=draws, target_accept=target_accept, max_doublings=max_doublings, chunk=chunk
         )
@@ -181,6 +188,30 @@ class Population:
         if method == "importance":
             importance = ImportanceConfig(chains=chains, draws=draws, proposals=proposals, chunk=chunk)
         return Twin.from_cohort(self, cohort, cfg, seed=seed, thresholds=thresholds, importance=importance)
+
+    def draw_patients(self, rows, *, key=None, baseline: pd.DataFrame | None = None, seed: int = 0) -> xr.Dataset:
+        """One draw per patient from the population predictive: virtual patients with known truth.
+
+        For each patient in ``rows`` (only their covariates and, for PK, doses matter), the
+        population parameters are drawn from this population's posterior (its Gaussian
+        approximation, as used by twins) and the patient's own parameters from their
+        between-patient distribution given the covariates. Returns a Dataset (dim ``patient``)
+        with the patient outputs (e.g. ``patient_cl``) and the residual parameters of that draw,
+        e.g. to simulate new measurements whose true generating parameters are known.
+        """
+        cohort = self.cohort(rows, key=key, baseline=baseline)
+        design = self.family.design(cohort.frame, cohort.baseline, self.schema)
+        slots = {k: cond.padded_length(v) for k, v in self.family.slots(design).items()}
+        data, _ = cond.pad(design.data, cohort.patients, cond.padded_length(1), self.family, slots)
+        prog = self.program(cond.padded_length(1), **slots)
+        draw = self.compiled("prior", cond.padded_length(1), cond.make_prior_draws, **slots)
+        out = draw(jax.random.key(seed), tuple(np.asarray(data[n]) for n in prog.data_names))
+        names = [*self.family.patient_outputs, *self.family.residual_params]
+        ds = {}
+        for n in names:
+            x = np.asarray(out[n])[:, 0, 0]
+            ds[n] = ("patient", x[:, 0] if n in self.family.patient_outputs else x)
+        return xr.Dataset(ds, coords={"patient": cohort.patients})
 
     def patient_seeds(self, patients: list[str], seed: int) -> np.ndarray:
         """One 32-bit seed per patient from (seed, pseudonym)."""

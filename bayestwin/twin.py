@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from bayestwin.data.cohort import PATIENT, TIME, Cohort
+from bayestwin.data.cohort import Cohort
 from bayestwin.engine import condition as cond
 from bayestwin.engine.importance import ImportanceConfig
 from bayestwin.engine.nuts import NutsConfig
@@ -149,46 +149,31 @@ class Twin:
         )
 
     # ------------------------------------------------------------- predict
-    def predict(self, therapies: Sequence[str] | None = None, times=None, *, start: float | None = None, seed: int = 0):
-        """Forecast each patient under each therapy.
+    def predict(self, therapies=None, times=None, *, start: float | None = None, seed: int = 0):
+        """Forecast each patient under each candidate therapy (a regimen, for PK twins).
 
         Parameters
         ----------
         therapies
-            Candidate therapies (default: all in the population's schema).
+            Candidate therapies (default: all in the population's schema). For a PK twin:
+            :class:`~bayestwin.dosing.Regimen` s given from ``start`` on, on top of the doses
+            already recorded (default: no new doses, the scenario ``"as recorded"``).
         times
-            Forecast times (default: from the last visit to one time scale beyond it, 11 points).
+            Forecast times (default: from the last visit or event to one time scale beyond it).
         start
-            When the candidate therapy starts (default: each patient's last observed time; 0 for
-            a patient with no rows). Before it, the patient's observed therapy history applies.
+            When the candidate therapy starts (default: each patient's last observed time or
+            event). Before it, the patient's recorded history applies.
 
         Returns
         -------
         Forecast
+            ``mean`` (the expected trajectory or concentration) and ``observation`` (a new
+            measurement, with residual error), dims (chain, draw, patient, therapy, time).
         """
         from bayestwin.forecast import Forecast
 
         fam, schema = self.population.family, self.population.schema
-        therapies = list(therapies or schema.therapies)
-        bad = [t for t in therapies if t not in schema.therapies]
-        if bad:
-            raise ValueError(f"therapy {bad[0]!r} not in the population's therapies {list(schema.therapies)}")
-        frame = self.cohort.frame
-        last = frame.groupby(PATIENT)[TIME].max().reindex(self.patients).fillna(0.0).to_numpy()
-        if times is None:
-            t0 = float(np.max(last)) if start is None else float(start)
-            times = np.linspace(t0, t0 + schema.time_scale, 11)
-        times = np.asarray(times, float)
-        X = schema.covariate_matrix(self.cohort.baseline)
-        per_patient = []
-        for i, p in enumerate(self.patients):
-            rows = frame[frame[PATIENT] == p]
-            s = last[i] if start is None else float(start)
-            scen = [fam.prediction_design(rows, times, th, s, schema) for th in therapies]
-            d = {k: np.stack([sc[k] for sc in scen]) for k in scen[0]}
-            d["X"] = np.broadcast_to(X[i][None, None, :], (len(therapies), 1, X.shape[1]))
-            per_patient.append(d)
-        pred = {k: np.stack([d[k] for d in per_patient]) for k in per_patient[0]}
+        labels, times, pred = fam.forecast_inputs(self.cohort, schema, therapies, times, start)
         predict = self.population.compiled("predict", cond.padded_length(1), cond.make_predict)  # shapes free
         mu = predict(self._positions, pred)  # (B, S, C, D, T)
         post = self.posterior
@@ -196,20 +181,20 @@ class Twin:
             n: jnp.asarray(post[n].transpose("patient", "chain", "draw").to_numpy())[:, None, :, :, None]
             for n in fam.residual_params
         }
-        noise = fam.noise(jax.random.key(seed), mu.shape, params)
+        obs = fam.observe(jax.random.key(seed), mu, params)
         mean = np.moveaxis(np.asarray(mu), (2, 3), (0, 1))  # (C, D, B, S, T)
-        obs = np.moveaxis(np.asarray(mu + noise), (2, 3), (0, 1))
+        obs = np.moveaxis(np.asarray(obs), (2, 3), (0, 1))
         coords = {
             "chain": post.chain.values,
             "draw": post.draw.values,
             "patient": self.patients,
-            "therapy": therapies,
+            "therapy": labels,
             "time": times,
         }
         dims = ("chain", "draw", "patient", "therapy", "time")
         ds = xr.Dataset({"mean": (dims, mean), "observation": (dims, obs)}, coords=coords)
-        ds["mean"].attrs["description"] = "expected trajectory (structural prediction)"
-        ds["observation"].attrs["description"] = "a new measurement (trajectory plus residual)"
+        ds["mean"].attrs["description"] = f"expected {fam.prediction} (structural prediction)"
+        ds["observation"].attrs["description"] = "a new measurement (prediction plus residual error)"
         return Forecast(xr.DataTree.from_dict({"posterior_predictive": ds}), verdict=self.verdict)
 
     def __getitem__(self, patient: str) -> xr.Dataset:
@@ -234,7 +219,7 @@ def _chunked(run, data: dict, mask: np.ndarray, seeds: np.ndarray, chunk: int):
     e.g. exactly 100 or 200 patients, in our runs. Chunks alternate between local devices.
     """
     n = len(seeds)
-    chunk = min(chunk, n)
+    chunk = min(chunk, 2 ** int(np.ceil(np.log2(max(n, 1)))))  # a few shapes only: each one compiles
     devices = _devices()
     starts = list(range(0, n, chunk))
     result = {}  # leaf path -> preallocated (n, ...) array, filled chunk by chunk in the workers

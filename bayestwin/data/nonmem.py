@@ -102,6 +102,32 @@ class Events:
 
     columns = None  # NONMEM column names are fixed
 
+    def extend(self, new: Events) -> Events:
+        """These records plus ``new`` ones of the same IDs (read with the same key), e.g. a new level.
+
+        Each ID's new records go after its existing ones and may not go back in time (unless
+        they start with a reset, EVID 3 or 4). Raises :class:`DataError` naming the ID, row and
+        column otherwise.
+        """
+        unknown = sorted(set(new.patients) - set(self.patients))
+        if unknown:
+            raise DataError("records of an ID not in these events (was the same key used?)", patient=unknown[0])
+        if set(new.covariates) != set(self.covariates):
+            raise DataError(f"covariates {new.covariates} differ from {self.covariates}", column="covariates")
+        last = self.frame.groupby("ID")["TIME"].max()
+        first = new.frame.groupby("ID", sort=False).head(1)
+        back = (first["TIME"].to_numpy() < last.reindex(first["ID"]).to_numpy()) & ~first["EVID"].isin([3, 4])
+        if back.any():
+            i = int(np.argmax(back))
+            where = {"patient": first["ID"].iloc[i], "row": first.index[i], "column": "TIME"}
+            raise DataError("new records go back in time for this ID", **where)
+        order = {p: k for k, p in enumerate(self.patients)}
+        both = pd.concat([self.frame, new.frame[self.frame.columns]])
+        rank = both["ID"].map(order).to_numpy()
+        frame = both.iloc[np.argsort(rank, kind="stable")].copy()
+        frame["before_first_dose"] = _before_first_dose(frame)
+        return Events(frame=frame, covariates=self.covariates)
+
     def __len__(self) -> int:
         return len(self.frame)
 
@@ -111,6 +137,15 @@ class Events:
         return (
             f"Events({len(self.patients)} IDs, {doses} dose records, {obs} observations, covariates={self.covariates})"
         )
+
+
+def _before_first_dose(frame: pd.DataFrame) -> np.ndarray:
+    """Observations with no dose before them in their ID's episode (a reset, EVID 3/4, starts over)."""
+    ids, evid = frame["ID"].to_numpy(), frame["EVID"].to_numpy()
+    same = np.r_[False, ids[1:] == ids[:-1]]
+    episode = np.cumsum(~same | np.isin(evid, [3, 4]))
+    dosed = pd.Series(np.isin(evid, [1, 4])).groupby(episode).cummax().to_numpy()
+    return (evid == 0) & ~dosed
 
 
 def expand_doses(frame: pd.DataFrame) -> pd.DataFrame:
@@ -241,11 +276,8 @@ def read_nonmem(
         index=frame.index,
     )
     for c in covariates:
-        out[c] = frame[c].to_numpy()
-    # Pre-dose observations: allowed (e.g. a baseline level), flagged; a reset starts over.
-    episode = np.cumsum(np.r_[True, ~same[1:]] | np.isin(evid, [3, 4]))
-    dosed = pd.Series(dose).groupby(episode).cummax().to_numpy()
-    out["before_first_dose"] = obs & ~dosed
+        out[c] = frame[c].array  # keeps a pandas Categorical's order (its first level is the reference)
+    out["before_first_dose"] = _before_first_dose(out)
     if not allow_no_observations:
         has_obs = pd.Series(obs).groupby(pseudo).transform("any").to_numpy()
         fail("ID with no observations", ~has_obs, "EVID")

@@ -169,6 +169,22 @@ def _batched_outputs(program: TwinProgram, approx: GaussianApprox):
     return outputs
 
 
+def make_prior_draws(program: TwinProgram, approx: GaussianApprox):
+    """Jitted ``f(key, arrays) -> {name: (B, 1, 1, ...)}``: one draw of each patient's outputs from
+    the population predictive (phi from the population posterior's approximation, the patient's
+    own variables from their prior) — the joint prior of a twin, for virtual patients.
+    """
+    d = approx.mean.shape[0] + sum(b.size for b in program.patient)
+    outputs = _batched_outputs(program, approx)
+
+    @jax.jit
+    def draw(key, arrays):
+        x = jax.random.normal(key, (arrays[0].shape[0], 1, 1, d))
+        return outputs(x, arrays)
+
+    return draw
+
+
 def make_predict(program: TwinProgram, approx: GaussianApprox):
     """Jitted ``f(position, pred_data) -> mu (B, S, C, D, T)``: the structural prediction.
 

@@ -17,7 +17,7 @@ ka - k (so ka > k: no flip-flop; the likelihood alone cannot tell ka from k).
 ``parameterisation="rate"`` uses (ke, ka, CL) as nlme's ``SSfol`` does, with V = CL/ke, and
 ``correlated=False`` makes the between-subject variability diagonal (nlme's ``pdDiag``).
 Observations below the LLOQ (BLQ = 1) enter by the M3 method: the likelihood
-is P(y < LLOQ), not a dropped row.
+is P(y < LLOQ), not a dropped row (:func:`m3_logp`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,43 @@ from bayestwin.families.base import Design, Prior
 ERRORS = ("additive", "proportional", "combined")
 
 
+def m3_logp(value, mu, sigma, blq):
+    """Normal log density of a level, or log P(y < LLOQ) for a BLQ row (``value`` = LLOQ): M3.
+
+    Written with a safe argument in each branch: ``pm.Censored`` evaluates the censored branch
+    at every row, and where a level lies far above its prediction, log(1 - Φ(z)) is -inf there;
+    its gradient is NaN, and ``where`` passes NaN on even for the rows that do not use it (seen
+    as NaN gradients of PK twins, i.e. NUTS divergences and failed mode searches).
+    """
+    z = (value - mu) / sigma
+    log_pdf = -0.5 * z**2 - pt.log(sigma) - 0.5 * np.log(2 * np.pi)
+    log_cdf = log_ndtr(pt.where(blq > 0, z, 0.0))
+    return pt.where(blq > 0, log_cdf, log_pdf)
+
+
+def log_ndtr(z):
+    """log Φ(z) with finite gradients everywhere (pytensor graph).
+
+    ``pm.logcdf(Normal)`` compiled to JAX has a NaN gradient below z ≈ -10 (a level far above
+    the LLOQ's prediction makes a BLQ row exactly that). Here: ``log(erfc(-z/√2)/2)`` down to
+    z = -8, and below it the asymptotic series of Mills' ratio, -z²/2 - log(-z√(2π)) +
+    log(1 - 1/z² + 3/z⁴ - 15/z⁶ + 105/z⁸) (relative error < 1e-6 there), each branch evaluated
+    at a safe argument.
+    """
+    cut = -8.0
+    upper = pt.maximum(z, cut)
+    lower = pt.minimum(z, cut)
+    direct = pt.log(pt.erfc(-upper / np.sqrt(2.0)) / 2.0)
+    r = 1.0 / lower**2
+    series = -0.5 * lower**2 - pt.log(-lower * np.sqrt(2 * np.pi)) + pt.log1p(r * (-1 + r * (3 + r * (-15 + 105 * r))))
+    return pt.where(z >= cut, direct, series)
+
+
+def _m3_random(mu, sigma, blq, rng=None, size=None):
+    """A new level (uncensored: whether it is below the LLOQ is for the caller to decide)."""
+    return rng.normal(mu, sigma, size=size)
+
+
 class Pk:
     """Population PK family (1 or 2 compartments; oral or IV; bolus and infusion doses).
 
@@ -55,6 +92,10 @@ class Pk:
     per_patient = ("X", "log_wt", "t_dose", "amt", "duration", "infusion")  # one row per subject
     slot_axes = {"t_dose": "dose", "amt": "dose", "duration": "dose", "infusion": "dose"}
     pad_fill = {"duration": 1.0}  # a padded dose slot (amt 0) still needs a positive duration
+    #: NUTS settings for twins: a subject with one or two levels has a curved posterior in
+    #: (CL, V, ka), and one whose levels disagree with the population (e.g. a slow absorber when
+    #: ka varies little) a funnel-like one; smaller steps and a longer warmup keep divergences rare.
+    twin_nuts = {"tune": 1000, "target_accept": 0.95}
 
     def __init__(
         self,
@@ -261,8 +302,8 @@ class Pk:
             else:
                 s_add, s_prop = pri["sigma_add"].create("sigma_add"), pri["sigma_prop"].create("sigma_prop")
                 sd = pt.sqrt(s_add**2 + (s_prop * conc) ** 2)
-            upper = pt.where(blq > 0, y_obs, np.inf)  # M3: a BLQ row is P(y < LLOQ)
-            pm.Censored("y", pm.Normal.dist(mu=conc, sigma=sd), lower=None, upper=upper, observed=y_obs, dims="obs")
+            sd = pt.broadcast_to(sd, conc.shape)
+            pm.CustomDist("y", conc, sd, blq, logp=m3_logp, random=_m3_random, observed=y_obs, dims="obs")
         return model
 
     def concentration(self, xp, theta: Mapping, t, t_dose, amt, duration, infusion):
@@ -285,5 +326,152 @@ class Pk:
             first = bolus_fn(xp, t, t_dose, amt, **struct)
         return xp.where(infusion > 0, inf_fn(xp, t, t_dose, amt, duration, **struct), first)
 
-    def noise(self, key, shape, params: Mapping) -> jax.Array:
-        raise NotImplementedError("PK forecasts (twin.predict) come with the PK twin: see issue 3")
+    def forecast_inputs(self, events, schema: Schema, regimens=None, times=None, start=None):
+        """Scenario labels, forecast times and the data for ``conc``: arrays (patient, scenario, ...).
+
+        Each scenario is a :class:`~bayestwin.dosing.Regimen` given from ``start`` (default: each
+        subject's last recorded event) on top of the doses already recorded; with no regimens,
+        the one scenario ``"as recorded"`` (the recorded doses alone, ADDL included). ``times``
+        are absolute (the event table's clock); default: from the latest event over one time
+        scale, 25 points.
+        """
+        from bayestwin.dosing import regimen_doses
+
+        regimens = list(regimens or [])
+        labels = [r.label for r in regimens] or ["as recorded"]
+        patients = events.patients
+        design = self.design(events.frame, events.baseline, schema)
+        last = events.frame.groupby("ID")["TIME"].max().reindex(patients).to_numpy(float)
+        starts = last if start is None else np.full(len(patients), float(start))
+        if times is None:
+            t0 = float(np.max(starts))
+            times = np.linspace(t0, t0 + schema.time_scale, 25)
+        times = np.asarray(times, float)
+        doses = events.doses()
+        plans = [regimen_doses(regimens, starts[i], doses[doses["ID"] == p]) for i, p in enumerate(patients)]
+        m = max(pl["t_dose"].shape[1] for pl in plans)
+
+        def widen(a, fill):
+            return np.concatenate([a, np.full((a.shape[0], m - a.shape[1]), fill)], axis=1)
+
+        B, S, T = len(patients), len(labels), len(times)
+        data = {
+            "X": np.broadcast_to(design.data["X"][:, None, None, :], (B, S, 1, design.data["X"].shape[1])),
+            "log_wt": np.broadcast_to(design.data["log_wt"][:, None, None], (B, S, 1)),
+            "time": np.broadcast_to(times, (B, S, T)),
+            "blq": np.zeros((B, S, T)),
+            "t_dose": np.stack([widen(pl["t_dose"], 0.0) for pl in plans])[:, :, None, :],
+            "amt": np.stack([widen(pl["amt"], 0.0) for pl in plans])[:, :, None, :],
+            "duration": np.stack([widen(pl["dur"], 1.0) for pl in plans])[:, :, None, :],
+            "infusion": np.stack([widen(pl["inf"], 0.0) for pl in plans])[:, :, None, :],
+        }
+        return labels, times, data
+
+    def observe(self, key, mu, params: Mapping) -> jax.Array:
+        """A new measured level around ``mu`` with the family's residual error (``params`` broadcast)."""
+        sd = 0.0
+        if "sigma_add" in params:
+            sd = sd + params["sigma_add"] ** 2
+        if "sigma_prop" in params:
+            sd = sd + (params["sigma_prop"] * mu) ** 2
+        return mu + jax.numpy.sqrt(sd) * jax.random.normal(key, mu.shape)
+
+
+#: Relative clearance by CYP2D6 phenotype used by :func:`simulate` (illustrative values of the
+#: order reported for CYP2D6 substrates; poor metabolisers clear the drug slowest).
+CYP2D6 = {"normal": 1.0, "poor": 0.3, "intermediate": 0.6, "ultrarapid": 1.8}
+CYP2D6_FREQ = {"normal": 0.55, "poor": 0.1, "intermediate": 0.25, "ultrarapid": 0.1}
+
+
+def simulate(
+    n_subjects: int = 40,
+    *,
+    dose: float = 100.0,
+    interval: float = 12.0,
+    n_doses: int = 1,
+    times=(0.5, 1.0, 2.0, 4.0, 6.0, 8.0, 12.0),
+    cl: float = 2.0,
+    v: float = 30.0,
+    ka: float = 1.2,
+    bsv=(0.3, 0.2, 0.4),
+    sigma_add: float = 0.05,
+    sigma_prop: float = 0.1,
+    weight: bool = False,
+    phenotype: Mapping[str, float] | None = None,
+    lloq: float | None = None,
+    seed: int = 0,
+    id_start: int = 1,
+) -> tuple[pd.DataFrame, dict]:
+    """Simulate a one-compartment oral PK study as a NONMEM-style event table, with the truth.
+
+    Each subject gets ``n_doses`` doses of ``dose`` every ``interval`` (one dose row with ADDL/II)
+    and levels at ``times`` after the *last* dose. Individual parameters are log-normal around
+    (``cl``, ``v``, ``ka``) with SDs ``bsv`` on the log scale; with ``weight``, a body weight
+    (``WT``, kg) scales CL by (WT/70)^0.75 and V by WT/70; with ``phenotype`` (level ->
+    relative CL, e.g. :data:`CYP2D6`), a ``CYP2D6`` column is drawn with :data:`CYP2D6_FREQ`
+    (or equal frequencies for other levels) and multiplies CL. Observations carry combined
+    error (``sigma_add``, ``sigma_prop``) truncated at 0; below ``lloq`` they are flagged BLQ.
+
+    Returns
+    -------
+    table : DataFrame with ID, TIME, AMT, DV, EVID, II, ADDL (and WT, CYP2D6, BLQ, LLOQ)
+    truth : dict with the population values and each subject's ``cl``, ``v``, ``ka`` (by ID)
+
+    Examples
+    --------
+    >>> table, truth = simulate(n_subjects=3, seed=1)
+    >>> sorted(truth["cl"])
+    [1, 2, 3]
+    """
+    rng = np.random.default_rng(seed)
+    ids = np.arange(id_start, id_start + n_subjects)
+    eta = rng.standard_normal((n_subjects, 3)) * np.asarray(bsv, float)
+    wt = np.round(np.exp(rng.normal(np.log(70.0), 0.2, n_subjects)), 1) if weight else np.full(n_subjects, 70.0)
+    ind_cl = cl * np.exp(eta[:, 0]) * (wt / 70.0) ** 0.75
+    ind_v = v * np.exp(eta[:, 1]) * wt / 70.0
+    ind_ka = ka * np.exp(eta[:, 2])
+    levels = None
+    if phenotype is not None:
+        names = list(phenotype)
+        freq = np.array([CYP2D6_FREQ.get(n, 1.0) for n in names])
+        levels = rng.choice(names, size=n_subjects, p=freq / freq.sum())
+        ind_cl = ind_cl * np.array([phenotype[lv] for lv in levels])
+    last = interval * (n_doses - 1)
+    t_obs = last + np.asarray(times, float)
+    t_dose = interval * np.arange(n_doses)
+    fam = Pk()
+    theta = {"cl": ind_cl[:, None, None], "v": ind_v[:, None, None], "ka": ind_ka[:, None, None]}
+    conc = fam.concentration(np, theta, t_obs[None, :, None], t_dose[None, None, :], dose, 1.0, 0.0).sum(-1)
+    sd = np.sqrt(sigma_add**2 + (sigma_prop * conc) ** 2)
+    dv = np.maximum(conc + sd * rng.standard_normal(conc.shape), 0.0)
+    rows = []
+    for i, pid in enumerate(ids):
+        cov = {}
+        if weight:
+            cov["WT"] = wt[i]
+        if levels is not None:
+            cov["CYP2D6"] = levels[i]
+        rows.append({"ID": pid, "TIME": 0.0, "AMT": dose, "DV": np.nan, "EVID": 1, **cov})
+        if n_doses > 1:
+            rows[-1] |= {"II": interval, "ADDL": n_doses - 1}
+        for t, y in zip(t_obs, dv[i], strict=True):
+            row = {"ID": pid, "TIME": t, "AMT": 0.0, "DV": y, "EVID": 0, **cov}
+            if lloq is not None:
+                row |= {"BLQ": int(y < lloq), "LLOQ": lloq}
+                row["DV"] = np.nan if y < lloq else y
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    if levels is not None:  # reference level first (normal metabolisers for CYP2D6)
+        table["CYP2D6"] = pd.Categorical(table["CYP2D6"], categories=list(phenotype))
+    for c in ("II", "ADDL"):
+        if c in table:
+            table[c] = table[c].fillna(0)
+    truth = {
+        "cl": dict(zip(ids.tolist(), ind_cl, strict=True)),
+        "v": dict(zip(ids.tolist(), ind_v, strict=True)),
+        "ka": dict(zip(ids.tolist(), ind_ka, strict=True)),
+        "population": {"cl": cl, "v": v, "ka": ka, "bsv": tuple(bsv), "sigma_add": sigma_add, "sigma_prop": sigma_prop},
+        "phenotype": dict(zip(ids.tolist(), map(str, levels), strict=True)) if levels is not None else None,
+        "weight": dict(zip(ids.tolist(), wt.tolist(), strict=True)) if weight else None,
+    }
+    return table, truth

@@ -182,6 +182,35 @@ class Progression:
         cumulative, current = exposure(times, bounds, codes, K)
         return {"time": np.asarray(times, float), "exposure": cumulative[:, 1:], "on_therapy": current[:, 1:]}
 
+    def forecast_inputs(self, cohort, schema: Schema, therapies=None, times=None, start=None):
+        """Scenario labels, forecast times and the data for ``mu``: arrays (patient, scenario, ...).
+
+        Each scenario is a therapy given from ``start`` on (default: each patient's last observed
+        time; 0 for a patient with no rows); before it, the patient's observed history applies.
+        Default ``times``: from the latest visit to one time scale beyond it, 11 points.
+        """
+        therapies = list(therapies or schema.therapies)
+        bad = [t for t in therapies if t not in schema.therapies]
+        if bad:
+            raise ValueError(f"therapy {bad[0]!r} not in the population's therapies {list(schema.therapies)}")
+        frame, patients = cohort.frame, cohort.patients
+        last = frame.groupby(PATIENT)[TIME].max().reindex(patients).fillna(0.0).to_numpy()
+        if times is None:
+            t0 = float(np.max(last)) if start is None else float(start)
+            times = np.linspace(t0, t0 + schema.time_scale, 11)
+        times = np.asarray(times, float)
+        X = schema.covariate_matrix(cohort.baseline)
+        per_patient = []
+        for i, p in enumerate(patients):
+            rows = frame[frame[PATIENT] == p]
+            s = last[i] if start is None else float(start)
+            scen = [self.prediction_design(rows, times, th, s, schema) for th in therapies]
+            d = {k: np.stack([sc[k] for sc in scen]) for k in scen[0]}
+            d["X"] = np.broadcast_to(X[i][None, None, :], (len(therapies), 1, X.shape[1]))
+            per_patient.append(d)
+        data = {k: np.stack([d[k] for d in per_patient]) for k in per_patient[0]}
+        return therapies, times, data
+
     def slots(self, design: Design) -> dict:
         """Sizes of padded axes other than observations (none here)."""
         return {}
@@ -249,12 +278,12 @@ class Progression:
                 pm.Normal("y", mu=mu, sigma=sigma, observed=y_obs, dims="obs")
         return model
 
-    def noise(self, key, shape, params: Mapping) -> jax.Array:
-        """Residual draws for a new observation: ``y = mu + noise`` (same law as ``y`` above)."""
+    def observe(self, key, mu, params: Mapping) -> jax.Array:
+        """A new measurement around ``mu`` (same law as ``y`` above); ``params`` broadcast with ``mu``."""
         sigma = params["sigma"]
         if self.residual == "student":
-            return sigma * jax.random.t(key, params["nu"], shape)
-        return sigma * jax.random.normal(key, shape)
+            return mu + sigma * jax.random.t(key, params["nu"], mu.shape)
+        return mu + sigma * jax.random.normal(key, mu.shape)
 
 
 def simulate(

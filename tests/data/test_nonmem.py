@@ -117,3 +117,28 @@ def test_id_without_observations():
     with pytest.raises(bt.DataError, match=rf"^ID with no observations \(patient {P2}, row 4, column 'EVID'\)$"):
         read_nonmem(df, key=KEY)
     assert len(read_nonmem(df, key=KEY, allow_no_observations=True).patients) == 2
+
+
+def test_extend_appends_records_of_the_same_ids_in_order():
+    ev = read_nonmem(events(), covariates=["WT"], key=KEY)
+    level = pd.DataFrame({"ID": [2, 1], "TIME": [24.0, 12.0], "AMT": [0.0, 0.0], "DV": [1.1, 2.5], "EVID": [0, 0]})
+    level["WT"] = [80.0, 71.0]
+    more = ev.extend(read_nonmem(level, covariates=["WT"], key=KEY))
+    p1, p2 = ev.patients
+    assert more.patients == [p1, p2]
+    assert more.frame["ID"].tolist() == [p1] * 5 + [p2] * 4
+    assert more.frame.loc[more.frame.ID == p2, "TIME"].tolist() == [0.0, 2.0, 12.0, 24.0]
+    assert not more.frame["before_first_dose"].iloc[1:].any()
+    assert len(ev.frame) == 7  # the original is unchanged
+
+
+def test_extend_rejects_going_back_in_time_and_unknown_ids():
+    ev = read_nonmem(events(), covariates=["WT"], key=KEY)
+    p2 = bt.pseudonymise(2, KEY)
+    back = pd.DataFrame({"ID": [2], "TIME": [6.0], "AMT": [0.0], "DV": [3.0], "EVID": [0], "WT": [80.0]}, index=[7])
+    message = f"new records go back in time for this ID \\(patient {p2}, row 7, column 'TIME'\\)"
+    with pytest.raises(bt.DataError, match=message):
+        ev.extend(read_nonmem(back, covariates=["WT"], key=KEY))
+    other = back.assign(ID=3, TIME=20.0)
+    with pytest.raises(bt.DataError, match="records of an ID not in these events"):
+        ev.extend(read_nonmem(other, covariates=["WT"], key=KEY))

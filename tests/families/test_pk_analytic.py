@@ -84,3 +84,23 @@ def test_closed_form_equals_ode(case):
     pt_doses = {k: pt.as_tensor(v) for k, v in doses.items()}
     sym = pk.superpose(pt, fn, pt.as_tensor(T), pt_doses, **params, **extra)
     np.testing.assert_allclose(sym.eval(), got, rtol=1e-10)
+
+
+def test_log_ndtr_is_accurate_and_has_finite_gradients():
+    """The M3 likelihood's log Φ(z): scipy's value, and a gradient at every z (JAX)."""
+    import jax
+    import jax.numpy as jnp
+    import pytensor.tensor as pt
+    from pymc.sampling.jax import get_jaxified_graph
+    from scipy.special import log_ndtr as reference
+
+    from bayestwin.families.pk import log_ndtr
+
+    z = pt.dvector("z")
+    fn = get_jaxified_graph(inputs=[z], outputs=[log_ndtr(z).sum()])
+    xs = np.array([-300.0, -40.0, -10.0, -8.01, -7.99, -3.0, 0.0, 2.0, 8.0])
+    values = np.array([float(fn(jnp.array([x]))[0]) for x in xs])
+    np.testing.assert_allclose(values, reference(xs), rtol=1e-7, atol=1e-15)
+    grads = np.array([float(jax.grad(lambda v: fn(v)[0])(jnp.array([x]))[0]) for x in xs])
+    assert np.all(np.isfinite(grads))
+    np.testing.assert_allclose(grads, np.exp(-0.5 * xs**2 - reference(xs)) / np.sqrt(2 * np.pi), rtol=1e-5)

@@ -1,0 +1,67 @@
+"""The population-fit driver: the DataTree it builds is what pm.sample would build, and the gate.
+
+Parameter recovery and agreement with published fits are in test_sleepstudy / test_theoph; here
+the pieces the driver computes itself: pointwise log-likelihood, deterministics, sample stats,
+the diagnostics table against ArviZ, and the mass-matrix option.
+"""
+
+import arviz_stats as azs
+import numpy as np
+import pymc as pm
+import pytest
+
+import bayestwin as bt
+from bayestwin.engine.compile import Block, unconstrained_draws
+from bayestwin.engine.fit import FitConfig, sample_model
+from tests.conftest import KEY, THERAPIES
+
+
+def test_datatree_groups_and_sample_stats(population):
+    idata = population.idata
+    assert {"posterior", "sample_stats", "log_likelihood", "observed_data", "constant_data"} <= set(idata.children)
+    stats = idata.sample_stats
+    for name in ("lp", "energy", "step_size", "acceptance_rate", "diverging", "n_steps", "tree_depth"):
+        assert stats[name].dims == ("chain", "draw"), name
+    assert idata.posterior.attrs["mass_matrix"] == "block"
+    assert "z" not in idata.posterior.attrs["dense_block"] and "intercept" in idata.posterior.attrs["dense_block"]
+    assert population.sampler["mass"] == "block" and population.sampler["seed"] == 1
+
+
+def test_log_likelihood_and_deterministics_equal_the_model(population, simulated):
+    """Pointwise log-likelihood and patient deterministics recomputed by PyMC at a few draws."""
+    train, _, _ = simulated
+    cohort = bt.Cohort(train, covariates=["age", "sex"], therapies=THERAPIES, key=KEY)
+    model = population.model(cohort)
+    post = population.posterior
+    loglik = pm.compile(model.value_vars, model.logp(vars=[model["y"]], sum=False)[0], on_unused_input="ignore")
+    intercept = pm.compile(
+        model.value_vars, model.replace_rvs_by_values([model["patient_intercept"]])[0], on_unused_input="ignore"
+    )
+    ip = model.initial_point()
+    blocks = tuple(Block(v.name, model.values_to_rvs[v].name, ip[v.name].shape) for v in model.value_vars)
+    for chain, draw in ((0, 0), (3, 999), (2, 417)):
+        flat = unconstrained_draws(model, post.isel(chain=[chain], draw=[draw]), blocks)[0]
+        point, i = {}, 0
+        for b in blocks:
+            point[b.name] = flat[i : i + b.size].reshape(b.shape).astype(ip[b.name].dtype)
+            i += b.size
+        want = loglik(**point)
+        got = population.idata.log_likelihood["y"].isel(chain=chain, draw=draw).to_numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+        got_a = post["patient_intercept"].isel(chain=chain, draw=draw).to_numpy()
+        np.testing.assert_allclose(got_a, intercept(**point), rtol=1e-9)
+
+
+def test_fit_diagnostics_equal_arviz(population):
+    table = population.verdict.table
+    post = population.posterior[population.population_vars]
+    rhat = azs.rhat(post, sample_dims=["chain", "draw"])
+    bulk = azs.ess(post, sample_dims=["chain", "draw"], method="bulk")
+    for name in ("intercept", "slope", "beta_level", "sigma", "re_chol_stds"):
+        assert table.loc[name, "rhat"] == pytest.approx(float(rhat[name].max()), rel=1e-9)
+        assert table.loc[name, "ess_bulk"] == pytest.approx(float(bulk[name].min()), rel=1e-9)
+
+
+def test_mass_option_is_checked(population):
+    with pytest.raises(ValueError, match="mass must be one of \\('block', 'diag', 'dense'\\), not 'full'"):
+        sample_model(population.model(), ["intercept"], FitConfig(mass="full"))
