@@ -127,7 +127,7 @@ class Population:
         draws: int = 1000,
         target_accept: float | None = None,
         seed: int = 0,
-        chunk: int = 32,
+        chunk: int | None = None,
         max_doublings: int = 6,
         thresholds: Thresholds = Thresholds(),
         method: str = "nuts",
@@ -153,7 +153,8 @@ class Population:
             Trees are capped at 2**max_doublings - 1 leapfrog steps: patients run in lock-step,
             so one deep tree would stall the whole chunk (a twin needs ~7 steps per draw).
         chunk
-            Patients per call of the compiled vectorised program.
+            Patients per call of the compiled vectorised program (default: 4 for NUTS, whose
+            chains move in lock-step, and 32 for the importance path; on a GPU, larger).
         seed
             Base seed; each patient's chains are seeded from (seed, pseudonym), so results do not
             depend on batch layout.
@@ -180,13 +181,25 @@ class Population:
         tune = defaults["tune"] if tune is None else tune
         target_accept = defaults["target_accept"] if target_accept is None else target_accept
         cfg = NutsConfig(
-            chains=chains, tune=tune, draws=draws, target_accept=target_accept, max_doublings=max_doublings, chunk=chunk
+            chains=chains,
+            tune=tune,
+            draws=draws,
+            target_accept=target_accept,
+            max_doublings=max_doublings,
+            chunk=chunk or NutsConfig._field_defaults["chunk"],
         )
         if method not in ("nuts", "importance"):
             raise ValueError(f"method must be 'nuts' or 'importance', not {method!r}")
         importance = None
         if method == "importance":
-            importance = ImportanceConfig(chains=chains, draws=draws, proposals=proposals, chunk=chunk)
+            settings = getattr(self.family, "twin_importance", {})  # e.g. adaptation steps
+            importance = ImportanceConfig(
+                chains=chains,
+                draws=draws,
+                proposals=proposals,
+                chunk=chunk or ImportanceConfig._field_defaults["chunk"],
+                **settings,
+            )
         return Twin.from_cohort(self, cohort, cfg, seed=seed, thresholds=thresholds, importance=importance)
 
     def draw_patients(self, rows, *, key=None, baseline: pd.DataFrame | None = None, seed: int = 0) -> xr.Dataset:

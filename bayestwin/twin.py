@@ -218,8 +218,7 @@ def _chunked(run, data: dict, mask: np.ndarray, seeds: np.ndarray, chunk: int):
     padded by repeating its last patient). XLA on CPU also stalled on some large vmapped batches,
     e.g. exactly 100 or 200 patients, in our runs. Chunks alternate between local devices.
     """
-    n = len(seeds)
-    chunk = min(chunk, 2 ** int(np.ceil(np.log2(max(n, 1)))))  # a few shapes only: each one compiles
+    n = len(seeds)  # every call has the full chunk's shape: a new shape would compile again
     devices = _devices()
     starts = list(range(0, n, chunk))
     result = {}  # leaf path -> preallocated (n, ...) array, filled chunk by chunk in the workers

@@ -26,3 +26,34 @@ def test_demo_prints_forecast_table_and_passes(capsys):
         assert therapy in out
     assert "P(best)" in out and "q05" in out and "q95" in out
     assert "Convergence verdict: PASS" in out
+
+
+def test_help_documents_the_dose_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["dose", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--data", "--patient", "--amounts", "--interval", "--target", "--limit", "--max-toxic"):
+        assert option in out
+
+
+@pytest.mark.slow
+def test_dose_prints_regimen_table_for_one_patient(tmp_path, capsys):
+    import pandas as pd
+
+    from bayestwin.families.pk import simulate
+
+    cohort, _ = simulate(24, seed=5, times=(0.5, 1, 2, 4, 8, 12, 24))
+    patient, _ = simulate(1, seed=6, id_start=99, times=(2.0, 8.0))
+    path = tmp_path / "events.csv"
+    pd.concat([cohort, patient]).to_csv(path, index=False, na_rep=".")
+    args = ["dose", "--data", str(path), "--patient", "99", "--amounts", "50,100,200", "--interval", "12"]
+    code = main([*args, "--target", "2", "4", "--limit", "8"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "Regimens for patient 99: trough over the last interval, target [2, 4], toxic if peak > 8" in out
+    for label in ("50 every 12 h x6", "100 every 12 h x6", "200 every 12 h x6"):
+        assert label in out
+    assert "P(target)" in out and "P(toxic)" in out and out.count("<==") == 1
+    assert "Convergence verdict: PASS" in out
+    with pytest.raises(SystemExit, match="patient '777' not found in the ID column"):
+        main([*args[:3], "--patient", "777", *args[5:], "--target", "2", "4"])

@@ -27,7 +27,11 @@ class NutsConfig(NamedTuple):
     target_accept: float = 0.8
     max_doublings: int = 10
     diagonal: bool = False  # dense: a twin couples its own parameters to the population's
-    chunk: int = 32  # patients per call of the compiled program (the last chunk is padded)
+    # Patients per call of the compiled program (the last chunk is padded). Chains in a call move
+    # in lock-step, each NUTS step as long as the longest tree among them: on CPU, where a
+    # vmapped batch costs about the sum of its members anyway, small chunks waste the least
+    # (4 vs 32 patients: 13.1 vs 7.8 progression twins/s, 3.7x faster for PK twins).
+    chunk: int = 4
 
 
 class Draws(NamedTuple):

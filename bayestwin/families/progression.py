@@ -80,6 +80,11 @@ class Progression:
     #: Deterministics that describe one patient, reported for each twin.
     patient_outputs = ("patient_intercept", "patient_slope")
     prediction = "mu"
+    #: The importance path's proposal for twins: the Laplace approximation alone. A progression
+    #: twin is linear-Gaussian given the population parameters, close to Gaussian overall
+    #: (median Pareto k̂ 0.41, no NUTS fallbacks in 1,000 benchmark twins); moment-matching
+    #: steps lowered k̂ to 0.25 but cost 14% of the throughput.
+    twin_importance = {"adapt_steps": 0}
 
     def __init__(self, residual: str = "normal", level_effects: bool = False, priors: Mapping | None = None):
         if residual not in ("normal", "student"):
