@@ -12,8 +12,10 @@ _jax.config.update("jax_enable_x64", True)
 _warnings.filterwarnings("ignore", message=".*BLAS.*", module="pytensor")
 
 from bayestwin.data import Cohort, Schema, new_key, pseudonymise, reidentify  # noqa: E402
+from bayestwin.data.nonmem import Events, read_nonmem  # noqa: E402
+from bayestwin.dosing import Regimen, dose_search  # noqa: E402
 from bayestwin.errors import ConvergenceWarning, DataError  # noqa: E402
-from bayestwin.families import Prior, Progression  # noqa: E402
+from bayestwin.families import Pk, Prior, Progression  # noqa: E402
 from bayestwin.forecast import Forecast  # noqa: E402
 from bayestwin.population import Population, fit  # noqa: E402
 from bayestwin.twin import Twin  # noqa: E402
@@ -23,14 +25,19 @@ __all__ = [
     "Cohort",
     "ConvergenceWarning",
     "DataError",
+    "Events",
     "Forecast",
+    "Pk",
     "Population",
     "Prior",
     "Progression",
+    "Regimen",
     "Schema",
     "Twin",
+    "dose_search",
     "fit",
     "new_key",
     "pseudonymise",
+    "read_nonmem",
     "reidentify",
 ]

@@ -2,7 +2,7 @@
 
 Population: the other 11 subjects, ``Pk(error="additive", correlated=False)`` (CL, V, ka with
 diagonal between-subject variability). Subject 12 is conditioned on its levels up to 3 h (the
-absorption phase) by the importance path, and compared with a refit of all 12 subjects in which
+absorption phase) by the importance path and by NUTS, and compared with a refit of all 12 subjects in which
 subject 12 has the same levels (4 x 2000 draws). Tolerances as for the progression twins:
 |Δmean| <= 0.1 reference posterior SD and SD ratio in [0.9, 1.1], with the tolerance at least 3
 Monte-Carlo SEs (reference MCSE from ArviZ, twin from its gate's importance ESS).
@@ -54,6 +54,10 @@ def test_pk_twin_matches_full_refit(theoph_twin):
     assert pop.verdict.converged and ref.verdict.converged
     assert twin.verdict.converged, str(twin.verdict)
     assert_twin_matches_refit(ref, twin, p12, PARAMS)
+    # NUTS reaches the same posterior (PK twins: target_accept 0.95, 1,000 warmup steps)
+    nuts = pop.condition(new.reset_index(drop=True), key=KEY, method="nuts", draws=2000)
+    assert nuts.verdict.converged, str(nuts.verdict)
+    assert_twin_matches_refit(ref, nuts, p12, PARAMS)
 
 
 def test_dose_search_on_the_twin(theoph_twin):
