@@ -83,8 +83,9 @@ def main() -> None:
     events = pop.cohort(new, key=KEY)
     design = pop.family.design(events.frame, events.baseline, pop.schema)
     slots = {k: cond.padded_length(v) for k, v in pop.family.slots(design).items()}
-    data, mask = cond.pad(design.data, events.patients, 8, pop.family, slots)
-    prog, approx = pop.program(8, **slots), pop.approx
+    n_pad = cond.padded_length(2)  # the same padded program as the batched twins
+    data, mask = cond.pad(design.data, events.patients, n_pad, pop.family, slots)
+    prog, approx = pop.program(n_pad, **slots), pop.approx
     times = []
     for i in range(args.loop + 1):
         model = twin_pymc_model(

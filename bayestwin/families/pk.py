@@ -16,6 +16,8 @@ the central compartment; the others are absorbed first-order (``route="oral"``) 
 ka - k (so ka > k: no flip-flop; the likelihood alone cannot tell ka from k).
 ``parameterisation="rate"`` uses (ke, ka, CL) as nlme's ``SSfol`` does, with V = CL/ke, and
 ``correlated=False`` makes the between-subject variability diagonal (nlme's ``pdDiag``).
+``lag=True`` adds an absorption lag time ``tlag`` (log-normal, with between-subject variability)
+to oral doses: nothing is absorbed before ``t_dose + tlag``.
 Observations below the LLOQ (BLQ = 1) enter by the M3 method: the likelihood
 is P(y < LLOQ), not a dropped row (:func:`m3_logp`).
 """
@@ -83,6 +85,8 @@ class Pk:
     >>> fam = Pk(compartments=1, error="additive")
     >>> fam.parameters
     ('cl', 'v', 'ka')
+    >>> Pk(compartments=2, lag=True).parameters
+    ('cl', 'v1', 'q', 'v2', 'ka', 'tlag')
     """
 
     name = "pk"
@@ -110,6 +114,7 @@ class Pk:
         priors: Mapping | None = None,
         parameterisation: str = "clearance",
         correlated: bool = True,
+        lag: bool = False,
     ):
         if compartments not in (1, 2):
             raise ValueError(f"compartments must be 1 or 2, not {compartments!r}")
@@ -121,17 +126,20 @@ class Pk:
             raise ValueError(f"parameterisation must be 'clearance' or 'rate', not {parameterisation!r}")
         if parameterisation == "rate" and compartments != 1:
             raise ValueError("parameterisation='rate' (ke, ka, cl) is for one compartment")
+        if lag and route != "oral":
+            raise ValueError("lag=True is an absorption lag time: it needs route='oral'")
         self.compartments, self.route, self.error, self.weight = compartments, route, error, weight
-        self.parameterisation, self.correlated = parameterisation, correlated
+        self.parameterisation, self.correlated, self.lag = parameterisation, correlated, lag
         self.priors = dict(priors or {})
 
     @property
     def parameters(self) -> tuple[str, ...]:
         """Log-normal parameters with between-subject variability, in model order."""
+        lag = ("tlag",) if self.lag else ()
         if self.parameterisation == "rate":  # as nlme's SSfol: lKe, lKa, lCl
-            return ("ke", "ka", "cl") if self.route == "oral" else ("ke", "cl")
+            return ("ke", "ka", "cl", *lag) if self.route == "oral" else ("ke", "cl")
         base = ("cl", "v") if self.compartments == 1 else ("cl", "v1", "q", "v2")
-        return base + (("ka",) if self.route == "oral" else ())
+        return base + (("ka", *lag) if self.route == "oral" else ())
 
     @property
     def patient_outputs(self) -> tuple[str, ...]:
@@ -152,13 +160,15 @@ class Pk:
             "weight": self.weight,
             "parameterisation": self.parameterisation,
             "correlated": self.correlated,
+            "lag": self.lag,
             "priors": {k: (v.to_dict() if isinstance(v, Prior) else v) for k, v in self.priors.items()},
         }
 
     def default_priors(self, schema: Schema, design: Design) -> dict:
         """Weakly informative, on the log scale, centred from the data's own scales.
 
-        V around (median dose / largest level), rates around a few per observation span.
+        V around (median dose / largest level), rates around a few per observation span, a lag
+        time around 1/48 of the span (half an hour for a day's sampling).
         """
         d = design.data
         amt = d["amt"][d["amt"] > 0]
@@ -167,7 +177,9 @@ class Pk:
         k0 = 3.0 / schema.time_scale  # elimination over a third of the sampling span
         centres = {"cl": np.log(v0 * k0), "v": np.log(v0), "v1": np.log(v0), "q": np.log(v0 * k0), "ke": np.log(k0)}
         centres |= {"v2": np.log(2 * v0), "ka": np.log(10.0 / schema.time_scale)}
-        pri = {f"log_{p}": Prior("Normal", mu=float(centres[p]), sigma=2.0) for p in self.parameters}
+        pri = {f"log_{p}": Prior("Normal", mu=float(centres[p]), sigma=2.0) for p in self.parameters if p != "tlag"}
+        if self.lag:
+            pri["log_tlag"] = Prior("Normal", mu=float(np.log(schema.time_scale / 48)), sigma=1.5)
         pri |= {
             "beta_cl": Prior("Normal", mu=0.0, sigma=1.0),
             "bsv_sd": Prior("Gamma", alpha=2.0, beta=4.0),  # mean 0.5 on the log scale, zero-avoiding
@@ -278,7 +290,7 @@ class Pk:
             else:
                 eta = z * pri["bsv_sd"].create("bsv_sd", dims="pk_param")[None, :]
             log_theta = typical[None, :] + eta
-            allometry = {"cl": 0.75, "q": 0.75, "v": 1.0, "v1": 1.0, "v2": 1.0, "ke": -0.25, "ka": 0.0}
+            allometry = {"cl": 0.75, "q": 0.75, "v": 1.0, "v1": 1.0, "v2": 1.0, "ke": -0.25, "ka": 0.0, "tlag": 0.0}
             log_theta = log_theta + log_wt[:, None] * np.array([allometry[p] for p in names])[None, :]
             if cov_cols:
                 beta = pri["beta_cl"].create("beta_cl", dims="covariate")
@@ -313,7 +325,7 @@ class Pk:
     def concentration(self, xp, theta: Mapping, t, t_dose, amt, duration, infusion):
         """Each dose's contribution to the central concentration at ``t`` (broadcast, not summed).
 
-        ``theta`` maps parameter names (``cl``, ``v`` or ``v1``/``q``/``v2``, ``ka``) to arrays
+        ``theta`` maps parameter names (``cl``, ``v`` or ``v1``/``q``/``v2``, ``ka``, ``tlag``) to arrays
         broadcastable against ``t - t_dose``. Infusions (``infusion`` = 1) use ``duration``; other
         doses are oral (first-order absorption) or IV boluses, per the family's route. The one
         formula behind the PyMC model and the dose search.
@@ -325,7 +337,7 @@ class Pk:
             struct = {k: theta[k] for k in ("cl", "v1", "q", "v2")}
             bolus_fn, inf_fn, oral_fn = pka.two_cmt_bolus, pka.two_cmt_infusion, pka.two_cmt_oral
         if self.route == "oral":
-            first = oral_fn(xp, t, t_dose, amt, ka=theta["ka"], **struct)
+            first = oral_fn(xp, t, t_dose, amt, ka=theta["ka"], tlag=theta.get("tlag", 0.0), **struct)
         else:
             first = bolus_fn(xp, t, t_dose, amt, **struct)
         return xp.where(infusion > 0, inf_fn(xp, t, t_dose, amt, duration, **struct), first)
@@ -398,6 +410,8 @@ def simulate(
     v: float = 30.0,
     ka: float = 1.2,
     bsv=(0.3, 0.2, 0.4),
+    tlag: float = 0.0,
+    bsv_tlag: float = 0.3,
     sigma_add: float = 0.05,
     sigma_prop: float = 0.1,
     weight: bool = False,
@@ -410,7 +424,8 @@ def simulate(
 
     Each subject gets ``n_doses`` doses of ``dose`` every ``interval`` (one dose row with ADDL/II)
     and levels at ``times`` after the *last* dose. Individual parameters are log-normal around
-    (``cl``, ``v``, ``ka``) with SDs ``bsv`` on the log scale; with ``weight``, a body weight
+    (``cl``, ``v``, ``ka``) with SDs ``bsv`` on the log scale; ``tlag`` > 0 adds an absorption lag
+    time, log-normal with SD ``bsv_tlag``; with ``weight``, a body weight
     (``WT``, kg) scales CL by (WT/70)^0.75 and V by WT/70; with ``phenotype`` (level ->
     relative CL, e.g. :data:`CYP2D6`), a ``CYP2D6`` column is drawn with :data:`CYP2D6_FREQ`
     (or equal frequencies for other levels) and multiplies CL. Observations carry combined
@@ -434,6 +449,8 @@ def simulate(
     ind_cl = cl * np.exp(eta[:, 0]) * (wt / 70.0) ** 0.75
     ind_v = v * np.exp(eta[:, 1]) * wt / 70.0
     ind_ka = ka * np.exp(eta[:, 2])
+    # drawn only when asked for: with tlag = 0 the random stream, and the simulation, are unchanged
+    ind_tlag = tlag * np.exp(rng.standard_normal(n_subjects) * bsv_tlag) if tlag > 0 else np.zeros(n_subjects)
     levels = None
     if phenotype is not None:
         names = list(phenotype)
@@ -443,8 +460,9 @@ def simulate(
     last = interval * (n_doses - 1)
     t_obs = last + np.asarray(times, float)
     t_dose = interval * np.arange(n_doses)
-    fam = Pk()
+    fam = Pk(lag=tlag > 0)
     theta = {"cl": ind_cl[:, None, None], "v": ind_v[:, None, None], "ka": ind_ka[:, None, None]}
+    theta["tlag"] = ind_tlag[:, None, None]
     conc = fam.concentration(np, theta, t_obs[None, :, None], t_dose[None, None, :], dose, 1.0, 0.0).sum(-1)
     sd = np.sqrt(sigma_add**2 + (sigma_prop * conc) ** 2)
     dv = np.maximum(conc + sd * rng.standard_normal(conc.shape), 0.0)
@@ -474,7 +492,8 @@ def simulate(
         "cl": dict(zip(ids.tolist(), ind_cl, strict=True)),
         "v": dict(zip(ids.tolist(), ind_v, strict=True)),
         "ka": dict(zip(ids.tolist(), ind_ka, strict=True)),
-        "population": {"cl": cl, "v": v, "ka": ka, "bsv": tuple(bsv), "sigma_add": sigma_add, "sigma_prop": sigma_prop},
+        "tlag": dict(zip(ids.tolist(), ind_tlag, strict=True)),
+        "population": {"cl": cl, "v": v, "ka": ka, "tlag": tlag, "bsv": tuple(bsv), "sigma_add": sigma_add, "sigma_prop": sigma_prop},
         "phenotype": dict(zip(ids.tolist(), map(str, levels), strict=True)) if levels is not None else None,
         "weight": dict(zip(ids.tolist(), wt.tolist(), strict=True)) if weight else None,
     }

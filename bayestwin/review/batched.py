@@ -26,25 +26,24 @@ def _split(x: np.ndarray) -> np.ndarray:
 
 
 def _average_ranks(flat: np.ndarray) -> np.ndarray:
-    """1-based ranks along the last axis, ties given their average rank (scipy's "average")."""
+    """1-based ranks along the last axis, ties given their average rank (scipy's "average").
+
+    One pass over all rows at once: in the sorted rows, each run of equal values gets the mean
+    of its first and last position (resampled draws, e.g. of importance twins, are full of ties).
+    """
     n = flat.shape[-1]
     order = np.argsort(flat, axis=-1)
-    srt = np.take_along_axis(flat, order, -1)
-    tied = srt[..., 1:] == srt[..., :-1]
-    pos = np.broadcast_to(np.arange(1.0, n + 1), srt.shape).copy()
-    rows = np.flatnonzero(tied.reshape(-1, n - 1).any(-1)) if n > 1 else []
-    if len(rows):  # average the ranks within runs of equal values, only where there are ties
-        sub = srt.reshape(-1, n)[rows]
-        idx = np.broadcast_to(np.arange(n), sub.shape)
-        new = np.ones(sub.shape, bool)
-        new[:, 1:] = sub[:, 1:] != sub[:, :-1]
-        end = np.ones(sub.shape, bool)
-        end[:, :-1] = new[:, 1:]
-        first = np.maximum.accumulate(np.where(new, idx, 0), axis=-1)
-        last = np.flip(np.minimum.accumulate(np.flip(np.where(end, idx, n - 1), -1), axis=-1), -1)
-        pos.reshape(-1, n)[rows] = (first + last) / 2.0 + 1.0
-    ranks = np.empty(srt.shape)
-    np.put_along_axis(ranks, order, pos, -1)
+    srt = np.take_along_axis(flat, order, -1).reshape(-1, n)
+    new = np.ones(srt.shape, bool)  # a run of equal values starts here (and at every row start)
+    np.not_equal(srt[:, 1:], srt[:, :-1], out=new[:, 1:])
+    new = new.ravel()
+    starts = np.flatnonzero(new)
+    ends = np.append(starts[1:], new.size) - 1
+    run = np.cumsum(new) - 1
+    offset = np.repeat(np.arange(srt.shape[0]) * n, n)
+    pos = ((starts + ends) / 2.0)[run] - offset + 1.0
+    ranks = np.empty(flat.shape)
+    np.put_along_axis(ranks, order, pos.reshape(flat.shape), -1)
     return ranks
 
 

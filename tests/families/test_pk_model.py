@@ -60,3 +60,39 @@ def test_two_compartment_infusions_and_blq_in_the_graph():
     expected = norm.logpdf(y, conc, sd)
     expected[3] = norm.logcdf(0.5, conc[3], sd[3])  # BLQ: P(y < LLOQ)
     np.testing.assert_allclose(ll, expected, rtol=1e-9)
+
+
+def test_lag_time_delays_oral_absorption_in_the_graph():
+    """``lag=True``: the graph's ``conc`` is the closed form with each subject's own lag time,
+    zero before it, and repeated oral doses (ADDL) are each delayed by it."""
+    rows = [
+        (1, 0.0, 100.0, np.nan, 1, 12.0, 1),
+        (1, 0.2, 0.0, 1.0, 0, 0.0, 0),  # before the lag: no drug yet
+        (1, 2.0, 0.0, 3.0, 0, 0.0, 0),
+        (1, 13.0, 0.0, 4.0, 0, 0.0, 0),  # after the second dose (ADDL) and its lag
+        (2, 0.0, 50.0, np.nan, 1, 0.0, 0),
+        (2, 1.5, 0.0, 2.0, 0, 0.0, 0),
+    ]
+    table = pd.DataFrame(rows, columns=["ID", "TIME", "AMT", "DV", "EVID", "II", "ADDL"])
+    ev = read_nonmem(table, key=KEY)
+    fam = Pk(error="additive", lag=True)
+    model = fam.build_model(fam.design(ev.frame, ev.baseline, ev.schema), ev.schema)
+    point = model.initial_point()
+    point["log_tlag"] = np.log(0.5)
+    point["z"] = np.array([[0.1, -0.2, 0.3, 0.2], [0.0, 0.1, -0.3, -0.4]])
+    names = ["conc", "patient_cl", "patient_v", "patient_ka", "patient_tlag"]
+    outputs = model.replace_rvs_by_values([model[n] for n in names])
+    conc, cl, v, ka, tlag = pm.compile(model.value_vars, outputs, on_unused_input="ignore")(**point)
+    assert 0.2 < tlag[0] < 1.0 and tlag[0] != tlag[1]  # each subject's own lag
+    t1 = np.array([0.2, 2.0, 13.0])
+    want = sum(pka.one_cmt_oral(np, t1, td, 100.0, cl[0], v[0], ka[0], tlag=tlag[0]) for td in (0.0, 12.0))
+    want = [*want, *pka.one_cmt_oral(np, np.array([1.5]), 0.0, 50.0, cl[1], v[1], ka[1], tlag=tlag[1])]
+    np.testing.assert_allclose(conc, want, rtol=1e-10)
+    assert conc[0] == 0.0
+
+
+def test_lag_needs_oral_route():
+    import pytest
+
+    with pytest.raises(ValueError, match="lag=True is an absorption lag time: it needs route='oral'"):
+        Pk(route="iv", lag=True)
