@@ -148,7 +148,7 @@ class Population:
         tune, draws, chains, target_accept, max_doublings
             NUTS settings per patient: Stan-style warmup with a dense mass matrix, then draws.
             ``tune`` and ``target_accept`` default to the family's ``twin_nuts`` (progression:
-            500 and 0.8; PK: 1000 and 0.95, for the curved posteriors of subjects with only
+            500 and 0.8; PK: 1000 and 0.99, for the curved posteriors of subjects with only
             a few levels).
             Trees are capped at 2**max_doublings - 1 leapfrog steps: patients run in lock-step,
             so one deep tree would stall the whole chunk (a twin needs ~7 steps per draw).
@@ -163,7 +163,10 @@ class Population:
             ``chains`` chains is an independent importance sampler with ``proposals`` draws from
             the twin's Laplace approximation, Pareto-smoothed (PSIS) and resampled to ``draws``;
             twins whose k̂, ESS or R-hat then fail ``thresholds`` are redone by NUTS
-            (``twin.verdict.table["method"]`` says which). Same target density either way.
+            (``twin.verdict.table["method"]`` says which), run in the coordinates of the twin's
+            final importance proposal (x = centre + scale u, where the posterior is near
+            standard normal) with a diagonal metric and ``ImportanceConfig.fallback_tune``
+            (500) warmup steps. Same target density either way.
 
         Returns
         -------

@@ -62,7 +62,9 @@ class Twin:
 
         With ``importance``, every twin is first drawn by Laplace-proposal importance sampling;
         twins that then fail the gate (Pareto k̂, ESS, R-hat across the independent samplers)
-        are redone by NUTS with ``cfg``. ``verdict.table["method"]`` says which path each took.
+        are redone by NUTS with ``cfg``, preconditioned by their final importance proposal and with
+        ``importance.fallback_tune`` warmup steps (0: plain NUTS). ``verdict.table["method"]``
+        says which path each took.
         """
         fam, schema = population.family, population.schema
         patients = cohort.patients
@@ -74,9 +76,14 @@ class Twin:
         data, mask = cond.pad(design.data, patients, n_pad, fam, slots)
         seeds = population.patient_seeds(patients, seed)
 
-        def nuts(sel):
-            run = population.compiled(("run", cfg), n_pad, lambda p, a: cond.make_run(p, a, cfg), **slots)
-            return _chunked(run, {k: v[sel] for k, v in data.items()}, mask[sel], seeds[sel], cfg.chunk)
+        def nuts(sel, run_cfg=cfg, affine=None):
+            pre = affine is not None
+            build = lambda p, a: cond.make_run(p, a, run_cfg, preconditioned=pre)  # noqa: E731
+            run = population.compiled(("run", run_cfg, pre), n_pad, build, **slots)
+            sub = {k: v[sel] for k, v in data.items()}
+            if pre:
+                sub |= {k: v[sel] for k, v in zip(cond.PRECONDITION, affine, strict=True)}
+            return _chunked(run, sub, mask[sel], seeds[sel], run_cfg.chunk)
 
         everyone = np.arange(len(patients))
         if importance is None:
@@ -88,11 +95,16 @@ class Twin:
             )
             draws, values = _chunked(run_is, data, mask, seeds, importance.chunk)
             stats = _importance_stats(draws)
+            affine = (draws.centre, draws.scale)
         table = _table(values, stats, patients, n_rows, fam, approx)
         if importance is not None:
             redo = np.flatnonzero(~gate(table, thresholds, by="patient").table["converged"].to_numpy())
             if len(redo):  # the fast path did not pass the gate for these twins: NUTS decides
-                draws, sub = nuts(redo)
+                if importance.fallback_tune:  # preconditioned by the twin's importance proposal
+                    fallback = cfg._replace(tune=importance.fallback_tune, diagonal=True)
+                    draws, sub = nuts(redo, fallback, affine)
+                else:
+                    draws, sub = nuts(redo)
                 fresh = _nuts_stats(draws)
                 for k, v in stats.items():
                     v[redo] = fresh[k]

