@@ -62,7 +62,9 @@ def test_pk_twin_matches_full_refit(theoph_twin):
     assert_twin_matches_refit(ref, nuts, p12, PARAMS)
     # ... and so does the importance path's NUTS fallback (preconditioned by the importance
     # proposal, 500 warmup steps), here forced by a k̂ limit below any k̂
-    forced = pop.condition(new.reset_index(drop=True), key=KEY, method="importance", draws=2000, thresholds=Thresholds(khat=-1.0))
+    forced = pop.condition(
+        new.reset_index(drop=True), key=KEY, method="importance", draws=2000, thresholds=Thresholds(khat=-1.0)
+    )
     assert (forced.verdict.table["method"] == "nuts").all() and forced.verdict.converged, str(forced.verdict)
     assert_twin_matches_refit(ref, forced, p12, PARAMS)
 

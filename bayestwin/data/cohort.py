@@ -201,6 +201,19 @@ class Cohort:
         out.frame = frame.sort_values([PATIENT, TIME], kind="stable")
         return out
 
+    def restrict(self, frame: pd.DataFrame) -> Cohort:
+        """This cohort with only the rows of ``frame`` (a subset of ``self.frame``, e.g. each
+        patient's first visits); patients left without rows are dropped. Nothing is re-validated.
+        """
+        extra = frame.index.difference(self.frame.index)
+        if len(extra):
+            raise ValueError(f"restrict() takes rows of this cohort's frame; row {extra[0]!r} is not one")
+        out = object.__new__(Cohort)
+        out.__dict__.update(self.__dict__)
+        out.frame = self.frame.loc[frame.index]
+        out.baseline = self.baseline.loc[self.baseline.index.isin(out.frame[PATIENT])]
+        return out
+
     def __repr__(self) -> str:
         return (
             f"Cohort({self.n_patients} patients, {len(self.frame)} rows, "

@@ -495,7 +495,15 @@ def simulate(
         "v": dict(zip(ids.tolist(), ind_v, strict=True)),
         "ka": dict(zip(ids.tolist(), ind_ka, strict=True)),
         "tlag": dict(zip(ids.tolist(), ind_tlag, strict=True)),
-        "population": {"cl": cl, "v": v, "ka": ka, "tlag": tlag, "bsv": tuple(bsv), "sigma_add": sigma_add, "sigma_prop": sigma_prop},
+        "population": {
+            "cl": cl,
+            "v": v,
+            "ka": ka,
+            "tlag": tlag,
+            "bsv": tuple(bsv),
+            "sigma_add": sigma_add,
+            "sigma_prop": sigma_prop,
+        },
         "phenotype": dict(zip(ids.tolist(), map(str, levels), strict=True)) if levels is not None else None,
         "weight": dict(zip(ids.tolist(), wt.tolist(), strict=True)) if weight else None,
     }
