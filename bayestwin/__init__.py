@@ -14,7 +14,7 @@ _warnings.filterwarnings("ignore", message=".*BLAS.*", module="pytensor")
 from bayestwin.data import Cohort, Schema, new_key, pseudonymise, reidentify  # noqa: E402
 from bayestwin.data.nonmem import Events, read_nonmem  # noqa: E402
 from bayestwin.dosing import Regimen, dose_search  # noqa: E402
-from bayestwin.errors import ConvergenceWarning, DataError  # noqa: E402
+from bayestwin.errors import ConvergenceWarning, DataError, OutOfPopulationWarning  # noqa: E402
 from bayestwin.families import Pk, Prior, Progression  # noqa: E402
 from bayestwin.forecast import Forecast  # noqa: E402
 from bayestwin.population import Population, fit  # noqa: E402
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Cohort",
     "ConvergenceWarning",
+    "OutOfPopulationWarning",
     "DataError",
     "Events",
     "Forecast",

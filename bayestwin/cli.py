@@ -116,6 +116,32 @@ def _dose(args) -> int:
     return 0 if ok else 2
 
 
+def _review(args) -> int:
+    from pathlib import Path
+
+    import xarray as xr
+
+    from bayestwin.review.report import review
+
+    src = Path(args.path)
+    if not src.is_file():
+        print(f"bayestwin review: no such file: {src}", file=sys.stderr)
+        return 1
+    try:
+        tree = xr.open_datatree(src)
+    except (OSError, ValueError) as err:
+        print(f"bayestwin review: {src} is not an ArviZ DataTree in netCDF: {err}", file=sys.stderr)
+        return 1
+    missing = {"posterior", "sample_stats"} - set(tree.children)
+    if missing:
+        print(f"bayestwin review: {src} lacks the group(s) {sorted(missing)}", file=sys.stderr)
+        return 1
+    out = review(tree.load(), args.output or src.with_suffix(".html"))
+    if not args.quiet:
+        print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bayestwin",
@@ -164,6 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     dose.add_argument("--seed", type=int, default=0)
     dose.add_argument("--quiet", action="store_true", help="print nothing; exit status only")
     dose.set_defaults(func=_dose)
+
+    rev = sub.add_parser(
+        "review",
+        help="write the reviewer report (one self-contained HTML file) of a saved fit",
+        description="Write the reviewer report of a fit saved as an ArviZ DataTree in netCDF "
+        "(e.g. population.idata.to_netcdf('fit.nc')): verdict, model card, diagnostics, rank and energy "
+        "plots and PSIS-LOO, every image embedded. From Python, bayestwin.review(population) adds the "
+        "sections that need the model (predictive checks, patient effects, calibration).",
+    )
+    rev.add_argument("path", help="netCDF file holding the fit's DataTree")
+    rev.add_argument("-o", "--output", default=None, help="HTML file to write (default: PATH with .html)")
+    rev.add_argument("--quiet", action="store_true", help="print nothing")
+    rev.set_defaults(func=_review)
     return parser
 
 

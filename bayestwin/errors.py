@@ -30,3 +30,8 @@ class DataError(BayestwinError, ValueError):
 
 class ConvergenceWarning(UserWarning):
     """A fit or twin failed the convergence gate; the verdict also travels with the result."""
+
+
+class OutOfPopulationWarning(UserWarning):
+    """A twin's random effects lie outside the population's 99% predictive region: the population
+    model may not describe this patient (data error, different disease, or a missing covariate)."""

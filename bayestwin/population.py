@@ -21,6 +21,7 @@ from bayestwin.engine.fit import FitConfig, sample_model
 from bayestwin.engine.importance import ImportanceConfig
 from bayestwin.engine.nuts import NutsConfig
 from bayestwin.families import get_family
+from bayestwin.families.base import Design
 from bayestwin.review.convergence import Thresholds, Verdict, diagnostics, gate
 
 
@@ -74,6 +75,15 @@ class Population:
         if cohort is None:
             return self.family.build_model(self.family.template_design(self.schema, 1), self.schema)
         return self.family.build_model(self.family.design(cohort.frame, cohort.baseline, self.schema), self.schema)
+
+    def fitted_model(self) -> pm.Model:
+        """The PyMC model of the fit itself, rebuilt from the DataTree's constant and observed data
+        (the cohort's table is not kept): for predictive checks and extensions of this fit."""
+        const = self.idata.constant_data.to_dataset()
+        data = {name: const[name].to_numpy() for name in const.data_vars}
+        data.setdefault("y_obs", self.idata.observed_data[self.family.observed].to_numpy())
+        design = Design(patients=list(const["patient"].to_numpy()), data=data)
+        return self.family.build_model(design, self.schema)
 
     # ------------------------------------------------------------ conditioning
     def program(self, n_obs: int, **slots) -> TwinProgram:

@@ -18,6 +18,7 @@ from bayestwin.data.cohort import Cohort
 from bayestwin.engine import condition as cond
 from bayestwin.engine.importance import ImportanceConfig
 from bayestwin.engine.nuts import NutsConfig
+from bayestwin.errors import OutOfPopulationWarning
 from bayestwin.review import batched
 from bayestwin.review.convergence import Thresholds, Verdict, gate
 
@@ -114,6 +115,7 @@ class Twin:
                 table.iloc[redo] = fixed.to_numpy()
         verdict = gate(table, thresholds, by="patient")
         verdict.warn(f"{(~verdict.table['converged']).sum()} of {len(patients)} twin(s)")
+        _warn_out_of_population(table)
         idata = _to_datatree(values, stats, patients, fam)
         return cls(population, cohort, idata, verdict, cfg, seed, stats["position"], importance)
 
@@ -139,6 +141,7 @@ class Twin:
             out[(n, "q95")] = q[n].sel(quantile=0.95).to_series()
         table = pd.DataFrame(out)
         table[("gate", "converged")] = self.verdict.table["converged"]
+        table[("gate", "out_of_population")] = self.verdict.table["out_of_population"]
         return table
 
     # -------------------------------------------------------------- update
@@ -214,13 +217,27 @@ class Twin:
 
     def __repr__(self) -> str:
         ok = int(self.verdict.table["converged"].sum())
+        out = int(self.verdict.table["out_of_population"].sum())
         return (
             f"Twin({len(self.patients)} patient(s), {self.config.chains}x{self.config.draws} draws, "
-            f"{ok} converged; verdict: {self.verdict})"
+            f"{ok} converged, {out} out of population; verdict: {self.verdict})"
         )
 
     def _repr_html_(self) -> str:
         return f"<b>Twin</b> — <i>{self.verdict}</i>" + self.summary().to_html(float_format=lambda x: f"{x:.3g}")
+
+
+def _warn_out_of_population(table: pd.DataFrame) -> None:
+    out = table.index[table["out_of_population"].to_numpy(bool)]
+    if len(out):
+        level = f"{OUT_OF_POPULATION_LEVEL:.0%}"
+        names = ", ".join(map(str, out[:5])) + (f" and {len(out) - 5} more" if len(out) > 5 else "")
+        warnings.warn(
+            f"{len(out)} twin(s) outside the population's {level} predictive region "
+            f"(random effects more extreme than the population allows): {names}",
+            OutOfPopulationWarning,
+            stacklevel=3,
+        )
 
 
 def _chunked(run, data: dict, mask: np.ndarray, seeds: np.ndarray, chunk: int):
@@ -345,10 +362,32 @@ def _table(values: dict, stats: dict, patients, n_rows, family, approx) -> pd.Da
             "n_obs": n_rows,
             # how far the patient moved phi, in population-posterior SDs
             "phi_shift": np.linalg.norm(stats["position"][..., : approx.mean.shape[0]].mean((1, 2)), axis=-1),
+            **out_of_population(stats["position"][..., approx.mean.shape[0] :]),
         },
         index=pd.Index(patients, name="patient"),
     )
     return table
+
+
+#: The population predictive region a twin's random effects are checked against.
+OUT_OF_POPULATION_LEVEL = 0.99
+
+
+def out_of_population(z: np.ndarray, level: float = OUT_OF_POPULATION_LEVEL) -> dict:
+    """Per patient: the posterior median of |z|² and whether it exceeds the ``level`` region.
+
+    ``z`` (patients, chain, draw, k) are the patient's standardised random effects (the families'
+    non-centred offsets: z ~ N(0, I) under the population, so |z|² ~ χ²_k, the squared
+    Mahalanobis distance of the random effects from the population centre). A patient is outside
+    the population's ``level`` predictive region when the posterior median of |z|² exceeds the χ²_k
+    ``level`` quantile: more likely than not, their random effects are more extreme than 99% of
+    the population's. A patient without data keeps the prior (median χ²_k(0.5)): never flagged.
+    """
+    from scipy.stats import chi2
+
+    k = z.shape[-1]
+    d2 = np.median((z**2).sum(-1).reshape(z.shape[0], -1), axis=1)
+    return {"re_distance2": d2, "out_of_population": d2 > chi2.ppf(level, k)}
 
 
 def _to_datatree(values: dict, stats: dict, patients, family) -> xr.DataTree:

@@ -32,6 +32,7 @@ import bayestwin as bt  # noqa: E402
 from bayestwin.engine import condition as cond  # noqa: E402
 from bayestwin.engine.compile import twin_pymc_model  # noqa: E402
 from bayestwin.families.progression import simulate  # noqa: E402
+from bayestwin.review.convergence import Thresholds  # noqa: E402
 
 KEY = b"benchmark-key-0123456"
 THERAPIES = ["standard", "drug_a", "drug_b"]
@@ -65,6 +66,9 @@ def bench_twins(pop, n_patients: int, n_loop: int, draws: int, tune: int, chunk:
         t0 = time.perf_counter()
         pop.condition(warm, key=KEY, draws=draws, tune=tune, method=method, chunk=chunk)
         compile_s = time.perf_counter() - t0
+        if method == "importance":  # compile the NUTS fallback too (k̂ limit below any k̂: 8 twins forced)
+            forced = warm[warm.patient.isin(warm.patient.unique()[:8])]
+            pop.condition(forced, key=KEY, draws=draws, tune=tune, method=method, thresholds=Thresholds(khat=-1))
         t0 = time.perf_counter()
         twin = pop.condition(new, key=KEY, draws=draws, tune=tune, seed=1, method=method, chunk=chunk)
         warm_s = time.perf_counter() - t0

@@ -166,3 +166,27 @@ def test_importance_path_gate_and_fallback(population, simulated, twin):
     assert (fast.update(later, key=KEY).verdict.table["method"] == "importance").all()
     with pytest.raises(ValueError, match="method must be 'nuts' or 'importance', not 'laplace'"):
         population.condition(held, key=KEY, method="laplace")
+
+
+def test_out_of_population_flag(population, simulated, twin):
+    """A patient whose level sits 10 population SDs above anyone else's is flagged (and warned
+    about); the held-out patients drawn from the population, and a patient without data, are not."""
+    from scipy.stats import chi2
+
+    _, held, _ = simulated
+    table = twin.verdict.table
+    assert not table["out_of_population"].any()
+    assert (table["re_distance2"] < chi2.ppf(0.99, 2)).all()
+    pid = held.patient.unique()[0]
+    sd0 = float(population.posterior["re_chol_stds"].isel(re_chol_stds_dim_0=0).mean())
+    odd = held[held.patient == pid].assign(outcome=lambda d: d.outcome + 10 * sd0)
+    with pytest.warns(bt.OutOfPopulationWarning, match=r"1 twin\(s\) outside the population's 99% predictive region"):
+        flagged = population.condition(odd, key=KEY, seed=1, method="importance")
+    row = flagged.verdict.table.loc[bt.pseudonymise(pid, KEY)]
+    assert row["out_of_population"] and row["re_distance2"] > chi2.ppf(0.99, 2)
+    assert "1 out of population" in repr(flagged)
+    assert bool(flagged.summary()[("gate", "out_of_population")].iloc[0])
+    rows = held[held.patient == pid]
+    base = rows[["patient", "age", "sex"]].drop_duplicates()
+    empty = population.condition(rows.iloc[:0].drop(columns=["age", "sex"]), baseline=base, key=KEY, seed=1)
+    assert not empty.verdict.table["out_of_population"].any()

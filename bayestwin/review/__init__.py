@@ -1,6 +1,23 @@
-"""Review: the convergence gate and forecast calibration."""
+"""Review: the convergence gate, predictive checks, forecast calibration and the reviewer report.
+
+``from bayestwin.review import review`` writes the one-file HTML report of a fit or twins.
+"""
 
 from bayestwin.review.calibration import Calibration, forecast_calibration
 from bayestwin.review.convergence import Thresholds, Verdict, diagnostics, gate
+from bayestwin.review.predictive import compare, loo, pareto_k_table, predictive_check
+from bayestwin.review.report import review
 
-__all__ = ["Calibration", "Thresholds", "Verdict", "diagnostics", "forecast_calibration", "gate"]
+__all__ = [
+    "Calibration",
+    "Thresholds",
+    "Verdict",
+    "compare",
+    "diagnostics",
+    "forecast_calibration",
+    "gate",
+    "loo",
+    "pareto_k_table",
+    "predictive_check",
+    "review",
+]
