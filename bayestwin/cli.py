@@ -142,6 +142,21 @@ def _review(args) -> int:
     return 0
 
 
+def _validate(args) -> int:
+    from bayestwin.review.sbc import run_sbc
+
+    say = print if not args.quiet else (lambda *a, **k: None)
+    try:
+        res = run_sbc(args.family, reps=args.reps, twins=args.twins, out=args.out, seed=args.seed, say=say)
+    except ValueError as err:
+        print(f"bayestwin validate sbc: {err}", file=sys.stderr)
+        return 1
+    worst = min(float(r.table["p_value"].min()) for r in res.values())
+    verdict = "PASS" if worst > args.alpha else "FAIL"
+    say(f"Rank uniformity: {verdict} (smallest χ² p-value {worst:.4f}, alpha {args.alpha})")
+    return 0 if worst > args.alpha else 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bayestwin",
@@ -203,6 +218,25 @@ def build_parser() -> argparse.ArgumentParser:
     rev.add_argument("-o", "--output", default=None, help="HTML file to write (default: PATH with .html)")
     rev.add_argument("--quiet", action="store_true", help="print nothing")
     rev.set_defaults(func=_review)
+
+    val = sub.add_parser("validate", help="validation runs: simulation-based calibration (sbc)")
+    vsub = val.add_subparsers(dest="what", metavar="WHAT", required=True)
+    sbc = vsub.add_parser(
+        "sbc",
+        help="simulation-based calibration of the population fit and of the twin conditioning step",
+        description="Simulation-based calibration (Talts et al. 2018): data simulated from the prior, refitted, "
+        "and the ranks of the true values among the posterior draws tested for uniformity (chi-square), for the "
+        "population fit (--reps replicates, one fit each) and for the twin conditioning step (--twins virtual "
+        "patients, conditioned at once). Exits 2 if a p-value is below --alpha.",
+    )
+    sbc.add_argument("--family", default="progression", help="model family (default progression)")
+    sbc.add_argument("--reps", type=int, default=20, help="population-fit replicates (default 20; 200 for a full run)")
+    sbc.add_argument("--twins", type=int, default=200, help="virtual patients for the twin step (default 200)")
+    sbc.add_argument("--out", default=None, help="folder for the rank plots and the table (CSV)")
+    sbc.add_argument("--alpha", type=float, default=0.001, help="smallest acceptable p-value (default 0.001)")
+    sbc.add_argument("--seed", type=int, default=0)
+    sbc.add_argument("--quiet", action="store_true", help="print nothing; exit status only")
+    sbc.set_defaults(func=_validate)
     return parser
 
 

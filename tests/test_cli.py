@@ -57,3 +57,18 @@ def test_dose_prints_regimen_table_for_one_patient(tmp_path, capsys):
     assert "Convergence verdict: PASS" in out
     with pytest.raises(SystemExit, match="patient '777' not found in the ID column"):
         main([*args[:3], "--patient", "777", *args[5:], "--target", "2", "4"])
+
+
+@pytest.mark.slow
+def test_validate_sbc_writes_plots_and_passes(tmp_path, capsys):
+    code = main(["validate", "sbc", "--reps", "2", "--twins", "60", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "SBC of the population fit: 2 replicates" in out and "SBC of the twin conditioning step: 60" in out
+    assert "Rank uniformity: PASS" in out
+    for name in ("sbc_fit.png", "sbc_twins.png", "sbc.csv"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert main(["validate", "sbc", "--family", "pk", "--quiet"]) == 1
+    assert "SBC is implemented for families with a longitudinal outcome table (progression), not 'pk'" in (
+        capsys.readouterr().err
+    )

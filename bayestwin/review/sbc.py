@@ -1,0 +1,251 @@
+"""Simulation-based calibration (Talts, Betancourt, Simpson, Vehtari & Gelman 2018).
+
+If data are simulated from the prior and the model's own likelihood, the rank of each true
+parameter among posterior draws is uniform, whatever the model, when (and only when, for the
+tested quantities) the inference is right. Two steps of bayestwin are checked:
+
+* :func:`sbc_twins`: the conditioning step. The twin's prior is the population's predictive
+  (population parameters from the population posterior's approximation, the patient's random
+  effects from their prior), so a true (phi, z) per virtual patient, simulated visits, and the
+  twin conditioned on them give one replicate per patient; every patient of a batch is one
+  replicate, so hundreds cost seconds.
+* :func:`sbc_fit`: the population fit. True population parameters and data from the model's
+  prior predictive on a fixed design, a full :func:`bayestwin.fit` per replicate.
+
+Ranks use ``L`` posterior draws chosen at random (thinning: NUTS draws are autocorrelated, the
+importance path's are resampled) and are tested with a χ² test of the histogram in ``bins``
+equal bins (``SBC.table``: p-value per quantity; ``SBC.plot``: histograms with a 99% band for
+uniform counts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from bayestwin.data.cohort import OUTCOME
+
+
+@dataclass
+class SBC:
+    """Ranks of the true values (``ranks``: one row per replicate, one column per quantity)."""
+
+    ranks: pd.DataFrame
+    L: int  # posterior draws each rank is taken among (ranks are 0..L)
+    bins: int = 10
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """Per quantity: replicates, mean rank / L (0.5 when calibrated), χ² statistic and p-value."""
+        rows = {}
+        for name, r in self.ranks.items():
+            counts = self.counts(name)
+            chi2, p = stats.chisquare(counts)
+            rows[name] = {"reps": len(r), "mean_rank": float(r.mean()) / self.L, "chi2": chi2, "p_value": p}
+        return pd.DataFrame.from_dict(rows, orient="index")
+
+    def counts(self, name: str) -> np.ndarray:
+        """Histogram of the ranks of ``name`` in ``bins`` equal bins of 0..L."""
+        return np.histogram(self.ranks[name], bins=self.bins, range=(0, self.L + 1))[0]
+
+    def plot(self, axes=None):
+        """Rank histograms with the 99% band of counts under uniformity (binomial)."""
+        import matplotlib.pyplot as plt
+
+        names = list(self.ranks.columns)
+        if axes is None:
+            _, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+            axes = axes[0]
+        n = len(self.ranks)
+        lo, hi = stats.binom.ppf([0.005, 0.995], n, 1 / self.bins)
+        for ax, name in zip(axes, names, strict=True):
+            ax.bar(np.arange(self.bins), self.counts(name), width=1.0, color="C0", alpha=0.7, align="edge")
+            ax.axhspan(lo, hi, color="k", alpha=0.12)
+            ax.axhline(n / self.bins, color="k", lw=1)
+            ax.set(title=f"{name} (p = {self.table.loc[name, 'p_value']:.2f})", xticks=[], yticks=[])
+        return axes
+
+    def __repr__(self) -> str:
+        p = self.table["p_value"]
+        return f"SBC({len(self.ranks)} replicates, {len(p)} quantities, smallest χ² p-value {p.min():.3f})"
+
+
+def ranks_of(truth: np.ndarray, draws: np.ndarray, L: int, rng: np.random.Generator) -> np.ndarray:
+    """Rank of each ``truth[i]`` among ``L`` draws picked at random from ``draws[i]`` (ties split at random)."""
+    pick = np.stack([rng.choice(d.size, L, replace=False) for d in draws])
+    sub = np.take_along_axis(draws.reshape(len(draws), -1), pick, axis=1)
+    below = (sub < truth[:, None]).sum(1)
+    ties = (sub == truth[:, None]).sum(1)
+    return below + rng.integers(0, ties + 1)
+
+
+def sbc_twins(population, rows, *, key, L: int = 99, bins: int = 10, method: str = "importance", seed: int = 0):
+    """SBC of the twin conditioning step, one replicate per patient of ``rows``.
+
+    ``rows``: a template of virtual patients in the fitting table's columns (their visit times,
+    therapies and covariates are used; their outcomes are replaced by simulated ones). Each
+    patient gets a true draw of the population parameters (from the population posterior's
+    Gaussian approximation, as twins use) and of their random effects (prior), visits simulated
+    from the family's likelihood, and a twin; the ranks of the true patient-level quantities
+    (e.g. ``patient_intercept``) and residual parameters among the twin's draws are returned.
+    """
+    from bayestwin.engine import condition as cond
+
+    fam = population.family
+    cohort = population.cohort(rows, key=key)
+    if OUTCOME not in cohort.frame:
+        raise ValueError(f"sbc_twins needs a longitudinal outcome table; family {fam.name!r} has none")
+    design = fam.design(cohort.frame, cohort.baseline, population.schema)
+    patients = cohort.patients
+    n_rows = np.bincount(design.data["patient_idx"], minlength=len(patients))
+    n_pad = cond.padded_length(int(n_rows.max()))
+    data, _ = cond.pad(design.data, patients, n_pad, fam)
+    prog, approx = population.program(n_pad), population.approx
+    d = approx.mean.shape[0] + sum(b.size for b in prog.patient)
+    k_x, k_y = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(k_x, (len(patients), 1, 1, d))
+    truth = cond._batched_outputs(prog, approx)(x, tuple(np.asarray(data[n]) for n in prog.data_names))
+    pred = {n: np.asarray(data[n])[:, None] for n in prog.predict_data_names}
+    mu = cond.make_predict(prog, approx)(x, pred)[:, 0, 0, 0, :]  # (patients, n_pad) at their own visits
+    params = {r: truth[r][:, 0, 0].reshape(len(patients), 1) for r in fam.residual_params}
+    y = np.asarray(fam.observe(k_y, mu, params))
+    frame = cohort.frame.copy()
+    idx = design.data["patient_idx"]
+    for i in range(len(patients)):  # design rows follow the frame's order within each patient
+        frame.loc[frame.index[idx == i], OUTCOME] = y[i, : n_rows[i]]
+    simulated = cohort.restrict(cohort.frame)
+    simulated.frame = frame
+    twin = population.condition(simulated, seed=seed, method=method)
+    rng = np.random.default_rng(seed)
+    names = [*fam.patient_outputs, *fam.residual_params]
+    out = {}
+    for n in names:
+        true = np.asarray(truth[n])[:, 0, 0].reshape(len(patients))
+        draws = twin.posterior[n].transpose("patient", "chain", "draw").to_numpy().reshape(len(patients), -1)
+        out[n] = ranks_of(true, draws, L, rng)
+    return SBC(pd.DataFrame(out, index=pd.Index(patients, name="patient")), L, bins), twin
+
+
+def sbc_fit(
+    cohort,
+    family=None,
+    *,
+    reps: int,
+    quantities: Sequence[str] | None = None,
+    L: int = 99,
+    bins: int = 10,
+    seed: int = 0,
+    **fit_kwargs,
+) -> SBC:
+    """SBC of the population fit: ``reps`` data sets drawn from the prior predictive on ``cohort``'s design.
+
+    Each replicate draws the population parameters and the outcomes from the family's priors
+    (``pm.sample_prior_predictive`` on the model of ``cohort``), refits with
+    :func:`bayestwin.fit` (``fit_kwargs``, e.g. ``draws=500``), and ranks the true values of
+    ``quantities`` (default: the scalar population parameters) among the posterior draws.
+    Replicates whose fit fails the convergence gate are kept and counted in ``SBC.ranks.attrs``.
+    """
+    import warnings
+
+    import pymc as pm
+
+    from bayestwin.families import get_family
+    from bayestwin.population import fit
+
+    fam = family if family is not None else get_family("progression")
+    if OUTCOME not in cohort.frame:
+        raise ValueError(f"sbc_fit needs a longitudinal outcome table; family {fam.name!r} has none")
+    design = fam.design(cohort.frame, cohort.baseline, cohort.schema)
+    model = fam.build_model(design, cohort.schema)
+    draws = pm.sample_prior_predictive(draws=reps, model=model, random_seed=seed)
+    prior = draws.prior.to_dataset() if hasattr(draws.prior, "to_dataset") else draws.prior
+    ys = draws.prior_predictive[fam.observed].to_numpy().reshape(reps, -1)  # (reps, obs), the same draws
+    if quantities is None:
+        quantities = [n for n, v in prior.data_vars.items() if set(v.dims) == {"chain", "draw"}]
+    rng = np.random.default_rng(seed)
+    rows, failed = [], 0
+    for r in range(reps):
+        frame = cohort.frame.copy()
+        frame[OUTCOME] = ys[r]  # design rows are the frame's rows, in order
+        rep = cohort.restrict(cohort.frame)
+        rep.frame = frame
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pop = fit(rep, fam, seed=seed + r, progressbar=False, **fit_kwargs)
+        failed += not pop.verdict.converged
+        post = pop.posterior
+        true = {q: np.array([prior[q].to_numpy().ravel()[r]]) for q in quantities}
+        rows.append({q: int(ranks_of(true[q], post[q].to_numpy().reshape(1, -1), L, rng)[0]) for q in quantities})
+    ranks = pd.DataFrame(rows)
+    ranks.attrs["not_converged"] = failed
+    return SBC(ranks, L, bins)
+
+
+def run_sbc(
+    family: str = "progression",
+    *,
+    reps: int = 20,
+    twins: int = 200,
+    out=None,
+    seed: int = 0,
+    draws: int = 500,
+    say=print,
+) -> dict[str, SBC]:
+    """The SBC of ``bayestwin validate sbc``: the population fit (``reps`` replicates) and the
+    twin conditioning step (``twins`` virtual patients), on a simulated design.
+
+    Design: 16 simulated patients with visits at 0, 3, 6 and 9 on two therapies (fit SBC); the
+    twins' population is fitted to 40 simulated patients and each virtual patient has 3 visits.
+    Writes ``sbc_fit.png`` and ``sbc_twins.png`` (rank histograms) and ``sbc.csv`` (the
+    tables) into ``out`` when given. Returns {"fit": SBC, "twins": SBC}.
+    """
+    import warnings
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bayestwin.data.cohort import Cohort
+    from bayestwin.families.progression import simulate
+    from bayestwin.population import fit
+
+    if family != "progression":
+        raise ValueError(
+            f"SBC is implemented for families with a longitudinal outcome table (progression), not {family!r}"
+        )
+    key = b"sbc-design-key-" + str(seed).encode()
+    arms = ("standard", "drug_a")
+    results = {}
+    rows, _ = simulate(n_patients=16, therapies=arms, therapy_slope=(-0.8,), times=(0, 3, 6, 9), seed=seed)
+    design = Cohort(rows, covariates=["age", "sex"], therapies=arms, key=key)
+    say(f"SBC of the population fit: {reps} replicates on {design} ...")
+    results["fit"] = sbc_fit(design, reps=reps, seed=seed, draws=draws, tune=draws)
+    say(results["fit"].table.to_string(float_format=lambda x: f"{x:.3f}"))
+    say(f"({results['fit'].ranks.attrs['not_converged']} of {reps} fits failed the convergence gate)")
+    train, _ = simulate(n_patients=40, therapies=arms, therapy_slope=(-0.8,), seed=seed + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pop = fit(Cohort(train, covariates=["age", "sex"], therapies=arms, key=key), seed=seed, progressbar=False)
+    virtual, _ = simulate(n_patients=twins, therapies=arms, therapy_slope=(-0.8,), seed=seed + 2)
+    say(f"SBC of the twin conditioning step: {twins} virtual patients with 3 visits ...")
+    results["twins"], _ = sbc_twins(pop, virtual[virtual.time <= 6.0], key=key, seed=seed)
+    say(results["twins"].table.to_string(float_format=lambda x: f"{x:.3f}"))
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, res in results.items():
+            axes = res.plot()
+            axes[0].figure.suptitle(f"SBC ranks, {name} ({len(res.ranks)} replicates; band: 99% for uniform)")
+            axes[0].figure.tight_layout()
+            axes[0].figure.savefig(out / f"sbc_{name}.png", dpi=100)
+            plt.close(axes[0].figure)
+        pd.concat({k: v.table for k, v in results.items()}, names=["step", "quantity"]).to_csv(out / "sbc.csv")
+        say(f"wrote {out / 'sbc_fit.png'}, {out / 'sbc_twins.png'} and {out / 'sbc.csv'}")
+    return results
