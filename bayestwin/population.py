@@ -306,6 +306,7 @@ def fit(
     table = diagnostics(post[_population_vars(post)], idata.sample_stats.to_dataset())
     verdict = gate(table, thresholds)
     verdict.warn("The population fit")
+    idata.attrs.update(verdict.to_attrs())  # the verdict travels with the saved DataTree
     settings = {**cfg._asdict(), "seed": seed, "sampler": "numpyro", "chain_method": "vectorized"}
     return Population(
         family=fam, schema=cohort.schema, columns=cohort.columns, idata=idata, verdict=verdict, sampler=settings

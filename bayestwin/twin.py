@@ -117,6 +117,7 @@ class Twin:
         verdict.warn(f"{(~verdict.table['converged']).sum()} of {len(patients)} twin(s)")
         _warn_out_of_population(table)
         idata = _to_datatree(values, stats, patients, fam)
+        idata.attrs.update(verdict.to_attrs())
         return cls(population, cohort, idata, verdict, cfg, seed, stats["position"], importance)
 
     # --------------------------------------------------------------- access

@@ -6,6 +6,7 @@ did; failing also raises one :class:`~bayestwin.errors.ConvergenceWarning`.
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
 
@@ -42,6 +43,15 @@ class Verdict:
         if self.converged:
             return "converged (R-hat, ESS, divergences and E-BFMI within limits)"
         return "NOT CONVERGED: " + "; ".join(self.failing)
+
+    def to_attrs(self) -> dict:
+        """The verdict as DataTree attributes (strings and numbers: they survive netCDF)."""
+        return {
+            "bayestwin_converged": int(self.converged),
+            "bayestwin_verdict": str(self),
+            "bayestwin_failing": json.dumps(self.failing),
+            "bayestwin_thresholds": json.dumps(self.thresholds.__dict__),
+        }
 
     def warn(self, what: str) -> None:
         if not self.converged:

@@ -149,7 +149,10 @@ def _datatree_sections(dt: xr.DataTree) -> list[str]:
     verdict = gate(table)
     card = {"variables": ", ".join(post.data_vars), "draws": f"{post.sizes['chain']} x {post.sizes['draw']}"}
     card |= {"data fingerprint": _fingerprint(dt), **_versions()}
-    out = [_verdict(verdict), _h2("Model card") + _kv(card), _h2("Diagnostics") + _table(table)]
+    out = [_verdict(verdict)]
+    if "bayestwin_verdict" in dt.attrs:  # what the gate said when the fit was made
+        out.append(_note(f"Verdict stored with the fit: {dt.attrs['bayestwin_verdict']}"))
+    out += [_h2("Model card") + _kv(card), _h2("Diagnostics") + _table(table)]
     out.append(_h2("Rank plots") + _figure(_arviz("plot_rank", dt, var_names=names)))
     out.append(_h2("Energy") + _figure(_arviz("plot_energy", dt)))
     if "log_likelihood" in dt.children:

@@ -103,6 +103,7 @@ def test_review_cli_on_a_saved_fit(population, tmp_path, capsys):
     text = html.read_text()
     assert_self_contained(text)
     assert "Rank plots" in text and "PSIS-LOO" in text and str(population.verdict).split(" (")[0] in text
+    assert f"Verdict stored with the fit: {population.verdict}" in text  # the verdict travels in the file
     assert main(["review", str(tmp_path / "missing.nc")]) == 1
     assert "no such file" in capsys.readouterr().err
     (tmp_path / "junk.nc").write_text("not netcdf")
