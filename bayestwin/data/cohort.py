@@ -207,11 +207,25 @@ class Cohort:
         """
         extra = frame.index.difference(self.frame.index)
         if len(extra):
-            raise ValueError(f"restrict() takes rows of this cohort's frame; row {extra[0]!r} is not one")
+            raise ValueError(f"restrict() takes rows of this cohort's frame; row {extra[0]} is not one")
         out = object.__new__(Cohort)
         out.__dict__.update(self.__dict__)
         out.frame = self.frame.loc[frame.index]
         out.baseline = self.baseline.loc[self.baseline.index.isin(out.frame[PATIENT])]
+        return out
+
+    def with_outcome(self, values) -> Cohort:
+        """This cohort with the outcome column replaced by ``values`` (one per row, in the frame's
+        order), e.g. simulated outcomes on the same design. Values must be finite."""
+        values = np.asarray(values, float)
+        if values.shape != (len(self.frame),):
+            raise ValueError(f"with_outcome() needs {len(self.frame)} values, one per row; got shape {values.shape}")
+        if not np.isfinite(values).all():
+            i = int(np.argmax(~np.isfinite(values)))
+            raise DataError("non-finite outcome", patient=self.frame[PATIENT].iloc[i], row=self.frame.index[i])
+        out = object.__new__(Cohort)
+        out.__dict__.update(self.__dict__)
+        out.frame = self.frame.assign(**{OUTCOME: values})
         return out
 
     def __repr__(self) -> str:

@@ -114,13 +114,11 @@ def sbc_twins(population, rows, *, key, L: int = 99, bins: int = 10, method: str
     mu = cond.make_predict(prog, approx)(x, pred)[:, 0, 0, 0, :]  # (patients, n_pad) at their own visits
     params = {r: truth[r][:, 0, 0].reshape(len(patients), 1) for r in fam.residual_params}
     y = np.asarray(fam.observe(k_y, mu, params))
-    frame = cohort.frame.copy()
     idx = design.data["patient_idx"]
-    for i in range(len(patients)):  # design rows follow the frame's order within each patient
-        frame.loc[frame.index[idx == i], OUTCOME] = y[i, : n_rows[i]]
-    simulated = cohort.restrict(cohort.frame)
-    simulated.frame = frame
-    twin = population.condition(simulated, seed=seed, method=method)
+    outcome = np.empty(len(idx))
+    for i in range(len(patients)):  # design rows are the frame's rows, in order
+        outcome[idx == i] = y[i, : n_rows[i]]
+    twin = population.condition(cohort.with_outcome(outcome), seed=seed, method=method)
     rng = np.random.default_rng(seed)
     names = [*fam.patient_outputs, *fam.residual_params]
     out = {}
@@ -170,10 +168,7 @@ def sbc_fit(
     rng = np.random.default_rng(seed)
     rows, failed = [], 0
     for r in range(reps):
-        frame = cohort.frame.copy()
-        frame[OUTCOME] = ys[r]  # design rows are the frame's rows, in order
-        rep = cohort.restrict(cohort.frame)
-        rep.frame = frame
+        rep = cohort.with_outcome(ys[r])  # design rows are the frame's rows, in order
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pop = fit(rep, fam, seed=seed + r, progressbar=False, **fit_kwargs)

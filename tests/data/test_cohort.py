@@ -138,3 +138,20 @@ def test_missing_patient_id_has_no_patient_to_name():
 def test_key_is_never_shown():
     c = make(frame())
     assert KEY.decode() not in repr(c) and KEY.decode() not in str(vars(c))
+
+
+def test_restrict_and_with_outcome():
+    df = pd.DataFrame({"patient": ["a", "a", "b", "b"], "time": [0.0, 1.0, 0.0, 1.0], "outcome": [1.0, 2.0, 3.0, 4.0]})
+    c = Cohort(df, key=b"restrict-test-key-0123")
+    first = c.restrict(c.frame[c.frame["time"] == 0.0])
+    assert len(first) == 2 and first.patients == c.patients and first.schema is c.schema
+    only_a = c.restrict(c.frame.iloc[:2])
+    assert only_a.n_patients == 1 and len(c) == 4  # the original is untouched
+    with pytest.raises(ValueError, match="restrict\\(\\) takes rows of this cohort's frame; row 9 is not one"):
+        c.restrict(c.frame.rename(index={0: 9}))
+    sim = c.with_outcome([5.0, 6.0, 7.0, 8.0])
+    assert sim.frame["outcome"].tolist() == [5.0, 6.0, 7.0, 8.0] and c.frame["outcome"].tolist() == [1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(ValueError, match="with_outcome\\(\\) needs 4 values, one per row; got shape \\(3,\\)"):
+        c.with_outcome([1.0, 2.0, 3.0])
+    with pytest.raises(DataError, match="non-finite outcome"):
+        c.with_outcome([1.0, np.nan, 3.0, 4.0])
