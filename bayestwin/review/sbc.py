@@ -173,6 +173,7 @@ def sbc_fit(
             warnings.simplefilter("ignore")
             pop = fit(rep, fam, seed=seed + r, progressbar=False, **fit_kwargs)
         failed += not pop.verdict.converged
+        jax.clear_caches()  # each fit compiles its own programs: 200 of them exhausted 24 GB
         post = pop.posterior
         true = {q: np.array([prior[q].to_numpy().ravel()[r]]) for q in quantities}
         rows.append({q: int(ranks_of(true[q], post[q].to_numpy().reshape(1, -1), L, rng)[0]) for q in quantities})
