@@ -229,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         "population fit (--reps replicates, one fit each) and for the twin conditioning step (--twins virtual "
         "patients, conditioned at once). Exits 2 if a p-value is below --alpha.",
     )
-    sbc.add_argument("--family", default="progression", help="model family (default progression)")
+    sbc.add_argument(
+        "--family", default="progression", help="progression (fit and twin step) or pk (twin step); default progression"
+    )
     sbc.add_argument("--reps", type=int, default=20, help="population-fit replicates (default 20; 200 for a full run)")
     sbc.add_argument("--twins", type=int, default=200, help="virtual patients for the twin step (default 200)")
     sbc.add_argument("--out", default=None, help="folder for the rank plots and the table (CSV)")

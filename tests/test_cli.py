@@ -81,7 +81,5 @@ def test_validate_sbc_wiring(tmp_path, capsys, monkeypatch):
     assert main(["validate", "sbc", "--reps", "5"]) == 2  # every rank 0: a miscalibrated sampler
     assert "Rank uniformity: FAIL" in capsys.readouterr().out
     monkeypatch.undo()
-    assert main(["validate", "sbc", "--family", "pk", "--quiet"]) == 1
-    assert "SBC is implemented for families with a longitudinal outcome table (progression), not 'pk'" in (
-        capsys.readouterr().err
-    )
+    assert main(["validate", "sbc", "--family", "emax", "--quiet"]) == 1
+    assert "SBC is implemented for the families 'progression' and 'pk', not 'emax'" in capsys.readouterr().err

@@ -227,3 +227,18 @@ def test_cyp2d6_effect_is_recovered_and_moves_the_dose(genotype):
     rec = table[table["recommended"]].set_index("patient")["amount"].reindex(twin.patients)
     print(dict(zip(new["CYP2D6"], rec.to_numpy(), strict=True)))
     assert rec.notna().all() and rec.is_monotonic_increasing and rec.iloc[0] < rec.iloc[2] < rec.iloc[3]
+
+
+@pytest.mark.slow
+def test_pk_twin_conditioning_passes_sbc(population):
+    """Simulation-based calibration of the PK twin step: 200 virtual subjects (one oral dose,
+    levels at 1, 4 and 8 h), true parameters from the population, levels simulated, twins
+    conditioned; the ranks of CL, V, ka and the residual SDs among the twins' draws are uniform."""
+    from bayestwin.review.sbc import sbc_twins
+
+    virtual, _ = simulate(200, seed=21, id_start=50_000, times=(1.0, 4.0, 8.0))
+    sbc, twin = sbc_twins(population, virtual, key=KEY, seed=2)
+    table = sbc.table
+    print(table.to_string())
+    assert set(table.index) == {"patient_cl", "patient_v", "patient_ka", "sigma_add", "sigma_prop"}
+    assert (table["reps"] == 200).all() and (table["p_value"] > 0.001).all()

@@ -102,6 +102,19 @@ class Events:
 
     columns = None  # NONMEM column names are fixed
 
+    def with_outcome(self, values) -> Events:
+        """These events with the levels (DV of the observation rows, in order) replaced by
+        ``values``, e.g. simulated levels on the same design; BLQ flags are cleared (simulated
+        levels are uncensored). Not re-validated: a simulated level may be negative."""
+        obs = (self.frame["EVID"] == 0).to_numpy()
+        values = np.asarray(values, float)
+        if values.shape != (int(obs.sum()),):
+            raise ValueError(f"with_outcome() needs {int(obs.sum())} levels, one per observation; got {values.shape}")
+        frame = self.frame.copy()
+        frame.loc[obs, "DV"] = values
+        frame.loc[obs, "BLQ"] = 0
+        return Events(frame=frame, covariates=self.covariates)
+
     def extend(self, new: Events) -> Events:
         """These records plus ``new`` ones of the same IDs (read with the same key), e.g. a new level.
 

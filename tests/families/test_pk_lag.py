@@ -1,6 +1,6 @@
 """Absorption lag time (``Pk(lag=True)``): recovered from simulated data, and it matters.
 
-30 simulated subjects, one 100 mg oral dose, true lag 0.75 h (log-normal BSV 0.3), levels from
+20 simulated subjects, one 100 mg oral dose, true lag 0.75 h (log-normal BSV 0.3), levels from
 0.25 h. The fitted typical lag must lie within 3 posterior SDs of the subjects' realised
 geometric mean lag (the population value the data can speak to), each subject's lag is
 recovered (posterior means track the truth), and PSIS-LOO prefers the lag model to the same
@@ -22,7 +22,7 @@ KEY = b"pk-lag-test-key-0123"
 
 @pytest.fixture(scope="module")
 def lag_fits():
-    table, truth = simulate(30, seed=5, tlag=0.75, times=(0.25, 0.5, 0.75, 1.0, 1.5, 2, 4, 8, 12))
+    table, truth = simulate(20, seed=5, tlag=0.75, times=(0.25, 0.5, 0.75, 1.0, 1.5, 2, 4, 8, 12))
     events = read_nonmem(table, key=KEY)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

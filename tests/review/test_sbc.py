@@ -47,15 +47,15 @@ def test_twin_conditioning_is_calibrated(population):
 
 @pytest.mark.slow
 def test_population_fit_sbc_small_run():
-    """A few replicates of the full fit (the benchmark runs 200): ranks valid, none extreme."""
+    """A few replicates of the full fit (a smoke test: the benchmark runs 200): ranks valid."""
     rows, _ = simulate(
         n_patients=12, therapies=("standard", "drug_a"), therapy_slope=(-0.8,), times=(0, 3, 6, 9), seed=5
     )
     cohort = bt.Cohort(rows, covariates=["age", "sex"], key=KEY)
-    sbc = sbc_fit(cohort, reps=8, seed=1, draws=500, tune=500)
+    sbc = sbc_fit(cohort, reps=4, seed=1, draws=500, tune=500)
     table = sbc.table
     print(table.to_string(), sbc.ranks.attrs)
     assert {"intercept", "slope", "sigma"} <= set(table.index)
     assert ((sbc.ranks >= 0) & (sbc.ranks <= 99)).all().all()
     assert (table["p_value"] > 1e-4).all()
-    assert sbc.ranks.attrs["not_converged"] <= 2  # prior draws make some hard data sets; the gate says which
+    assert sbc.ranks.attrs["not_converged"] <= 1  # prior draws make some hard data sets; the gate says which
