@@ -70,11 +70,8 @@ class Twin:
         fam, schema = population.family, population.schema
         patients = cohort.patients
         design = fam.design(cohort.frame, cohort.baseline, schema)
-        n_rows = np.bincount(design.data["patient_idx"], minlength=len(patients))
-        n_pad = cond.padded_length(int(n_rows.max()) if len(n_rows) else 1)
-        slots = {k: cond.padded_length(v) for k, v in fam.slots(design).items()}  # e.g. doses
+        data, mask, n_rows, n_pad, slots = cond.padded_batch(design, patients, fam)
         approx = population.approx
-        data, mask = cond.pad(design.data, patients, n_pad, fam, slots)
         seeds = population.patient_seeds(patients, seed)
 
         def nuts(sel, run_cfg=cfg, affine=None):

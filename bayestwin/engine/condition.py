@@ -77,6 +77,19 @@ def pad(design_data: dict, patients: list[str], n_pad: int, family=None, slots: 
     return out, mask
 
 
+def padded_batch(design, patients: list[str], family):
+    """A design split into per-patient padded arrays, as every batched twin program takes them.
+
+    Returns (data, mask, n_rows per patient, n_pad, slots): rows padded to :func:`padded_length`
+    of the longest patient, the family's other padded axes (e.g. PK dose slots) likewise.
+    """
+    n_rows = np.bincount(design.data["patient_idx"], minlength=len(patients))
+    n_pad = padded_length(int(n_rows.max()) if len(n_rows) else 1)
+    slots = {k: padded_length(v) for k, v in family.slots(design).items()}
+    data, mask = pad(design.data, patients, n_pad, family, slots)
+    return data, mask, n_rows, n_pad, slots
+
+
 def padded_length(n: int) -> int:
     """Round up to a power of two, at least 4, so that compiled programs are reused across batches.
 

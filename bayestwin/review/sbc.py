@@ -101,10 +101,7 @@ def sbc_twins(population, rows, *, key, L: int = 99, bins: int = 10, method: str
     cohort = population.cohort(rows, key=key)  # a Cohort, or a family's own table (PK: Events)
     design = fam.design(cohort.frame, cohort.baseline, population.schema)
     patients = cohort.patients
-    n_rows = np.bincount(design.data["patient_idx"], minlength=len(patients))
-    n_pad = cond.padded_length(int(n_rows.max()))
-    slots = {k: cond.padded_length(v) for k, v in fam.slots(design).items()}  # e.g. PK dose slots
-    data, _ = cond.pad(design.data, patients, n_pad, fam, slots)
+    data, _, n_rows, n_pad, slots = cond.padded_batch(design, patients, fam)
     prog, approx = population.program(n_pad, **slots), population.approx
     d = approx.mean.shape[0] + sum(b.size for b in prog.patient)
     k_x, k_y = jax.random.split(jax.random.key(seed))
