@@ -64,6 +64,23 @@ class Schema:
             cols += [(values == lvl).astype(float) for lvl in levels[1:]]
         return np.column_stack(cols) if cols else np.zeros((len(baseline), 0))
 
+    def baseline_from_matrix(self, X: np.ndarray, columns: list[str] | None = None) -> pd.DataFrame:
+        """The covariates as given by users, back from a design matrix (the inverse of
+        :meth:`covariate_matrix`): ``columns`` names X's columns (default: ``design_columns``)."""
+        columns = list(self.design_columns if columns is None else columns)
+        X = np.asarray(X, float).reshape(len(X), len(columns))
+        at = {c: j for j, c in enumerate(columns)}
+        out = {}
+        for name, (m, s) in self.numeric.items():
+            if name in at:
+                out[name] = X[:, at[name]] * s + m
+        for name, levels in self.categorical.items():
+            values = np.full(len(X), levels[0], dtype=object)
+            for lvl in levels[1:]:
+                values[X[:, at[f"{name}[{lvl}]"]] > 0.5] = lvl
+            out[name] = values
+        return pd.DataFrame(out)
+
     def to_dict(self) -> dict:
         return {
             "therapies": list(self.therapies),

@@ -385,6 +385,50 @@ class Pk:
         }
         return labels, times, data
 
+    # --------------------------------------------------- virtual patients
+    #: Prediction inputs that come from a subject's covariates (the rest describe the regimen).
+    covariate_inputs = ("X", "log_wt")
+
+    def covariate_arrays(self, baseline: pd.DataFrame, schema: Schema) -> dict:
+        """Per-subject prediction inputs from a covariate table (vectorised): X (n, 1, p), log_wt (n, 1)."""
+        n = len(baseline)
+        X = schema.covariate_matrix(baseline) if schema.covariates else np.zeros((n, 0))
+        if self.weight is not None:
+            X = X[:, [j for j, c in enumerate(schema.design_columns) if c != self.weight]]
+            log_wt = np.log(baseline[self.weight].to_numpy(float) / 70.0)
+        else:
+            log_wt = np.zeros(n)
+        return {"X": X[:, None, :], "log_wt": log_wt[:, None]}
+
+    def scenario_arrays(self, scenarios, times, schema: Schema, start: float = 0.0, before=None):
+        """Labels and prediction inputs (scenario, ...) for a new subject with no dosing history
+        who starts each :class:`~bayestwin.dosing.Regimen` at ``start`` (``before`` is unused)."""
+        from bayestwin.dosing import Regimen, regimen_doses
+
+        regimens = list(scenarios or [])
+        if not regimens or not all(isinstance(r, Regimen) for r in regimens):
+            raise ValueError("a PK virtual cohort needs its scenarios as a list of Regimen objects")
+        plan = regimen_doses(regimens, float(start))
+        times = np.asarray(times, float)
+        R = len(regimens)
+        data = {
+            "time": np.broadcast_to(times, (R, len(times))).copy(),
+            "blq": np.zeros((R, len(times))),
+            "t_dose": plan["t_dose"][:, None, :],
+            "amt": plan["amt"][:, None, :],
+            "duration": plan["dur"][:, None, :],
+            "infusion": plan["inf"][:, None, :],
+        }
+        return [r.label for r in regimens], data
+
+    def reference_baseline(self, constant: Mapping, schema: Schema) -> pd.DataFrame:
+        """The fitted subjects' baseline covariates, back from the fit's constant data."""
+        cols = [c for c in schema.design_columns if c != self.weight]
+        table = schema.baseline_from_matrix(np.asarray(constant["X"]), cols)
+        if self.weight is not None:
+            table[self.weight] = 70.0 * np.exp(np.asarray(constant["log_wt"], float))
+        return table
+
     def observe(self, key, mu, params: Mapping) -> jax.Array:
         """A new measured level around ``mu`` with the family's residual error (``params`` broadcast)."""
         sd = 0.0

@@ -216,6 +216,34 @@ class Progression:
         data = {k: np.stack([d[k] for d in per_patient]) for k in per_patient[0]}
         return therapies, times, data
 
+    # --------------------------------------------------- virtual patients
+    #: Prediction inputs that come from a patient's covariates (the rest describe the scenario).
+    covariate_inputs = ("X",)
+
+    def covariate_arrays(self, baseline: pd.DataFrame, schema: Schema) -> dict:
+        """Per-patient prediction inputs from a covariate table (vectorised): {"X": (n, 1, p)}."""
+        return {"X": schema.covariate_matrix(baseline)[:, None, :]}
+
+    def scenario_arrays(self, scenarios, times, schema: Schema, start: float = 0.0, before=None):
+        """Labels and prediction inputs (scenario, ...) for a new patient who is given each
+        therapy from ``start`` on (the virtual patients of a trial), and ``before`` (default:
+        the reference therapy) from time 0 until then (a run-in)."""
+        labels = list(scenarios or schema.therapies)
+        bad = [t for t in [*labels, before or schema.therapies[0]] if t not in schema.therapies]
+        if bad:
+            raise ValueError(f"therapy {bad[0]!r} not in the population's therapies {list(schema.therapies)}")
+        history = pd.DataFrame({TIME: [0.0], THERAPY: [before or schema.therapies[0]]})
+        times = np.asarray(times, float)
+        scen = [
+            self.prediction_design(history.iloc[:0] if start <= 0 else history, times, th, start, schema)
+            for th in labels
+        ]
+        return labels, {k: np.stack([s[k] for s in scen]) for k in scen[0]}
+
+    def reference_baseline(self, constant: Mapping, schema: Schema) -> pd.DataFrame:
+        """The fitted cohort's covariates, back from the fit's constant data."""
+        return schema.baseline_from_matrix(np.asarray(constant["X"]))
+
     def slots(self, design: Design) -> dict:
         """Sizes of padded axes other than observations (none here)."""
         return {}

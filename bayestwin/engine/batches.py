@@ -1,0 +1,136 @@
+"""Spread independent batches of work over a Dask cluster (or run them here), streaming each
+batch's table to disk so that a crash loses only the batches in flight.
+
+One mechanism for every large job (simulated trials, virtual cohorts, batch conditioning):
+the job is ``fn(lo, hi) -> DataFrame`` over items ``[lo, hi)``, pure given its arguments (its
+randomness keyed by item index, not by batch), so a batch computed twice, or on another worker,
+gives the same rows.
+
+With ``out``, every batch is written to ``out/<name>-<lo>-<hi>.parquet`` atomically (written to a
+temporary name in the same folder, then renamed), and a run pointed at a folder that already
+holds finished batches reads them back instead of recomputing them. ``out/run.json`` records a
+fingerprint of the job; resuming with a different job is refused.
+
+With a ``dask.distributed`` ``Client`` the batches are submitted as tasks (``client.submit``),
+written by the workers themselves (``out`` must be on a filesystem they share), and gathered as
+they finish. Workers run JAX: give each one thread of XLA per core it owns, e.g.
+``LocalCluster(n_workers=2, threads_per_worker=1)`` with ``XLA_FLAGS`` set to
+``--xla_force_host_platform_device_count=1 --xla_cpu_multi_thread_eigen=false`` and
+``OMP_NUM_THREADS=1`` in the workers' environment, so that workers do not oversubscribe cores.
+On a SLURM cluster the same call takes a ``dask_jobqueue.SLURMCluster``'s client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+#: Environment for Dask workers that run JAX: one XLA thread pool each, no nested BLAS threads.
+WORKER_ENV = {
+    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+def batch_bounds(n: int, batch: int) -> list[tuple[int, int]]:
+    """[(lo, hi), ...] covering range(n) in steps of ``batch``."""
+    if n < 1 or batch < 1:
+        raise ValueError(f"need n >= 1 and batch >= 1, not n={n}, batch={batch}")
+    return [(lo, min(lo + batch, n)) for lo in range(0, n, batch)]
+
+
+def batch_path(out, name: str, lo: int, hi: int) -> Path:
+    return Path(out) / f"{name}-{lo:010d}-{hi:010d}.parquet"
+
+
+def write_atomic(df: pd.DataFrame, path: Path) -> None:
+    """Write ``df`` as Parquet to ``path`` so that ``path`` is either absent or complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _task(fn: Callable, lo: int, hi: int, out, name: str) -> pd.DataFrame:
+    """One batch: read it back if already finished, else compute and write it."""
+    if out is not None:
+        path = batch_path(out, name, lo, hi)
+        if path.exists():
+            return pd.read_parquet(path)
+    df = fn(lo, hi)
+    if out is not None:
+        write_atomic(df, path)
+    return df
+
+
+def map_batches(
+    fn: Callable[[int, int], pd.DataFrame],
+    n: int,
+    batch: int,
+    *,
+    client=None,
+    out=None,
+    name: str = "batch",
+    fingerprint: dict | None = None,
+    say: Callable = lambda *a: None,
+) -> pd.DataFrame:
+    """Run ``fn`` over the batches of ``range(n)`` and concatenate their tables in item order.
+
+    Parameters
+    ----------
+    fn
+        ``fn(lo, hi) -> DataFrame`` for items ``lo .. hi - 1`` (must pickle, for a client).
+    client
+        A ``dask.distributed.Client``, or None to run the batches here, one after another.
+    out
+        Folder that receives each finished batch (Parquet, atomic); finished batches found there
+        are read back, not recomputed.
+    fingerprint
+        A JSON-able description of the job, checked against ``out/run.json`` when resuming.
+    """
+    bounds = batch_bounds(n, batch)
+    if out is not None:
+        _check_fingerprint(Path(out), {"name": name, "n": n, "batch": batch, **(fingerprint or {})})
+        done = sum(batch_path(out, name, lo, hi).exists() for lo, hi in bounds)
+        if done:
+            say(f"resuming: {done} of {len(bounds)} batches already in {out}")
+    if client is None:
+        parts = [_task(fn, lo, hi, out, name) for lo, hi in bounds]
+    else:
+        from distributed import as_completed
+
+        futures = {client.submit(_task, fn, lo, hi, out, name, pure=False): (lo, hi) for lo, hi in bounds}
+        results = {}
+        for fut in as_completed(list(futures)):
+            results[futures[fut]] = fut.result()
+        parts = [results[b] for b in bounds]
+    return pd.concat(parts, ignore_index=True)
+
+
+def _check_fingerprint(out: Path, fingerprint: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "run.json"
+    text = json.dumps(fingerprint, sort_keys=True, default=str)
+    if path.exists():
+        if json.loads(path.read_text()) != json.loads(text):
+            raise ValueError(
+                f"{out} holds batches of another job ({path}); use a new folder or delete it to start afresh"
+            )
+        return
+    tmp = out / f".run.json.{os.getpid()}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,27 @@
+"""Virtual cohorts and in-silico trials from a fitted population model.
+
+- :func:`virtual_cohort`: virtual patients under every therapy (xarray, replicate x patient x therapy x time);
+- :class:`TrialDesign`, :func:`simulate_trials`, :func:`operating_characteristics`,
+  :func:`sample_size`: two-arm trials, their power, type-I error and assurance;
+- :func:`procova`: prognostic-twin covariate adjustment (PROCOVA) and its sample-size saving;
+- :func:`adaptive_dosing_trial`: precision dosing by twins vs fixed dosing.
+"""
+
+from bayestwin.trials.design import TrialDesign, read_design
+from bayestwin.trials.procova import ProcovaResult, procova
+from bayestwin.trials.simulate import operating_characteristics, power, sample_size, simulate_trials
+from bayestwin.trials.virtual import draw_covariates, population_draws, virtual_cohort
+
+__all__ = [
+    "ProcovaResult",
+    "TrialDesign",
+    "draw_covariates",
+    "operating_characteristics",
+    "population_draws",
+    "power",
+    "procova",
+    "read_design",
+    "sample_size",
+    "simulate_trials",
+    "virtual_cohort",
+]
