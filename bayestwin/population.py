@@ -246,6 +246,13 @@ class Population:
             dtype=np.uint32,
         )
 
+    def __getstate__(self) -> dict:
+        """For Dask workers (cloudpickle, in memory only; artifacts on disk are never pickles):
+        compiled programs stay behind and are rebuilt where needed."""
+        state = dict(self.__dict__)
+        state["_programs"], state["_compiled"] = {}, {}
+        return state
+
     def __repr__(self) -> str:
         n = self.idata.posterior.sizes
         return (

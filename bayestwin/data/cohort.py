@@ -79,7 +79,7 @@ class Schema:
             for lvl in levels[1:]:
                 values[X[:, at[f"{name}[{lvl}]"]] > 0.5] = lvl
             out[name] = values
-        return pd.DataFrame(out)
+        return pd.DataFrame(out, index=pd.RangeIndex(len(X)))
 
     def to_dict(self) -> dict:
         return {

@@ -7,13 +7,16 @@
 - :func:`adaptive_dosing_trial`: precision dosing by twins vs fixed dosing.
 """
 
+from bayestwin.trials.adaptive import AdaptiveResult, adaptive_dosing_trial
 from bayestwin.trials.design import TrialDesign, read_design
 from bayestwin.trials.procova import ProcovaResult, procova
 from bayestwin.trials.simulate import operating_characteristics, power, sample_size, simulate_trials
 from bayestwin.trials.virtual import draw_covariates, population_draws, virtual_cohort
 
 __all__ = [
+    "AdaptiveResult",
     "ProcovaResult",
+    "adaptive_dosing_trial",
     "TrialDesign",
     "draw_covariates",
     "operating_characteristics",
