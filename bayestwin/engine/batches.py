@@ -113,7 +113,8 @@ def map_batches(
     else:
         from distributed import as_completed
 
-        futures = {client.submit(_task, fn, lo, hi, out, name, pure=False): (lo, hi) for lo, hi in bounds}
+        [shared] = client.scatter([fn], broadcast=True)  # the job (e.g. a Population) is sent once per worker
+        futures = {client.submit(_task, shared, lo, hi, out, name, pure=False): (lo, hi) for lo, hi in bounds}
         results = {}
         for fut in as_completed(list(futures)):
             results[futures[fut]] = fut.result()
