@@ -239,7 +239,27 @@ def build_parser() -> argparse.ArgumentParser:
     sbc.add_argument("--seed", type=int, default=0)
     sbc.add_argument("--quiet", action="store_true", help="print nothing; exit status only")
     sbc.set_defaults(func=_validate)
+
+    trial = sub.add_parser(
+        "trial",
+        help="simulate a two-arm trial from a population model: power, type-I error, assurance, sample size",
+        description="Read a trial file (TOML: [population], [design], [simulation]), fit the population model, "
+        "simulate the trial under the fitted (or an assumed) effect, with the effect removed, and over the "
+        "population posterior, and print the operating characteristics with Monte-Carlo SEs (and the sample "
+        "size for a target power). With no file, runs the embedded example; --example prints it.",
+    )
+    trial.add_argument("design", nargs="?", default=None, help="trial file (TOML)")
+    trial.add_argument("--example", action="store_true", help="print the example trial file and exit")
+    trial.add_argument("--out", default=None, help="write the operating-characteristics table here (CSV)")
+    trial.add_argument("--quiet", action="store_true", help="print nothing; exit status only")
+    trial.set_defaults(func=_trial)
     return parser
+
+
+def _trial(args) -> int:
+    from bayestwin.trials.cli import run
+
+    return run(args)
 
 
 def main(argv=None) -> int:

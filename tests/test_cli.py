@@ -1,5 +1,6 @@
 """The command line: help documents every command; the demo runs end to end and converges."""
 
+import pandas as pd
 import pytest
 
 from bayestwin.cli import main
@@ -83,3 +84,30 @@ def test_validate_sbc_wiring(tmp_path, capsys, monkeypatch):
     monkeypatch.undo()
     assert main(["validate", "sbc", "--family", "emax", "--quiet"]) == 1
     assert "SBC is implemented for the families 'progression' and 'pk', not 'emax'" in capsys.readouterr().err
+
+
+def test_trial_command_prints_the_operating_characteristics(population, tmp_path, monkeypatch, capsys):
+    """`bayestwin trial FILE`: the TOML is read, the design built, the table printed (the population
+    fit is the session's, so the test checks the wiring, not a fit)."""
+    import bayestwin.trials.cli as tcli
+    from bayestwin.cli import main
+
+    monkeypatch.setattr(tcli, "population_from_spec", lambda spec, say=print: population)
+    spec = tmp_path / "trial.toml"
+    spec.write_text(
+        '[design]\ncontrol = "standard"\ntreatment = "drug_b"\nn_per_arm = 10\nvisits = [0, 12]\n'
+        "[simulation]\ntrials = 200\nsample_size = true\ntarget = 0.9\n"
+    )
+    out = tmp_path / "oc.csv"
+    assert main(["trial", str(spec), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "type-I error" in text and "assurance" in text and "Sample size for power >= 0.9" in text
+    table = pd.read_csv(out)
+    assert list(table["measure"]) == ["power", "type-I error", "assurance"]
+    assert table.loc[0, "P(success)"] > 0.5  # drug_b's fitted effect is large
+
+    spec.write_text('[design]\ncontrol = "standard"\ntreatment = "drug_b"\nn_per_arm = 10\narms = 3\n')
+    with pytest.raises(SystemExit, match=r"unknown \[design\] key\(s\) \['arms'\]"):
+        main(["trial", str(spec)])
+    assert main(["trial", "--example"]) == 0
+    assert "[simulation]" in capsys.readouterr().out
