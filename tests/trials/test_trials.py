@@ -61,7 +61,9 @@ def test_sample_size_search_agrees_with_the_closed_form(population):
 
 
 def test_responder_endpoint_and_design_errors(population):
-    design = TrialDesign("standard", "drug_b", n_per_arm=30, visits=(0, T), endpoint="responder", responder_threshold=0.0)
+    design = TrialDesign(
+        "standard", "drug_b", n_per_arm=30, visits=(0, T), endpoint="responder", responder_threshold=0.0
+    )
     trials = simulate_trials(population, design, 200, seed=3)
     assert trials["estimate"].mean() > 0.2  # drug_b lowers the slope: more patients improve
     with pytest.raises(ValueError, match=r"endpoint must be one of \('change', 'responder', 'exposure'\), not 'death'"):
