@@ -270,3 +270,26 @@ def test_adaptive_dosing_trial_beats_fixed_dosing(population):
     assert gained > lost + 3 * np.sqrt(gained + lost), (gained, lost)
     assert tab.loc["adaptive", "toxic exposure rate"] <= tab.loc["fixed", "toxic exposure rate"]
     assert set(res.choices["cycle"]) == {0, 1, 2} and (res.choices.query("cycle == 0")["amount"] == 100.0).all()
+
+
+def test_exposure_trial_estimates_the_dose_ratio(population):
+    """Issue 5, PK endpoint: log AUC over the visits, 130 mg vs 100 mg: with linear PK the
+    exposure ratio is exactly 1.3, so the mean estimate of the log ratio is log(1.3)."""
+    from bayestwin.trials import TrialDesign, simulate_trials
+
+    visits = tuple(np.linspace(0.0, 36.0, 13))
+    design = TrialDesign(
+        Regimen(100.0, 12.0, doses=3),
+        Regimen(130.0, 12.0, doses=3),
+        n_per_arm=20,
+        visits=visits,
+        endpoint="exposure",
+        metric="auc",
+        direction="higher",
+        analysis="ttest",
+    )
+    trials = simulate_trials(population, design, 400, seed=1)
+    est = trials["estimate"]
+    assert abs(est.mean() - np.log(1.3)) < 3 * est.std() / np.sqrt(len(est))
+    null = simulate_trials(population, design, 400, seed=2, null=True)
+    assert null["success"].mean() < 0.025 + 3 * np.sqrt(0.025 * 0.975 / 400)

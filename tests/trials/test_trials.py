@@ -109,9 +109,12 @@ def test_dask_local_cluster_gives_the_same_trials(population, tmp_path):
 
     design = TrialDesign("standard", "drug_a", n_per_arm=20, visits=(0, T))
     local = simulate_trials(population, design, 200, seed=6, batch=50)
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, env=WORKER_ENV
-    ) as cluster, distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, env=WORKER_ENV
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         remote = simulate_trials(population, design, 200, seed=6, batch=50, client=client, out=tmp_path / "dask")
     pd.testing.assert_frame_equal(remote, local)
     assert len(list((tmp_path / "dask").glob("trials-*.parquet"))) == 4
