@@ -230,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
         "patients, conditioned at once). Exits 2 if a p-value is below --alpha.",
     )
     sbc.add_argument(
-        "--family", default="progression", help="progression (fit and twin step) or pk (twin step); default progression"
+        "--family",
+        default="progression",
+        help="progression or pk (PK: the fit under priors frozen on the design); default progression",
     )
     sbc.add_argument("--reps", type=int, default=20, help="population-fit replicates (default 20; 200 for a full run)")
     sbc.add_argument("--twins", type=int, default=200, help="virtual patients for the twin step (default 200)")

@@ -59,3 +59,23 @@ def test_population_fit_sbc_small_run():
     assert ((sbc.ranks >= 0) & (sbc.ranks <= 99)).all().all()
     assert (table["p_value"] > 1e-4).all()
     assert sbc.ranks.attrs["not_converged"] <= 1  # prior draws make some hard data sets; the gate says which
+
+
+def test_frozen_pk_priors_do_not_follow_the_data():
+    """The PK fit SBC refits prior-predictive data sets: its priors must not be recentred on them."""
+    from bayestwin.families.pk import simulate as simulate_pk
+    from bayestwin.review.sbc import frozen_pk_family
+
+    rows, _ = simulate_pk(6, seed=3, times=(0.5, 2, 8, 24))
+    events = bt.read_nonmem(rows, key=KEY)
+    fam = frozen_pk_family(events, sigma=0.5)
+    scaled = events.with_outcome(events.observations()["DV"].to_numpy() * 40.0)  # V/40 by the data-centred rule
+
+    def priors(ev):
+        design = fam.design(ev.frame, ev.baseline, ev.schema)
+        return fam.default_priors(ev.schema, design) | fam.priors
+
+    assert priors(scaled) == priors(events)
+    default = bt.families.pk.Pk().default_priors(events.schema, fam.design(events.frame, events.baseline, events.schema))
+    assert default["log_v"].params["mu"] == fam.priors["log_v"].params["mu"]
+    assert fam.priors["log_v"].params["sigma"] == 0.5 and default["log_v"].params["sigma"] == 2.0
