@@ -76,6 +76,7 @@ def test_frozen_pk_priors_do_not_follow_the_data():
         return fam.default_priors(ev.schema, design) | fam.priors
 
     assert priors(scaled) == priors(events)
-    default = bt.families.pk.Pk().default_priors(events.schema, fam.design(events.frame, events.baseline, events.schema))
+    design = fam.design(events.frame, events.baseline, events.schema)
+    default = bt.families.pk.Pk().default_priors(events.schema, design)
     assert default["log_v"].params["mu"] == fam.priors["log_v"].params["mu"]
     assert fam.priors["log_v"].params["sigma"] == 0.5 and default["log_v"].params["sigma"] == 2.0
