@@ -17,11 +17,13 @@ from bayestwin.dosing import Regimen, dose_search  # noqa: E402
 from bayestwin.errors import ConvergenceWarning, DataError, OutOfPopulationWarning  # noqa: E402
 from bayestwin.families import Pk, Prior, Progression  # noqa: E402
 from bayestwin.forecast import Forecast  # noqa: E402
+from bayestwin.io import ArtifactError, load, save  # noqa: E402
 from bayestwin.population import Population, fit  # noqa: E402
 from bayestwin.twin import Twin  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
+    "ArtifactError",
     "Cohort",
     "ConvergenceWarning",
     "OutOfPopulationWarning",
@@ -37,8 +39,10 @@ __all__ = [
     "Twin",
     "dose_search",
     "fit",
+    "load",
     "new_key",
     "pseudonymise",
     "read_nonmem",
     "reidentify",
+    "save",
 ]

@@ -246,6 +246,13 @@ class Population:
             dtype=np.uint32,
         )
 
+    def save(self, path):
+        """Save to the folder ``path`` atomically (netCDF + JSON model card with checksums); see
+        :func:`bayestwin.io.save`. Reload with ``bt.load(path)``."""
+        from bayestwin.io import save
+
+        return save(self, path)
+
     def __getstate__(self) -> dict:
         """For Dask workers (cloudpickle, in memory only; artifacts on disk are never pickles):
         compiled programs stay behind and are rebuilt where needed."""

@@ -213,6 +213,13 @@ class Twin:
     def __getitem__(self, patient: str) -> xr.Dataset:
         return self.posterior.sel(patient=patient)
 
+    def save(self, path):
+        """Save to the folder ``path`` atomically, with its population (netCDF + Parquet + JSON
+        model card with checksums); see :func:`bayestwin.io.save`. Reload with ``bt.load(path)``."""
+        from bayestwin.io import save
+
+        return save(self, path)
+
     def __repr__(self) -> str:
         ok = int(self.verdict.table["converged"].sum())
         out = int(self.verdict.table["out_of_population"].sum())

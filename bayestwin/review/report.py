@@ -16,21 +16,18 @@ its posterior, and forecast bands.
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import io
 import json
 import os
-import platform
 import tempfile
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
-PACKAGES = ("bayestwin", "pymc", "pytensor", "arviz", "arviz-stats", "numpyro", "jax", "numpy", "pandas", "xarray")
+from bayestwin.io import data_fingerprint, package_versions
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
@@ -148,7 +145,7 @@ def _datatree_sections(dt: xr.DataTree) -> list[str]:
     table = diagnostics(post[names], dt.sample_stats.to_dataset())
     verdict = gate(table)
     card = {"variables": ", ".join(post.data_vars), "draws": f"{post.sizes['chain']} x {post.sizes['draw']}"}
-    card |= {"data fingerprint": _fingerprint(dt), **_versions()}
+    card |= {"data fingerprint": data_fingerprint(dt), **package_versions()}
     out = [_verdict(verdict)]
     if "bayestwin_verdict" in dt.attrs:  # what the gate said when the fit was made
         out.append(_note(f"Verdict stored with the fit: {dt.attrs['bayestwin_verdict']}"))
@@ -175,7 +172,7 @@ def _model_card(pop, twin=None) -> str:
         "family settings": json.dumps(pop.family.config(), default=str),
         "patients in the fit": len(pop.idata.constant_data["patient"]),
         "observations in the fit": pop.idata.observed_data.sizes.get("obs", 0),
-        "data fingerprint (SHA-256 of the fitted data)": _fingerprint(pop.idata),
+        "data fingerprint (SHA-256 of the fitted data)": data_fingerprint(pop.idata),
         "sampler": json.dumps(pop.sampler, default=str),
         "thresholds": json.dumps(pop.verdict.thresholds.__dict__),
     }
@@ -184,34 +181,13 @@ def _model_card(pop, twin=None) -> str:
             "twin sampler": json.dumps(twin.config._asdict()),
             "importance path": json.dumps(twin.importance._asdict()) if twin.importance else "not used",
         }
-    card |= _versions()
+    card |= package_versions()
     return _h2("Model card") + _kv(card) + _priors(pop)
 
 
 def _priors(pop) -> str:
     text = pop.model().str_repr()  # the PyMC model as printed: every prior, with its parameters
     return "<details><summary>The model and its priors</summary><pre>" + html.escape(text) + "</pre></details>"
-
-
-def _fingerprint(dt: xr.DataTree) -> str:
-    h = hashlib.sha256()
-    for group in ("observed_data", "constant_data"):
-        if group in dt.children:
-            ds = dt[group].to_dataset()
-            for name in sorted(ds.data_vars):
-                h.update(name.encode())
-                h.update(np.ascontiguousarray(ds[name].to_numpy()).tobytes())
-    return h.hexdigest()
-
-
-def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def _kv(d: dict) -> str:

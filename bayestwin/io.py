@@ -1,0 +1,418 @@
+"""Artifacts: a Population or a Twin saved to a folder, and loaded back, verified, without refitting.
+
+An artifact folder holds
+
+- ``card.json``: the model card (format and schema version, kind, family and priors, data
+  schema, sampler settings, convergence verdict, data fingerprint, package versions) and the
+  SHA-256 and size of every other file; the card carries its own checksum too;
+- the DataTree(s) as netCDF (``population-<hash>.nc``; a twin adds ``twin-<hash>.nc``);
+- tables as Parquet (verdict tables; a twin's validated, pseudonymised rows) and a twin's raw
+  sampler positions as ``.npy`` (read with ``allow_pickle=False``).
+
+Saving is atomic: every file is written under a temporary name, flushed and renamed to its
+content-addressed name, and ``card.json`` is replaced last (write, fsync, rename) - the commit
+point. A process killed at any moment leaves either the previous artifact or the new one, never
+a mixture; files no longer referenced are removed after the commit. Loading checks the card's
+format, schema version and own checksum, then each file's size and SHA-256, then that the
+fitted data's fingerprint matches the card, and refuses anything else with
+:class:`ArtifactError`. Nothing is pickled or unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import uuid
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from bayestwin.errors import BayestwinError
+
+FORMAT = "bayestwin-artifact"
+SCHEMA_VERSION = 1
+CARD = "card.json"
+PACKAGES = ("bayestwin", "pymc", "pytensor", "arviz", "arviz-stats", "numpyro", "jax", "numpy", "pandas", "xarray")
+
+
+class ArtifactError(BayestwinError, ValueError):
+    """An artifact folder that cannot be trusted: missing, truncated, tampered or of another version."""
+
+
+# ----------------------------------------------------------------------------- helpers
+def data_fingerprint(dt: xr.DataTree) -> str:
+    """SHA-256 over the fitted data (observed and constant data groups, variables sorted by name)."""
+    h = hashlib.sha256()
+    for group in ("observed_data", "constant_data"):
+        if group in dt.children:
+            ds = dt[group].to_dataset()
+            for name in sorted(ds.data_vars):
+                h.update(name.encode())
+                h.update(np.ascontiguousarray(ds[name].to_numpy()).tobytes())
+    return h.hexdigest()
+
+
+def package_versions() -> dict:
+    """Python and the versions of the stack, for model cards."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _canonical(card: dict) -> bytes:
+    body = {k: v for k, v in card.items() if k != "card_sha256"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+class _Writer:
+    """Files of one save: each written to a temporary name in the folder, then renamed to
+    ``<stem>-<sha256[:16]><suffix>`` (content-addressed, so the previous artifact's files stay)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.files = folder, {}
+
+    def _commit(self, tmp: Path, role: str, stem: str, suffix: str) -> None:
+        _fsync(tmp)
+        digest = _sha256(tmp)
+        name = f"{stem}-{digest[:16]}{suffix}"
+        os.replace(tmp, self.folder / name)
+        self.files[role] = {"path": name, "sha256": digest, "bytes": (self.folder / name).stat().st_size}
+
+    def _tmp(self, suffix: str) -> Path:
+        return self.folder / f".tmp-{uuid.uuid4().hex}{suffix}"
+
+    def datatree(self, role: str, dt: xr.DataTree, stem: str) -> None:
+        tmp = self._tmp(".nc")
+        dt.to_netcdf(tmp, engine="h5netcdf")
+        self._commit(tmp, role, stem, ".nc")
+
+    def table(self, role: str, df: pd.DataFrame, stem: str) -> None:
+        tmp = self._tmp(".parquet")
+        df.to_parquet(tmp, engine="pyarrow")
+        self._commit(tmp, role, stem, ".parquet")
+
+    def array(self, role: str, a: np.ndarray, stem: str) -> None:
+        tmp = self._tmp(".npy")
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(a), allow_pickle=False)
+        self._commit(tmp, role, stem, ".npy")
+
+
+class _Reader:
+    """Files of a loaded card, each verified (size, SHA-256) before it is parsed."""
+
+    def __init__(self, folder: Path, files: dict):
+        self.folder, self.files = folder, files
+
+    def path(self, role: str) -> Path:
+        try:
+            entry = self.files[role]
+        except KeyError:
+            raise ArtifactError(f"artifact {self.folder}: the card lists no {role!r} file") from None
+        name = entry["path"]
+        if Path(name).name != name:  # the card names files inside the folder only
+            raise ArtifactError(f"artifact {self.folder}: file name {name!r} in the card is not a plain file name")
+        path = self.folder / name
+        if not path.is_file():
+            raise ArtifactError(f"artifact {self.folder}: {name} is missing")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise ArtifactError(
+                f"artifact {self.folder}: {name} has {size} bytes, the card says {entry['bytes']} "
+                "(truncated or changed after saving)"
+            )
+        if _sha256(path) != entry["sha256"]:
+            raise ArtifactError(
+                f"artifact {self.folder}: {name} fails its SHA-256 checksum (changed after saving); refusing to load it"
+            )
+        return path
+
+    def datatree(self, role: str) -> xr.DataTree:
+        with xr.open_datatree(self.path(role), engine="h5netcdf") as dt:
+            return dt.load()
+
+    def table(self, role: str) -> pd.DataFrame:
+        return pd.read_parquet(self.path(role), engine="pyarrow")
+
+    def array(self, role: str) -> np.ndarray:
+        with open(self.path(role), "rb") as f:
+            return np.load(f, allow_pickle=False)
+
+
+# ----------------------------------------------------------------------------- parts
+def _schema_dict(schema) -> dict:
+    return {
+        "therapies": list(schema.therapies),
+        "numeric": {k: [float(m), float(s)] for k, (m, s) in schema.numeric.items()},
+        "categorical": {k: [str(v) for v in levels] for k, levels in schema.categorical.items()},
+        "time_scale": float(schema.time_scale),
+        "outcome_mean": float(schema.outcome_mean),
+        "outcome_sd": float(schema.outcome_sd),
+    }
+
+
+def _schema_from(d: dict):
+    from bayestwin.data.cohort import Schema
+
+    return Schema(
+        therapies=tuple(d["therapies"]),
+        numeric={k: (float(m), float(s)) for k, (m, s) in d["numeric"].items()},
+        categorical={k: tuple(v) for k, v in d["categorical"].items()},
+        time_scale=float(d["time_scale"]),
+        outcome_mean=float(d["outcome_mean"]),
+        outcome_sd=float(d["outcome_sd"]),
+    )
+
+
+def family_from_config(config: dict):
+    """Rebuild a family from its ``config()`` (as stored in a model card or a spec)."""
+    from bayestwin.families import FAMILIES
+    from bayestwin.families.base import Prior
+
+    cfg = dict(config)
+    name = cfg.pop("family")
+    if name not in FAMILIES:
+        raise ArtifactError(f"unknown family {name!r} in the model card; known: {sorted(FAMILIES)}")
+    priors = {}
+    for k, v in (cfg.pop("priors", None) or {}).items():
+        if isinstance(v, dict) and "dist" in v:
+            v = dict(v)
+            priors[k] = Prior(v.pop("dist"), **v)
+        else:
+            priors[k] = v
+    return FAMILIES[name](**cfg, priors=priors)
+
+
+def _verdict_dict(verdict) -> dict:
+    return {
+        "converged": bool(verdict.converged),
+        "summary": str(verdict),
+        "failing": list(verdict.failing),
+        "thresholds": dataclasses.asdict(verdict.thresholds),
+    }
+
+
+def _verdict_from(d: dict, table: pd.DataFrame):
+    from bayestwin.review.convergence import Thresholds, Verdict
+
+    thresholds = Thresholds(**d["thresholds"])
+    return Verdict(converged=bool(d["converged"]), table=table, failing=list(d["failing"]), thresholds=thresholds)
+
+
+def _population_part(pop, w: _Writer, prefix: str = "population") -> dict:
+    w.datatree(prefix, pop.idata, prefix)
+    w.table(f"{prefix}_verdict", pop.verdict.table, f"{prefix}-verdict")
+    return {
+        "family": pop.family.config(),
+        "schema": _schema_dict(pop.schema),
+        "columns": dataclasses.asdict(pop.columns),
+        "sampler": pop.sampler,
+        "verdict": _verdict_dict(pop.verdict),
+        "data_fingerprint": data_fingerprint(pop.idata),
+        "patients_in_fit": int(pop.idata.constant_data.sizes.get("patient", 0)),
+        "observations_in_fit": int(pop.idata.observed_data.sizes.get("obs", 0)),
+    }
+
+
+def _population_from(part: dict, r: _Reader, prefix: str = "population"):
+    from bayestwin.data.cohort import Columns
+    from bayestwin.population import Population
+
+    idata = r.datatree(prefix)
+    found = data_fingerprint(idata)
+    if found != part["data_fingerprint"]:
+        raise ArtifactError(
+            f"artifact {r.folder}: the fitted data's fingerprint {found[:16]}... differs from the card's "
+            f"{part['data_fingerprint'][:16]}..."
+        )
+    cols = dict(part["columns"])
+    cols["covariates"] = tuple(cols.get("covariates", ()))
+    return Population(
+        family=family_from_config(part["family"]),
+        schema=_schema_from(part["schema"]),
+        columns=Columns(**cols),
+        idata=idata,
+        verdict=_verdict_from(part["verdict"], r.table(f"{prefix}_verdict")),
+        sampler=dict(part["sampler"]),
+    )
+
+
+def _cohort_part(cohort, w: _Writer) -> dict:
+    from bayestwin.data.nonmem import Events
+
+    w.table("cohort_frame", cohort.frame, "cohort-frame")
+    if isinstance(cohort, Events):
+        return {"type": "events", "covariates": list(cohort.covariates)}
+    w.table("cohort_baseline", cohort.baseline, "cohort-baseline")
+    return {"type": "cohort", "columns": dataclasses.asdict(cohort.columns), "schema": _schema_dict(cohort.schema)}
+
+
+def _cohort_from(part: dict, r: _Reader):
+    from bayestwin.data.cohort import Cohort, Columns
+    from bayestwin.data.nonmem import Events
+
+    frame = r.table("cohort_frame")
+    if part["type"] == "events":
+        return Events(frame=frame, covariates=list(part["covariates"]))
+    cols = dict(part["columns"])
+    cols["covariates"] = tuple(cols.get("covariates", ()))
+    out = object.__new__(Cohort)  # rows validated when the twin was made; verified by checksum now
+    out.columns, out.frame, out.baseline = Columns(**cols), frame, r.table("cohort_baseline")
+    out.schema = _schema_from(part["schema"])
+    return out
+
+
+# ----------------------------------------------------------------------------- save / load
+def save(obj, path) -> Path:
+    """Save a :class:`~bayestwin.Population` or :class:`~bayestwin.Twin` to the folder ``path``, atomically.
+
+    An existing artifact at ``path`` is replaced only when the new one is complete: until
+    ``card.json`` is swapped, loading still gives the previous one. Returns the folder.
+
+    Examples
+    --------
+    >>> bt.save(population, "artifacts/sleepstudy")  # doctest: +SKIP
+    >>> population = bt.load("artifacts/sleepstudy")  # doctest: +SKIP
+    """
+    from bayestwin.population import Population
+    from bayestwin.twin import Twin
+
+    if not isinstance(obj, (Population, Twin)):
+        raise TypeError(f"save() takes a Population or a Twin, not {type(obj).__name__}")
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ArtifactError(f"{folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / CARD).is_file():
+        raise ArtifactError(f"{folder} is a non-empty folder without {CARD}: not overwriting something else")
+    folder.mkdir(parents=True, exist_ok=True)
+    w = _Writer(folder)
+    card = {"format": FORMAT, "schema_version": SCHEMA_VERSION}
+    if isinstance(obj, Twin):
+        card["kind"] = "twin"
+        card["population"] = _population_part(obj.population, w)
+        w.datatree("twin", obj.idata, "twin")
+        w.table("twin_verdict", obj.verdict.table, "twin-verdict")
+        w.array("positions", obj._positions, "twin-positions")
+        card["twin"] = {
+            "patients": len(obj.cohort.patients),
+            "nuts": obj.config._asdict(),
+            "importance": obj.importance._asdict() if obj.importance is not None else None,
+            "seed": int(obj.seed),
+            "verdict": _verdict_dict(obj.verdict),
+            "cohort": _cohort_part(obj.cohort, w),
+        }
+    else:
+        card["kind"] = "population"
+        card["population"] = _population_part(obj, w)
+    card |= {
+        "saved": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "versions": package_versions(),
+        "files": w.files,
+    }
+    card["card_sha256"] = hashlib.sha256(_canonical(card)).hexdigest()
+    tmp = folder / f".tmp-{uuid.uuid4().hex}.json"
+    tmp.write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
+    _fsync(tmp)
+    os.replace(tmp, folder / CARD)  # the commit point
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+    except OSError:  # directories cannot be fsynced on some platforms
+        pass
+    keep = {CARD, *(f["path"] for f in w.files.values())}
+    for p in folder.iterdir():  # the previous artifact's files and debris of killed saves
+        if p.is_file() and p.name not in keep and (p.name.startswith(".tmp-") or _is_artifact_file(p.name)):
+            p.unlink()
+    return folder
+
+
+def _is_artifact_file(name: str) -> bool:
+    stem, _, rest = name.rpartition("-")
+    return bool(stem) and rest.split(".")[0].isalnum() and len(rest.split(".")[0]) == 16 and "." in rest
+
+
+def read_card(path) -> dict:
+    """The verified model card of the artifact at ``path`` (format, version and own checksum)."""
+    folder = Path(path)
+    f = folder / CARD
+    if not f.is_file():
+        raise ArtifactError(f"{folder} is not a bayestwin artifact: {CARD} is missing")
+    try:
+        card = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"artifact {folder}: {CARD} is not valid JSON (truncated or edited)") from err
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        raise ArtifactError(f"artifact {folder}: {CARD} is not a bayestwin model card")
+    if card.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"artifact {folder}: schema version {card.get('schema_version')!r}; this bayestwin reads version "
+            f"{SCHEMA_VERSION}"
+        )
+    if hashlib.sha256(_canonical(card)).hexdigest() != card.get("card_sha256"):
+        raise ArtifactError(f"artifact {folder}: {CARD} fails its own checksum (edited after saving)")
+    return card
+
+
+def load(path):
+    """Load and verify an artifact folder: a :class:`~bayestwin.Population` or a :class:`~bayestwin.Twin`.
+
+    ``path`` is a folder written by :func:`save`, or the name of a model in the model zoo
+    (``models/NAME``, see :func:`bayestwin.zoo.path`). Refuses (``ArtifactError``) a missing,
+    truncated, tampered or newer-version artifact. The loaded Population conditions new patients
+    without refitting.
+    """
+    folder = Path(path)
+    if not folder.exists() and isinstance(path, str) and os.sep not in path:
+        from bayestwin.zoo import model_path
+
+        folder = model_path(path) / "population"
+    card = read_card(folder)
+    r = _Reader(folder, card["files"])
+    pop = _population_from(card["population"], r)
+    if card["kind"] == "population":
+        return pop
+    if card["kind"] != "twin":
+        raise ArtifactError(f"artifact {folder}: unknown kind {card['kind']!r}")
+    from bayestwin.engine.importance import ImportanceConfig
+    from bayestwin.engine.nuts import NutsConfig
+    from bayestwin.twin import Twin
+
+    t = card["twin"]
+    return Twin(
+        population=pop,
+        cohort=_cohort_from(t["cohort"], r),
+        idata=r.datatree("twin"),
+        verdict=_verdict_from(t["verdict"], r.table("twin_verdict")),
+        config=NutsConfig(**t["nuts"]),
+        seed=int(t["seed"]),
+        _positions=r.array("positions"),
+        importance=ImportanceConfig(**t["importance"]) if t["importance"] is not None else None,
+    )
