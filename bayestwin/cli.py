@@ -116,6 +116,29 @@ def _dose(args) -> int:
     return 0 if ok else 2
 
 
+def _fit(args) -> int:
+    from bayestwin.io import ArtifactError
+    from bayestwin.zoo import fit_spec, read_spec
+
+    say = (lambda *a: None) if args.quiet else print
+    t0 = time.perf_counter()
+    try:
+        spec = read_spec(args.spec)
+    except (OSError, ValueError) as err:
+        print(f"bayestwin fit: {err}", file=sys.stderr)
+        return 1
+    out = args.out or spec["folder"] / "population"
+    say(f"Fitting {spec['name']} ({spec['family']['name']}) from {args.spec} ...")
+    try:
+        pop = fit_spec(args.spec, out=args.out, progressbar=None if not args.quiet else False)
+    except (ArtifactError, ValueError) as err:
+        print(f"bayestwin fit: {err}", file=sys.stderr)
+        return 1
+    say(pop.summary().to_string(float_format=lambda x: f"{x:.4g}"))
+    say(f"\nVerdict: {pop.verdict}\nSaved to {out} in {time.perf_counter() - t0:.1f} s")
+    return 0 if pop.verdict.converged else 2
+
+
 def _review(args) -> int:
     from pathlib import Path
 
@@ -124,6 +147,18 @@ def _review(args) -> int:
     from bayestwin.review.report import review
 
     src = Path(args.path)
+    if src.is_dir() or (not src.exists() and "/" not in args.path):  # an artifact folder or a zoo model
+        from bayestwin.io import ArtifactError, load
+
+        try:
+            obj = load(args.path)
+        except ArtifactError as err:
+            print(f"bayestwin review: {err}", file=sys.stderr)
+            return 1
+        out = review(obj, args.output or Path(f"{src.name}.html"))
+        if not args.quiet:
+            print(f"wrote {out} ({obj.verdict})")
+        return 0
     if not src.is_file():
         print(f"bayestwin review: no such file: {src}", file=sys.stderr)
         return 1
@@ -214,10 +249,23 @@ def build_parser() -> argparse.ArgumentParser:
         "plots and PSIS-LOO, every image embedded. From Python, bayestwin.review(population) adds the "
         "sections that need the model (predictive checks, patient effects, calibration).",
     )
-    rev.add_argument("path", help="netCDF file holding the fit's DataTree")
+    rev.add_argument("path", help="an artifact folder (bt.save), a model zoo name, or a netCDF file of a DataTree")
     rev.add_argument("-o", "--output", default=None, help="HTML file to write (default: PATH with .html)")
     rev.add_argument("--quiet", action="store_true", help="print nothing")
     rev.set_defaults(func=_review)
+
+    fitp = sub.add_parser(
+        "fit",
+        help="fit a population model from its spec.toml and save the artifact and model card",
+        description="Fit the model a spec.toml describes (data source, family and priors, sampler settings and "
+        "seed) and save the artifact (netCDF + JSON card with checksums; default: the spec's population/ folder) "
+        "and MODEL_CARD.md. Same spec and seed: identical draws on the same machine and stack. Exit 2 if the fit "
+        "did not converge.",
+    )
+    fitp.add_argument("spec", help="spec.toml (e.g. models/sleepstudy/spec.toml)")
+    fitp.add_argument("--out", default=None, help="artifact folder (default: next to the spec, population/)")
+    fitp.add_argument("--quiet", action="store_true", help="print nothing; exit status only")
+    fitp.set_defaults(func=_fit)
 
     val = sub.add_parser("validate", help="validation runs: simulation-based calibration (sbc)")
     vsub = val.add_subparsers(dest="what", metavar="WHAT", required=True)

@@ -110,7 +110,13 @@ class _Writer:
 
     def datatree(self, role: str, dt: xr.DataTree, stem: str) -> None:
         tmp = self._tmp(".nc")
-        dt.to_netcdf(tmp, engine="h5netcdf")
+        gzip = {"compression": "gzip", "compression_opts": 4, "shuffle": True}  # lossless
+        encoding = {
+            node.path: {k: gzip for k, v in node.dataset.data_vars.items() if v.dtype.kind == "f" and v.ndim}
+            for node in dt.subtree
+            if node.has_data
+        }
+        dt.to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
         self._commit(tmp, role, stem, ".nc")
 
     def table(self, role: str, df: pd.DataFrame, stem: str) -> None:
@@ -226,16 +232,39 @@ def _verdict_from(d: dict, table: pd.DataFrame):
     return Verdict(converged=bool(d["converged"]), table=table, failing=list(d["failing"]), thresholds=thresholds)
 
 
+def draws_digest(dt: xr.DataTree) -> str:
+    """SHA-256 over the posterior draws (variables sorted by name): equal digests, identical draws."""
+    post = compact(dt)["posterior"].to_dataset()
+    h = hashlib.sha256()
+    for name in sorted(post.data_vars):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(post[name].to_numpy()).tobytes())
+    return h.hexdigest()
+
+
+def compact(dt: xr.DataTree) -> xr.DataTree:
+    """The DataTree without per-observation deterministics in the posterior (e.g. ``mu``): the
+    family's model recomputes them from the other draws, and they would double the artifact."""
+    post = dt["posterior"].to_dataset()
+    drop = [n for n, v in post.data_vars.items() if "obs" in v.dims]
+    if not drop:
+        return dt
+    out = dt.copy()
+    out["posterior"] = xr.DataTree(post.drop_vars(drop))
+    return out
+
+
 def _population_part(pop, w: _Writer, prefix: str = "population") -> dict:
-    w.datatree(prefix, pop.idata, prefix)
+    w.datatree(prefix, compact(pop.idata), prefix)
     w.table(f"{prefix}_verdict", pop.verdict.table, f"{prefix}-verdict")
     return {
         "family": pop.family.config(),
         "schema": _schema_dict(pop.schema),
-        "columns": dataclasses.asdict(pop.columns),
+        "columns": dataclasses.asdict(pop.columns) if pop.columns is not None else None,
         "sampler": pop.sampler,
         "verdict": _verdict_dict(pop.verdict),
         "data_fingerprint": data_fingerprint(pop.idata),
+        "draws_sha256": draws_digest(pop.idata),
         "patients_in_fit": int(pop.idata.constant_data.sizes.get("patient", 0)),
         "observations_in_fit": int(pop.idata.observed_data.sizes.get("obs", 0)),
     }
@@ -252,12 +281,15 @@ def _population_from(part: dict, r: _Reader, prefix: str = "population"):
             f"artifact {r.folder}: the fitted data's fingerprint {found[:16]}... differs from the card's "
             f"{part['data_fingerprint'][:16]}..."
         )
-    cols = dict(part["columns"])
-    cols["covariates"] = tuple(cols.get("covariates", ()))
+    if draws_digest(idata) != part["draws_sha256"]:
+        raise ArtifactError(f"artifact {r.folder}: the posterior draws differ from those the card was written for")
+    columns = None  # a family's own table (NONMEM events) has fixed column names
+    if part["columns"] is not None:
+        columns = Columns(**(part["columns"] | {"covariates": tuple(part["columns"].get("covariates", ()))}))
     return Population(
         family=family_from_config(part["family"]),
         schema=_schema_from(part["schema"]),
-        columns=Columns(**cols),
+        columns=columns,
         idata=idata,
         verdict=_verdict_from(part["verdict"], r.table(f"{prefix}_verdict")),
         sampler=dict(part["sampler"]),

@@ -1,0 +1,89 @@
+"""The model zoo: shipped artifacts load verified and match the published fits; specs refit reproducibly."""
+
+import shutil
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import bayestwin as bt
+from bayestwin.cli import main
+from bayestwin.io import ArtifactError, draws_digest, read_card
+from bayestwin.zoo import fit_spec, list_models, model_path, read_spec
+
+
+def test_zoo_lists_the_shipped_models():
+    assert {"sleepstudy", "theoph"} <= set(list_models())
+    with pytest.raises(ArtifactError, match="no model 'nope' in the model zoo"):
+        bt.load("nope")
+
+
+def test_sleepstudy_from_the_zoo_matches_lme4_and_conditions_new_patients():
+    """lme4 (Bates et al. 2015): intercept 251.4 (SE 6.82), slope 10.47 (SE 1.55); within 1 SE here."""
+    pop = bt.load("sleepstudy")
+    assert pop.verdict.converged, str(pop.verdict)
+    post = pop.posterior
+    assert abs(float(post["intercept"].mean()) - 251.4) < 6.82
+    assert abs(float(post["slope"].mean()) - 10.47) < 1.55
+    # a new subject with 3 days of data, conditioned without refitting
+    rows = pd.DataFrame({"Subject": "new", "Days": [0, 1, 2], "Reaction": [250.0, 262.0, 281.0]})
+    twin = pop.condition(rows, key=b"zoo-test-key-0123", method="importance")
+    assert twin.verdict.converged
+    slope = float(twin.posterior["patient_slope"].mean())
+    assert 10.0 < slope < 30.0  # pulled from the data's ~15.5/day towards the population's 10.4
+
+
+def test_theoph_from_the_zoo_matches_nlme():
+    """Pinheiro & Bates (2000) section 8.2: lKe -2.433, lKa 0.451, lCl -3.214 (within 10%)."""
+    pop = bt.load("theoph")
+    assert pop.verdict.converged, str(pop.verdict)
+    post = pop.posterior
+    ka = np.log(np.exp(post["log_ke"]) + np.exp(post["log_ka"]))
+    got = {"lKe": float(post["log_ke"].mean()), "lKa": float(ka.mean()), "lCl": float(post["log_cl"].mean())}
+    for name, ref in {"lKe": -2.433, "lKa": 0.451, "lCl": -3.214}.items():
+        assert abs(got[name] - ref) <= 0.1 * abs(ref), (name, got[name], ref)
+
+
+@pytest.mark.slow
+def test_bayestwin_fit_regenerates_the_sleepstudy_artifact(tmp_path):
+    """`bayestwin fit spec.toml` gives the shipped draws (bit for bit on the machine that made them;
+    elsewhere, the same posterior within Monte-Carlo error), and the same seed gives identical draws."""
+    spec = tmp_path / "sleepstudy"
+    shutil.copytree(model_path("sleepstudy"), spec, ignore=shutil.ignore_patterns("population", "MODEL_CARD.md"))
+    assert main(["fit", str(spec / "spec.toml"), "--quiet"]) == 0
+    assert (spec / "MODEL_CARD.md").is_file() and "converged" in (spec / "MODEL_CARD.md").read_text()
+    shipped = bt.load("sleepstudy")
+    fresh = bt.load(spec / "population")
+    same = read_card(spec / "population")["population"]["draws_sha256"] == draws_digest(shipped.idata)
+    print("bit-identical to the shipped artifact:", same)
+    if not same:  # another CPU or stack: the same posterior within Monte-Carlo error
+        for name in ("intercept", "slope", "sigma"):
+            a, b = shipped.posterior[name], fresh.posterior[name]
+            se = float(np.hypot(a.std(), b.std())) / np.sqrt(1000)  # ESS >= 1,000 in the card
+            assert abs(float(a.mean() - b.mean())) < 5 * se, name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runs = [fit_spec(spec, out=tmp_path / f"run{i}", draws=100, tune=100, progressbar=False) for i in (1, 2)]
+    assert draws_digest(runs[0].idata) == draws_digest(runs[1].idata)
+
+
+def test_spec_errors_are_clear(tmp_path, monkeypatch):
+    spec = tmp_path / "m" / "spec.toml"
+    spec.parent.mkdir()
+    spec.write_text('[data]\nsource = "d.csv"\nformat = "excel"\n[family]\nname = "progression"\n[sampler]\nseed = 1\n')
+    with pytest.raises(ValueError, match="format must be 'longitudinal' or 'nonmem', not 'excel'"):
+        read_spec(spec)
+    spec.write_text('[data]\nsource = "d.csv"\nformat = "nonmem"\n[family]\nname = "pk"\n[sampler]\nsteps = 1\n')
+    with pytest.raises(ValueError, match=r"\[sampler\] needs 'seed'"):
+        read_spec(spec)
+    spec.write_text(
+        '[data]\nsource = "d.csv"\nformat = "nonmem"\nkey_env = "BT_TEST_KEY"\n[family]\nname = "pk"\n'
+        "[sampler]\nseed = 1\n"
+    )
+    pd.DataFrame({"ID": [1, 1], "TIME": [0.0, 1.0], "AMT": [100.0, 0], "DV": [None, 2.0], "EVID": [1, 0]}).to_csv(
+        spec.parent / "d.csv", index=False
+    )
+    monkeypatch.delenv("BT_TEST_KEY", raising=False)
+    with pytest.raises(ValueError, match=r"reads its pseudonymisation key from \$BT_TEST_KEY, which is not set"):
+        fit_spec(spec)
