@@ -1,6 +1,6 @@
 """Data entry: validation, pseudonymisation, normalisation."""
 
 from bayestwin.data.cohort import Cohort, Columns, Schema
-from bayestwin.data.pseudonym import new_key, pseudonymise, reidentify
+from bayestwin.data.pseudonym import PSEUDONYMISED, new_key, pseudonymise, reidentify
 
-__all__ = ["Cohort", "Columns", "Schema", "new_key", "pseudonymise", "reidentify"]
+__all__ = ["PSEUDONYMISED", "Cohort", "Columns", "Schema", "new_key", "pseudonymise", "reidentify"]

@@ -9,10 +9,24 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Iterable
 
 import pandas as pd
+
+
+class _AlreadyPseudonymised:
+    """Key sentinel for tables whose ids are pseudonyms already (e.g. from :func:`read_fhir`)."""
+
+    def __repr__(self) -> str:
+        return "PSEUDONYMISED"
+
+
+#: Pass as ``key`` when the patient ids are pseudonyms made with your key already (FHIR import):
+#: they are kept as they are, and anything that is not a pseudonym is refused.
+PSEUDONYMISED = _AlreadyPseudonymised()
+_PATTERN = re.compile(r"P[0-9a-f]{12}")
 
 
 def new_key() -> bytes:
@@ -36,6 +50,10 @@ def pseudonymise(patient_id, key: bytes | str) -> str:
     >>> pseudonymise("MRN-0001", b"0123456789abcdef") == pseudonymise("MRN-0001", b"0123456789abcdef")
     True
     """
+    if key is PSEUDONYMISED:
+        if not _PATTERN.fullmatch(str(patient_id)):
+            raise ValueError("key=PSEUDONYMISED, but a patient id is not a pseudonym (P + 12 hex digits)")
+        return str(patient_id)
     digest = hmac.new(_as_bytes(key), str(patient_id).encode(), hashlib.sha256).hexdigest()
     return "P" + digest[:12]
 
