@@ -11,7 +11,8 @@ _jax.config.update("jax_enable_x64", True)
 # pytensor warns at import when it finds no optimised BLAS; we compile to JAX, not C.
 _warnings.filterwarnings("ignore", message=".*BLAS.*", module="pytensor")
 
-from bayestwin.data import Cohort, Schema, new_key, pseudonymise, reidentify  # noqa: E402
+from bayestwin.data import PSEUDONYMISED, Cohort, Schema, new_key, pseudonymise, reidentify  # noqa: E402
+from bayestwin.data.fhir import Measure, read_fhir  # noqa: E402
 from bayestwin.data.nonmem import Events, read_nonmem  # noqa: E402
 from bayestwin.dosing import Regimen, dose_search  # noqa: E402
 from bayestwin.errors import ConvergenceWarning, DataError, OutOfPopulationWarning  # noqa: E402
@@ -23,6 +24,9 @@ from bayestwin.twin import Twin  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
+    "PSEUDONYMISED",
+    "Measure",
+    "read_fhir",
     "ArtifactError",
     "Cohort",
     "ConvergenceWarning",

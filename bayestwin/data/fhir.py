@@ -152,11 +152,10 @@ class FhirData:
     def patients(self) -> list[str]:
         return list(self.baseline.index)
 
-    def cohort(self, outcome: str, *, covariates=(), therapies=None, control: str = "none"):
-        """A :class:`~bayestwin.Cohort` of the Measure ``outcome``: patient, time, outcome, therapy
-        (the first MedicationRequest's drug, ``control`` when none) and baseline ``covariates``."""
-        from bayestwin.data.cohort import Cohort
-
+    def table(self, outcome: str, *, covariates=(), control: str = "none") -> pd.DataFrame:
+        """Long table of the Measure ``outcome``: patient (pseudonym), time, outcome, therapy (the
+        first MedicationRequest's drug, ``control`` when none) and the baseline ``covariates`` -
+        what ``Cohort(...)`` and ``population.condition(..., key=bt.PSEUDONYMISED)`` take."""
         obs = self.observations[self.observations["name"] == outcome]
         if obs.empty:
             raise DataError(f"no observations of {outcome!r} in the bundle", column=outcome)
@@ -166,7 +165,13 @@ class FhirData:
         if missing:
             raise DataError(f"unknown covariate {missing[0]!r}; baseline has {list(base.columns)}", column=missing[0])
         table = obs[["patient", "time", "value"]].rename(columns={"value": "outcome"})
-        table = table.join(base[["therapy", *covariates]], on="patient")
+        return table.join(base[["therapy", *covariates]], on="patient").reset_index(drop=True)
+
+    def cohort(self, outcome: str, *, covariates=(), therapies=None, control: str = "none"):
+        """A :class:`~bayestwin.Cohort` of :meth:`table` (pseudonyms kept as they are)."""
+        from bayestwin.data.cohort import Cohort
+
+        table = self.table(outcome, covariates=covariates, control=control)
         return Cohort(table, covariates=list(covariates), therapies=therapies, key=PSEUDONYMISED)
 
     def nonmem(self, dv: str, *, drug: str | None = None, covariates=()) -> pd.DataFrame:

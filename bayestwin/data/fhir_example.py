@@ -75,7 +75,9 @@ def _observation(ref, code, display, when, value, unit, p=None) -> dict:
     return obs
 
 
-def example_bundle(kind: str = "progression", n_patients: int = 30, *, seed: int = 0, heart_rate: bool = True):
+def example_bundle(
+    kind: str = "progression", n_patients: int = 30, *, seed: int = 0, heart_rate: bool = True, first_id: int = 0
+):
     """A Bundle (dict) of ``n_patients`` synthetic patients, the truth behind it, and the identifiers used.
 
     ``kind="progression"``: creatinine over visits (days 0, 3, ..., from
@@ -85,6 +87,9 @@ def example_bundle(kind: str = "progression", n_patients: int = 30, *, seed: int
     patient a heart-rate stream every 5 minutes over the first two days (LOINC 8867-4).
     ``kind="pk"``: one oral theophylline dose (some recorded in g) and levels (LOINC 4049-1, in
     ug/mL or mg/L) at the simulator's times, in hours.
+
+    ``first_id`` numbers the patients (ids, names, record numbers) from there: bundles with
+    different ``first_id`` hold different people.
 
     Returns (bundle, truth, identifiers): ``truth`` is the simulator's table keyed by FHIR id,
     ``identifiers`` every identifying string written into the bundle (for privacy scans).
@@ -107,8 +112,8 @@ def example_bundle(kind: str = "progression", n_patients: int = 30, *, seed: int
     truth = []
     for i, pat in enumerate(ids):
         rows = table[table["patient"] == pat]
-        p = _person(i, rng)
-        fhir_id = f"pt-{i:04d}-{p['mrn'][-4:]}"
+        p = _person(first_id + i, rng)
+        fhir_id = f"pt-{first_id + i:04d}-{p['mrn'][-4:]}"
         ref = f"Patient/{fhir_id}"
         t0 = start + dt.timedelta(days=int(rng.integers(0, 300)), minutes=int(rng.integers(0, 600)))
         age = float(rows["age"].iloc[0]) if "age" in rows else float(rng.integers(25, 80))

@@ -230,9 +230,9 @@ def test_no_identifier_reaches_an_artifact_log_repr_or_report(example, tmp_path,
         cohort = data.cohort("creatinine", covariates=["age", "sex"])
         new_ids = truth["fhir_id"].unique()[:2]
         pop = bt.fit(cohort, draws=300, tune=300, seed=2, progressbar=False)
-        rows = data.cohort("creatinine").frame  # pseudonymised rows of two patients as new patients
+        rows = data.table("creatinine", covariates=["age", "sex"])  # two patients' first visits as new ones
         rows = rows[rows["patient"].isin([bt.pseudonymise(f, KEY) for f in new_ids]) & (rows["time"] <= 6)]
-        twin = pop.condition(rows.assign(age=60.0, sex="female"), key=PSEUDONYMISED, method="importance")
+        twin = pop.condition(rows, key=PSEUDONYMISED, method="importance")
         forecast = twin.predict(times=[9.0, 12.0])
         bt.save(pop, tmp_path / "population")
         bt.save(twin, tmp_path / "twin")
