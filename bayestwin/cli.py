@@ -130,7 +130,8 @@ def _fit(args) -> int:
     out = args.out or spec["folder"] / "population"
     say(f"Fitting {spec['name']} ({spec['family']['name']}) from {args.spec} ...")
     try:
-        pop = fit_spec(args.spec, out=args.out, progressbar=None if not args.quiet else False)
+        quick = {k: v for k, v in (("draws", args.draws), ("tune", args.tune)) if v is not None}
+        pop = fit_spec(args.spec, out=args.out, progressbar=None if not args.quiet else False, **quick)
     except (ArtifactError, ValueError) as err:
         print(f"bayestwin fit: {err}", file=sys.stderr)
         return 1
@@ -264,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fitp.add_argument("spec", help="spec.toml (e.g. models/sleepstudy/spec.toml)")
     fitp.add_argument("--out", default=None, help="artifact folder (default: next to the spec, population/)")
+    fitp.add_argument("--draws", type=int, default=None, help="override the spec's draws (a quick check)")
+    fitp.add_argument("--tune", type=int, default=None, help="override the spec's tuning steps")
     fitp.add_argument("--quiet", action="store_true", help="print nothing; exit status only")
     fitp.set_defaults(func=_fit)
 

@@ -149,7 +149,7 @@ def fit_spec(path, *, out=None, progressbar: bool | None = None, **overrides):
         pop = fit(spec_data(spec), spec_family(spec), progressbar=progressbar, **settings)
     target = Path(out) if out is not None else spec["folder"] / "population"
     save(pop, target)
-    if out is None:
+    if out is None and not overrides:  # a quick run with other settings leaves the model card alone
         write_model_card(spec, pop, target)
     return pop
 

@@ -1,7 +1,6 @@
 """The model zoo: shipped artifacts load verified and match the published fits; specs refit reproducibly."""
 
 import shutil
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -45,27 +44,24 @@ def test_theoph_from_the_zoo_matches_nlme():
         assert abs(got[name] - ref) <= 0.1 * abs(ref), (name, got[name], ref)
 
 
-@pytest.mark.slow
-def test_bayestwin_fit_regenerates_the_sleepstudy_artifact(tmp_path):
-    """`bayestwin fit spec.toml` gives the shipped draws (bit for bit on the machine that made them;
-    elsewhere, the same posterior within Monte-Carlo error), and the same seed gives identical draws."""
+def test_bayestwin_fit_is_reproducible(tmp_path):
+    """`bayestwin fit spec.toml` twice with the same spec and seed: identical draws (here with
+    fewer draws than the shipped fit, to keep the test short; the shipped draws were regenerated
+    bit for bit on the machine that made them: see the README)."""
     spec = tmp_path / "sleepstudy"
     shutil.copytree(model_path("sleepstudy"), spec, ignore=shutil.ignore_patterns("population", "MODEL_CARD.md"))
-    assert main(["fit", str(spec / "spec.toml"), "--quiet"]) == 0
-    assert (spec / "MODEL_CARD.md").is_file() and "converged" in (spec / "MODEL_CARD.md").read_text()
-    shipped = bt.load("sleepstudy")
-    fresh = bt.load(spec / "population")
-    same = read_card(spec / "population")["population"]["draws_sha256"] == draws_digest(shipped.idata)
-    print("bit-identical to the shipped artifact:", same)
-    if not same:  # another CPU or stack: the same posterior within Monte-Carlo error
-        for name in ("intercept", "slope", "sigma"):
-            a, b = shipped.posterior[name], fresh.posterior[name]
-            se = float(np.hypot(a.std(), b.std())) / np.sqrt(1000)  # ESS >= 1,000 in the card
-            assert abs(float(a.mean() - b.mean())) < 5 * se, name
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        runs = [fit_spec(spec, out=tmp_path / f"run{i}", draws=100, tune=100, progressbar=False) for i in (1, 2)]
-    assert draws_digest(runs[0].idata) == draws_digest(runs[1].idata)
+    digests = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        assert main(
+            ["fit", str(spec / "spec.toml"), "--draws", "100", "--tune", "100", "--out", str(out), "--quiet"]
+        ) in (0, 2)
+        card = read_card(out)
+        assert card["population"]["sampler"]["draws"] == 100 and card["population"]["sampler"]["seed"] == 20261127
+        digests.append(card["population"]["draws_sha256"])
+        assert draws_digest(bt.load(out).idata) == digests[-1]
+    assert digests[0] == digests[1]
+    assert not (spec / "MODEL_CARD.md").exists()  # a quick run with other settings writes no model card
 
 
 def test_spec_errors_are_clear(tmp_path, monkeypatch):
