@@ -111,3 +111,12 @@ def test_trial_command_prints_the_operating_characteristics(population, tmp_path
         main(["trial", str(spec)])
     assert main(["trial", "--example"]) == 0
     assert "[simulation]" in capsys.readouterr().out
+
+
+def test_review_refuses_a_broken_artifact(tmp_path, capsys):
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "card.json").write_text("{}")
+    assert main(["review", str(tmp_path / "art")]) == 1
+    assert "card.json is not a bayestwin model card" in capsys.readouterr().err
+    assert main(["review", "no-such-model"]) == 1
+    assert "no model 'no-such-model' in the model zoo" in capsys.readouterr().err
