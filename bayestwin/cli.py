@@ -140,6 +140,56 @@ def _fit(args) -> int:
     return 0 if pop.verdict.converged else 2
 
 
+def _condition(args) -> int:
+    import os
+
+    import pandas as pd
+
+    from bayestwin.engine.many import condition_many, refresh
+    from bayestwin.io import ArtifactError, load
+
+    say = (lambda *a: None) if args.quiet else print
+    key = os.environ.get(args.key_env)
+    if not key:
+        print(
+            f"bayestwin condition: set ${args.key_env} to your pseudonymisation key (it is read from the "
+            "environment, never from the command line)",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        population = load(args.population)
+        rows = pd.read_csv(args.data, na_values=["."])
+    except (ArtifactError, OSError, ValueError) as err:
+        print(f"bayestwin condition: {err}", file=sys.stderr)
+        return 1
+    client = None
+    if args.scheduler:
+        from distributed import Client
+
+        client = Client(args.scheduler)
+    t0 = time.perf_counter()
+    settings = {"key": key, "client": client, "batch": args.batch, "method": args.method, "seed": args.seed, "say": say}
+    try:
+        if args.refresh:
+            table = refresh(population, args.refresh, rows, out=args.out, **settings)
+        else:
+            table = condition_many(population, rows, out=args.out, **settings)
+    except (ValueError, OSError) as err:  # DataError is a ValueError: it names patient, row and column
+        print(f"bayestwin condition: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if client is not None:
+            client.close()
+    wall = time.perf_counter() - t0
+    ok = int(table["converged"].sum())
+    say(
+        f"{len(table)} twins in {wall:.1f} s ({len(table) / wall:.1f} twins/s); {ok} converged, "
+        f"{int(table['out_of_population'].sum())} out of population; store: {args.out}"
+    )
+    return 0 if ok == len(table) else 2
+
+
 def _review(args) -> int:
     from pathlib import Path
 
@@ -269,6 +319,27 @@ def build_parser() -> argparse.ArgumentParser:
     fitp.add_argument("--tune", type=int, default=None, help="override the spec's tuning steps")
     fitp.add_argument("--quiet", action="store_true", help="print nothing; exit status only")
     fitp.set_defaults(func=_fit)
+
+    cond = sub.add_parser(
+        "condition",
+        help="condition a saved population on many patients' rows: a store of twins (resumable, Dask)",
+        description="Condition a population artifact (folder or zoo name) on every patient of a CSV table, in "
+        "batches (one vectorised JAX program each), and write the twins' summaries and thinned draws to a store "
+        "folder (Parquet per batch, atomic). Rerun after a crash: finished batches are kept. --refresh STORE: "
+        "only patients with rows in DATA are conditioned again (on all their rows), the others carried over. "
+        "The pseudonymisation key is read from $BAYESTWIN_KEY (or --key-env). Exit 2 if a twin did not converge.",
+    )
+    cond.add_argument("--population", required=True, help="artifact folder or model zoo name")
+    cond.add_argument("--data", required=True, help="CSV with the population's columns (NONMEM table for PK)")
+    cond.add_argument("--out", required=True, help="store folder to write (or resume)")
+    cond.add_argument("--refresh", default=None, help="yesterday's store: condition only patients with new rows")
+    cond.add_argument("--scheduler", default=None, help="Dask scheduler address (default: run here)")
+    cond.add_argument("--batch", type=int, default=256, help="patients per batch (default 256)")
+    cond.add_argument("--method", default="importance", choices=["importance", "nuts"])
+    cond.add_argument("--seed", type=int, default=0)
+    cond.add_argument("--key-env", default="BAYESTWIN_KEY", help="environment variable holding the key")
+    cond.add_argument("--quiet", action="store_true", help="print nothing; exit status only")
+    cond.set_defaults(func=_condition)
 
     val = sub.add_parser("validate", help="validation runs: simulation-based calibration (sbc)")
     vsub = val.add_subparsers(dest="what", metavar="WHAT", required=True)
