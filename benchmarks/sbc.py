@@ -23,11 +23,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--twins", type=int, default=1000)
     ap.add_argument("--family", choices=["progression", "pk"], action="append")
+    ap.add_argument("--draws", type=int, default=500, help="draws (and tuning steps) per chain of each fit")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sbc"))
     args = ap.parse_args()
     for family in args.family or ["progression", "pk"]:
         t0 = time.perf_counter()
-        res = run_sbc(family, reps=args.reps, twins=args.twins, out=Path(args.out) / family)
+        res = run_sbc(family, reps=args.reps, twins=args.twins, out=Path(args.out) / family, draws=args.draws)
         print(
             f"\n{family}: wall {time.perf_counter() - t0:.0f} s; smallest p-value "
             f"{min(float(r.table['p_value'].min()) for r in res.values()):.4f}\n",
