@@ -278,14 +278,16 @@ def _chunked(run, data: dict, mask: np.ndarray, seeds: np.ndarray, chunk: int):
 
 
 def _devices() -> list:
-    """Devices to spread chunks over: every accelerator, or on CPU one host device per core.
+    """Devices to spread chunks over: every accelerator, or on CPU one host device per core
+    (at most ``$BAYESTWIN_CPU_DEVICES``).
 
     (PyMC's JAX module asks XLA for 100 host devices; a program is compiled once per device it
     runs on, so rotating over all of them would mostly compile.)
     """
     devices = jax.local_devices()
-    if devices[0].platform == "cpu":
-        devices = devices[: max(1, min(len(devices), os.cpu_count() or 1))]
+    if devices[0].platform == "cpu":  # $BAYESTWIN_CPU_DEVICES caps it, e.g. 1 in a Dask worker owning one core
+        cores = int(os.environ.get("BAYESTWIN_CPU_DEVICES") or os.cpu_count() or 1)
+        devices = devices[: max(1, min(len(devices), cores))]
     return devices
 
 

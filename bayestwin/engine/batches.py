@@ -13,10 +13,9 @@ fingerprint of the job; resuming with a different job is refused.
 
 With a ``dask.distributed`` ``Client`` the batches are submitted as tasks (``client.submit``),
 written by the workers themselves (``out`` must be on a filesystem they share), and gathered as
-they finish. Workers run JAX: give each one thread of XLA per core it owns, e.g.
-``LocalCluster(n_workers=2, threads_per_worker=1)`` with ``XLA_FLAGS`` set to
-``--xla_force_host_platform_device_count=1 --xla_cpu_multi_thread_eigen=false`` and
-``OMP_NUM_THREADS=1`` in the workers' environment, so that workers do not oversubscribe cores.
+they finish. Workers run JAX: one worker per core, each with one XLA thread and one host device,
+``LocalCluster(n_workers=cores, threads_per_worker=1, env=WORKER_ENV)``, so that workers do not
+oversubscribe cores.
 On a SLURM cluster the same call takes a ``dask_jobqueue.SLURMCluster``'s client.
 """
 
@@ -30,12 +29,16 @@ from pathlib import Path
 
 import pandas as pd
 
-#: Environment for Dask workers that run JAX: one XLA thread pool each, no nested BLAS threads.
+#: Environment for Dask workers that run JAX, one worker per core: one XLA thread and one host
+#: device each (bayestwin otherwise spreads chunks over one device per core), no nested BLAS
+#: threads, and no preallocation of a shared GPU's memory by each worker.
 WORKER_ENV = {
     "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+    "BAYESTWIN_CPU_DEVICES": "1",
     "OMP_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
+    "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
 }
 
 
