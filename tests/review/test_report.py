@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from bayestwin.cli import main
+from bayestwin.io import data_fingerprint as _fingerprint
 from bayestwin.review import review
-from bayestwin.review.report import _fingerprint
 from tests.conftest import KEY
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
