@@ -134,6 +134,7 @@ def sbc_fit(
     bins: int = 10,
     seed: int = 0,
     say=None,
+    partial=None,
     **fit_kwargs,
 ) -> SBC:
     """SBC of the population fit: ``reps`` data sets drawn from the prior predictive on ``cohort``'s design.
@@ -143,6 +144,7 @@ def sbc_fit(
     :func:`bayestwin.fit` (``fit_kwargs``, e.g. ``draws=500``), and ranks the true values of
     ``quantities`` (default: the scalar population parameters) among the posterior draws.
     Replicates whose fit fails the convergence gate are kept and counted in ``SBC.ranks.attrs``.
+    ``partial``: a CSV path that receives the ranks so far every 10 replicates (long runs).
     """
     import warnings
 
@@ -174,8 +176,11 @@ def sbc_fit(
         post = pop.posterior
         true = {q: np.array([prior[q].to_numpy().ravel()[r]]) for q in quantities}
         rows.append({q: int(ranks_of(true[q], post[q].to_numpy().reshape(1, -1), L, rng)[0]) for q in quantities})
-        if say is not None and ((r + 1) % 10 == 0 or r + 1 == reps):
-            say(f"  fit replicate {r + 1}/{reps} ({failed} not converged so far)")
+        if (r + 1) % 10 == 0 or r + 1 == reps:
+            if say is not None:
+                say(f"  fit replicate {r + 1}/{reps} ({failed} not converged so far)")
+            if partial is not None:
+                pd.DataFrame(rows).assign(not_converged_so_far=failed).to_csv(partial, index=False)
     ranks = pd.DataFrame(rows)
     ranks.attrs["not_converged"] = failed
     return SBC(ranks, L, bins)
@@ -255,6 +260,7 @@ def _run_sbc_pk(*, reps: int, twins: int, out, seed: int, key: bytes, draws: int
     """PK: the population fit on 12 simulated subjects (one oral dose, 7 levels) under frozen
     priors (:func:`frozen_pk_family`), then the twin step."""
     import warnings
+    from pathlib import Path
 
     from bayestwin.data.nonmem import read_nonmem
     from bayestwin.families.pk import Pk, simulate
@@ -266,7 +272,10 @@ def _run_sbc_pk(*, reps: int, twins: int, out, seed: int, key: bytes, draws: int
         design = read_nonmem(rows, key=key)
         fam = frozen_pk_family(design)
         say(f"SBC of the PK population fit: {reps} replicates on {design} (priors frozen) ...")
-        results["fit"] = sbc_fit(design, fam, reps=reps, seed=seed, draws=draws, tune=draws, say=say)
+        part = None if out is None else Path(out) / "sbc_fit_partial.csv"
+        if part is not None:
+            part.parent.mkdir(parents=True, exist_ok=True)
+        results["fit"] = sbc_fit(design, fam, reps=reps, seed=seed, draws=draws, tune=draws, say=say, partial=part)
         say(results["fit"].table.to_string(float_format=lambda x: f"{x:.3f}"))
         say(f"({results['fit'].ranks.attrs['not_converged']} of {reps} fits failed the convergence gate)")
     train, _ = simulate(40, seed=seed + 1, times=(0.5, 1, 2, 4, 8, 12, 24))
