@@ -52,7 +52,7 @@ def test_population_fit_sbc_small_run():
         n_patients=12, therapies=("standard", "drug_a"), therapy_slope=(-0.8,), times=(0, 3, 6, 9), seed=5
     )
     cohort = bt.Cohort(rows, covariates=["age", "sex"], key=KEY)
-    sbc = sbc_fit(cohort, reps=3, seed=1, draws=500, tune=500)
+    sbc = sbc_fit(cohort, reps=2, seed=1, draws=500, tune=500)
     table = sbc.table
     print(table.to_string(), sbc.ranks.attrs)
     assert {"intercept", "slope", "sigma"} <= set(table.index)
