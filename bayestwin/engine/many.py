@@ -18,11 +18,10 @@ size, the batch a patient falls in, or the number of workers - bit for bit when 
 rows are padded to the same length (batches pad to their longest patient, in steps), otherwise
 to rounding (~1e-8 relative: the order of floating-point sums changes).
 
-Memory: a batch holds ``chunk`` patients' compiled state at a time while it samples (the
-population's programs, about 0.3 GB, once per process) plus, per patient in the batch, the kept
-draws of the twin before summarising (chains x draws x (quantities + position size) x 8 bytes,
-e.g. 4 x 1000 x 8 x 8 B = 0.26 MB for a progression twin): peak RSS ~ base + batch x per-patient.
-``benchmarks/scale.py`` measures it.
+Memory: a batch's twins are held whole until summarised (the importance path keeps every
+proposal of every chain), so peak RSS grows with ``batch``; measured on 2 cores for progression
+twins (``benchmarks/scale.py``): 2.5 / 3.0 / 3.8 / 7.3 GB at batch 64 / 256 / 1,024 / 4,096,
+i.e. about 2.4 GB + 1.2 MB x batch. A worker with 8 GB takes batches of up to ~4,000.
 """
 
 from __future__ import annotations
