@@ -131,7 +131,7 @@ def test_a_killed_cluster_run_resumes_to_the_same_twins(sleep, tmp_path):
         os.killpg(child.pid, signal.SIGKILL)  # the job and its workers, mid-run
         child.wait()
     done = {p.name: p.stat().st_mtime_ns for p in store.glob("twins-*.parquet")}
-    assert 1 <= len(done) < 6, done
+    assert 0 < len(done) < 6, done  # killed mid-run: some batches landed, not all
     pop = sleep[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
