@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -144,7 +145,10 @@ def sbc_fit(
     :func:`bayestwin.fit` (``fit_kwargs``, e.g. ``draws=500``), and ranks the true values of
     ``quantities`` (default: the scalar population parameters) among the posterior draws.
     Replicates whose fit fails the convergence gate are kept and counted in ``SBC.ranks.attrs``.
-    ``partial``: a CSV path that receives the ranks so far every 10 replicates (long runs).
+    ``partial``: a CSV path that receives the ranks so far after every replicate (written
+    atomically, with a JSON of the run's settings beside it). A later call with the same settings
+    and ``partial`` resumes after the replicates it holds: each replicate's data, fit seed and
+    rank draws depend only on ``seed`` and its index, so a resumed run equals an uninterrupted one.
     """
     import warnings
 
@@ -164,9 +168,11 @@ def sbc_fit(
     ys = draws.prior_predictive[fam.observed].to_numpy().reshape(reps, -1)  # (reps, obs), the same draws
     if quantities is None:
         quantities = [n for n, v in prior.data_vars.items() if set(v.dims) == {"chain", "draw"}]
-    rng = np.random.default_rng(seed)
-    rows, failed = [], 0
-    for r in range(reps):
+    rows, failed = _resume(partial, {"reps": reps, "seed": seed, "L": L, "quantities": list(quantities), **fit_kwargs})
+    if rows and say is not None:
+        say(f"  resuming after {len(rows)} replicates from {partial}")
+    for r in range(len(rows), reps):
+        rng = np.random.default_rng([seed, r])  # per replicate: resumable
         rep = cohort.with_outcome(ys[r])  # design rows are the frame's rows, in order
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -175,15 +181,53 @@ def sbc_fit(
         jax.clear_caches()  # each fit compiles its own programs: 200 of them exhausted 24 GB
         post = pop.posterior
         true = {q: np.array([prior[q].to_numpy().ravel()[r]]) for q in quantities}
-        rows.append({q: int(ranks_of(true[q], post[q].to_numpy().reshape(1, -1), L, rng)[0]) for q in quantities})
-        if (r + 1) % 10 == 0 or r + 1 == reps:
-            if say is not None:
-                say(f"  fit replicate {r + 1}/{reps} ({failed} not converged so far)")
-            if partial is not None:
-                pd.DataFrame(rows).assign(not_converged_so_far=failed).to_csv(partial, index=False)
-    ranks = pd.DataFrame(rows)
-    ranks.attrs["not_converged"] = failed
+        ranks = {q: int(ranks_of(true[q], post[q].to_numpy().reshape(1, -1), L, rng)[0]) for q in quantities}
+        rows.append({**ranks, "converged": bool(pop.verdict.converged)})
+        if partial is not None:
+            _atomic_csv(pd.DataFrame(rows), partial)
+        if say is not None and ((r + 1) % 10 == 0 or r + 1 == reps):
+            say(f"  fit replicate {r + 1}/{reps} ({failed} not converged so far)")
+    ranks = pd.DataFrame(rows, columns=[*quantities, "converged"])
+    ranks.attrs["not_converged"] = int((~ranks.pop("converged").astype(bool)).sum())
     return SBC(ranks, L, bins)
+
+
+def _partial_path(out):
+    """``out``/sbc_fit_partial.csv (the folder made), or None."""
+
+    if out is None:
+        return None
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return Path(out) / "sbc_fit_partial.csv"
+
+
+def _atomic_csv(frame: pd.DataFrame, path) -> None:
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
+def _resume(partial, settings: dict) -> tuple[list[dict], int]:
+    """The replicates already in ``partial`` (and how many failed the gate) when its settings match."""
+    import json
+
+    if partial is None:
+        return [], 0
+    partial = Path(partial)
+    meta = partial.with_suffix(".json")
+    settings = json.loads(json.dumps(settings, default=str))
+    if partial.exists() and meta.exists() and json.loads(meta.read_text()) == settings:
+        done = pd.read_csv(partial)
+        if list(done.columns) == [*settings["quantities"], "converged"] and len(done) <= settings["reps"]:
+            rows = done.to_dict("records")
+            return rows, int((~done["converged"].astype(bool)).sum())
+    tmp = meta.with_name(meta.name + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=1))
+    tmp.replace(meta)
+    partial.unlink(missing_ok=True)
+    return [], 0
 
 
 def run_sbc(
@@ -221,7 +265,8 @@ def run_sbc(
     rows, _ = simulate(n_patients=16, therapies=arms, therapy_slope=(-0.8,), times=(0, 3, 6, 9), seed=seed)
     design = Cohort(rows, covariates=["age", "sex"], therapies=arms, key=key)
     say(f"SBC of the population fit: {reps} replicates on {design} ...")
-    results["fit"] = sbc_fit(design, reps=reps, seed=seed, draws=draws, tune=draws, say=say)
+    part = _partial_path(out)
+    results["fit"] = sbc_fit(design, reps=reps, seed=seed, draws=draws, tune=draws, say=say, partial=part)
     say(results["fit"].table.to_string(float_format=lambda x: f"{x:.3f}"))
     say(f"({results['fit'].ranks.attrs['not_converged']} of {reps} fits failed the convergence gate)")
     train, _ = simulate(n_patients=40, therapies=arms, therapy_slope=(-0.8,), seed=seed + 1)
@@ -267,7 +312,6 @@ def _run_sbc_pk(*, reps: int, twins: int, out, seed: int, key: bytes, draws: int
     """PK: the population fit on 12 simulated subjects (one oral dose, 7 levels) under frozen
     priors (:func:`frozen_pk_family`), then the twin step."""
     import warnings
-    from pathlib import Path
 
     from bayestwin.data.nonmem import read_nonmem
     from bayestwin.families.pk import Pk, simulate
@@ -279,9 +323,7 @@ def _run_sbc_pk(*, reps: int, twins: int, out, seed: int, key: bytes, draws: int
         design = read_nonmem(rows, key=key)
         fam = frozen_pk_family(design)
         say(f"SBC of the PK population fit: {reps} replicates on {design} (priors frozen) ...")
-        part = None if out is None else Path(out) / "sbc_fit_partial.csv"
-        if part is not None:
-            part.parent.mkdir(parents=True, exist_ok=True)
+        part = _partial_path(out)
         results["fit"] = sbc_fit(design, fam, reps=reps, seed=seed, draws=draws, tune=draws, say=say, partial=part)
         say(results["fit"].table.to_string(float_format=lambda x: f"{x:.3f}"))
         say(f"({results['fit'].ranks.attrs['not_converged']} of {reps} fits failed the convergence gate)")
@@ -299,7 +341,6 @@ def _run_sbc_pk(*, reps: int, twins: int, out, seed: int, key: bytes, draws: int
 
 def _write(results: dict, out, say) -> None:
     """Rank histograms (sbc_<step>.png) and the tables (sbc.csv) into ``out``."""
-    from pathlib import Path
 
     import matplotlib.pyplot as plt
 

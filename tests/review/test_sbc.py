@@ -46,13 +46,21 @@ def test_twin_conditioning_is_calibrated(population):
 
 
 @pytest.mark.slow
-def test_population_fit_sbc_small_run():
-    """A few replicates of the full fit (a smoke test: the benchmark runs 200): ranks valid."""
+def test_population_fit_sbc_small_run(tmp_path):
+    """A few replicates of the full fit (a smoke test: the benchmark runs 200): ranks valid, and an
+    interrupted run resumes from its partial file to the ranks of an uninterrupted one."""
     rows, _ = simulate(
         n_patients=12, therapies=("standard", "drug_a"), therapy_slope=(-0.8,), times=(0, 3, 6, 9), seed=5
     )
     cohort = bt.Cohort(rows, covariates=["age", "sex"], key=KEY)
-    sbc = sbc_fit(cohort, reps=2, seed=1, draws=500, tune=500)
+    part = tmp_path / "partial.csv"
+    sbc = sbc_fit(cohort, reps=2, seed=1, draws=500, tune=500, partial=part)
+    pd.read_csv(part).iloc[:1].to_csv(part, index=False)  # as if killed during the second replicate
+    said = []
+    resumed = sbc_fit(cohort, reps=2, seed=1, draws=500, tune=500, partial=part, say=said.append)
+    assert said[0] == f"  resuming after 1 replicates from {part}"
+    pd.testing.assert_frame_equal(resumed.ranks, sbc.ranks)
+    assert resumed.ranks.attrs == sbc.ranks.attrs
     table = sbc.table
     print(table.to_string(), sbc.ranks.attrs)
     assert {"intercept", "slope", "sigma"} <= set(table.index)
