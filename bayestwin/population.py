@@ -111,7 +111,7 @@ class Population:
         if hasattr(rows, "baseline") and hasattr(rows, "frame"):
             return rows  # already validated (a Cohort, or a family's own table such as Events)
         if hasattr(self.family, "read"):
-            return self.family.read(rows, key=key, schema=self.schema)
+            return self.family.read(rows, key=key, schema=self.schema, columns=self.columns, baseline=baseline)
         c = self.columns
         return Cohort(
             rows,

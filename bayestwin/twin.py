@@ -182,6 +182,8 @@ class Twin:
         Forecast
             ``mean`` (the expected trajectory or concentration) and ``observation`` (a new
             measurement, with residual error), dims (chain, draw, patient, therapy, time).
+            For a time-to-event twin an :class:`~bayestwin.forecast.EventForecast`: survival
+            from ``start`` per therapy, risk by a time, RMST and its differences, P(best).
         """
         from bayestwin.forecast import Forecast
 
@@ -190,13 +192,6 @@ class Twin:
         predict = self.population.compiled("predict", cond.padded_length(1), cond.make_predict)  # shapes free
         mu = predict(self._positions, pred)  # (B, S, C, D, T)
         post = self.posterior
-        params = {
-            n: jnp.asarray(post[n].transpose("patient", "chain", "draw").to_numpy())[:, None, :, :, None]
-            for n in fam.residual_params
-        }
-        obs = fam.observe(jax.random.key(seed), mu, params)
-        mean = np.moveaxis(np.asarray(mu), (2, 3), (0, 1))  # (C, D, B, S, T)
-        obs = np.moveaxis(np.asarray(obs), (2, 3), (0, 1))
         coords = {
             "chain": post.chain.values,
             "draw": post.draw.values,
@@ -204,6 +199,18 @@ class Twin:
             "therapy": labels,
             "time": times,
         }
+        if getattr(fam, "forecast_kind", None) == "event":  # time-to-event: survival per therapy
+            from bayestwin.forecast import EventForecast
+
+            cumhaz = np.moveaxis(np.asarray(mu), (2, 3), (0, 1))
+            return EventForecast.from_cumhaz(cumhaz, coords, verdict=self.verdict)
+        params = {
+            n: jnp.asarray(post[n].transpose("patient", "chain", "draw").to_numpy())[:, None, :, :, None]
+            for n in fam.residual_params
+        }
+        obs = fam.observe(jax.random.key(seed), mu, params)
+        mean = np.moveaxis(np.asarray(mu), (2, 3), (0, 1))  # (C, D, B, S, T)
+        obs = np.moveaxis(np.asarray(obs), (2, 3), (0, 1))
         dims = ("chain", "draw", "patient", "therapy", "time")
         ds = xr.Dataset({"mean": (dims, mean), "observation": (dims, obs)}, coords=coords)
         ds["mean"].attrs["description"] = f"expected {fam.prediction} (structural prediction)"

@@ -112,6 +112,7 @@ class Columns:
     outcome: str = OUTCOME
     therapy: str | None = THERAPY
     covariates: tuple[str, ...] = ()
+    start: str | None = None  # time-to-event tables: the at-risk interval's start (None: derived)
 
 
 class Cohort:

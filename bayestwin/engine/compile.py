@@ -95,7 +95,8 @@ def compile_twin(family, schema, n_obs: int, **slots) -> TwinProgram:
 
     patient_rvs = [model[n] for n in family.patient_vars]
     terms = model.logp(vars=[*patient_rvs, model[family.observed]], sum=False)
-    logp = pt.add(*[t.sum() for t in terms[:-1]]) + (terms[-1] * mask).sum()
+    own = [t.sum() for t in terms[:-1]]  # none when the family has no per-patient variables
+    logp = pt.add(*own) + (terms[-1] * mask).sum() if own else (terms[-1] * mask).sum()
     [logp] = graph_replace([logp], replace, strict=False)
 
     blocks_phi, blocks_pat = [], []

@@ -3,8 +3,9 @@
 from bayestwin.families.base import Design, Prior
 from bayestwin.families.pk import Pk
 from bayestwin.families.progression import Progression
+from bayestwin.families.survival import Survival
 
-FAMILIES = {"progression": Progression, "pk": Pk}
+FAMILIES = {"progression": Progression, "pk": Pk, "survival": Survival}
 
 
 def get_family(name_or_family="progression", **kwargs):
@@ -17,4 +18,4 @@ def get_family(name_or_family="progression", **kwargs):
         raise ValueError(f"unknown family {name_or_family!r}; known: {sorted(FAMILIES)}") from None
 
 
-__all__ = ["Design", "FAMILIES", "Pk", "Prior", "Progression", "get_family"]
+__all__ = ["Design", "FAMILIES", "Pk", "Prior", "Progression", "Survival", "get_family"]

@@ -192,8 +192,10 @@ class Pk:
         return pri
 
     # ---------------------------------------------------------------- design
-    def read(self, rows, *, key=None, schema: Schema | None = None):
-        """New subjects' event rows for conditioning (IDs without levels yet are allowed)."""
+    def read(self, rows, *, key=None, schema: Schema | None = None, columns=None, baseline=None):
+        """New subjects' event rows for conditioning (IDs without levels yet are allowed). NONMEM
+        column names are fixed and covariates sit in the rows: ``columns`` and ``baseline`` are
+        not used."""
         from bayestwin.data.nonmem import read_nonmem
 
         covariates = schema.covariates if schema is not None else ()
