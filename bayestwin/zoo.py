@@ -17,7 +17,7 @@ A spec::
     description = "..."
     [data]
     source = "data.csv"          # relative to the spec's folder
-    format = "longitudinal"      # or "nonmem" (NONMEM-style event table)
+    format = "longitudinal"      # or "nonmem" (NONMEM-style event table), "survival" (time, event[, start])
     patient = "Subject"
     time = "Days"
     outcome = "Reaction"
@@ -49,6 +49,9 @@ from bayestwin.io import ArtifactError, load, read_card, save
 
 ENV = "BAYESTWIN_MODELS"
 _SAMPLER = ("draws", "tune", "chains", "target_accept", "mass", "seed")
+
+
+FORMATS = ("longitudinal", "nonmem", "survival")
 
 
 def model_dirs() -> list[Path]:
@@ -84,8 +87,8 @@ def read_spec(path) -> dict:
         for k in keys:
             if k not in spec.get(section, {}):
                 raise ValueError(f"{path}: [{section}] needs {k!r}")
-    if spec["data"]["format"] not in ("longitudinal", "nonmem"):
-        raise ValueError(f"{path}: [data] format must be 'longitudinal' or 'nonmem', not {spec['data']['format']!r}")
+    if spec["data"]["format"] not in FORMATS:
+        raise ValueError(f"{path}: [data] format must be one of {FORMATS}, not {spec['data']['format']!r}")
     unknown = set(spec["sampler"]) - set(_SAMPLER)
     if unknown:
         raise ValueError(f"{path}: unknown [sampler] setting(s) {sorted(unknown)}; known: {list(_SAMPLER)}")
@@ -116,6 +119,20 @@ def spec_data(spec: dict):
     covariates = list(d.get("covariates", []))
     if d["format"] == "nonmem":
         return read_nonmem(table, covariates=covariates, key=_key(d))
+    if d["format"] == "survival":  # time-to-event: at-risk intervals (time, event[, start])
+        from bayestwin.data.survival import read_survival
+
+        return read_survival(
+            table,
+            patient=d.get("patient", "patient"),
+            time=d.get("time", "time"),
+            event=d.get("event", "event"),
+            start=d.get("start") or None,
+            therapy=d.get("therapy") or None,
+            therapies=d.get("therapies") or None,
+            covariates=covariates,
+            key=_key(d),
+        )
     return Cohort(
         table,
         patient=d.get("patient", "patient"),

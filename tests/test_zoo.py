@@ -68,7 +68,7 @@ def test_spec_errors_are_clear(tmp_path, monkeypatch):
     spec = tmp_path / "m" / "spec.toml"
     spec.parent.mkdir()
     spec.write_text('[data]\nsource = "d.csv"\nformat = "excel"\n[family]\nname = "progression"\n[sampler]\nseed = 1\n')
-    with pytest.raises(ValueError, match="format must be 'longitudinal' or 'nonmem', not 'excel'"):
+    with pytest.raises(ValueError, match="format must be one of \('longitudinal', 'nonmem', 'survival'\), not 'excel'"):
         read_spec(spec)
     spec.write_text('[data]\nsource = "d.csv"\nformat = "nonmem"\n[family]\nname = "pk"\n[sampler]\nsteps = 1\n')
     with pytest.raises(ValueError, match=r"\[sampler\] needs 'seed'"):
