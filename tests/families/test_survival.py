@@ -162,3 +162,37 @@ def test_gbsg2_calibration_and_concordance_on_held_out_patients(gbsg2):
     # risk groups are ordered in both prediction and observation at 5 years
     five = cal.table[cal.table.horizon == 1825]
     assert five["predicted"].is_monotonic_increasing and five["observed"].is_monotonic_increasing
+
+
+def test_recurrent_event_twin_matches_a_full_refit():
+    """Recurrent events with a patient frailty: a new patient's twin (conditioned on their own
+    event history) against a full hierarchical refit that includes the patient."""
+    df, truth = simulate(121, recurrent=True, frailty_sd=0.7, shape=1.0, scale=3.0, follow_up=4.0, seed=3)
+    counts = df.groupby("patient")["event"].sum()
+    held = counts.index[counts == 3][0]  # a patient with three events: the frailty is learnt
+    fam = bt.Survival(baseline="weibull", frailty="patient")
+    train = bt.read_survival(df[df.patient != held], start="start", covariates=["age"], key=KEY)
+    pop = fit(train, fam, draws=1000, tune=1000, seed=0)
+    assert pop.verdict.converged
+    s = pop.summary().loc["frailty_sd"]
+    assert abs(s["mean"] - truth["frailty_sd"]) < 3 * s["sd"]
+    full = fit(bt.read_survival(df, start="start", covariates=["age"], key=KEY), fam, draws=1000, tune=1000, seed=1)
+    ref = full.posterior["patient_log_hazard"].sel(patient=bt.pseudonymise(held, KEY)).to_numpy().ravel()
+    rows = df[df.patient == held]
+    for method in ("nuts", "importance"):
+        twin = pop.condition(rows, key=KEY, method=method, draws=2000)
+        assert twin.verdict.converged
+        x = twin.posterior["patient_log_hazard"].to_numpy().ravel()
+        # Monte-Carlo SE of the difference of means ~0.03 ref SD (ESS >= 1,000 on each side)
+        assert abs(x.mean() - ref.mean()) < 0.15 * ref.std(), method
+        assert 0.85 < x.std() / ref.std() < 1.15, method
+    # three events: the twin's risk of a next event within a year is above a patient's with none
+    none = df[df.patient == counts.index[counts == 0][0]]
+    same = rows.assign(age=none["age"].iloc[0], therapy=none["therapy"].iloc[0])  # same covariates
+    fc = pop.condition(pd.concat([same, none]), key=KEY, method="importance").predict(times=[4.0, 5.0], start=4.0)
+    risk = (
+        fc.risk(5.0)["mean"]
+        .unstack("therapy")
+        .loc[[bt.pseudonymise(held, KEY), bt.pseudonymise(none.patient.iloc[0], KEY)]]
+    )
+    assert (risk.iloc[0] > risk.iloc[1]).all()
