@@ -13,11 +13,12 @@ _warnings.filterwarnings("ignore", message=".*BLAS.*", module="pytensor")
 
 from bayestwin.data import PSEUDONYMISED, Cohort, Schema, new_key, pseudonymise, reidentify  # noqa: E402
 from bayestwin.data.fhir import Measure, read_fhir  # noqa: E402
+from bayestwin.data.joint import read_joint  # noqa: E402
 from bayestwin.data.nonmem import Events, read_nonmem  # noqa: E402
 from bayestwin.data.survival import read_survival  # noqa: E402
 from bayestwin.dosing import Regimen, dose_search  # noqa: E402
 from bayestwin.errors import ConvergenceWarning, DataError, OutOfPopulationWarning  # noqa: E402
-from bayestwin.families import Pk, Prior, Progression, Survival  # noqa: E402
+from bayestwin.families import Joint, Pk, Prior, Progression, Survival  # noqa: E402
 from bayestwin.forecast import EventForecast, Forecast  # noqa: E402
 from bayestwin.io import ArtifactError, load, save  # noqa: E402
 from bayestwin.population import Population, fit  # noqa: E402
@@ -42,6 +43,8 @@ __all__ = [
     "Progression",
     "Survival",
     "read_survival",
+    "Joint",
+    "read_joint",
     "Regimen",
     "Schema",
     "Twin",

@@ -113,6 +113,7 @@ class Columns:
     therapy: str | None = THERAPY
     covariates: tuple[str, ...] = ()
     start: str | None = None  # time-to-event tables: the at-risk interval's start (None: derived)
+    event: str | None = None  # joint tables: the event column (the outcome is the biomarker)
 
 
 class Cohort:

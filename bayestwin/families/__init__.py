@@ -1,11 +1,12 @@
 """Model families: small objects that build one PyMC model each."""
 
 from bayestwin.families.base import Design, Prior
+from bayestwin.families.joint import Joint
 from bayestwin.families.pk import Pk
 from bayestwin.families.progression import Progression
 from bayestwin.families.survival import Survival
 
-FAMILIES = {"progression": Progression, "pk": Pk, "survival": Survival}
+FAMILIES = {"progression": Progression, "pk": Pk, "survival": Survival, "joint": Joint}
 
 
 def get_family(name_or_family="progression", **kwargs):
@@ -18,4 +19,4 @@ def get_family(name_or_family="progression", **kwargs):
         raise ValueError(f"unknown family {name_or_family!r}; known: {sorted(FAMILIES)}") from None
 
 
-__all__ = ["Design", "FAMILIES", "Pk", "Prior", "Progression", "Survival", "get_family"]
+__all__ = ["Design", "FAMILIES", "Joint", "Pk", "Prior", "Progression", "Survival", "get_family"]
