@@ -114,7 +114,10 @@ class Joint:
             "beta_level": Prior("Normal", mu=0.0, sigma=sy),
             "beta_slope": Prior("Normal", mu=0.0, sigma=sy / T),
             "therapy_slope": Prior("Normal", mu=0.0, sigma=sy / T),
-            "re_sd": Prior("Gamma", alpha=2.0, beta=2.0 / np.array([sy, sy / T])),
+            # log-normal around the data's scales: with several readings per patient, a chain
+            # whose slope SD reached ~0 early in warmup stayed there (residual SD inflated) under
+            # the progression family's Gamma(2); a log-normal walls that neck off
+            "re_sd": Prior("LogNormal", mu=np.log(np.array([sy, sy / T]) / 2), sigma=1.0),
             "sigma": Prior("HalfNormal", sigma=sy),
             "re_corr_eta": 2.0,
             # a crude event rate: one event per patient over the longest follow-up, SD 2.5 on the log scale
@@ -232,7 +235,13 @@ class Joint:
             sigma = pri["sigma"].create("sigma")
 
             # event
-            alpha = pri["alpha"].create("alpha")
+            # alpha on the scale of its prior: the sampler's initial points are jittered by +-1 in
+            # each unconstrained coordinate, and +-1 of alpha itself is a hazard ratio of e^10
+            # across a cohort's biomarker range (a chain started there stalled in our runs)
+            if pri["alpha"].dist != "Normal":
+                raise ValueError(f"the prior of alpha must be Normal, not {pri['alpha'].dist}")
+            alpha_z = pm.Normal("alpha_z", 0.0, 1.0)
+            alpha = pm.Deterministic("alpha", pri["alpha"].params["mu"] + pri["alpha"].params["sigma"] * alpha_z)
             a0 = pri["log_hazard0"].create("log_hazard0")
             walk = pt.zeros(1)
             if len(cuts):  # a random walk with a fixed step SD: an SD learnt from the few events
