@@ -10,18 +10,18 @@ import bayestwin as bt
 from bayestwin.families.joint import simulate
 from tests.conftest import KEY
 
-HELD = "jt-0120"
+HELD = "jt-0080"
 
 
 @pytest.fixture(scope="module")
 def joint():
-    """121 simulated patients (biomarker every year until the event or censoring); the last
+    """81 simulated patients (biomarker every year until the event or censoring); the last
     one is held out. The fit excludes it."""
-    df, truth = simulate(121, sigma=2.0, seed=2)
+    df, truth = simulate(81, sigma=2.0, seed=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         cohort = bt.read_joint(df[df.patient != HELD], covariates=["age"], key=KEY)
-        pop = bt.fit(cohort, bt.Joint(pieces=3), draws=500, tune=1000, seed=0, progressbar=False)
+        pop = bt.fit(cohort, bt.Joint(pieces=3), draws=1000, tune=1000, seed=0, progressbar=False)
     return df, truth, pop
 
 
