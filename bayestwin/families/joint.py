@@ -33,6 +33,7 @@ from bayestwin.data.cohort import OUTCOME, PATIENT, THERAPY, TIME, Schema
 from bayestwin.data.joint import KIND
 from bayestwin.data.survival import START
 from bayestwin.families.base import Design, Prior
+from bayestwin.families.survival import interval_forecast, piecewise_cuts
 
 EFFECTS = ("intercept", "slope")
 
@@ -102,9 +103,7 @@ class Joint:
         }
 
     def cut_points(self, schema: Schema) -> np.ndarray:
-        if self.cuts is not None:
-            return np.asarray(self.cuts, float)
-        return np.linspace(0.0, schema.time_scale, self.pieces + 1)[1:-1]
+        return piecewise_cuts(self.cuts, self.pieces, schema)
 
     def default_priors(self, schema: Schema) -> dict:
         sy, T, ybar = schema.outcome_sd, schema.time_scale, schema.outcome_mean
@@ -274,37 +273,16 @@ class Joint:
         each patient's follow-up or last measurement) to each time, per therapy. The patient's
         recorded therapy applies until ``start`` and each scenario's after it (the biomarker's
         slope changes there; the exposure so far is kept)."""
-        therapies = list(therapies or schema.therapies)
-        bad = [t for t in therapies if t not in schema.therapies]
-        if bad:
-            raise ValueError(f"therapy {bad[0]!r} not in the population's therapies {list(schema.therapies)}")
-        frame, patients = cohort.frame, cohort.patients
-        last = frame.groupby(PATIENT)[TIME].max().reindex(patients).fillna(0.0).to_numpy()
-        t0 = last if start is None else np.full(len(patients), float(start))
-        if times is None:
-            first = float(np.max(t0))
-            times = np.linspace(first, first + schema.time_scale, 41)
-        times = np.asarray(times, float)
-        B, S, T = len(patients), len(therapies), len(times)
-        code = {t: k for k, t in enumerate(schema.therapies)}
-        onehot = np.eye(len(schema.therapies))[[code[t] for t in therapies]][:, 1:]
-        X = schema.covariate_matrix(cohort.baseline) if schema.covariates else np.zeros((B, 0))
+        therapies, times, data, t0 = interval_forecast(cohort, schema, therapies, times, start)
+        B, S, T = data["time"].shape
         # the recorded therapy (the reference for a patient without rows) was given until t0
-        given = frame.groupby(PATIENT)[THERAPY].first().reindex(patients).fillna(schema.therapies[0])
+        code = {t: k for k, t in enumerate(schema.therapies)}
+        given = cohort.frame.groupby(PATIENT)[THERAPY].first().reindex(cohort.patients).fillna(schema.therapies[0])
         recorded = np.eye(len(schema.therapies))[given.map(code).to_numpy(int)][:, 1:] * t0[:, None]
-        return (
-            therapies,
-            times,
-            {
-                "X": np.broadcast_to(X[:, None, None, :], (B, S, 1, X.shape[1])),
-                "time": np.broadcast_to(times, (B, S, T)).copy(),
-                "start": np.broadcast_to(np.minimum(t0[:, None, None], times[None, None, :]), (B, S, T)).copy(),
-                "kind": np.ones((B, S, T)),
-                "treat": np.broadcast_to(onehot[None, :, None, :], (B, S, T, onehot.shape[1])).copy(),
-                "exposure0": np.broadcast_to(recorded[:, None, None, :], (B, S, T, onehot.shape[1])).copy(),
-                "switch": np.broadcast_to(t0[:, None, None], (B, S, T)).copy(),
-            },
-        )
+        data["kind"] = np.ones((B, S, T))
+        data["exposure0"] = np.broadcast_to(recorded[:, None, None, :], (B, S, T, recorded.shape[1])).copy()
+        data["switch"] = np.broadcast_to(t0[:, None, None], (B, S, T)).copy()
+        return therapies, times, data
 
     def covariate_arrays(self, baseline: pd.DataFrame, schema: Schema) -> dict:
         X = schema.covariate_matrix(baseline) if schema.covariates else np.zeros((len(baseline), 0))

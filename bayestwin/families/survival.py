@@ -133,9 +133,7 @@ class Survival:
 
     def cut_points(self, schema: Schema) -> np.ndarray:
         """Inner cut points of the piecewise baseline (fixed by the schema: twins share them)."""
-        if self.cuts is not None:
-            return np.asarray(self.cuts, float)
-        return np.linspace(0.0, schema.time_scale, self.pieces + 1)[1:-1]
+        return piecewise_cuts(self.cuts, self.pieces, schema)
 
     def default_priors(self, schema: Schema) -> dict:
         """Weakly informative, on the scale of the data.
@@ -277,28 +275,7 @@ class Survival:
         then to each forecast time (0 for times before it). Default ``times``: 41 points from 0
         (or the latest follow-up) to one time scale beyond.
         """
-        therapies = list(therapies or schema.therapies)
-        bad = [t for t in therapies if t not in schema.therapies]
-        if bad:
-            raise ValueError(f"therapy {bad[0]!r} not in the population's therapies {list(schema.therapies)}")
-        frame, patients = cohort.frame, cohort.patients
-        last = frame.groupby(PATIENT)[TIME].max().reindex(patients).fillna(0.0).to_numpy()
-        t0 = last if start is None else np.full(len(patients), float(start))
-        if times is None:
-            first = float(np.max(t0))
-            times = np.linspace(first, first + schema.time_scale, 41)
-        times = np.asarray(times, float)
-        B, S, T = len(patients), len(therapies), len(times)
-        code = {t: k for k, t in enumerate(schema.therapies)}
-        onehot = np.eye(len(schema.therapies))[[code[t] for t in therapies]][:, 1:]
-        X = schema.covariate_matrix(cohort.baseline) if schema.covariates else np.zeros((B, 0))
-        begin = np.minimum(t0[:, None, None], times[None, None, :])
-        data = {
-            "X": np.broadcast_to(X[:, None, None, :], (B, S, 1, X.shape[1])),
-            "time": np.broadcast_to(times, (B, S, T)).copy(),
-            "start": np.broadcast_to(begin, (B, S, T)).copy(),
-            "treat": np.broadcast_to(onehot[None, :, None, :], (B, S, T, onehot.shape[1])).copy(),
-        }
+        therapies, times, data, _ = interval_forecast(cohort, schema, therapies, times, start)
         return therapies, times, data
 
     # --------------------------------------------------- virtual patients
@@ -329,6 +306,46 @@ class Survival:
     def observe(self, key, mu, params: Mapping) -> jax.Array:
         """An event by each time (Bernoulli(1 − exp(−cumhaz))), for a forecast's ``observation``."""
         return (jax.random.uniform(key, mu.shape) < -jax.numpy.expm1(-mu)).astype(float)
+
+
+def piecewise_cuts(cuts, pieces: int, schema: Schema) -> np.ndarray:
+    """Inner cut points of a piecewise baseline: ``cuts``, or ``pieces`` equal pieces of the
+    schema's time scale (fixed by the schema, so a population's twins share them)."""
+    if cuts is not None:
+        return np.asarray(cuts, float)
+    return np.linspace(0.0, schema.time_scale, pieces + 1)[1:-1]
+
+
+def interval_forecast(cohort, schema: Schema, therapies=None, times=None, start=None):
+    """Forecast inputs of an event family: (therapies, times, data, t0).
+
+    ``data`` (arrays (patient, scenario, ...)) holds ``X``, and the at-risk interval from t0
+    (``start``, default each patient's end of follow-up, 0 without rows) to each forecast time
+    under each therapy: ``time``, ``start`` (t0, or the time itself before t0) and ``treat``.
+    Default ``times``: 41 points from the latest t0 to one time scale beyond.
+    """
+    therapies = list(therapies or schema.therapies)
+    bad = [t for t in therapies if t not in schema.therapies]
+    if bad:
+        raise ValueError(f"therapy {bad[0]!r} not in the population's therapies {list(schema.therapies)}")
+    frame, patients = cohort.frame, cohort.patients
+    last = frame.groupby(PATIENT)[TIME].max().reindex(patients).fillna(0.0).to_numpy()
+    t0 = last if start is None else np.full(len(patients), float(start))
+    if times is None:
+        first = float(np.max(t0))
+        times = np.linspace(first, first + schema.time_scale, 41)
+    times = np.asarray(times, float)
+    B, S, T = len(patients), len(therapies), len(times)
+    code = {t: k for k, t in enumerate(schema.therapies)}
+    onehot = np.eye(len(schema.therapies))[[code[t] for t in therapies]][:, 1:]
+    X = schema.covariate_matrix(cohort.baseline) if schema.covariates else np.zeros((B, 0))
+    data = {
+        "X": np.broadcast_to(X[:, None, None, :], (B, S, 1, X.shape[1])),
+        "time": np.broadcast_to(times, (B, S, T)).copy(),
+        "start": np.broadcast_to(np.minimum(t0[:, None, None], times[None, None, :]), (B, S, T)).copy(),
+        "treat": np.broadcast_to(onehot[None, :, None, :], (B, S, T, onehot.shape[1])).copy(),
+    }
+    return therapies, times, data, t0
 
 
 def simulate(
