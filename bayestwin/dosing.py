@@ -91,9 +91,11 @@ def evaluate_regimens(
 def regimen_doses(regimens: Sequence[Regimen], start: float, history: pd.DataFrame | None = None) -> dict:
     """Dose slots of each regimen given from ``start`` on top of the ``history`` already given.
 
-    ``history``: doses as rows with TIME, AMT, DURATION (0 = bolus or oral), e.g. from
-    ``Events.doses()``. Returns arrays (regimens, slots): ``t_dose``, ``amt``, ``dur`` (> 0) and
-    ``inf`` (1 for infusions); with no regimens, one row holding the history alone.
+    ``history``: doses as rows with TIME, AMT, DURATION (0 = bolus or oral) and optionally INPUT
+    (how each enters, :meth:`~bayestwin.families.pk.Pk.routed_doses`), e.g. from
+    ``Pk.routed_doses(events.frame)``. Returns arrays (regimens, slots): ``t_dose``, ``amt``,
+    ``dur`` (> 0) and ``inf`` (the input code: 1 for infusions, 2 for a central bolus of an oral
+    model, 0 otherwise); with no regimens, one row holding the history alone.
     """
     past = history if history is not None else pd.DataFrame({"TIME": [], "AMT": [], "DURATION": []})
     k = len(past)
@@ -102,9 +104,10 @@ def regimen_doses(regimens: Sequence[Regimen], start: float, history: pd.DataFra
     R = len(plans)
     t_dose, amt, dur, inf = np.zeros((R, m)), np.zeros((R, m)), np.ones((R, m)), np.zeros((R, m))
     d_past = past["DURATION"].to_numpy(float)
+    code = past["INPUT"].to_numpy(float) if "INPUT" in past else (d_past > 0).astype(float)
     for i, r in enumerate(plans):
         t_dose[i, :k], amt[i, :k] = past["TIME"].to_numpy(float), past["AMT"].to_numpy(float)
-        dur[i, :k], inf[i, :k] = np.where(d_past > 0, d_past, 1.0), (d_past > 0).astype(float)
+        dur[i, :k], inf[i, :k] = np.where(d_past > 0, d_past, 1.0), code
         if r is None:
             continue
         new = start + r.interval * np.arange(r.doses)
@@ -214,7 +217,7 @@ def dose_search(
             raise ValueError(f"patient {p!r} is not in this twin")
     theta = twin_parameters(twin, patients)
     events = twin.cohort
-    doses = events.doses()
+    doses = fam.routed_doses(events.frame)
     history = [doses[doses["ID"] == p] for p in patients]
     if start is None:
         last = events.frame.groupby("ID")["TIME"].max()

@@ -28,6 +28,10 @@ class DataError(BayestwinError, ValueError):
         super().__init__(problem + (f" ({', '.join(where)})" if where else ""))
 
 
+class SpecError(BayestwinError, ValueError):
+    """An invalid model spec or trial file: the message names the file, the table and the key."""
+
+
 class ConvergenceWarning(UserWarning):
     """A fit or twin failed the convergence gate; the verdict also travels with the result."""
 
@@ -35,3 +39,8 @@ class ConvergenceWarning(UserWarning):
 class OutOfPopulationWarning(UserWarning):
     """A twin's random effects lie outside the population's 99% predictive region: the population
     model may not describe this patient (data error, different disease, or a missing covariate)."""
+
+
+class KeyWarning(UserWarning):
+    """No pseudonymisation key was given and a random one was drawn: results cannot be mapped back
+    to the original ids, and rows of the same patients read later with another key will not match."""

@@ -39,16 +39,16 @@ A spec::
 from __future__ import annotations
 
 import os
-import tomllib
 import warnings
 from pathlib import Path
 
 import pandas as pd
 
+from bayestwin.errors import SpecError
 from bayestwin.io import ArtifactError, load, read_card, save
+from bayestwin.tomlspec import ANY_TABLE, check, check_options, read_toml, require
 
 ENV = "BAYESTWIN_MODELS"
-_SAMPLER = ("draws", "tune", "chains", "target_accept", "mass", "seed")
 
 
 FORMATS = ("longitudinal", "nonmem", "survival")
@@ -76,22 +76,53 @@ def model_path(name: str) -> Path:
     raise ArtifactError(f"no model {name!r} in the model zoo ({where}); known: {list_models()}")
 
 
+#: The keys a spec may have, with their types (:mod:`bayestwin.tomlspec`); family options are
+#: checked against the family's constructor and priors by :class:`~bayestwin.families.base.Prior`.
+SPEC_SCHEMA = {
+    "name": str,
+    "description": str,
+    "data": {
+        "source": str,
+        "format": str,
+        "citation": str,
+        "patient": str,
+        "time": str,
+        "outcome": str,
+        "therapy": str,
+        "therapies": list,
+        "covariates": list,
+        "categorical": list,
+        "ignore": list,
+        "event": str,
+        "start": str,
+        "key": str,
+        "key_env": str,
+    },
+    "family": ANY_TABLE,
+    "sampler": {"draws": int, "tune": int, "chains": int, "target_accept": float, "mass": str, "seed": int},
+}
+
+
 def read_spec(path) -> dict:
-    """Read and check a ``spec.toml``; the result has ``folder`` (the spec's folder) added."""
+    """Read and check a ``spec.toml`` (unknown keys and wrong types are a :class:`SpecError`);
+    the result has ``folder`` (the spec's folder) added."""
+    from bayestwin.families import FAMILIES
+
     path = Path(path)
     if path.is_dir():
         path = path / "spec.toml"
-    with open(path, "rb") as f:
-        spec = tomllib.load(f)
+    spec = read_toml(path)
+    check(spec, SPEC_SCHEMA, str(path))
     for section, keys in {"data": ("source", "format"), "family": ("name",), "sampler": ("seed",)}.items():
-        for k in keys:
-            if k not in spec.get(section, {}):
-                raise ValueError(f"{path}: [{section}] needs {k!r}")
+        require(spec.get(section, {}), keys, f"{path} [{section}]")
     if spec["data"]["format"] not in FORMATS:
-        raise ValueError(f"{path}: [data] format must be one of {FORMATS}, not {spec['data']['format']!r}")
-    unknown = set(spec["sampler"]) - set(_SAMPLER)
-    if unknown:
-        raise ValueError(f"{path}: unknown [sampler] setting(s) {sorted(unknown)}; known: {list(_SAMPLER)}")
+        raise SpecError(f"{path} [data]: format must be one of {FORMATS}, not {spec['data']['format']!r}")
+    if "key" in spec["data"] and "key_env" in spec["data"]:
+        raise SpecError(f"{path} [data]: give key or key_env, not both")
+    fam = spec["family"]["name"]
+    if fam not in FAMILIES:
+        raise SpecError(f"{path} [family]: unknown family {fam!r}; known: {sorted(FAMILIES)}")
+    check_options({k: v for k, v in spec["family"].items() if k != "name"}, FAMILIES[fam], f"{path} [family]")
     spec["folder"] = path.parent
     spec.setdefault("name", path.parent.name)
     return spec
@@ -118,7 +149,7 @@ def spec_data(spec: dict):
     table = pd.read_csv(src, na_values=["."])
     covariates = list(d.get("covariates", []))
     if d["format"] == "nonmem":
-        return read_nonmem(table, covariates=covariates, key=_key(d))
+        return read_nonmem(table, covariates=covariates, key=_key(d), ignore=list(d.get("ignore", [])))
     if d["format"] == "survival":  # time-to-event: at-risk intervals (time, event[, start])
         from bayestwin.data.survival import read_survival
 
@@ -140,6 +171,7 @@ def spec_data(spec: dict):
         outcome=d.get("outcome", "outcome"),
         therapy=d.get("therapy") or None,
         covariates=covariates,
+        categorical=list(d.get("categorical", [])),
         key=_key(d),
     )
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from bayestwin.data.pseudonym import new_key, pseudonymise
+from bayestwin.data.pseudonym import check_id_types, draw_key_if_missing, pseudonymise
 from bayestwin.errors import DataError
 
 PATIENT, TIME, OUTCOME, THERAPY = "patient", "time", "outcome", "therapy"
@@ -126,9 +126,17 @@ class Cohort:
     patient, time, outcome, therapy
         Column names. ``therapy=None`` means every patient is on a single (reference) therapy.
     covariates
-        Baseline covariate columns (numeric, or categorical for object/category/bool dtype).
+        Baseline covariate columns. Numeric unless declared in ``categorical``, of pandas
+        ``category`` or ``bool`` dtype, or made of text only; a column that mixes numbers and
+        text (``"."``, ``"NA"``, ``"<5"``) is refused, naming the row, and so is an infinite value.
+    categorical
+        Covariates to treat as categorical even if their values are numbers (e.g. codes 1, 2, 3).
     therapies
-        Declared therapy set, reference first. Default: the sorted labels found in the data.
+        Declared therapy set, reference first (each once). Default: the sorted labels found in the data.
+    time_unit
+        Needed only when the time column holds timedeltas (e.g. ``"days"``, ``"hours"``): they are
+        converted to numbers of that unit. Dates (datetime) are refused: give elapsed time, since
+        the same origin (e.g. randomisation) for every table of these patients.
     baseline
         Optional one-row-per-patient table holding the covariates (and possibly patients with no
         outcome rows yet).
@@ -164,19 +172,38 @@ class Cohort:
         key: bytes | str | None = None,
         schema: Schema | None = None,
         allow_empty: bool = False,
+        categorical: Sequence[str] = (),
+        time_unit: str | None = None,
     ):
         if not isinstance(data, pd.DataFrame):
             raise TypeError(f"data must be a pandas DataFrame, not {type(data).__name__}")
         if therapy is not None and therapy not in data.columns and therapies is None and schema is None:
             therapy = None  # no therapy column at all: single-therapy cohort
+        covariates = _unique_names(covariates, "covariates")
+        categorical = _unique_names(categorical, "categorical")
+        for c in categorical:
+            if c not in covariates:
+                raise DataError("declared categorical but not listed in covariates", column=c)
+        roles = [patient, time, outcome] + ([therapy] if therapy is not None else [])
+        if len(set(roles)) < len(roles):
+            raise DataError(f"one column plays two roles (patient, time, outcome, therapy): {roles}")
+        for c in covariates:
+            if c in roles:
+                raise DataError("a covariate column is also the patient, time, outcome or therapy column", column=c)
+        if therapies is not None:
+            therapies = _unique_names([str(t) for t in therapies], "therapies")
+            if not therapies:
+                raise DataError("therapies is empty: give the reference (control) therapy first")
         self.columns = Columns(patient, time, outcome, therapy, tuple(covariates))
-        key = new_key() if key is None else key
+        key = draw_key_if_missing(key)
 
         def pseudo(pid):
             return pseudonymise(pid, key)
 
         # The key is used here and not kept: new rows for these patients need it passed again.
-        frame, base = _validate(data, baseline, self.columns, therapies, schema, pseudo, allow_empty)
+        frame, base = _validate(
+            data, baseline, self.columns, therapies, schema, pseudo, allow_empty, set(categorical), time_unit
+        )
         self.frame: pd.DataFrame = frame
         self.baseline: pd.DataFrame = base
         self.schema: Schema = schema if schema is not None else _derive_schema(frame, base, self.columns, therapies)
@@ -264,7 +291,7 @@ def _derive_schema(frame, base, cols: Columns, therapies) -> Schema:
         therapies=tuple(str(t_) for t_ in therapies),
         numeric=numeric,
         categorical=categorical,
-        time_scale=float(t.max()) if len(t) and t.max() > 0 else 1.0,
+        time_scale=float(np.abs(t).max()) if len(t) and np.abs(t).max() > 0 else 1.0,
         outcome_mean=float(y.mean()) if len(y) else 0.0,
         outcome_sd=float(y.std()) if len(y) > 1 and y.std() > 0 else 1.0,
     )
@@ -293,7 +320,48 @@ def _is_categorical(s: pd.Series) -> bool:
     return not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s)
 
 
-def _validate(data, baseline, cols: Columns, therapies, schema, pseudo, allow_empty):
+def _unique_names(names, what: str) -> list:
+    if isinstance(names, str):
+        raise TypeError(f"{what} must be a list, not the string {names!r}")
+    names = list(names)
+    dup = [c for c in names if names.count(c) > 1]
+    if dup:
+        raise DataError(f"{dup[0]!r} is listed twice in {what}", column=dup[0] if what != "therapies" else None)
+    return names
+
+
+def typed_covariate(s: pd.Series, name: str, categorical: bool, fail) -> pd.Series:
+    """A covariate column with an explicit type: categorical (as text, or a pandas Categorical)
+    when declared, of ``category``/``bool`` dtype, or made of text only; numeric (float) otherwise.
+    A column mixing numbers and text, or holding an infinite number, is refused through
+    ``fail(problem, mask, column)`` at its first offending row: one stray ``"."`` or ``"<5"``
+    must not silently turn a lab value into a category."""
+    if categorical or isinstance(s.dtype, pd.CategoricalDtype):
+        return s if isinstance(s.dtype, pd.CategoricalDtype) else s.astype(str).where(s.notna(), None)
+    if pd.api.types.is_bool_dtype(s):
+        return s
+    if pd.api.types.is_datetime64_any_dtype(s) or pd.api.types.is_timedelta64_dtype(s):
+        fail("dates and durations are not covariate values: convert to a number (e.g. age in years)",
+             np.ones(len(s)), name)
+    if pd.api.types.is_numeric_dtype(s):
+        x = s.to_numpy(float)
+        fail("infinite covariate value", np.isinf(x), name)
+        return s.astype(float)
+    num = pd.to_numeric(s, errors="coerce")
+    is_num = num.notna().to_numpy()
+    given = s.notna().to_numpy()
+    if not is_num[given].any():  # text only: the levels of a category
+        return s.astype(str).where(s.notna(), None)
+    text = given & ~is_num
+    if text.any():
+        first = s[text].iloc[0]
+        fail(f"numeric covariate holds the text {first!r} (declare it in categorical= if it is a category, "
+             "or fix or remove the value)", text, name)
+    fail("infinite covariate value", np.isinf(num.to_numpy(float)), name)
+    return num.astype(float)
+
+
+def _validate(data, baseline, cols: Columns, therapies, schema, pseudo, allow_empty, categorical=(), time_unit=None):
     """Validate and normalise; raise DataError at the first problem found (patient, row, column)."""
     required = [cols.patient, cols.time, cols.outcome] + ([cols.therapy] if cols.therapy else [])
     if baseline is None:
@@ -313,7 +381,25 @@ def _validate(data, baseline, cols: Columns, therapies, schema, pseudo, allow_em
             pid = frame[cols.patient].iloc[i]
             raise DataError(problem, patient=None if pd.isna(pid) else pseudo(pid), row=frame.index[i], column=column)
 
+    if len(data) == 0 and not allow_empty:
+        raise DataError("the table has no rows")
     fail("missing patient id", data[cols.patient].isna(), cols.patient)
+    check_id_types(data[cols.patient], fail, cols.patient)
+    tcol = data[cols.time]
+    if pd.api.types.is_datetime64_any_dtype(tcol):
+        fail("time holds dates: give elapsed time as numbers (e.g. days since randomisation, the same origin "
+             "for every table of these patients)", np.ones(len(tcol)), cols.time)
+    if pd.api.types.is_timedelta64_dtype(tcol):
+        if time_unit is None:
+            fail("time holds durations (timedelta): say their unit with time_unit= (e.g. 'days')",
+                 np.ones(len(tcol)), cols.time)
+        try:
+            step = pd.Timedelta(1, unit=time_unit)
+        except ValueError:
+            raise DataError(f"unknown time_unit {time_unit!r} (e.g. 'days', 'hours', 'minutes')") from None
+        data = data.assign(**{cols.time: tcol / step})
+    elif time_unit is not None:
+        raise DataError("time_unit is only for a time column of durations (timedelta)", column=cols.time)
     for col, what in ((cols.time, "time"), (cols.outcome, "outcome")):
         s = data[col]
         if pd.api.types.is_bool_dtype(s):
@@ -323,8 +409,7 @@ def _validate(data, baseline, cols: Columns, therapies, schema, pseudo, allow_em
         if bad.any():
             fail(f"non-numeric {what} value {s[bad].iloc[0]!r}", bad, col)
         fail(f"{what} is NaN or infinite", ~np.isfinite(num.to_numpy(float)), col)
-    t = pd.to_numeric(data[cols.time]).to_numpy(float)
-    fail("negative time", t < 0, cols.time)
+    t = pd.to_numeric(data[cols.time]).to_numpy(float)  # negative times (centred, pre-randomisation) allowed
 
     frame = pd.DataFrame(
         {
@@ -362,16 +447,22 @@ def _validate(data, baseline, cols: Columns, therapies, schema, pseudo, allow_em
         dup = baseline[cols.patient].duplicated().to_numpy()
         fail("patient appears twice in the baseline table", dup, cols.patient, baseline)
     cov = {}
+    if baseline is not None:
+        check_id_types(baseline[cols.patient], lambda p, m, c: fail(p, m, c, baseline), cols.patient)
+        fail("missing patient id", baseline[cols.patient].isna(), cols.patient, baseline)
     for c in cols.covariates:
         s = source[c]
         fail("covariate missing", s.isna(), c, source)
-        if schema is not None:
+        if schema is None:
+            s = typed_covariate(s, c, c in categorical, lambda p, m, col: fail(p, m, col, source))
+        else:
             if c in schema.numeric:
                 num = pd.to_numeric(s, errors="coerce")
                 if _is_categorical(s) and not pd.api.types.is_bool_dtype(s):
                     fail("non-numeric value in numeric covariate", num.isna(), c, source)
                 if pd.api.types.is_bool_dtype(s):
                     fail("wrong dtype: numeric covariate got bool", np.ones(len(s)), c, source)
+                fail("infinite covariate value", np.isinf(num.to_numpy(float)), c, source)
                 s = num
             else:
                 levels = schema.categorical[c]

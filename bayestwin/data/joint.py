@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from bayestwin.data.cohort import PATIENT, THERAPY, TIME, Cohort, Columns, Schema
-from bayestwin.data.pseudonym import new_key, pseudonymise
+from bayestwin.data.pseudonym import draw_key_if_missing, pseudonymise
 from bayestwin.data.survival import START
 from bayestwin.errors import DataError
 
@@ -66,6 +66,7 @@ def read_joint(
     key: bytes | str | None = None,
     schema: Schema | None = None,
     allow_empty: bool = False,
+    categorical: Sequence[str] = (),
 ) -> JointCohort:
     """Validate a joint biomarker + event table (see the module docstring).
 
@@ -78,7 +79,7 @@ def read_joint(
     for c in (marker, event):
         if c not in data.columns:
             raise DataError("missing required column", column=c)
-    key = new_key() if key is None else key
+    key = draw_key_if_missing(key)
 
     def fail(problem, mask, column, frame=data):
         mask = np.asarray(mask, bool)
@@ -89,6 +90,9 @@ def read_joint(
                 problem, patient=None if pd.isna(pid) else pseudonymise(pid, key), row=frame.index[i], column=column
             )
 
+    if time in data.columns:
+        t = pd.to_numeric(data[time], errors="coerce")
+        fail("negative time: the joint family's clock starts at 0 (the start of follow-up)", t < 0, time)
     m, e = data[marker], pd.to_numeric(data[event], errors="coerce")
     fail("row has neither a marker value nor an event", m.isna() & data[event].isna(), marker)
     bad = data[event].notna() & ~e.isin([0, 1])
@@ -101,6 +105,7 @@ def read_joint(
         time=time,
         therapy=therapy,
         covariates=covariates,
+        categorical=categorical,
         therapies=therapies,
         key=key,
         schema=schema,

@@ -8,18 +8,27 @@ TIME      event time (non-decreasing within an ID, except at a reset, EVID 3 or 
 AMT       dose amount (doses only)
 DV        dependent variable: the measured concentration (observations only)
 EVID      0 observation, 1 dose, 2 other (e.g. a covariate change), 3 reset, 4 reset and dose
-MDV       optional; 1 for rows without an observation (derived from EVID if absent)
-CMT       optional compartment (default 1: depot for oral doses, or the sampled compartment)
+MDV       optional; 1 for rows without an observation (derived from EVID if absent). An EVID 0
+          row with MDV 1 is an observation the analyst excluded: it is read as an EVID 2 record
+          (no data), as NONMEM does; MDV 0 on a dose or other record is an error
+CMT       optional compartment (0 or absent: the default one). The PK family routes doses by it
+          (oral: 1 depot, 2 central; iv: 1 central) and refuses what it cannot model
 RATE      optional zero-order infusion rate (0: bolus / oral)
 II, ADDL  optional dosing interval and number of additional doses (repeated doses)
+SS        optional steady-state flag (0, 1 or 2); read and checked here, refused by a family
+          that does not model steady state
 BLQ/LLOQ  optional: 1 if the observation is below the lower limit of quantification / that limit
 ========  ==========================================================================
 
-plus covariate columns, which may vary with time. Missing values may be written as ``.`` (the
-NONMEM convention) or left empty. Every problem raises :class:`~bayestwin.errors.DataError` naming
-the ID (pseudonym), the row (the input's index label; for a CSV, the 0-based data row) and the
-column. An observation before the first dose is allowed (e.g. a pre-dose baseline level) and
-flagged in ``Events.frame["before_first_dose"]``.
+plus covariate columns, which may vary with time here (a family that cannot model a
+time-varying covariate refuses it). **Every other column is refused** (NONMEM's ``$INPUT``
+drops a column only when told to): name it in ``ignore=`` to leave it out. Missing values may
+be written as ``.`` (the NONMEM convention) or left empty. Every problem raises
+:class:`~bayestwin.errors.DataError` naming the ID (pseudonym), the row (the input's index label;
+for a CSV, the 0-based data row) and the column. An observation before the first dose is allowed
+(e.g. a pre-dose baseline level) and flagged in ``Events.frame["before_first_dose"]``; the PK
+family refuses an ID whose every level precedes its first dose, or that has levels and no dose
+(a unit or time-origin error far more often than a study design).
 """
 
 from __future__ import annotations
@@ -31,11 +40,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from bayestwin.data.pseudonym import new_key, pseudonymise
+from bayestwin.data.cohort import typed_covariate
+from bayestwin.data.pseudonym import check_id_types, draw_key_if_missing, pseudonymise
 from bayestwin.errors import DataError
 
 REQUIRED = ("ID", "TIME", "AMT", "DV", "EVID")
-OPTIONAL = {"MDV": np.nan, "CMT": 1, "RATE": 0.0, "II": 0.0, "ADDL": 0, "BLQ": 0, "LLOQ": np.nan}
+OPTIONAL = {"MDV": np.nan, "CMT": 0, "RATE": 0.0, "II": 0.0, "ADDL": 0, "SS": 0, "BLQ": 0, "LLOQ": np.nan}
+#: Most single doses one ID may have once ADDL is expanded: more is an input error (ADDL = 10**9
+#: would ask for gigabytes), not a regimen.
+MAX_DOSES = 10_000
 EVIDS = {0: "observation", 1: "dose", 2: "other", 3: "reset", 4: "reset and dose"}
 
 
@@ -179,6 +192,8 @@ def read_nonmem(
     covariates: Sequence[str] = (),
     key: bytes | str | None = None,
     allow_no_observations: bool = False,
+    ignore: Sequence[str] = (),
+    categorical: Sequence[str] = (),
 ) -> Events:
     """Read and validate a NONMEM-style event table from a DataFrame or a CSV path.
 
@@ -192,6 +207,13 @@ def read_nonmem(
         Your pseudonymisation key (the same key maps results back with ``bt.reidentify``).
     allow_no_observations
         Accept IDs without observations (a new patient before the first level is drawn).
+    categorical
+        Covariates to treat as categorical although their values are numbers (codes). Otherwise
+        a covariate is numeric unless of ``category``/``bool`` dtype or made of text only; one
+        that mixes numbers and text is refused (see :func:`~bayestwin.data.cohort.typed_covariate`).
+    ignore
+        Columns to leave out (e.g. ``["DATE", "C"]``). Any column that is neither a NONMEM data
+        item read here, nor a declared covariate, nor ignored is refused.
 
     Examples
     --------
@@ -202,16 +224,42 @@ def read_nonmem(
     Events(1 IDs, 1 dose records, 2 observations, covariates=[])
     """
     if isinstance(data, (str, os.PathLike)):
-        data = pd.read_csv(data, na_values=["."], keep_default_na=True)
+        try:
+            data = pd.read_csv(data, na_values=["."], keep_default_na=True)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+            raise DataError(f"not a readable CSV table: {type(err).__name__}: {str(err).splitlines()[0]}") from None
     if not isinstance(data, pd.DataFrame):
         raise TypeError(f"data must be a pandas DataFrame or a CSV path, not {type(data).__name__}")
-    key = new_key() if key is None else key
+    key = draw_key_if_missing(key)
     upper = {c: str(c).upper() for c in data.columns}
+    seen: dict[str, object] = {}
+    for c, u in upper.items():
+        if u in seen:
+            raise DataError(f"two columns map to {u}: {seen[u]!r} and {c!r} (names are matched case-insensitively)")
+        seen[u] = c
     frame = data.rename(columns=upper)
-    covariates = [str(c).upper() for c in covariates]
+    covariates = _names(covariates, "covariates")
+    ignore = _names(ignore, "ignore")
     for c in (*REQUIRED, *covariates):
         if c not in frame.columns:
             raise DataError("missing required column", column=c)
+    roles = set(REQUIRED) | set(OPTIONAL)
+    for c in covariates:
+        if c in roles:
+            raise DataError(f"{c} is a NONMEM data item, not a covariate", column=c)
+    for c in ignore:
+        if c in set(REQUIRED):
+            raise DataError(f"{c} is required and cannot be ignored", column=c)
+    unknown = [c for c in frame.columns if c not in roles and c not in covariates and c not in ignore]
+    if unknown:
+        raise DataError(
+            f"column {unknown[0]!r} is neither a NONMEM data item read here ({', '.join([*REQUIRED, *OPTIONAL])}) nor "
+            f"a declared covariate: declare it in covariates=, or leave it out with ignore={unknown!r}",
+            column=unknown[0],
+        )
+    frame = frame.drop(columns=[c for c in ignore if c in frame.columns])
+    if len(frame) == 0:
+        raise DataError("the table has no rows")
 
     ids = frame["ID"]
 
@@ -225,6 +273,7 @@ def read_nonmem(
             )
 
     fail("missing ID", ids.isna(), "ID")
+    check_id_types(ids, fail)
     numeric = {}
     for c in ("TIME", "AMT", "DV", "EVID", *[c for c in OPTIONAL if c in frame.columns]):
         s = frame[c].replace(".", np.nan) if frame[c].dtype == object else frame[c]
@@ -244,6 +293,10 @@ def read_nonmem(
     fail(
         f"unknown EVID (known: {', '.join(f'{k} {v}' for k, v in EVIDS.items())})", ~np.isin(evid, list(EVIDS)), "EVID"
     )
+    mdv = numeric["MDV"]
+    fail("MDV must be 0 or 1", ~np.isnan(mdv) & ~np.isin(mdv, [0, 1]), "MDV")
+    fail("MDV 0 (an observation) on a record that is not an observation (EVID != 0)", (mdv == 0) & (evid != 0), "MDV")
+    evid = np.where((evid == 0) & (mdv == 1), 2.0, evid)  # an excluded level: a record without data
     dose = np.isin(evid, [1, 4])
     obs = evid == 0
     fail("dose with AMT <= 0", dose & ~(amt > 0), "AMT")
@@ -259,11 +312,26 @@ def read_nonmem(
     fail("ADDL must be a whole number >= 0", (addl < 0) | (addl != np.round(addl)), "ADDL")
     fail("ADDL without II", (addl > 0) & ~(ii > 0), "II")
     fail("II or ADDL on a row that is not a dose", ((addl > 0) | (ii > 0)) & ~dose, "II")
+    ss = np.nan_to_num(numeric["SS"])
+    fail("SS must be 0, 1 or 2", ~np.isin(ss, [0, 1, 2]), "SS")
+    fail("SS on a row that is not a dose", (ss > 0) & ~dose, "SS")
+    fail("steady state (SS > 0) needs the dosing interval II > 0", (ss > 0) & ~(ii > 0), "II")
+    cmt = np.nan_to_num(numeric["CMT"])
+    fail("CMT must be a whole number >= 0", (cmt < 0) | (cmt != np.round(cmt)), "CMT")
     fail("BLQ observation without LLOQ", obs & blq & np.isnan(numeric["LLOQ"]), "LLOQ")
+    categorical = _names(categorical, "categorical")
+    for c in categorical:
+        if c not in covariates:
+            raise DataError("declared categorical but not listed in covariates", column=c)
+    typed = {}
     for c in covariates:
         fail("covariate missing", frame[c].isna().to_numpy(), c)
+        typed[c] = typed_covariate(frame[c], c, c in categorical, fail)
 
     pseudo = ids.map(lambda p: pseudonymise(p, key)).to_numpy()
+    per_id = pd.Series(np.where(dose, addl + 1, 0)).groupby(pseudo).transform("sum").to_numpy()
+    fail(f"ADDL gives this ID more than {MAX_DOSES:,} doses (an input error, or write the regimen out)",
+         dose & (per_id > MAX_DOSES), "ADDL")
     # Within an ID, times may not go back except at a reset.
     same = np.r_[False, pseudo[1:] == pseudo[:-1]]
     back = same & (np.r_[np.inf, np.diff(time)] < 0) & ~np.isin(evid, [3, 4])
@@ -279,19 +347,31 @@ def read_nonmem(
             "DV": np.where(obs, dv, np.nan),
             "EVID": evid.astype(int),
             "MDV": (~obs).astype(int),
-            "CMT": np.nan_to_num(numeric["CMT"], nan=1.0).astype(int),
+            "CMT": cmt.astype(int),
             "RATE": rate,
             "II": ii,
             "ADDL": addl.astype(int),
+            "SS": ss.astype(int),
             "BLQ": blq.astype(int),
             "LLOQ": numeric["LLOQ"],
         },
         index=frame.index,
     )
     for c in covariates:
-        out[c] = frame[c].array  # keeps a pandas Categorical's order (its first level is the reference)
+        out[c] = typed[c].array  # keeps a pandas Categorical's order (its first level is the reference)
     out["before_first_dose"] = _before_first_dose(out)
     if not allow_no_observations:
         has_obs = pd.Series(obs).groupby(pseudo).transform("any").to_numpy()
         fail("ID with no observations", ~has_obs, "EVID")
     return Events(frame=out, covariates=covariates)
+
+
+def _names(names, what: str) -> list[str]:
+    """Upper-cased column names, each once."""
+    if isinstance(names, str):
+        raise TypeError(f"{what} must be a list of column names, not the string {names!r}")
+    out = [str(c).upper() for c in names]
+    dup = [c for c in out if out.count(c) > 1]
+    if dup:
+        raise DataError(f"{dup[0]} is listed twice in {what}", column=dup[0])
+    return out

@@ -13,6 +13,7 @@ import re
 import secrets
 from collections.abc import Iterable
 
+import numpy as np
 import pandas as pd
 
 
@@ -32,6 +33,27 @@ _PATTERN = re.compile(r"P[0-9a-f]{12}")
 def new_key() -> bytes:
     """A fresh random 32-byte key, for sessions where re-identification is never needed."""
     return secrets.token_bytes(32)
+
+
+def draw_key_if_missing(key):
+    """``key`` checked (bytes or str of >= 16 bytes, or PSEUDONYMISED); ``None`` draws a random key
+    and says so at once: results made with it cannot be mapped back to your ids, and rows of the
+    same patients read later (with another key) will not match."""
+    if key is None:
+        import warnings
+
+        from bayestwin.errors import KeyWarning
+
+        warnings.warn(
+            "no pseudonymisation key given: a random key was drawn for this table. Pass key= (e.g. "
+            "bt.new_key(), kept safe) to map results back to your ids and to add rows of these patients later.",
+            KeyWarning,
+            stacklevel=3,
+        )
+        return new_key()
+    if key is not PSEUDONYMISED:
+        _as_bytes(key)
+    return key
 
 
 def _as_bytes(key: bytes | str) -> bytes:
@@ -62,3 +84,21 @@ def reidentify(patient_ids: Iterable, key: bytes | str) -> pd.Series:
     """Map pseudonyms back to your own identifiers: a Series indexed by pseudonym."""
     ids = list(patient_ids)
     return pd.Series(ids, index=[pseudonymise(i, key) for i in ids], name="patient_id")
+
+
+def _kind(v) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return "bool"
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return "number"
+    return type(v).__name__
+
+
+def check_id_types(ids: pd.Series, fail, column: str = "ID") -> None:
+    """Refuse ids that collide once written as text (1 and "1" would merge two patients);
+    ``fail(problem, mask, column)`` locates the first offending row."""
+    text = ids.map(lambda v: str(v)).to_numpy()
+    kinds = ids.map(_kind).to_numpy()
+    df = pd.DataFrame({"text": text, "kind": kinds})
+    mixed = df.groupby("text")["kind"].transform("nunique").to_numpy() > 1
+    fail("this id is written both as a number and as text (e.g. 1 and '1'): they would merge", mixed, column)

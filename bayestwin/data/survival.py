@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from bayestwin.data.cohort import PATIENT, TIME, Cohort, Columns, Schema
-from bayestwin.data.pseudonym import new_key, pseudonymise
+from bayestwin.data.pseudonym import draw_key_if_missing, pseudonymise
 from bayestwin.errors import DataError
 
 START = "start"
@@ -40,6 +40,7 @@ def read_survival(
     key: bytes | str | None = None,
     schema: Schema | None = None,
     allow_empty: bool = False,
+    categorical: Sequence[str] = (),
 ) -> Cohort:
     """Validate a time-to-event table (see the module docstring) into a Cohort.
 
@@ -63,7 +64,7 @@ def read_survival(
     """
     if not isinstance(data, pd.DataFrame):
         raise TypeError(f"data must be a pandas DataFrame, not {type(data).__name__}")
-    key = new_key() if key is None else key
+    key = draw_key_if_missing(key)
     for c in [event] + ([start] if start else []):
         if c not in data.columns:
             raise DataError("missing required column", column=c)
@@ -85,6 +86,7 @@ def read_survival(
         outcome=event,
         therapy=therapy,
         covariates=covariates,
+        categorical=categorical,
         therapies=therapies,
         baseline=baseline,
         key=key,

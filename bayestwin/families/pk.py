@@ -35,7 +35,7 @@ import pytensor.tensor as pt
 from bayestwin.data.cohort import Schema
 from bayestwin.data.nonmem import expand_doses
 from bayestwin.families import pk_analytic as pka
-from bayestwin.families.base import Design, Prior
+from bayestwin.families.base import Design, Prior, check_prior_names
 
 ERRORS = ("additive", "proportional", "combined")
 
@@ -133,6 +133,8 @@ class Pk:
         self.compartments, self.route, self.error, self.weight = compartments, route, error, weight
         self.parameterisation, self.correlated, self.lag = parameterisation, correlated, lag
         self.priors = dict(priors or {})
+        known = {f"log_{p}" for p in self.parameters} | {"beta_cl", "bsv_sd", "bsv_corr_eta", *self.residual_params}
+        check_prior_names(self.priors, known, self.name)
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -222,17 +224,85 @@ class Pk:
         }
         return Design(patients=["twin"], data=data)
 
+    #: Codes of the ``infusion`` input, one per dose slot: how the dose enters.
+    DEPOT_OR_ROUTE, INFUSION, CENTRAL_BOLUS = 0, 1, 2
+
+    def check(self, frame: pd.DataFrame, covariates) -> None:
+        """Refuse, with a :class:`DataError` naming ID, row and column, every record this family
+        would otherwise model wrongly: steady-state doses (SS > 0), resets (EVID 3/4),
+        time-varying covariates, compartments (CMT) it has no route for, levels of an ID with no
+        dose, and an ID whose every level precedes its first dose."""
+        from bayestwin.errors import DataError
+
+        def fail(problem, mask, column):
+            mask = np.asarray(mask, bool)
+            if mask.any():
+                i = int(np.argmax(mask))
+                raise DataError(problem, patient=frame["ID"].iloc[i], row=frame.index[i], column=column)
+
+        evid = frame["EVID"].to_numpy()
+        if "SS" in frame:
+            fail("steady-state doses (SS > 0) are not modelled yet: write the doses out with ADDL and II",
+                 frame["SS"].to_numpy() > 0, "SS")
+        fail("resets (EVID 3 or 4) are not modelled yet: doses before a reset would keep acting after it",
+             np.isin(evid, [3, 4]), "EVID")
+        for c in covariates:
+            changed = frame.groupby("ID", sort=False)[c].transform(lambda s: s.ne(s.iloc[0])).to_numpy(bool)
+            fail(f"covariate {c} changes within the ID: time-varying covariates are not modelled yet "
+                 "(give one value per ID)", changed, c)
+        ids = frame["ID"].to_numpy()
+        has_dose = pd.Series(np.isin(evid, [1, 4])).groupby(ids).transform("any").to_numpy()
+        fail("levels of an ID that has no dose record (a PK level needs a dose)", (evid == 0) & ~has_dose, "EVID")
+        before = frame["before_first_dose"].to_numpy(bool) | (evid != 0)
+        all_before = pd.Series(before).groupby(ids).transform("all").to_numpy() & has_dose
+        fail("every level of this ID precedes its first dose (check TIME's units and the dose time)",
+             (evid == 0) & all_before, "TIME")
+        central = 2 if self.route == "oral" else 1
+        cmt = frame["CMT"].to_numpy(int) if "CMT" in frame else np.zeros(len(frame), int)
+        dose, obs = np.isin(evid, [1, 4]), evid == 0
+        infusion = dose & (frame["RATE"].to_numpy(float) > 0)
+        fail(f"an infusion goes into the central compartment (CMT {central}, or 0 for the default)"
+             + ("; zero-order input into the depot (CMT 1) is not modelled" if self.route == "oral" else ""),
+             infusion & ~np.isin(cmt, [0, central]), "CMT")
+        allowed = [0, 1, 2] if self.route == "oral" else [0, 1]
+        fail(f"a {self.route} dose goes into CMT {'1 (depot) or 2 (central)' if self.route == 'oral' else '1 (central)'}"
+             " (0: the default); other compartments are not modelled", dose & ~infusion & ~np.isin(cmt, allowed), "CMT")
+        fail(f"levels are central-compartment concentrations (CMT {central}, or 0 for the default); "
+             "other compartments are not modelled", obs & ~np.isin(cmt, [0, central]), "CMT")
+
+    def routed_doses(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Every dose (ADDL expanded) with ``INPUT``: 1 an infusion into the central compartment,
+        2 a bolus into the central compartment of an oral model (CMT 2), 0 the route's own input
+        (first-order absorption for ``route="oral"``, an IV bolus for ``route="iv"``)."""
+        doses = expand_doses(frame)
+        cmt = doses["CMT"].to_numpy(int)
+        central_bolus = (self.route == "oral") & (cmt == 2)
+        doses["INPUT"] = np.where(doses["DURATION"].to_numpy(float) > 0, self.INFUSION,
+                                  np.where(central_bolus, self.CENTRAL_BOLUS, self.DEPOT_OR_ROUTE)).astype(float)
+        return doses
+
     def design(self, frame: pd.DataFrame, baseline: pd.DataFrame, schema: Schema) -> Design:
         """Arrays for :meth:`build_model` from an :class:`~bayestwin.data.nonmem.Events` frame."""
+        self.check(frame, list(baseline.columns))
+        if self.weight is not None and self.weight not in baseline.columns:
+            from bayestwin.errors import DataError
+
+            known = list(baseline.columns)
+            hint = [c for c in known if c.upper() == str(self.weight).upper()]
+            raise DataError(
+                f"weight={self.weight!r} is not a covariate of these events (covariates: {known})"
+                + (f"; did you mean {hint[0]!r}?" if hint else "; read it with covariates=[...]"),
+                column=self.weight,
+            )
         patients = list(baseline.index)
         index = {p: i for i, p in enumerate(patients)}
-        doses = expand_doses(frame)
+        doses = self.routed_doses(frame)
         d_id = doses["ID"].map(index).to_numpy()
-        d_t, d_amt, d_dur = (doses[c].to_numpy(float) for c in ("TIME", "AMT", "DURATION"))
+        d_t, d_amt, d_dur, d_in = (doses[c].to_numpy(float) for c in ("TIME", "AMT", "DURATION", "INPUT"))
         slot = pd.Series(d_id).groupby(d_id).cumcount().to_numpy()  # position among the subject's doses
         m = max(int(slot.max()) + 1 if len(slot) else 0, 1)
-        t_dose, amt, duration = (np.zeros((len(patients), m)) for _ in range(3))
-        t_dose[d_id, slot], amt[d_id, slot], duration[d_id, slot] = d_t, d_amt, d_dur
+        t_dose, amt, duration, inputs = (np.zeros((len(patients), m)) for _ in range(4))
+        t_dose[d_id, slot], amt[d_id, slot], duration[d_id, slot], inputs[d_id, slot] = d_t, d_amt, d_dur, d_in
         obs = frame[frame["EVID"] == 0]
         blq = obs["BLQ"].to_numpy(int) > 0
         X = schema.covariate_matrix(baseline) if schema.covariates else np.zeros((len(patients), 0))
@@ -250,7 +320,7 @@ class Pk:
             "t_dose": t_dose,
             "amt": amt,
             "duration": np.where(duration > 0, duration, 1.0),  # padding: any positive value
-            "infusion": (duration > 0).astype(float),
+            "infusion": inputs,
         }
         return Design(patients=patients, data=data)
 
@@ -330,9 +400,11 @@ class Pk:
         """Each dose's contribution to the central concentration at ``t`` (broadcast, not summed).
 
         ``theta`` maps parameter names (``cl``, ``v`` or ``v1``/``q``/``v2``, ``ka``, ``tlag``) to arrays
-        broadcastable against ``t - t_dose``. Infusions (``infusion`` = 1) use ``duration``; other
-        doses are oral (first-order absorption) or IV boluses, per the family's route. The one
-        formula behind the PyMC model and the dose search.
+        broadcastable against ``t - t_dose``. ``infusion`` codes how each dose enters: 1 an
+        infusion over ``duration`` into the central compartment, 2 a bolus into the central
+        compartment (CMT 2 of an oral model), 0 the route's own input (oral: first-order
+        absorption from the depot; iv: a bolus). The one formula behind the PyMC model and the
+        dose search.
         """
         if self.compartments == 1:
             struct = {"cl": theta["cl"], "v": theta["v"]}
@@ -340,11 +412,13 @@ class Pk:
         else:
             struct = {k: theta[k] for k in ("cl", "v1", "q", "v2")}
             bolus_fn, inf_fn, oral_fn = pka.two_cmt_bolus, pka.two_cmt_infusion, pka.two_cmt_oral
+        bolus = bolus_fn(xp, t, t_dose, amt, **struct)
         if self.route == "oral":
-            first = oral_fn(xp, t, t_dose, amt, ka=theta["ka"], tlag=theta.get("tlag", 0.0), **struct)
+            oral = oral_fn(xp, t, t_dose, amt, ka=theta["ka"], tlag=theta.get("tlag", 0.0), **struct)
+            first = xp.where(infusion > 1.5, bolus, oral)
         else:
-            first = bolus_fn(xp, t, t_dose, amt, **struct)
-        return xp.where(infusion > 0, inf_fn(xp, t, t_dose, amt, duration, **struct), first)
+            first = bolus
+        return xp.where((infusion > 0.5) & (infusion < 1.5), inf_fn(xp, t, t_dose, amt, duration, **struct), first)
 
     def forecast_inputs(self, events, schema: Schema, regimens=None, times=None, start=None):
         """Scenario labels, forecast times and the data for ``conc``: arrays (patient, scenario, ...).
@@ -367,7 +441,7 @@ class Pk:
             t0 = float(np.max(starts))
             times = np.linspace(t0, t0 + schema.time_scale, 25)
         times = np.asarray(times, float)
-        doses = events.doses()
+        doses = self.routed_doses(events.frame)
         plans = [regimen_doses(regimens, starts[i], doses[doses["ID"] == p]) for i, p in enumerate(patients)]
         m = max(pl["t_dose"].shape[1] for pl in plans)
 

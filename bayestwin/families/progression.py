@@ -35,7 +35,8 @@ def exposure(times: np.ndarray, bounds: np.ndarray, codes: np.ndarray, n_therapi
     """Cumulative time on each therapy, and the therapy given, at ``times``.
 
     The schedule is piecewise constant: ``codes[j]`` is given on ``(bounds[j-1], bounds[j]]``
-    (``bounds[-1]`` may be ``inf``; the first segment starts at 0).
+    (``bounds[-1]`` may be ``inf``; the first segment starts at 0). Times before 0 (pre-treatment
+    visits, centred times) have no exposure and no therapy given.
 
     Returns
     -------
@@ -48,7 +49,9 @@ def exposure(times: np.ndarray, bounds: np.ndarray, codes: np.ndarray, n_therapi
     onehot = np.eye(n_therapies)[np.asarray(codes, int)]
     overlap = np.clip(np.minimum(times[:, None], hi[None, :]) - lo[None, :], 0.0, None)
     segment = np.minimum(np.searchsorted(hi, times, side="left"), len(hi) - 1)
-    return overlap @ onehot, onehot[segment]
+    # Time 0 is when therapy starts: a row at a negative time (a centred time, a visit before
+    # randomisation) is before any therapy, with no exposure and no level effect.
+    return overlap @ onehot, onehot[segment] * (times >= 0)[:, None]
 
 
 class Progression:

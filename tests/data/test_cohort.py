@@ -69,8 +69,16 @@ def test_nan_and_inf_outcome_and_time():
     expect(frame({("t", 2): np.nan}), "time is NaN or infinite", 2, "t")
 
 
-def test_negative_and_non_numeric_time():
-    expect(frame({("t", 0): -1.0}), "negative time", 0, "t")
+def test_negative_time_is_pre_treatment_and_non_numeric_time_is_refused():
+    # A centred time or a visit before randomisation (t < 0) is data the progression maths can
+    # model: accepted, with no therapy exposure before time 0.
+    from bayestwin.families.progression import Progression
+
+    c = make(frame({("t", 0): -1.0}))
+    d = Progression().design(c.frame, c.baseline, c.schema).data
+    row = np.flatnonzero(d["time"] == -1.0)[0]
+    assert d["exposure"][row].tolist() == [0.0] and d["on_therapy"][row].tolist() == [0.0]
+    assert c.schema.time_scale == 2.0
     expect(frame({("t", 3): "yesterday"}), "non-numeric time value 'yesterday'", 3, "t", patient="MRN-B")
 
 
