@@ -66,30 +66,48 @@ def _dose(args) -> int:
     warnings.simplefilter("ignore", FutureWarning)
     say = print if not args.quiet else (lambda *a, **k: None)
     t_start = time.perf_counter()
-    table = pd.read_csv(args.data, na_values=["."], keep_default_na=True)
+    # Every argument and the table are checked before the minutes-long fit.
+    regimens = [Regimen(a, args.interval, doses=args.doses, duration=args.duration) for a in _amounts(args.amounts)]
+    lo, hi = args.target
+    if not (np.isfinite([lo, hi]).all() and lo < hi):
+        raise ValueError(f"--target needs LOW < HIGH, both finite, not {lo:g} {hi:g}")
+    if not 0 <= args.max_toxic <= 1:
+        raise ValueError(f"--max-toxic is a probability in [0, 1], not {args.max_toxic:g}")
+    if not 0 <= args.min_target <= 1:
+        raise ValueError(f"--min-target is a probability in [0, 1], not {args.min_target:g}")
+    if args.limit is not None and not (np.isfinite(args.limit) and args.limit > 0):
+        raise ValueError(f"--limit must be a positive concentration, not {args.limit:g}")
+    if args.start is not None and not np.isfinite(args.start):
+        raise ValueError(f"--start must be a finite time, not {args.start:g}")
+    table = _read_table(args.data)
     table.columns = [str(c).upper() for c in table.columns]
     if "ID" not in table.columns:
-        raise SystemExit(f"bayestwin dose: {args.data} has no ID column")
+        raise ValueError(f"{args.data} has no ID column")
     mine = table["ID"].astype(str) == str(args.patient)
     if not mine.any():
-        raise SystemExit(f"bayestwin dose: patient {args.patient!r} not found in the ID column of {args.data}")
+        raise ValueError(f"patient {args.patient!r} not found in the ID column of {args.data}")
+    if mine.all():
+        raise ValueError(f"{args.data} holds only patient {args.patient!r}: the population needs other IDs")
     covariates = [c.strip().upper() for c in args.covariates.split(",") if c.strip()] if args.covariates else []
+    ignore = [c.strip().upper() for c in args.ignore.split(",") if c.strip()] if args.ignore else []
+    weight = args.weight.upper() if args.weight else None
+    if weight and weight not in covariates:
+        covariates.append(weight)  # the weight column is read as a covariate of the PK model
     key = bt.new_key()  # this run only: nothing is stored, the table shows the ID you gave
-    family = Pk(compartments=args.compartments, route=args.route, error=args.error, weight=args.weight)
-    others = read_nonmem(table[~mine], covariates=covariates, key=key)
+    family = Pk(compartments=args.compartments, route=args.route, error=args.error, weight=weight)
+    others = read_nonmem(table[~mine], covariates=covariates, key=key, ignore=ignore)
+    patient = read_nonmem(table[mine], covariates=covariates, key=key, allow_no_observations=True, ignore=ignore)
+    family.check(patient.frame, covariates)
     say(
         f"1. Population: {others}; fitting {family.compartments}-compartment {family.route} PK "
         f"({family.error} error) ..."
     )
     pop = bt.fit(others, family, seed=args.seed, progressbar=sys.stderr.isatty())
     say(f"   population fit: {pop.verdict}")
-    patient = read_nonmem(table[mine], covariates=covariates, key=key, allow_no_observations=True)
     n_levels = int((patient.frame["EVID"] == 0).sum())
     say(f"2. Patient {args.patient}: {n_levels} level(s); conditioning the twin ({args.method}) ...")
     twin = pop.condition(patient, method=args.method, seed=args.seed)
     say(f"   twin: {twin.verdict}")
-    amounts = [float(a) for a in args.amounts.split(",")]
-    regimens = [Regimen(a, args.interval, doses=args.doses, duration=args.duration) for a in amounts]
     result = dose_search(
         twin,
         regimens,
@@ -97,19 +115,19 @@ def _dose(args) -> int:
         metric=args.metric,
         limit=args.limit,
         max_toxic=args.max_toxic,
+        min_target=args.min_target,
         start=args.start,
     )
     result = result.drop(columns=["patient", "amount", "interval", "duration"])
     result["recommended"] = np.where(result["recommended"], "<==", "")
-    lo, hi = args.target
     say(
         f"\n3. Regimens for patient {args.patient}: {args.metric} over the last interval, target [{lo:g}, {hi:g}]"
         + (f", toxic if peak > {args.limit:g}" if args.limit is not None else "")
     )
     pd.set_option("display.width", 160)
     say(result.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    if not result["recommended"].astype(bool).any():
-        say(f"No regimen keeps P(toxic) <= {args.max_toxic:g}.")
+    for note in result.attrs.get("notes", []):
+        say(note)
     ok = pop.verdict.converged and twin.verdict.converged
     say(f"\nConvergence verdict: {'PASS' if ok else 'FAIL'} (population: {pop.verdict}; twin: {twin.verdict})")
     say(f"Total time {time.perf_counter() - t_start:.1f} s")
@@ -117,24 +135,19 @@ def _dose(args) -> int:
 
 
 def _fit(args) -> int:
-    from bayestwin.io import ArtifactError
     from bayestwin.zoo import fit_spec, read_spec
 
     say = (lambda *a: None) if args.quiet else print
     t0 = time.perf_counter()
-    try:
-        spec = read_spec(args.spec)
-    except (OSError, ValueError) as err:
-        print(f"bayestwin fit: {err}", file=sys.stderr)
-        return 1
+    spec = read_spec(args.spec)
     out = args.out or spec["folder"] / "population"
+    for name in ("draws", "tune"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name} must be >= 1, not {v}")
     say(f"Fitting {spec['name']} ({spec['family']['name']}) from {args.spec} ...")
-    try:
-        quick = {k: v for k, v in (("draws", args.draws), ("tune", args.tune)) if v is not None}
-        pop = fit_spec(args.spec, out=args.out, progressbar=None if not args.quiet else False, **quick)
-    except (ArtifactError, ValueError) as err:
-        print(f"bayestwin fit: {err}", file=sys.stderr)
-        return 1
+    quick = {k: v for k, v in (("draws", args.draws), ("tune", args.tune)) if v is not None}
+    pop = fit_spec(args.spec, out=args.out, progressbar=None if not args.quiet else False, **quick)
     say(pop.summary().to_string(float_format=lambda x: f"{x:.4g}"))
     say(f"\nVerdict: {pop.verdict}\nSaved to {out} in {time.perf_counter() - t0:.1f} s")
     return 0 if pop.verdict.converged else 2
@@ -143,26 +156,20 @@ def _fit(args) -> int:
 def _condition(args) -> int:
     import os
 
-    import pandas as pd
-
     from bayestwin.engine.many import condition_many, refresh
-    from bayestwin.io import ArtifactError, load
+    from bayestwin.io import load
 
     say = (lambda *a: None) if args.quiet else print
     key = os.environ.get(args.key_env)
     if not key:
-        print(
-            f"bayestwin condition: set ${args.key_env} to your pseudonymisation key (it is read from the "
-            "environment, never from the command line)",
-            file=sys.stderr,
+        raise ValueError(
+            f"set ${args.key_env} to your pseudonymisation key (it is read from the environment, never from the "
+            "command line)"
         )
-        return 1
-    try:
-        population = load(args.population)
-        rows = pd.read_csv(args.data, na_values=["."])
-    except (ArtifactError, OSError, ValueError) as err:
-        print(f"bayestwin condition: {err}", file=sys.stderr)
-        return 1
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, not {args.batch}")
+    population = load(args.population)
+    rows = _read_table(args.data)
     client = None
     if args.scheduler:
         from distributed import Client
@@ -175,9 +182,6 @@ def _condition(args) -> int:
             table = refresh(population, args.refresh, rows, out=args.out, **settings)
         else:
             table = condition_many(population, rows, out=args.out, **settings)
-    except (ValueError, OSError) as err:  # DataError is a ValueError: it names patient, row and column
-        print(f"bayestwin condition: {err}", file=sys.stderr)
-        return 1
     finally:
         if client is not None:
             client.close()
@@ -191,38 +195,39 @@ def _condition(args) -> int:
 
 
 def _review(args) -> int:
+    import os
     from pathlib import Path
 
     import xarray as xr
 
-    from bayestwin.review.report import review
+    from bayestwin._atomic import check_target
+    from bayestwin.review.report import _is_report, review
 
     src = Path(args.path)
-    if src.is_dir() or (not src.exists() and "/" not in args.path):  # an artifact folder or a zoo model
-        from bayestwin.io import ArtifactError, load
+    if src.is_dir() or (not src.exists() and os.sep not in args.path):  # an artifact folder or a zoo model
+        from bayestwin.io import load
 
-        try:
-            obj = load(args.path)
-        except ArtifactError as err:
-            print(f"bayestwin review: {err}", file=sys.stderr)
-            return 1
-        out = review(obj, args.output or Path(f"{src.name}.html"))
+        out = Path(args.output or f"{src.name}.html")
+        check_target(out, is_ours=_is_report, force=args.force, what="reviewer report")  # before loading
+        obj = load(args.path)
+        out = review(obj, out, overwrite=args.force)
         if not args.quiet:
             print(f"wrote {out} ({obj.verdict})")
         return 0
     if not src.is_file():
-        print(f"bayestwin review: no such file: {src}", file=sys.stderr)
-        return 1
+        raise ValueError(f"no such file: {src}")
+    out = Path(args.output or src.with_suffix(".html"))
+    if out.resolve() == src.resolve():
+        raise ValueError(f"the report would replace its own input {src}: give -o")
+    check_target(out, is_ours=_is_report, force=args.force, what="reviewer report")
     try:
         tree = xr.open_datatree(src)
     except (OSError, ValueError) as err:
-        print(f"bayestwin review: {src} is not an ArviZ DataTree in netCDF: {err}", file=sys.stderr)
-        return 1
+        raise ValueError(f"{src} is not an ArviZ DataTree in netCDF: {err}") from None
     missing = {"posterior", "sample_stats"} - set(tree.children)
     if missing:
-        print(f"bayestwin review: {src} lacks the group(s) {sorted(missing)}", file=sys.stderr)
-        return 1
-    out = review(tree.load(), args.output or src.with_suffix(".html"))
+        raise ValueError(f"{src} lacks the group(s) {sorted(missing)}")
+    out = review(tree.load(), out, overwrite=args.force)
     if not args.quiet:
         print(f"wrote {out}")
     return 0
@@ -232,22 +237,55 @@ def _validate(args) -> int:
     from bayestwin.review.sbc import run_sbc
 
     say = print if not args.quiet else (lambda *a, **k: None)
-    try:
-        res = run_sbc(args.family, reps=args.reps, twins=args.twins, out=args.out, seed=args.seed, say=say)
-    except ValueError as err:
-        print(f"bayestwin validate sbc: {err}", file=sys.stderr)
-        return 1
+    if args.reps < 1 or args.twins < 1 or not 0 < args.alpha < 1:
+        raise ValueError(
+            f"--reps and --twins must be >= 1 and --alpha in (0, 1): {args.reps}, {args.twins}, {args.alpha}"
+        )
+    res = run_sbc(args.family, reps=args.reps, twins=args.twins, out=args.out, seed=args.seed, say=say)
     worst = min(float(r.table["p_value"].min()) for r in res.values())
     verdict = "PASS" if worst > args.alpha else "FAIL"
     say(f"Rank uniformity: {verdict} (smallest χ² p-value {worst:.4f}, alpha {args.alpha})")
     return 0 if worst > args.alpha else 2
 
 
+def _amounts(text: str) -> list[float]:
+    try:
+        amounts = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise ValueError(f"--amounts takes numbers separated by commas (e.g. 100,200,300), not {text!r}") from None
+    if not amounts:
+        raise ValueError("--amounts is empty")
+    return amounts
+
+
+def _read_table(path):
+    """A CSV table ('.' = missing, as NONMEM writes it), or a clear error."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path, na_values=["."], keep_default_na=True)
+    except FileNotFoundError:
+        raise ValueError(f"no such file: {path}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, IsADirectoryError) as err:
+        raise ValueError(f"{path} is not a readable CSV table ({type(err).__name__})") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with exit status 1 for usage errors: 2 means "did not converge" here."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bayestwin",
-        description="Patient digital twins: population fit -> posterior twin -> per-therapy forecast.",
+        description="Patient digital twins: population fit -> posterior twin -> per-therapy forecast. "
+        "Exit status: 0 done, 1 an error (one line on stderr; --debug for the traceback), 2 a fit or "
+        "twin that did not converge.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
@@ -282,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     dose.add_argument("--metric", choices=["trough", "peak", "auc"], default="trough", help="target metric")
     dose.add_argument("--limit", type=float, default=None, help="toxicity limit on the peak")
     dose.add_argument("--max-toxic", type=float, default=0.1, help="largest acceptable P(toxic) (default 0.1)")
+    dose.add_argument(
+        "--min-target", type=float, default=0.5, help="smallest P(target) a recommended regimen needs (default 0.5)"
+    )
+    dose.add_argument("--ignore", default="", help="columns of the table to leave out, comma-separated (e.g. DATE,C)")
     dose.add_argument("--covariates", default="", help="covariate columns, comma-separated (e.g. WT,CYP2D6)")
     dose.add_argument("--weight", default=None, help="weight column for allometric scaling (e.g. WT)")
     dose.add_argument("--compartments", type=int, choices=[1, 2], default=1)
@@ -302,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rev.add_argument("path", help="an artifact folder (bt.save), a model zoo name, or a netCDF file of a DataTree")
     rev.add_argument("-o", "--output", default=None, help="HTML file to write (default: PATH with .html)")
+    rev.add_argument("--force", action="store_true", help="replace OUTPUT even if it is not an earlier report")
     rev.add_argument("--quiet", action="store_true", help="print nothing")
     rev.set_defaults(func=_review)
 
@@ -375,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("design", nargs="?", default=None, help="trial file (TOML)")
     trial.add_argument("--example", action="store_true", help="print the example trial file and exit")
     trial.add_argument("--out", default=None, help="write the operating-characteristics table here (CSV)")
+    trial.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier table")
     trial.add_argument("--quiet", action="store_true", help="print nothing; exit status only")
     trial.set_defaults(func=_trial)
     return parser
@@ -387,12 +431,29 @@ def _trial(args) -> int:
 
 
 def main(argv=None) -> int:
+    """Run one command. Every error ends the same way: ``bayestwin COMMAND: error: ...`` on stderr
+    and exit status 1 (the traceback only with ``--debug`` or ``BAYESTWIN_DEBUG=1``); 2 is kept for
+    a fit or twin that did not pass the convergence gate."""
+    import os
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
-    return args.func(args)
+    debug = args.debug or os.environ.get("BAYESTWIN_DEBUG") == "1"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"bayestwin {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one error path of the command line
+        if debug:
+            raise
+        known = isinstance(err, (ValueError, OSError, TypeError))
+        text = str(err) if known else f"{type(err).__name__}: {err} (a bug? run with --debug and report it)"
+        print(f"bayestwin {args.command}: error: {text}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

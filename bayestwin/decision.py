@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pandas as pd
 import xarray as xr
 
@@ -18,13 +19,30 @@ def _check_direction(direction: str) -> None:
         raise ValueError(f"direction must be 'lower' or 'higher', not {direction!r}")
 
 
+def at_time(draws: xr.DataArray, time: float) -> xr.DataArray:
+    """``draws`` at ``time``, which must be one of the forecast times (a relative tolerance of
+    1e-9 allows for float round-off); any other time is an error naming the nearest ones. An
+    answer for the nearest time instead would be an answer to another question."""
+    times = draws["time"].to_numpy(float)
+    t = float(time)
+    hit = np.flatnonzero(np.isclose(times, t, rtol=1e-9, atol=1e-12))
+    if not len(hit):
+        near = times[np.argsort(np.abs(times - t))[:3]]
+        raise ValueError(
+            f"time {t:g} is not a forecast time (nearest: {', '.join(f'{x:g}' for x in sorted(near))}); "
+            "forecast at that time first (predict(times=...))"
+        )
+    return draws.isel(time=int(hit[0]))
+
+
 def prob_best(draws: xr.DataArray, time: float, direction: str = "lower") -> pd.DataFrame:
     """P(each therapy gives the best outcome at ``time``), per patient (rows sum to 1).
 
-    ``direction='lower'``: a lower outcome is better (e.g. a disease score).
+    ``direction='lower'``: a lower outcome is better (e.g. a disease score). ``time`` must be
+    one of the forecast times.
     """
     _check_direction(direction)
-    at = draws.sel(time=time, method="nearest")
+    at = at_time(draws, time)
     best = at.argmin("therapy") if direction == "lower" else at.argmax("therapy")
     probs = xr.concat([(best == k).mean(SAMPLE) for k in range(at.sizes["therapy"])], dim=at.therapy)
     return probs.transpose("patient", "therapy").to_pandas()
@@ -49,7 +67,7 @@ def expected_utility(
     ``utility`` maps outcome draws (a DataArray; at ``time`` if given, else the whole trajectory
     with a ``time`` dim it must reduce) to utilities of the same draws.
     """
-    x = draws if time is None else draws.sel(time=time, method="nearest")
+    x = draws if time is None else at_time(draws, time)
     u = utility(x)
     if "time" in u.dims:
         raise ValueError("utility must reduce the 'time' dimension when time=None")

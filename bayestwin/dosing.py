@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from bayestwin import _memory
+
 METRICS = ("trough", "peak", "auc")
 
 
@@ -76,15 +78,28 @@ def evaluate_regimens(
     if single:
         theta = {p: v[None] for p, v in theta.items()}
         history = [history]
-    n = next(iter(theta.values())).shape[0]
+    n, draws = next(iter(theta.values())).shape
     starts = np.broadcast_to(np.asarray(start, float), (n,))
     if history is None or isinstance(history, pd.DataFrame):
         history = [history] * n
-    designs = [_regimen_design(regimens, starts[i], history[i], grid) for i in range(n)]
-    m = max(d["t_dose"].shape[1] for d in designs)
-    arrays = {k: np.stack([_widen(d[k], m, k) for d in designs]) for k in designs[0]}
-    out = _metrics(family, grid)(theta, arrays, batch)
-    out = {k: np.asarray(v) for k, v in out.items()}
+    regimens = list(regimens)
+    R = len(regimens)
+    m_hist = max((len(h) for h in history if h is not None), default=0)
+    m = m_hist + max(r.doses for r in regimens)
+    # Memory: the result is 3 x (patients, regimens, draws); the work, per chunk of regimens,
+    # batch x chunk x draws x grid x dose slots doubles (a few temporaries of that size).
+    _memory.check(3 * n * R * draws * 8, f"the metrics of {R} regimens x {draws} draws x {n} patients")
+    per_regimen = 4 * min(batch, n) * draws * grid * m * 8
+    chunk = int(max(1, min(R, _memory.budget() // 4 // max(per_regimen, 1))))
+    parts = []
+    for lo in range(0, R, chunk):
+        part = regimens[lo : lo + chunk]
+        padded = part + [part[-1]] * (chunk - len(part))  # one compiled shape for every chunk
+        designs = [_regimen_design(padded, starts[i], history[i], grid) for i in range(n)]
+        arrays = {k: np.stack([_widen(d[k], m, k) for d in designs]) for k in designs[0]}
+        out = _metrics(family, grid)(theta, arrays, batch)
+        parts.append({k: np.asarray(v)[:, : len(part)] for k, v in out.items()})
+    out = {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}
     return {k: v[0] for k, v in out.items()} if single else out
 
 
@@ -172,6 +187,7 @@ def dose_search(
     metric: str = "trough",
     limit: float | None = None,
     max_toxic: float = 0.1,
+    min_target: float = 0.5,
     start: float | None = None,
     patient: str | Sequence[str] | None = None,
 ) -> pd.DataFrame:
@@ -187,6 +203,10 @@ def dose_search(
         (low, high) window for ``metric`` ("trough", "peak" or "auc") over the last interval.
     limit, max_toxic
         Toxicity: P(peak > ``limit``) must not exceed ``max_toxic`` for a recommendation.
+    min_target
+        The floor: a regimen is recommended only if its P(target) is at least this (default
+        0.5). Below it the answer is "no regimen offered meets the target" (the best candidate
+        is still shown, with a note), never a recommendation the posterior does not support.
     start
         When the first new dose is given (default: each patient's last recorded event).
     patient
@@ -195,8 +215,12 @@ def dose_search(
     Returns
     -------
     DataFrame, one row per patient and regimen: the regimen, the posterior mean and 90%
-    interval of the metric, P(target), P(toxic) and ``recommended`` (per patient, the feasible
-    regimen with the highest P(target); none if no regimen is feasible).
+    interval of the metric, P(target), P(toxic), ``recommended`` (per patient, the feasible
+    regimen with the highest P(target) if it reaches ``min_target``; none otherwise) and
+    ``edge`` (the recommendation is the smallest or largest amount offered at its interval and
+    duration: the best dose may lie outside the grid). ``table.attrs["notes"]`` says, per
+    patient, when nothing is recommended or the recommendation sits at the edge; the same notes
+    are issued as a :class:`~bayestwin.errors.DecisionWarning`.
 
     Examples
     --------
@@ -206,10 +230,20 @@ def dose_search(
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")
     lo, hi = target
-    if not lo < hi:
-        raise ValueError(f"target must be (low, high) with low < high, not {target!r}")
+    if not (np.isfinite([lo, hi]).all() or (np.isfinite(lo) and hi == np.inf)) or not lo < hi:
+        raise ValueError(f"target must be (low, high) with low < high (high may be inf), not {target!r}")
     if not regimens:
         raise ValueError("no regimens given")
+    if not all(isinstance(r, Regimen) for r in regimens):
+        raise TypeError("regimens must be Regimen objects")
+    if len({r.label for r in regimens}) < len(regimens):
+        raise ValueError("a regimen is listed twice")
+    if not 0 <= max_toxic <= 1 or not 0 <= min_target <= 1:
+        raise ValueError(f"max_toxic and min_target are probabilities in [0, 1], not {max_toxic!r}, {min_target!r}")
+    if limit is not None and not (np.isfinite(limit) and limit > 0):
+        raise ValueError(f"limit must be a positive concentration, not {limit!r}")
+    if start is not None and not np.isfinite(start):
+        raise ValueError(f"start must be a finite time, not {start!r}")
     fam = twin.population.family
     patients = [patient] if isinstance(patient, str) else list(patient or twin.patients)
     for p in patients:
@@ -225,7 +259,23 @@ def dose_search(
     else:
         starts = np.full(len(patients), float(start))
     values = evaluate_regimens(fam, theta, regimens, start=starts, history=history)
-    return regimen_table(values, regimens, patients, metric=metric, target=target, limit=limit, max_toxic=max_toxic)
+    table = regimen_table(
+        values,
+        regimens,
+        patients,
+        metric=metric,
+        target=target,
+        limit=limit,
+        max_toxic=max_toxic,
+        min_target=min_target,
+    )
+    if table.attrs["notes"]:
+        import warnings
+
+        from bayestwin.errors import DecisionWarning
+
+        warnings.warn("\n".join(table.attrs["notes"]), DecisionWarning, stacklevel=2)
+    return table
 
 
 def twin_parameters(twin, patients: Sequence[str]) -> dict[str, np.ndarray]:
@@ -242,9 +292,17 @@ def twin_parameters(twin, patients: Sequence[str]) -> dict[str, np.ndarray]:
 
 
 def regimen_table(
-    values: dict, regimens: Sequence[Regimen], patients, *, metric: str, target, limit, max_toxic: float
+    values: dict,
+    regimens: Sequence[Regimen],
+    patients,
+    *,
+    metric: str,
+    target,
+    limit,
+    max_toxic: float,
+    min_target: float = 0.5,
 ) -> pd.DataFrame:
-    """The per-patient regimen table from metric draws (patients, regimens, draws)."""
+    """The per-patient regimen table from metric draws (patients, regimens, draws); see :func:`dose_search`."""
     lo, hi = target
     x = values[metric]
     p_target = ((x >= lo) & (x <= hi)).mean(-1)  # (P, R)
@@ -253,9 +311,33 @@ def regimen_table(
     P, R = p_target.shape
     feasible = p_toxic <= max_toxic
     best = np.argmax(np.where(feasible, p_target, -1.0), axis=1)
+    rows = np.arange(P)
+    supported = feasible[rows, best] & (p_target[rows, best] >= min_target) & (p_target[rows, best] > 0)
     recommended = np.zeros((P, R), bool)
-    recommended[np.arange(P), best] = feasible[np.arange(P), best]
-    return pd.DataFrame(
+    recommended[rows, best] = supported
+    edge = np.zeros((P, R), bool)
+    notes = []
+    for i, p in enumerate(patients):
+        j = best[i]
+        if not feasible[i].any():
+            notes.append(f"patient {p}: no regimen offered keeps P(toxic) <= {max_toxic:g}; none recommended")
+        elif not supported[i]:
+            notes.append(
+                f"patient {p}: no regimen offered meets the target: the best, {regimens[j].label}, has "
+                f"P(target) = {p_target[i, j]:.3f} < {min_target:g}; none recommended"
+            )
+        else:
+            same = [
+                r.amount for r in regimens if (r.interval, r.duration) == (regimens[j].interval, regimens[j].duration)
+            ]
+            if len(set(same)) > 1 and regimens[j].amount in (min(same), max(same)):
+                edge[i, j] = True
+                side = "largest" if regimens[j].amount == max(same) else "smallest"
+                notes.append(
+                    f"patient {p}: the recommended regimen {regimens[j].label} is the {side} amount offered; "
+                    "the best dose may lie beyond the grid: extend it"
+                )
+    table = pd.DataFrame(
         {
             "patient": np.repeat(list(patients), R),
             "regimen": [r.label for r in regimens] * P,
@@ -268,5 +350,8 @@ def regimen_table(
             "P(target)": p_target.ravel(),
             "P(toxic)": p_toxic.ravel(),
             "recommended": recommended.ravel(),
+            "edge": edge.ravel(),
         }
     )
+    table.attrs["notes"] = notes
+    return table

@@ -44,3 +44,8 @@ class OutOfPopulationWarning(UserWarning):
 class KeyWarning(UserWarning):
     """No pseudonymisation key was given and a random one was drawn: results cannot be mapped back
     to the original ids, and rows of the same patients read later with another key will not match."""
+
+
+class DecisionWarning(UserWarning):
+    """A decision function has something to say about its answer: nothing offered meets the target,
+    or the recommendation sits at the edge of the options offered."""

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from bayestwin._atomic import folder_lock, write_file
 from bayestwin.errors import BayestwinError
 
 FORMAT = "bayestwin-artifact"
@@ -341,10 +342,46 @@ def save(obj, path) -> Path:
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ArtifactError(f"{folder} exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / CARD).is_file():
+    if folder.is_dir() and _foreign_files(folder) and not (folder / CARD).is_file():
         raise ArtifactError(f"{folder} is a non-empty folder without {CARD}: not overwriting something else")
+    if folder.is_dir() and (folder / CARD).is_file():
+        read_card(folder)  # replace only a readable bayestwin artifact, never another card.json
     folder.mkdir(parents=True, exist_ok=True)
-    w = _Writer(folder)
+    _check_space(folder, obj)
+    with folder_lock(folder, "artifact"):
+        before = {p.name for p in folder.iterdir()}
+        w = _Writer(folder)
+        try:
+            card = _card(obj, w)
+            write_file(
+                folder / CARD, json.dumps(card, indent=2, sort_keys=True, default=str) + "\n"
+            )  # the commit point
+        except BaseException as err:  # a full disk, a kill signal turned exception: leave the old artifact whole
+            for p in folder.iterdir():
+                if p.name not in before and p.name != CARD and (_debris(p.name) or _is_artifact_file(p.name)):
+                    p.unlink(missing_ok=True)
+            if isinstance(err, OSError) and not isinstance(err, ArtifactError):
+                raise ArtifactError(
+                    f"could not save to {folder}: {err}; the previous artifact (if any) is unchanged"
+                ) from None
+            raise
+        try:
+            dfd = os.open(folder, os.O_RDONLY)
+            os.fsync(dfd)
+            os.close(dfd)
+        except OSError:  # directories cannot be fsynced on some platforms
+            pass
+        keep = {CARD, *(f["path"] for f in w.files.values())}
+        for p in folder.iterdir():  # the previous artifact's files and debris of killed saves
+            if p.is_file() and p.name not in keep and (_debris(p.name) or _is_artifact_file(p.name)):
+                p.unlink()
+    return folder
+
+
+def _card(obj, w: _Writer) -> dict:
+    """Write ``obj``'s files through ``w`` and return its model card (with its own checksum)."""
+    from bayestwin.twin import Twin
+
     card = {"format": FORMAT, "schema_version": SCHEMA_VERSION}
     if isinstance(obj, Twin):
         card["kind"] = "twin"
@@ -369,21 +406,34 @@ def save(obj, path) -> Path:
         "files": w.files,
     }
     card["card_sha256"] = hashlib.sha256(_canonical(card)).hexdigest()
-    tmp = folder / f".tmp-{uuid.uuid4().hex}.json"
-    tmp.write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
-    _fsync(tmp)
-    os.replace(tmp, folder / CARD)  # the commit point
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-        os.fsync(dfd)
-        os.close(dfd)
-    except OSError:  # directories cannot be fsynced on some platforms
-        pass
-    keep = {CARD, *(f["path"] for f in w.files.values())}
-    for p in folder.iterdir():  # the previous artifact's files and debris of killed saves
-        if p.is_file() and p.name not in keep and (p.name.startswith(".tmp-") or _is_artifact_file(p.name)):
-            p.unlink()
-    return folder
+    return card
+
+
+def _debris(name: str) -> bool:
+    """A temporary file of a save that did not finish (this module's or :mod:`bayestwin._atomic`'s)."""
+    return name.startswith(".tmp-") or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _foreign_files(folder: Path) -> list[str]:
+    """Files in ``folder`` other than a lock or the debris of a killed save."""
+    return [p.name for p in folder.iterdir() if p.name != ".bayestwin.lock" and not _debris(p.name)]
+
+
+def _check_space(folder: Path, obj) -> None:
+    """Refuse before writing when the disk cannot hold the artifact (its arrays' size, a bound:
+    the files are compressed): a full disk mid-write is what must not happen."""
+    import shutil
+
+    from bayestwin.twin import Twin
+
+    trees = [obj.population.idata, obj.idata] if isinstance(obj, Twin) else [obj.idata]
+    need = sum(int(ds.nbytes) for dt in trees for ds in (node.dataset for node in dt.subtree)) + (1 << 20)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise ArtifactError(
+            f"not enough free disk space in {folder}: up to {need / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free; "
+            "nothing was written"
+        )
 
 
 def _is_artifact_file(name: str) -> bool:
@@ -418,9 +468,22 @@ def load(path):
 
     ``path`` is a folder written by :func:`save`, or the name of a model in the model zoo
     (``models/NAME``, see :func:`bayestwin.zoo.path`). Refuses (``ArtifactError``) a missing,
-    truncated, tampered or newer-version artifact. The loaded Population conditions new patients
+    truncated, tampered or newer-version artifact, and a card that passes its checksum but
+    lacks or mistypes a field (edited and re-checksummed). The loaded Population conditions new patients
     without refitting.
     """
+    try:
+        return _load(path)
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, AttributeError, IndexError) as err:
+        raise ArtifactError(f"artifact {path}: {CARD} is malformed ({type(err).__name__}: {err})") from None
+    except ValueError as err:
+        raise ArtifactError(f"artifact {path}: {CARD} holds an invalid value ({err})") from None
+
+
+def _load(path):
+    """:func:`load` without the translation of a malformed card's errors."""
     folder = Path(path)
     if not folder.exists() and isinstance(path, str) and os.sep not in path:
         from bayestwin.zoo import model_path

@@ -20,6 +20,7 @@ from bayestwin.engine.compile import TwinProgram, compile_twin, unconstrained_dr
 from bayestwin.engine.fit import FitConfig, sample_model
 from bayestwin.engine.importance import ImportanceConfig
 from bayestwin.engine.nuts import NutsConfig
+from bayestwin.errors import DataError
 from bayestwin.families import get_family
 from bayestwin.families.base import Design
 from bayestwin.review.convergence import Thresholds, Verdict, diagnostics, gate
@@ -109,6 +110,7 @@ class Population:
     def cohort(self, rows, *, key=None, baseline=None) -> Cohort:
         """Validate new patients' rows against this population's schema."""
         if hasattr(rows, "baseline") and hasattr(rows, "frame"):
+            check_table(self.family, rows)
             return rows  # already validated (a Cohort, or a family's own table such as Events)
         if hasattr(self.family, "read"):
             return self.family.read(rows, key=key, schema=self.schema, columns=self.columns, baseline=baseline)
@@ -309,6 +311,7 @@ def fit(
     >>> pop = fit(cohort, draws=500, tune=500)  # doctest: +SKIP
     """
     fam = get_family(family)
+    check_table(fam, cohort)
     design = fam.design(cohort.frame, cohort.baseline, cohort.schema)
     model = fam.build_model(design, cohort.schema)
     if progressbar is None:
@@ -325,6 +328,32 @@ def fit(
     return Population(
         family=fam, schema=cohort.schema, columns=cohort.columns, idata=idata, verdict=verdict, sampler=settings
     )
+
+
+def check_table(family, table) -> None:
+    """Refuse a table the family does not read (before any model is built): NONMEM events are
+    for ``pk`` only, a survival table needs :func:`~bayestwin.read_survival`, the joint family a
+    :func:`~bayestwin.read_joint` table."""
+    from bayestwin.data.joint import JointCohort
+    from bayestwin.data.nonmem import Events
+    from bayestwin.data.survival import START
+
+    if not (hasattr(table, "frame") and hasattr(table, "baseline")):
+        raise TypeError(
+            f"expected a validated table (bt.Cohort, bt.read_nonmem, bt.read_survival, bt.read_joint), "
+            f"not {type(table).__name__}"
+        )
+    name = family.name
+    if name == "pk" and not isinstance(table, Events):
+        raise DataError("family 'pk' reads NONMEM-style events (bt.read_nonmem), not a Cohort")
+    if name != "pk" and isinstance(table, Events):
+        raise DataError(
+            f"family {name!r} reads a Cohort, not NONMEM-style events: for PK data use bt.fit(events, bt.Pk(...))"
+        )
+    if name == "joint" and not isinstance(table, JointCohort):
+        raise DataError("family 'joint' reads a biomarker + follow-up table from bt.read_joint")
+    if name == "survival" and START not in table.frame.columns:
+        raise DataError("family 'survival' reads at-risk intervals from bt.read_survival")
 
 
 def _population_vars(posterior: xr.Dataset) -> list[str]:

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bayestwin._atomic import write_file
 from bayestwin.errors import SpecError
 from bayestwin.io import ArtifactError, load, read_card, save
 from bayestwin.tomlspec import ANY_TABLE, check, check_options, read_toml, require
@@ -250,10 +251,7 @@ def write_model_card(spec: dict, pop, artifact: Path) -> Path:
         "",
     ]
     path = spec["folder"] / "MODEL_CARD.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return write_file(path, "\n".join(lines))
 
 
 def _has_tabulate() -> bool:

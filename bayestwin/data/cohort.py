@@ -341,8 +341,11 @@ def typed_covariate(s: pd.Series, name: str, categorical: bool, fail) -> pd.Seri
     if pd.api.types.is_bool_dtype(s):
         return s
     if pd.api.types.is_datetime64_any_dtype(s) or pd.api.types.is_timedelta64_dtype(s):
-        fail("dates and durations are not covariate values: convert to a number (e.g. age in years)",
-             np.ones(len(s)), name)
+        fail(
+            "dates and durations are not covariate values: convert to a number (e.g. age in years)",
+            np.ones(len(s)),
+            name,
+        )
     if pd.api.types.is_numeric_dtype(s):
         x = s.to_numpy(float)
         fail("infinite covariate value", np.isinf(x), name)
@@ -355,8 +358,12 @@ def typed_covariate(s: pd.Series, name: str, categorical: bool, fail) -> pd.Seri
     text = given & ~is_num
     if text.any():
         first = s[text].iloc[0]
-        fail(f"numeric covariate holds the text {first!r} (declare it in categorical= if it is a category, "
-             "or fix or remove the value)", text, name)
+        fail(
+            f"numeric covariate holds the text {first!r} (declare it in categorical= if it is a category, "
+            "or fix or remove the value)",
+            text,
+            name,
+        )
     fail("infinite covariate value", np.isinf(num.to_numpy(float)), name)
     return num.astype(float)
 
@@ -387,12 +394,19 @@ def _validate(data, baseline, cols: Columns, therapies, schema, pseudo, allow_em
     check_id_types(data[cols.patient], fail, cols.patient)
     tcol = data[cols.time]
     if pd.api.types.is_datetime64_any_dtype(tcol):
-        fail("time holds dates: give elapsed time as numbers (e.g. days since randomisation, the same origin "
-             "for every table of these patients)", np.ones(len(tcol)), cols.time)
+        fail(
+            "time holds dates: give elapsed time as numbers (e.g. days since randomisation, the same origin "
+            "for every table of these patients)",
+            np.ones(len(tcol)),
+            cols.time,
+        )
     if pd.api.types.is_timedelta64_dtype(tcol):
         if time_unit is None:
-            fail("time holds durations (timedelta): say their unit with time_unit= (e.g. 'days')",
-                 np.ones(len(tcol)), cols.time)
+            fail(
+                "time holds durations (timedelta): say their unit with time_unit= (e.g. 'days')",
+                np.ones(len(tcol)),
+                cols.time,
+            )
         try:
             step = pd.Timedelta(1, unit=time_unit)
         except ValueError:

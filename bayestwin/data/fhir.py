@@ -18,6 +18,12 @@ listed in the report (and warned about), not silently dropped.
 
 Validation of the resources is done by ``fhir.resources`` (R4B models, which read R4 bundles of
 these resource types).
+
+Statuses are honoured: an Observation that is ``entered-in-error``, ``cancelled`` or only
+``registered``, a Condition whose verificationStatus is ``refuted`` or ``entered-in-error``, a
+MedicationAdministration not ``completed``/``in-progress`` and a cancelled, draft or erroneous
+MedicationRequest are not data; each is counted in the report (``excluded by status``). An empty
+Bundle, or one without a Patient, is a :class:`~bayestwin.errors.DataError`.
 """
 
 from __future__ import annotations
@@ -107,6 +113,7 @@ class PrivacyReport:
     unknown_drugs: Counter = field(default_factory=Counter)  # (system, code) -> medication resources not used
     skipped: Counter = field(default_factory=Counter)  # resource type -> entries not read (unsupported)
     units: Counter = field(default_factory=Counter)  # (name, from unit, to unit) -> values converted
+    excluded: Counter = field(default_factory=Counter)  # resource and status -> entries not used as data
 
     def table(self) -> pd.DataFrame:
         rows = [("removed", k, v) for k, v in self.removed.items()]
@@ -115,6 +122,7 @@ class PrivacyReport:
         rows += [("unknown medication", f"{s} {c}", v) for (s, c), v in self.unknown_drugs.items()]
         rows += [("resource type not read", k, v) for k, v in self.skipped.items()]
         rows += [("unit converted", f"{n}: {a} -> {b}", v) for (n, a, b), v in self.units.items()]
+        rows += [("excluded by status", k, v) for k, v in self.excluded.items()]
         return pd.DataFrame(rows, columns=["action", "what", "count"])
 
     def __repr__(self) -> str:
@@ -322,6 +330,8 @@ def read_fhir(
     entries = raw.get("entry") or []
     if not isinstance(entries, list):
         raise DataError("Bundle.entry must be a list", column="Bundle.entry")
+    if not entries:
+        raise DataError("the Bundle has no entries", column="Bundle.entry")
     measures = {m.code: m for m in measures}
     drugs, conditions = dict(drugs or {}), dict(conditions or {})
     report = PrivacyReport()
@@ -349,6 +359,8 @@ def read_fhir(
             ) from None
 
     patients = {owner[i]: r for i, r in parsed.items() if r.get_resource_type() == "Patient"}
+    if not patients:
+        raise DataError("the Bundle holds no Patient resource: nothing to import", column="Bundle.entry")
     for i, r in parsed.items():
         if r.get_resource_type() != "Patient" and owner.get(i) is None:
             raise DataError(
@@ -375,6 +387,10 @@ def read_fhir(
                 requests.append(d)
         elif kind == "Condition":
             code = _coding(r.code)
+            status = _coding(r.verificationStatus)
+            if status is not None and status[1] in EXCLUDED_CONDITION:
+                report.excluded[f"Condition with verificationStatus {status[1]}"] += 1
+                continue
             if code is not None and code[1] in conditions:
                 conds.append({"patient": pid, "name": conditions[code[1]], "when": _when(r, "onset"), "entry": i})
 
@@ -547,7 +563,15 @@ def _stamp(t):
     return ts.tz_convert("UTC") if ts.tz is not None else ts.tz_localize("UTC")
 
 
+#: Statuses whose resources are not data (FHIR R4 value sets): counted in the report, not used.
+EXCLUDED_OBSERVATION = ("entered-in-error", "cancelled", "registered")
+EXCLUDED_CONDITION = ("refuted", "entered-in-error")
+
+
 def _observation(r, i, pid, measures, report) -> list:
+    if r.status in EXCLUDED_OBSERVATION:
+        report.excluded[f"Observation with status {r.status}"] += 1
+        return []
     rows = []
     parts = [(r.code, r.valueQuantity)] + [(c.code, c.valueQuantity) for c in (r.component or [])]
     for code, q in parts:
@@ -584,7 +608,7 @@ def _drug(concept, drugs, report):
 
 def _administration(r, i, pid, drugs, dose_unit, report):
     if r.status not in (None, "completed", "in-progress"):
-        report.converted[f"MedicationAdministration with status {r.status} (not a dose given)"] += 1
+        report.excluded[f"MedicationAdministration with status {r.status} (not a dose given)"] += 1
         return None
     drug = _drug(r.medicationCodeableConcept, drugs, report)
     if drug is None:
@@ -615,6 +639,7 @@ def _administration(r, i, pid, drugs, dose_unit, report):
 
 def _request(r, i, pid, drugs, report):
     if r.status in ("cancelled", "entered-in-error", "draft"):
+        report.excluded[f"MedicationRequest with status {r.status}"] += 1
         return None
     drug = _drug(r.medicationCodeableConcept, drugs, report)
     if drug is None:

@@ -330,8 +330,11 @@ def read_nonmem(
 
     pseudo = ids.map(lambda p: pseudonymise(p, key)).to_numpy()
     per_id = pd.Series(np.where(dose, addl + 1, 0)).groupby(pseudo).transform("sum").to_numpy()
-    fail(f"ADDL gives this ID more than {MAX_DOSES:,} doses (an input error, or write the regimen out)",
-         dose & (per_id > MAX_DOSES), "ADDL")
+    fail(
+        f"ADDL gives this ID more than {MAX_DOSES:,} doses (an input error, or write the regimen out)",
+        dose & (per_id > MAX_DOSES),
+        "ADDL",
+    )
     # Within an ID, times may not go back except at a reset.
     same = np.r_[False, pseudo[1:] == pseudo[:-1]]
     back = same & (np.r_[np.inf, np.diff(time)] < 0) & ~np.isin(evid, [3, 4])

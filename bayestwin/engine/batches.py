@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+
+from bayestwin._atomic import OutputError, write_file
 
 #: Environment for Dask workers that run JAX, one worker per core: one XLA thread and one host
 #: device each (bayestwin otherwise spreads chunks over one device per core), no nested BLAS
@@ -44,8 +46,8 @@ WORKER_ENV = {
 
 def batch_bounds(n: int, batch: int) -> list[tuple[int, int]]:
     """[(lo, hi), ...] covering range(n) in steps of ``batch``."""
-    if n < 1 or batch < 1:
-        raise ValueError(f"need n >= 1 and batch >= 1, not n={n}, batch={batch}")
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or n < 1 or batch < 1:
+        raise ValueError(f"need n >= 1 and a whole batch size >= 1, not n={n}, batch={batch!r}")
     return [(lo, min(lo + batch, n)) for lo in range(0, n, batch)]
 
 
@@ -53,19 +55,35 @@ def batch_path(out, name: str, lo: int, hi: int) -> Path:
     return Path(out) / f"{name}-{lo:010d}-{hi:010d}.parquet"
 
 
+def check_store(out, fingerprint: dict) -> None:
+    """Before anything is written: ``out`` must be a new or empty folder, or a store of the same
+    job (its ``run.json`` equal to ``fingerprint``); anything else is refused unchanged."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder")
+    if not out.is_dir():
+        return
+    path = out / "run.json"
+    if path.exists():
+        try:
+            same = json.loads(path.read_text()) == json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            same = False
+        if not same:
+            raise ValueError(
+                f"{out} holds batches of another job ({path}); use a new folder or delete it to start afresh"
+            )
+        return
+    other = [p.name for p in out.iterdir() if p.name != ".bayestwin.lock" and not p.name.startswith(".")]
+    if other:
+        raise OutputError(
+            f"{out} is a non-empty folder that is not a bayestwin store (it holds {other[0]!r}): not writing there"
+        )
+
+
 def write_atomic(df: pd.DataFrame, path: Path) -> None:
-    """Write ``df`` as Parquet to ``path`` so that ``path`` is either absent or complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``df`` to ``path`` (Parquet) atomically (:func:`bayestwin._atomic.write_file`)."""
+    write_file(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def _task(fn: Callable, lo: int, hi: int, out, name: str) -> pd.DataFrame:
@@ -107,7 +125,8 @@ def map_batches(
     """
     bounds = batch_bounds(n, batch)
     if out is not None:
-        _check_fingerprint(Path(out), {"name": name, "n": n, "batch": batch, **(fingerprint or {})})
+        check_store(out, run_fingerprint(name, n, batch, fingerprint))
+        _check_fingerprint(Path(out), run_fingerprint(name, n, batch, fingerprint))
         done = sum(batch_path(out, name, lo, hi).exists() for lo, hi in bounds)
         if done:
             say(f"resuming: {done} of {len(bounds)} batches already in {out}")
@@ -123,6 +142,11 @@ def map_batches(
             results[futures[fut]] = fut.result()
         parts = [results[b] for b in bounds]
     return pd.concat(parts, ignore_index=True)
+
+
+def run_fingerprint(name: str, n: int, batch: int, fingerprint: dict | None) -> dict:
+    """What ``run.json`` records of a job: resuming requires the same."""
+    return {"name": name, "n": n, "batch": batch, **(fingerprint or {})}
 
 
 def _check_fingerprint(out: Path, fingerprint: dict) -> None:

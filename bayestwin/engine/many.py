@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bayestwin.engine.batches import map_batches, write_atomic
+from bayestwin._atomic import OutputError, folder_lock
+from bayestwin.engine.batches import batch_bounds, check_store, map_batches, run_fingerprint, write_atomic
 
 NAME = "twins"
 
@@ -135,8 +136,9 @@ def condition_many(
     cohort = population.cohort(rows, key=key)
     patients = sorted(cohort.patients)
     settings = {"method": method, "seed": seed, **condition_kwargs}
-    if out is not None:
-        _write_rows(cohort, Path(out))
+    bounds = batch_bounds(len(patients), batch)  # every argument checked before anything is written
+    if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or keep < 1:
+        raise ValueError(f"keep must be a whole number >= 1, not {keep!r}")
     job = _ConditionJob(population, cohort, patients, settings, keep)
     fingerprint = {
         "population": _population_digest(population),
@@ -144,8 +146,17 @@ def condition_many(
         "settings": {k: repr(v) for k, v in settings.items()},
         "keep": keep,
     }
-    say(f"{len(patients)} patients in {-(-len(patients) // batch)} batches of up to {batch}")
-    return map_batches(job, len(patients), batch, client=client, out=out, name=NAME, fingerprint=fingerprint, say=say)
+    say(f"{len(patients)} patients in {len(bounds)} batches of up to {batch}")
+    if out is None:
+        return map_batches(job, len(patients), batch, client=client, name=NAME, fingerprint=fingerprint, say=say)
+    out = Path(out)
+    check_store(out, run_fingerprint(NAME, len(patients), batch, fingerprint))
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "store"):
+        _write_rows(cohort, out)
+        return map_batches(
+            job, len(patients), batch, client=client, out=out, name=NAME, fingerprint=fingerprint, say=say
+        )
 
 
 def read_store(path) -> pd.DataFrame:
@@ -178,10 +189,15 @@ def refresh(population, store, new_rows, *, out, key=None, **kwargs) -> pd.DataF
     combined = _with_frame(population, frame, col)
     old = read_store(store)
     carried = old[~old["patient"].isin(changed)]
-    out.mkdir(parents=True, exist_ok=True)
-    _write_rows(combined, out)
-    write_atomic(carried, out / "carried.parquet")
     todo = _subset(combined, changed)
+    if (out / "carried.parquet").exists() or (
+        out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith("."))
+    ):
+        if not (out / "run.json").exists():
+            raise OutputError(f"{out} is a non-empty folder that is not a bayestwin store: not writing there")
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "store"):
+        write_atomic(carried, out / "carried.parquet")
     fresh = condition_many(population, todo, out=out, **kwargs)
     return pd.concat([carried, fresh], ignore_index=True).sort_values("patient", kind="stable").reset_index(drop=True)
 

@@ -130,6 +130,9 @@ class Pk:
             raise ValueError("parameterisation='rate' (ke, ka, cl) is for one compartment")
         if lag and route != "oral":
             raise ValueError("lag=True is an absorption lag time: it needs route='oral'")
+        if weight is not None and not isinstance(weight, str):
+            raise TypeError(f"weight is the name of the body-weight covariate, not {weight!r}")
+        weight = weight.upper() if weight else None  # NONMEM column names are read upper-case
         self.compartments, self.route, self.error, self.weight = compartments, route, error, weight
         self.parameterisation, self.correlated, self.lag = parameterisation, correlated, lag
         self.priors = dict(priors or {})
@@ -242,33 +245,57 @@ class Pk:
 
         evid = frame["EVID"].to_numpy()
         if "SS" in frame:
-            fail("steady-state doses (SS > 0) are not modelled yet: write the doses out with ADDL and II",
-                 frame["SS"].to_numpy() > 0, "SS")
-        fail("resets (EVID 3 or 4) are not modelled yet: doses before a reset would keep acting after it",
-             np.isin(evid, [3, 4]), "EVID")
+            fail(
+                "steady-state doses (SS > 0) are not modelled yet: write the doses out with ADDL and II",
+                frame["SS"].to_numpy() > 0,
+                "SS",
+            )
+        fail(
+            "resets (EVID 3 or 4) are not modelled yet: doses before a reset would keep acting after it",
+            np.isin(evid, [3, 4]),
+            "EVID",
+        )
         for c in covariates:
             changed = frame.groupby("ID", sort=False)[c].transform(lambda s: s.ne(s.iloc[0])).to_numpy(bool)
-            fail(f"covariate {c} changes within the ID: time-varying covariates are not modelled yet "
-                 "(give one value per ID)", changed, c)
+            fail(
+                f"covariate {c} changes within the ID: time-varying covariates are not modelled yet "
+                "(give one value per ID)",
+                changed,
+                c,
+            )
         ids = frame["ID"].to_numpy()
         has_dose = pd.Series(np.isin(evid, [1, 4])).groupby(ids).transform("any").to_numpy()
         fail("levels of an ID that has no dose record (a PK level needs a dose)", (evid == 0) & ~has_dose, "EVID")
         before = frame["before_first_dose"].to_numpy(bool) | (evid != 0)
         all_before = pd.Series(before).groupby(ids).transform("all").to_numpy() & has_dose
-        fail("every level of this ID precedes its first dose (check TIME's units and the dose time)",
-             (evid == 0) & all_before, "TIME")
+        fail(
+            "every level of this ID precedes its first dose (check TIME's units and the dose time)",
+            (evid == 0) & all_before,
+            "TIME",
+        )
         central = 2 if self.route == "oral" else 1
         cmt = frame["CMT"].to_numpy(int) if "CMT" in frame else np.zeros(len(frame), int)
         dose, obs = np.isin(evid, [1, 4]), evid == 0
         infusion = dose & (frame["RATE"].to_numpy(float) > 0)
-        fail(f"an infusion goes into the central compartment (CMT {central}, or 0 for the default)"
-             + ("; zero-order input into the depot (CMT 1) is not modelled" if self.route == "oral" else ""),
-             infusion & ~np.isin(cmt, [0, central]), "CMT")
+        fail(
+            f"an infusion goes into the central compartment (CMT {central}, or 0 for the default)"
+            + ("; zero-order input into the depot (CMT 1) is not modelled" if self.route == "oral" else ""),
+            infusion & ~np.isin(cmt, [0, central]),
+            "CMT",
+        )
         allowed = [0, 1, 2] if self.route == "oral" else [0, 1]
-        fail(f"a {self.route} dose goes into CMT {'1 (depot) or 2 (central)' if self.route == 'oral' else '1 (central)'}"
-             " (0: the default); other compartments are not modelled", dose & ~infusion & ~np.isin(cmt, allowed), "CMT")
-        fail(f"levels are central-compartment concentrations (CMT {central}, or 0 for the default); "
-             "other compartments are not modelled", obs & ~np.isin(cmt, [0, central]), "CMT")
+        fail(
+            f"a {self.route} dose goes into CMT {'1 (depot) or 2 (central)' if self.route == 'oral' else '1 (central)'}"
+            " (0: the default); other compartments are not modelled",
+            dose & ~infusion & ~np.isin(cmt, allowed),
+            "CMT",
+        )
+        fail(
+            f"levels are central-compartment concentrations (CMT {central}, or 0 for the default); "
+            "other compartments are not modelled",
+            obs & ~np.isin(cmt, [0, central]),
+            "CMT",
+        )
 
     def routed_doses(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Every dose (ADDL expanded) with ``INPUT``: 1 an infusion into the central compartment,
@@ -277,8 +304,11 @@ class Pk:
         doses = expand_doses(frame)
         cmt = doses["CMT"].to_numpy(int)
         central_bolus = (self.route == "oral") & (cmt == 2)
-        doses["INPUT"] = np.where(doses["DURATION"].to_numpy(float) > 0, self.INFUSION,
-                                  np.where(central_bolus, self.CENTRAL_BOLUS, self.DEPOT_OR_ROUTE)).astype(float)
+        doses["INPUT"] = np.where(
+            doses["DURATION"].to_numpy(float) > 0,
+            self.INFUSION,
+            np.where(central_bolus, self.CENTRAL_BOLUS, self.DEPOT_OR_ROUTE),
+        ).astype(float)
         return doses
 
     def design(self, frame: pd.DataFrame, baseline: pd.DataFrame, schema: Schema) -> Design:

@@ -19,14 +19,13 @@ import base64
 import html
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
+from bayestwin._atomic import check_target, write_file
 from bayestwin.io import data_fingerprint, package_versions
 
 CSS = """
@@ -41,11 +40,25 @@ th{background:#f4f4f4}.ok{background:#e6f4ea;border-left:6px solid #1e8e3e;paddi
 """
 
 
-def review(result, path=None, *, calibration=None, title: str | None = None) -> Path:
+GENERATOR = "<meta name='generator' content='bayestwin review'>"
+
+
+def _is_report(path: Path) -> bool:
+    """An earlier reviewer report (the only file :func:`review` replaces without ``overwrite``)."""
+    try:
+        with open(path, "rb") as f:
+            return GENERATOR.encode() in f.read(4096)
+    except OSError:
+        return False
+
+
+def review(result, path=None, *, calibration=None, title: str | None = None, overwrite: bool = False) -> Path:
     """Write the reviewer report of a :class:`Population` or :class:`Twin` to ``path`` (HTML).
 
     ``path`` defaults to ``review.html`` in the working directory; the file is written atomically
-    (a temporary file renamed into place). Returns the path.
+    (a temporary file renamed into place, with ordinary permissions). An existing file is replaced
+    only if it is an earlier report (``overwrite=True`` replaces any regular file); anything else
+    is refused before any work is done. Returns the path.
 
     Examples
     --------
@@ -54,6 +67,8 @@ def review(result, path=None, *, calibration=None, title: str | None = None) -> 
     from bayestwin.population import Population
     from bayestwin.twin import Twin
 
+    path = Path(path or "review.html")
+    check_target(path, is_ours=_is_report, force=overwrite, what="reviewer report")
     if isinstance(result, Population):
         body = _population_sections(result, calibration)
         kind = "population fit"
@@ -67,12 +82,11 @@ def review(result, path=None, *, calibration=None, title: str | None = None) -> 
         raise TypeError(f"review() takes a Population, a Twin or an ArviZ DataTree, not {type(result).__name__}")
     title = title or f"bayestwin review: {kind}"
     page = (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{GENERATOR}"
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
         f"<h1>{html.escape(title)}</h1>{''.join(body)}</body></html>"
     )
-    path = Path(path or "review.html")
-    _atomic_write(path, page)
+    write_file(path, page)
     return path
 
 
@@ -282,18 +296,6 @@ def _prior_posterior(twin):
                 ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _RANK = (

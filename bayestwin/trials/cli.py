@@ -7,6 +7,8 @@ import warnings
 
 import pandas as pd
 
+from bayestwin._atomic import check_target, write_file
+
 #: The trial file ``bayestwin trial`` runs when none is given (``bayestwin trial --example`` prints it).
 EXAMPLE = """\
 # bayestwin trial file: population model, trial design, simulation settings.
@@ -50,8 +52,13 @@ def _arm(value, family: str):
     if family == "pk":
         if not isinstance(value, dict):
             raise ValueError(f"a pk trial arm is a regimen table like {{ amount = 100, interval = 12 }}, not {value!r}")
+        known = {"amount", "interval", "doses", "duration"}
+        if set(value) - known:
+            raise ValueError(f"unknown regimen key(s) {sorted(set(value) - known)}; valid: {sorted(known)}")
         return Regimen(**value)
-    return str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"a progression trial arm is a therapy label, not {value!r}")
+    return value
 
 
 def population_from_spec(spec: dict, say=print):
@@ -62,7 +69,7 @@ def population_from_spec(spec: dict, say=print):
     data = spec.get("data", "simulated")
     seed = int(spec.get("seed", 0))
     draws = int(spec.get("draws", 500))
-    key = bt.new_key()
+    key = bt.new_key()  # this run's pseudonyms only: the trial reports no patient
     if fam == "progression":
         from bayestwin.families.progression import simulate
 
@@ -96,31 +103,49 @@ def population_from_spec(spec: dict, say=print):
     return pop
 
 
+def _is_oc_table(path) -> bool:
+    """An earlier operating-characteristics table (its header), the only file --out replaces."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().startswith("measure,scenario,")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def run(args) -> int:
     from bayestwin.trials import TrialDesign, operating_characteristics, read_design, sample_size
-    from bayestwin.trials.design import TrialDesign as _TD
 
     say = print if not args.quiet else (lambda *a, **k: None)
     if args.example:
         print(EXAMPLE, end="")
         return 0
     if args.design is None:
-        import tomllib
-
-        spec = tomllib.loads(EXAMPLE)
+        spec = read_design(text=EXAMPLE)
         say("No trial file given: running the embedded example (bayestwin trial --example prints it).")
     else:
         spec = read_design(args.design)
     t0 = time.perf_counter()
     pop_spec, d, sim = spec.get("population", {}), dict(spec["design"]), spec.get("simulation", {})
     fam = pop_spec.get("family", "progression")
-    known = set(_TD.__dataclass_fields__) - {"extra"}
-    unknown = set(d) - known
-    if unknown:
-        raise SystemExit(f"bayestwin trial: unknown [design] key(s) {sorted(unknown)}; known: {sorted(known)}")
+    if fam not in ("progression", "pk"):
+        raise ValueError(f"[population] family must be 'progression' or 'pk', not {fam!r}")
+    if args.out:  # refused now, not after minutes of simulation
+        check_target(
+            args.out, is_ours=_is_oc_table, force=getattr(args, "force", False), what="operating-characteristics table"
+        )
     d["control"], d["treatment"] = _arm(d["control"], fam), _arm(d["treatment"], fam)
     d["visits"] = tuple(d.get("visits", (0.0, 12.0)))
-    design = TrialDesign(**d)
+    design = TrialDesign(**d)  # every value checked before the population is fitted
+    if fam == "progression":
+        therapies = list(pop_spec.get("therapies", ["standard", "drug_a", "drug_b"]))
+        for arm in (design.control, design.treatment):
+            if arm not in therapies:
+                raise ValueError(f"[design] arm {arm!r} is not one of the [population] therapies {therapies}")
+    if pop_spec.get("data", "simulated") != "simulated":
+        from pathlib import Path
+
+        if not Path(pop_spec["data"]).is_file():
+            raise ValueError(f"[population] data: no such file {pop_spec['data']!r}")
     pop = population_from_spec(pop_spec, say)
     trials, seed = int(sim.get("trials", 2000)), int(sim.get("seed", 1))
     assumed = sim.get("assumed") or None
@@ -140,7 +165,7 @@ def run(args) -> int:
     if not pop.verdict.converged:
         say(f"The population fit did not converge ({pop.verdict}): the table above is not to be trusted.")
     if args.out:
-        oc.to_csv(args.out, index=False)
+        write_file(args.out, oc.to_csv(index=False))
         say(f"Wrote {args.out}")
     return 0 if pop.verdict.converged else 2
 

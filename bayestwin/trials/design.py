@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 ENDPOINTS = ("change", "responder", "exposure")
 ANALYSES = ("ancova", "ttest")
@@ -124,19 +123,56 @@ class TrialDesign:
         return d
 
 
-def read_design(path) -> dict:
+#: The keys a trial file may have, with their types (:mod:`bayestwin.tomlspec`).
+TRIAL_SCHEMA = {
+    "population": {
+        "family": str,
+        "data": str,
+        "patients": int,
+        "covariates": list,
+        "therapies": list,
+        "draws": int,
+        "seed": int,
+    },
+    "design": {
+        "control": (str, dict),
+        "treatment": (str, dict),
+        "n_per_arm": int,
+        "allocation": float,
+        "visits": list,
+        "randomisation": float,
+        "endpoint": str,
+        "direction": str,
+        "analysis": str,
+        "responder_threshold": float,
+        "metric": str,
+        "dropout": float,
+        "missing": str,
+        "alpha": float,
+        "delta": float,
+        "threshold": float,
+        "decision": str,
+    },
+    "simulation": {"trials": int, "seed": int, "assumed": dict, "sample_size": bool, "target": float},
+}
+
+
+def read_design(path=None, *, text: str | None = None) -> dict:
     """A trial file (TOML) as a dict with ``population``, ``design`` and ``simulation`` tables.
 
-    See ``examples/trial.toml`` and the README. Unknown keys are an error.
+    See ``bayestwin trial --example`` and the README. Unknown keys (a typo such as ``patiens``
+    or ``trails``) and wrong types are a :class:`~bayestwin.errors.SpecError` naming the table
+    and the key; so is a missing ``[design]`` or a missing arm.
     """
-    path = Path(path)
-    try:
-        spec = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: not valid TOML: {e}") from None
-    unknown = set(spec) - {"population", "design", "simulation"}
-    if unknown:
-        raise ValueError(f"{path}: unknown table(s) {sorted(unknown)}; expected population, design, simulation")
+    from bayestwin.errors import SpecError
+    from bayestwin.tomlspec import check, read_toml, require
+
+    if text is not None:
+        spec, where = tomllib.loads(text), "the trial file"
+    else:
+        spec, where = read_toml(path), str(path)
+    check(spec, TRIAL_SCHEMA, where)
     if "design" not in spec:
-        raise ValueError(f"{path}: no [design] table")
+        raise SpecError(f"{where}: no [design] table")
+    require(spec["design"], ("control", "treatment", "n_per_arm"), f"{where} [design]")
     return spec

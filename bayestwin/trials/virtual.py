@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from bayestwin import _memory
 from bayestwin.engine.compile import TwinProgram, unconstrained_draws
 
 
@@ -275,11 +276,20 @@ def virtual_cohort(
     >>> vc = virtual_cohort(pop, 500, times=[0, 6, 12], replicates=20)  # doctest: +SKIP
     >>> vc.observation.sel(time=12).mean(["replicate", "patient"])  # doctest: +SKIP
     """
-    if n < 1 or replicates < 1:
-        raise ValueError(f"n and replicates must be >= 1, not n={n}, replicates={replicates}")
+    for name, v in (("n", n), ("replicates", replicates)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, not {v!r}")
     schema = population.schema
     times = np.linspace(0.0, schema.time_scale, 11) if times is None else np.asarray(times, float)
+    if times.ndim != 1 or len(times) == 0 or not np.isfinite(times).all():
+        raise ValueError("times must be a non-empty list of finite numbers")
     labels, scenario = population.family.scenario_arrays(therapies, times, schema)
+    cells = float(replicates) * n * len(labels) * len(times)
+    _memory.check(
+        cells * 8 * 4,
+        f"a virtual cohort of {replicates} x {n:,} patients x {len(labels)} scenarios x {len(times)} times",
+        "simulate fewer patients per call, or replicates in several calls",
+    )
     draws = population_draws(population, replicates, seed=seed, uncertainty=uncertainty, parameters=parameters)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC0]))
     baseline = draw_covariates(population, replicates * n, covariates, rng=rng)

@@ -68,7 +68,10 @@ def test_reset_may_restart_time_and_the_pk_family_refuses_it():
     ev = read_nonmem(df, key=KEY, ignore=["WT"])
     assert ev.patients == [bt.pseudonymise(1, KEY)]
     assert not ev.observations()["before_first_dose"].iloc[1:].any()
-    message = f"resets (EVID 3 or 4) are not modelled yet: doses before a reset would keep acting after it (patient {P1}, row 4, column 'EVID')"
+    message = (
+        "resets (EVID 3 or 4) are not modelled yet: doses before a reset would keep acting after it "
+        f"(patient {P1}, row 4, column 'EVID')"
+    )
     with pytest.raises(bt.DataError) as err:
         bt.Pk().design(ev.frame, ev.baseline, ev.schema)
     assert str(err.value) == message
