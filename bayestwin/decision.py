@@ -23,7 +23,7 @@ def at_time(draws: xr.DataArray, time: float) -> xr.DataArray:
     """``draws`` at ``time``, which must be one of the forecast times (a relative tolerance of
     1e-9 allows for float round-off); any other time is an error naming the nearest ones. An
     answer for the nearest time instead would be an answer to another question."""
-    times = draws["time"].to_numpy(float)
+    times = draws["time"].to_numpy().astype(float)
     t = float(time)
     hit = np.flatnonzero(np.isclose(times, t, rtol=1e-9, atol=1e-12))
     if not len(hit):

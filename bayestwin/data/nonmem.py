@@ -240,13 +240,13 @@ def read_nonmem(
     frame = data.rename(columns=upper)
     covariates = _names(covariates, "covariates")
     ignore = _names(ignore, "ignore")
-    for c in (*REQUIRED, *covariates):
-        if c not in frame.columns:
-            raise DataError("missing required column", column=c)
     roles = set(REQUIRED) | set(OPTIONAL)
     for c in covariates:
         if c in roles:
             raise DataError(f"{c} is a NONMEM data item, not a covariate", column=c)
+    for c in (*REQUIRED, *covariates):
+        if c not in frame.columns:
+            raise DataError("missing required column", column=c)
     for c in ignore:
         if c in set(REQUIRED):
             raise DataError(f"{c} is required and cannot be ignored", column=c)
