@@ -31,7 +31,6 @@ from bayestwin.dosing import Regimen, dose_search
 from bayestwin.errors import DataError, SpecError
 from bayestwin.io import ArtifactError
 from bayestwin.review.report import review
-from bayestwin.io import read_card
 
 KEY = b"catalogue-key-0123456789"
 
@@ -495,7 +494,7 @@ BASELINE_CASES = [
         {"row": 1},
     ),
 ]
-for name, base, kw, fragment, where in BASELINE_CASES:
+for name, base, _kw, fragment, where in BASELINE_CASES:
     CASES.append(
         Case(
             f"Cohort: {name}",
