@@ -75,7 +75,11 @@ def calibration(population):
     rows = _with_levels(doses, times, levels)
     print(f"{int(rows['BLQ'].sum())} of {2 * N} levels below the LLOQ (censored)")
     twin = population.condition(rows, key=KEY, method="importance")
-    table = dose_search(twin, REGIMENS, target=TARGET, metric="trough", limit=LIMIT, max_toxic=0.1, start=START)
+    # min_target=0: the calibration of the stated P(target) is checked for every patient's best regimen
+    # (the floor that withholds weak recommendations is tested in tests/test_trust.py)
+    table = dose_search(
+        twin, REGIMENS, target=TARGET, metric="trough", limit=LIMIT, max_toxic=0.1, min_target=0.0, start=START
+    )
     history = twin.cohort.doses()
     patients = twin.patients  # same order as ids
     true = evaluate_regimens(
@@ -93,12 +97,19 @@ def test_recommended_regimen_is_calibrated(calibration):
     twin, table, true = calibration
     assert twin.verdict.converged, str(twin.verdict)
     rec = table[table["recommended"]]
-    assert rec["patient"].tolist() == twin.patients  # one recommendation per patient, in order
+    # one recommendation per patient, in order, except where no feasible regimen has P(target) > 0
+    # (nothing is recommended the posterior does not support: 3 of 600 patients here)
+    none = sorted(set(twin.patients) - set(rec["patient"]))
+    assert rec["patient"].tolist() == [p for p in twin.patients if p not in none]
+    feasible = table[table["patient"].isin(none) & (table["P(toxic)"] <= 0.1)]
+    assert (feasible["P(target)"] == 0).all() and len(none) <= 0.01 * N
+    i = rec.index.to_numpy() // len(REGIMENS)  # patient position
     j = rec.index.to_numpy() % len(REGIMENS)
-    trough = true["trough"][np.arange(N), j]
+    n = len(rec)
+    trough = true["trough"][i, j]
     hit = (trough >= TARGET[0]) & (trough <= TARGET[1])
     stated = rec["P(target)"].to_numpy()
-    se = np.sqrt(np.sum(stated * (1 - stated))) / N
+    se = np.sqrt(np.sum(stated * (1 - stated))) / n
     print(f"recommended: stated P(target) {stated.mean():.3f}, observed {hit.mean():.3f} (MC SE {se:.3f})")
     for lo, hi in ((0.0, 0.6), (0.6, 0.7), (0.7, 1.01)):
         m = (stated >= lo) & (stated < hi)
@@ -107,12 +118,12 @@ def test_recommended_regimen_is_calibrated(calibration):
     # the 90% interval of the recommended regimen's trough covers the truth 90% of the time
     inside = (trough >= rec["trough_q05"].to_numpy()) & (trough <= rec["trough_q95"].to_numpy())
     print(f"90% interval of the trough covers the true trough in {inside.mean():.3f}")
-    assert abs(inside.mean() - 0.9) <= 3 * np.sqrt(0.09 / N)
-    toxic = true["peak"][np.arange(N), j] > LIMIT
+    assert abs(inside.mean() - 0.9) <= 3 * np.sqrt(0.09 / n)
+    toxic = true["peak"][i, j] > LIMIT
     p_toxic = rec["P(toxic)"].to_numpy()
-    se_tox = np.sqrt(np.sum(p_toxic * (1 - p_toxic))) / N
+    se_tox = np.sqrt(np.sum(p_toxic * (1 - p_toxic))) / n
     print(f"recommended: stated P(toxic) {p_toxic.mean():.3f}, observed {toxic.mean():.3f} (MC SE {se_tox:.3f})")
-    assert abs(toxic.mean() - p_toxic.mean()) <= max(3 * se_tox, 3 / N)
+    assert abs(toxic.mean() - p_toxic.mean()) <= max(3 * se_tox, 3 / n)
 
 
 @pytest.mark.slow

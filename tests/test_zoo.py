@@ -71,6 +71,9 @@ def test_spec_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"format must be one of \('longitudinal', 'nonmem', 'survival'\), not 'exc"):
         read_spec(spec)
     spec.write_text('[data]\nsource = "d.csv"\nformat = "nonmem"\n[family]\nname = "pk"\n[sampler]\nsteps = 1\n')
+    with pytest.raises(ValueError, match=r"\[sampler\]: unknown key 'steps'"):
+        read_spec(spec)
+    spec.write_text('[data]\nsource = "d.csv"\nformat = "nonmem"\n[family]\nname = "pk"\n[sampler]\ndraws = 1\n')
     with pytest.raises(ValueError, match=r"\[sampler\] needs 'seed'"):
         read_spec(spec)
     spec.write_text(

@@ -74,7 +74,8 @@ def check_store(out, fingerprint: dict) -> None:
                 f"{out} holds batches of another job ({path}); use a new folder or delete it to start afresh"
             )
         return
-    other = [p.name for p in out.iterdir() if p.name != ".bayestwin.lock" and not p.name.startswith(".")]
+    store = {"rows.parquet", "carried.parquet"}  # written before run.json by condition_many / refresh
+    other = [p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in store]
     if other:
         raise OutputError(
             f"{out} is a non-empty folder that is not a bayestwin store (it holds {other[0]!r}): not writing there"
