@@ -1017,6 +1017,38 @@ def _(tmp, pop):
     return save_while_locked
 
 
+@art("condition_many: another process is writing the store", OutputError, "another process is writing the store")
+def _(tmp, pop):
+    import subprocess
+    import sys
+
+    from bayestwin.engine.many import condition_many
+
+    (tmp / "store").mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, filelock; l = filelock.FileLock(sys.argv[1]); l.acquire(); "
+            "print('locked', flush=True); time.sleep(60)",
+            str(tmp / "store" / ".bayestwin.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    rows = pd.DataFrame({"Subject": [1, 1], "Days": [0.0, 1.0], "Reaction": [250.0, 260.0]})
+
+    def condition_while_locked():
+        try:
+            condition_many(pop, rows, key=KEY, out=tmp / "store")
+        finally:
+            holder.kill()
+            holder.wait()
+
+    return condition_while_locked
+
+
 @art("load: no such folder", ArtifactError, "no model 'nowhere-xyz' in the model zoo")
 def _(tmp, pop):
     return lambda: bt.load("nowhere-xyz")
