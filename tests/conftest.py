@@ -1,6 +1,20 @@
-"""Session fixtures: one simulated cohort and its population fit, shared by the tests."""
+"""Session fixtures: one simulated cohort and its population fit, shared by the tests.
 
+One persistent XLA compilation cache serves the whole test run: both xdist workers and every
+process they start (notebook kernels, command-line subprocesses, Dask workers) inherit it through
+the environment, so a program compiled once (the same family graph at the same padded shapes) is
+loaded, not compiled again. A fresh clone starts it empty (``.pytest_cache`` is not tracked);
+measured on notebook 04 alone, 92 s with an empty cache and 54 s with a warm one.
+"""
+
+import os
 import warnings
+from pathlib import Path
+
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax-compilation")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest
 
