@@ -988,65 +988,49 @@ def _(tmp, pop):
     return lambda: bt.save(pop, tmp / "new")
 
 
-@art("save: another process is saving", OutputError, "another process is writing the artifact")
-def _(tmp, pop):
+def _locked_while(path: Path, action):
+    """Run ``action`` while another process holds the bayestwin lock file ``path``."""
     import subprocess
     import sys
 
-    target = saved(tmp, pop)
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import sys, time, filelock; l = filelock.FileLock(sys.argv[1]); l.acquire(); "
             "print('locked', flush=True); time.sleep(60)",
-            str(target / ".bayestwin.lock"),
+            str(path),
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
     assert holder.stdout.readline().strip() == "locked"
 
-    def save_while_locked():
+    def run():
         try:
-            bt.save(pop, target)
+            action()
         finally:
             holder.kill()
             holder.wait()
 
-    return save_while_locked
+    return run
+
+
+@art("save: another process is saving", OutputError, "another process is writing the artifact")
+def _(tmp, pop):
+    target = saved(tmp, pop)
+    return _locked_while(target / ".bayestwin.lock", lambda: bt.save(pop, target))
 
 
 @art("condition_many: another process is writing the store", OutputError, "another process is writing the store")
 def _(tmp, pop):
-    import subprocess
-    import sys
-
     from bayestwin.engine.many import condition_many
 
     (tmp / "store").mkdir()
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time, filelock; l = filelock.FileLock(sys.argv[1]); l.acquire(); "
-            "print('locked', flush=True); time.sleep(60)",
-            str(tmp / "store" / ".bayestwin.lock"),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout.readline().strip() == "locked"
     rows = pd.DataFrame({"Subject": [1, 1], "Days": [0.0, 1.0], "Reaction": [250.0, 260.0]})
-
-    def condition_while_locked():
-        try:
-            condition_many(pop, rows, key=KEY, out=tmp / "store")
-        finally:
-            holder.kill()
-            holder.wait()
-
-    return condition_while_locked
+    return _locked_while(
+        tmp / "store" / ".bayestwin.lock", lambda: condition_many(pop, rows, key=KEY, out=tmp / "store")
+    )
 
 
 @art("load: no such folder", ArtifactError, "no model 'nowhere-xyz' in the model zoo")
@@ -1078,46 +1062,32 @@ def _(tmp, pop):
     return lambda: bt.load(target)
 
 
-@art("load: an edited card", ArtifactError, "fails its own checksum")
-def _(tmp, pop):
-    target = saved(tmp, pop)
-    _edit_card(target, lambda c: c.update(kind="twin"), rechecksum=False)
-    return lambda: bt.load(target)
+CARD_EDITS = [  # (name, edit, re-checksummed, fragment)
+    ("an edited card", lambda c: c.update(kind="twin"), False, "fails its own checksum"),
+    ("a card re-checksummed without its files", lambda c: c.pop("files"), True, "card.json is malformed (KeyError"),
+    (
+        "a card re-checksummed with a wrong type",
+        lambda c: c["population"].update(schema="nope"),
+        True,
+        "card.json is malformed",
+    ),
+    ("a card re-checksummed with an unknown kind", lambda c: c.update(kind="model"), True, "unknown kind 'model'"),
+    ("schema version 2", lambda c: c.update(schema_version=2), True, "schema version 2"),
+    (
+        "a file name outside the folder",
+        lambda c: c["files"]["population"].update(path="../x.nc"),
+        True,
+        "is not a plain file name",
+    ),
+]
+for name, edit, rechecksum, fragment in CARD_EDITS:
 
+    def _edited(tmp, pop, edit=edit, rechecksum=rechecksum):
+        target = saved(tmp, pop)
+        _edit_card(target, edit, rechecksum=rechecksum)
+        return lambda: bt.load(target)
 
-@art("load: a card re-checksummed without its files", ArtifactError, "card.json is malformed")
-def _(tmp, pop):
-    target = saved(tmp, pop)
-    _edit_card(target, lambda c: c.pop("files"), rechecksum=True)
-    return lambda: bt.load(target)
-
-
-@art("load: a card re-checksummed with a wrong type", ArtifactError, "artifact")
-def _(tmp, pop):
-    target = saved(tmp, pop)
-    _edit_card(target, lambda c: c["population"].update(schema="nope"), rechecksum=True)
-    return lambda: bt.load(target)
-
-
-@art("load: a card re-checksummed with an unknown kind", ArtifactError, "unknown kind 'model'")
-def _(tmp, pop):
-    target = saved(tmp, pop)
-    _edit_card(target, lambda c: c.update(kind="model"), rechecksum=True)
-    return lambda: bt.load(target)
-
-
-@art("load: schema version 2", ArtifactError, "schema version 2")
-def _(tmp, pop):
-    target = saved(tmp, pop)
-    _edit_card(target, lambda c: c.update(schema_version=2), rechecksum=True)
-    return lambda: bt.load(target)
-
-
-@art("load: a file name outside the folder", ArtifactError, "is not a plain file name")
-def _(tmp, pop):
-    target = saved(tmp, pop)
-    _edit_card(target, lambda c: c["files"]["population"].update(path="../x.nc"), rechecksum=True)
-    return lambda: bt.load(target)
+    ART.append((f"load: {name}", _edited, ArtifactError, fragment))
 
 
 @art("review: over a CSV", OutputError, "exists and is not an earlier reviewer report")
