@@ -71,6 +71,20 @@ def snapshot(folder: Path) -> dict:
     return out
 
 
+def changed(df: pd.DataFrame, changes=None, columns=None) -> pd.DataFrame:
+    """``df`` with cells set ({(row, column): value}; a new column starts at 0) and whole columns replaced."""
+    for k, v in {**(changes or {}), **(columns or {})}.items():
+        if isinstance(k, tuple):
+            row, col = k
+            if col not in df:
+                df[col] = 0.0
+            df[col] = df[col].astype(object)
+            df.loc[row, col] = v
+        else:
+            df[k] = v
+    return df
+
+
 # ----------------------------------------------------------------------------- NONMEM tables
 def nm(changes=None, **columns) -> pd.DataFrame:
     """Two IDs, oral doses then levels; ``changes`` maps (row, column) -> value or column -> list."""
@@ -84,16 +98,7 @@ def nm(changes=None, **columns) -> pd.DataFrame:
             "WT": [70.0, 70.0, 70.0, 80.0, 80.0, 80.0],
         }
     )
-    for k, v in {**(changes or {}), **columns}.items():
-        if isinstance(k, tuple):
-            row, col = k
-            if col not in df:
-                df[col] = 0.0
-            df[col] = df[col].astype(object)
-            df.loc[row, col] = v
-        else:
-            df[k] = v
-    return df
+    return changed(df, changes, columns)
 
 
 def rn(df, **kw):
@@ -314,14 +319,7 @@ def lt(changes=None, **columns) -> pd.DataFrame:
             "sex": ["F", "F", "F", "M", "M"],
         }
     )
-    for k, v in {**(changes or {}), **columns}.items():
-        if isinstance(k, tuple):
-            row, col = k
-            df[col] = df[col].astype(object)
-            df.loc[row, col] = v
-        else:
-            df[k] = v
-    return df
+    return changed(df, changes, columns)
 
 
 def co(df, **kw):
@@ -1265,53 +1263,31 @@ def _(tmp):
     return ["fit", "models/sleepstudy/spec.toml", "--draws", "0", "--out", str(tmp / "o")]
 
 
-@cli("condition: no key in the environment", "to your pseudonymisation key")
-def _(tmp):
-    return [
-        "condition",
-        "--population",
-        "sleepstudy",
-        "--data",
-        "x.csv",
-        "--out",
-        str(tmp / "s"),
-        "--key-env",
-        "BT_NO_SUCH_VAR",
-    ]
-
-
-@cli("condition: batch 0", "--batch must be >= 1")
-def _(tmp):
+def _condition_argv(tmp, *extra, data="x.csv", key_env="BT_CATALOGUE_KEY"):
     os.environ["BT_CATALOGUE_KEY"] = "catalogue-key-0123456789"
     return [
         "condition",
         "--population",
         "sleepstudy",
         "--data",
-        "x.csv",
-        "--out",
-        str(tmp / "s"),
-        "--batch",
-        "0",
-        "--key-env",
-        "BT_CATALOGUE_KEY",
-    ]
-
-
-@cli("condition: no such data file", "no such file")
-def _(tmp):
-    os.environ["BT_CATALOGUE_KEY"] = "catalogue-key-0123456789"
-    return [
-        "condition",
-        "--population",
-        "sleepstudy",
-        "--data",
-        str(tmp / "x.csv"),
+        data,
         "--out",
         str(tmp / "s"),
         "--key-env",
-        "BT_CATALOGUE_KEY",
+        key_env,
+        *extra,
     ]
+
+
+CLI += [
+    (
+        "condition: no key in the environment",
+        lambda tmp: _condition_argv(tmp, key_env="BT_NO_SUCH_VAR"),
+        "to your pseudonymisation key",
+    ),
+    ("condition: batch 0", lambda tmp: _condition_argv(tmp, "--batch", "0"), "--batch must be >= 1"),
+    ("condition: no such data file", lambda tmp: _condition_argv(tmp, data=str(tmp / "x.csv")), "no such file"),
+]
 
 
 @cli("trial: typo in the file", "unknown key 'trails'")
