@@ -313,12 +313,17 @@ def fit(
     fam = get_family(family)
     check_table(fam, cohort)
     design = fam.design(cohort.frame, cohort.baseline, cohort.schema)
-    model = fam.build_model(design, cohort.schema)
+    # A family may fit another parameterisation of the same model (e.g. centred random effects)
+    # whose raw per-patient variables are left out of the posterior.
+    if hasattr(fam, "fit_model"):
+        model, hidden = fam.fit_model(design, cohort.schema)
+    else:
+        model, hidden = fam.build_model(design, cohort.schema), ()
     if progressbar is None:
         progressbar = sys.stderr.isatty()
     cfg = FitConfig(draws=draws, tune=tune, chains=chains, target_accept=target_accept, mass=mass)
-    population = [rv.name for rv in model.free_RVs if rv.name not in fam.patient_vars]
-    idata = sample_model(model, population, cfg, seed=seed, progressbar=progressbar)
+    population = [rv.name for rv in model.free_RVs if rv.name not in (*fam.patient_vars, *hidden)]
+    idata = sample_model(model, population, cfg, seed=seed, progressbar=progressbar, drop=hidden)
     post = idata.posterior.to_dataset()
     table = diagnostics(post[_population_vars(post)], idata.sample_stats.to_dataset())
     verdict = gate(table, thresholds)

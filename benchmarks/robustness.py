@@ -142,15 +142,15 @@ def bt_fixed(population) -> np.ndarray:
     return np.array([float(p.mean()) for p in parts])
 
 
-def run_one(name: str, seed: int) -> dict:
+def run_one(name: str, seed: int, parameterisation: str | None = None) -> dict:
     table, kw = SUITE[name]()
     cohort = bt.Cohort(table, key=KEY, **kw)
-    fam = bt.Progression()
+    fam = bt.Progression() if parameterisation is None else bt.Progression(parameterisation=parameterisation)
     design = fam.design(cohort.frame, cohort.baseline, cohort.schema).data
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pop = bt.fit(cohort, seed=seed, progressbar=False)
+        pop = bt.fit(cohort, fam, seed=seed, progressbar=False)
     wall = time.perf_counter() - t0
     v = pop.verdict
     ess = v.table["ess_bulk"].min() if "ess_bulk" in v.table else np.nan
@@ -180,12 +180,15 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated data sets (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the table here (CSV)")
+    p.add_argument(
+        "--parameterisation", default=None, help="Progression(parameterisation=...) instead of the default"
+    )
     args = p.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(SUITE)
     rows = []
     for n in names:
         print(f"fitting {n} ...", flush=True)
-        rows.append(run_one(n, args.seed))
+        rows.append(run_one(n, args.seed, args.parameterisation))
         print("  ", rows[-1], flush=True)
     table = pd.DataFrame(rows)
     with pd.option_context("display.width", 200, "display.max_columns", 20):

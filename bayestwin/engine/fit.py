@@ -51,7 +51,13 @@ class FitConfig(NamedTuple):
 
 
 def sample_model(
-    model: pm.Model, population: Sequence[str], cfg: FitConfig, *, seed: int = 0, progressbar: bool = False
+    model: pm.Model,
+    population: Sequence[str],
+    cfg: FitConfig,
+    *,
+    seed: int = 0,
+    progressbar: bool = False,
+    drop: Sequence[str] = (),
 ) -> xr.DataTree:
     """NUTS (numpyro, chains vectorised) on ``model``; returns an ArviZ DataTree.
 
@@ -62,6 +68,9 @@ def sample_model(
     population
         Names of the random variables that share the dense block of the metric (with
         ``cfg.mass="block"``); every other free variable gets a diagonal metric.
+    drop
+        Variables sampled but left out of the posterior (e.g. the raw pieces of a reparameterised
+        random effect whose deterministic is kept), with the dims only they use.
     """
     from numpyro.infer import MCMC, NUTS
 
@@ -107,7 +116,9 @@ def sample_model(
     extra = mcmc.get_extra_fields(group_by_chain=True)
 
     # Constrained variables, deterministics and the pointwise log-likelihood in one JAX pass.
-    keep = list(get_default_varnames(model.unobserved_value_vars, include_transformed=False))
+    keep = [
+        v for v in get_default_varnames(model.unobserved_value_vars, include_transformed=False) if v.name not in drop
+    ]
     observed = list(model.observed_RVs)
     loglik = model.logp(vars=observed, sum=False)
     fn = get_jaxified_graph(inputs=values, outputs=[*keep, *loglik])
@@ -126,6 +137,14 @@ def sample_model(
     }
     stats["tree_depth"] = np.log2(stats["n_steps"]).astype(int) + 1
     coords, dims = coords_and_dims_for_inferencedata(model)
+    if drop:
+        dims = {k: v for k, v in dims.items() if k not in drop}
+        used = {d for v in dims.values() for d in v}
+        coords = {
+            k: v
+            for k, v in coords.items()
+            if k in used or k not in {d for n in drop for d in model.named_vars_to_dims.get(n, ())}
+        }
     groups = {"posterior": posterior, "sample_stats": stats, "log_likelihood": log_likelihood}
     if (obs := find_observations(model)) is not None:
         groups["observed_data"] = obs

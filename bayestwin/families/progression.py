@@ -24,11 +24,55 @@ import jax
 import numpy as np
 import pandas as pd
 import pymc as pm
+import pytensor.tensor as pt
+from pytensor.tensor.slinalg import solve_triangular
 
 from bayestwin.data.cohort import OUTCOME, PATIENT, THERAPY, TIME, Schema
 from bayestwin.families.base import Design, Prior
 
 EFFECTS = ("intercept", "slope")
+#: How the population fit parameterises each patient's random effects (twins always condition on
+#: the non-centred offsets ``z``; the population posterior is the same distribution either way).
+PARAMETERISATIONS = ("noncentred", "centred", "auto")
+
+
+def informative_patients(design: Design, ratio: float = 1.0) -> np.ndarray:
+    """Patients whose own data outweigh the population prior on both their level and their slope.
+
+    A rough first pass on the design, before any fit: each patient with 3 or more visits gets a
+    least-squares line; ``s2`` is the residual variance pooled over them, ``t2_a`` and ``t2_b``
+    the between-patient variances of their levels and slopes less the average sampling variance.
+    A patient is centred when its data's precision on each effect is at least ``ratio`` times the
+    prior's (``n_i t2_a / s2`` and ``S_tt,i t2_b / s2``, ``S_tt,i`` the spread of its visit
+    times). Non-centred offsets suit patients with little data (a funnel otherwise), centred ones
+    patients with much (a ridge between the population mean and the offsets otherwise):
+    Betancourt & Girolami (2015), Stan's user guide on reparameterisation.
+    """
+    d = design.data
+    idx, t, y = d["patient_idx"], d["time"], d["y_obs"]
+    n_p = len(design.patients)
+    n = np.bincount(idx, minlength=n_p).astype(float)
+    stt = np.zeros(n_p)
+    fits, ss, dof = [], 0.0, 0.0
+    for i in np.flatnonzero(n >= 1):
+        m = idx == i
+        stt[i] = float(np.sum((t[m] - t[m].mean()) ** 2))
+        if n[i] >= 3 and stt[i] > 0:
+            A = np.column_stack([np.ones(int(n[i])), t[m] - t[m].mean()])
+            coef, *_ = np.linalg.lstsq(A, y[m], rcond=None)
+            ss += float(np.sum((y[m] - A @ coef) ** 2))
+            dof += n[i] - 2
+            fits.append((i, coef[0] - coef[1] * t[m].mean(), coef[1]))
+    if len(fits) < 3 or dof <= 0:
+        return np.zeros(n_p, bool)  # too little to judge: keep the non-centred default
+    s2 = max(ss / dof, 1e-300)
+    ids = np.array([f[0] for f in fits])
+    levels, slopes = np.array([f[1] for f in fits]), np.array([f[2] for f in fits])
+    var_slope = s2 / stt[ids]
+    var_level = s2 * (1.0 / n[ids] + (t[np.isin(idx, ids)].mean() ** 2) / stt[ids])
+    t2_a = max(float(np.var(levels)) - float(np.mean(var_level)), 1e-12)
+    t2_b = max(float(np.var(slopes)) - float(np.mean(var_slope)), 1e-12)
+    return (n * t2_a / s2 >= ratio) & (stt * t2_b / s2 >= ratio)
 
 
 def exposure(times: np.ndarray, bounds: np.ndarray, codes: np.ndarray, n_therapies: int):
@@ -89,10 +133,19 @@ class Progression:
     #: steps lowered k̂ to 0.25 but cost 14% of the throughput.
     twin_importance = {"adapt_steps": 0}
 
-    def __init__(self, residual: str = "normal", level_effects: bool = False, priors: Mapping | None = None):
+    def __init__(
+        self,
+        residual: str = "normal",
+        level_effects: bool = False,
+        priors: Mapping | None = None,
+        parameterisation: str = "noncentred",
+    ):
         if residual not in ("normal", "student"):
             raise ValueError(f"residual must be 'normal' or 'student', not {residual!r}")
+        if parameterisation not in PARAMETERISATIONS:
+            raise ValueError(f"parameterisation must be one of {PARAMETERISATIONS}, not {parameterisation!r}")
         self.residual = residual
+        self.parameterisation = parameterisation
         self.level_effects = level_effects
         self.priors = dict(priors or {})
         known = {
@@ -121,6 +174,7 @@ class Progression:
             "family": self.name,
             "residual": self.residual,
             "level_effects": self.level_effects,
+            "parameterisation": self.parameterisation,
             "priors": {k: (v.to_dict() if isinstance(v, Prior) else v) for k, v in self.priors.items()},
         }
 
@@ -266,7 +320,24 @@ class Progression:
 
     # ----------------------------------------------------------------- model
     def build_model(self, design: Design, schema: Schema) -> pm.Model:
-        """The PyMC model for ``design``: print it, graph it, sample it."""
+        """The PyMC model for ``design``: print it, graph it, sample it (non-centred offsets ``z``:
+        the form twins condition on)."""
+        return self._model(design, schema, None)
+
+    def fit_model(self, design: Design, schema: Schema) -> tuple[pm.Model, tuple[str, ...]]:
+        """The model the population fit samples, and the names of its raw per-patient variables
+        (left out of the posterior, which keeps ``z`` as a deterministic). With
+        ``parameterisation="centred"`` every patient's effects are centred, with ``"auto"`` those
+        of :func:`informative_patients`; the population posterior is the same distribution."""
+        if self.parameterisation == "noncentred":
+            return self._model(design, schema, None), ()
+        n = len(design.patients)
+        centred = np.ones(n, bool) if self.parameterisation == "centred" else informative_patients(design)
+        if not centred.any():
+            return self._model(design, schema, None), ()
+        return self._model(design, schema, centred), ("theta_centred", "z_noncentred")
+
+    def _model(self, design: Design, schema: Schema, centred: np.ndarray | None) -> pm.Model:
         pri = self.default_priors(schema) | self.priors
         d = design.data
         n_cov = d["X"].shape[1]
@@ -291,13 +362,31 @@ class Progression:
             chol, _, _ = pm.LKJCholeskyCov(
                 "re_chol", n=2, eta=pri["re_corr_eta"], sd_dist=pri["re_sd"].unnamed(shape=2), compute_corr=True
             )
-            z = pm.Normal("z", 0.0, 1.0, dims=("patient", "effect"))
-            u = z @ chol.T
-            a = intercept + u[:, 0]
-            b = slope + u[:, 1]
-            if n_cov:
-                a = a + X @ pri["beta_level"].create("beta_level", dims="covariate")
-                b = b + X @ pri["beta_slope"].create("beta_slope", dims="covariate")
+            if centred is None:  # non-centred offsets: the graph twins condition on
+                z = pm.Normal("z", 0.0, 1.0, dims=("patient", "effect"))
+                u = z @ chol.T
+                a = intercept + u[:, 0]
+                b = slope + u[:, 1]
+                if n_cov:
+                    a = a + X @ pri["beta_level"].create("beta_level", dims="covariate")
+                    b = b + X @ pri["beta_slope"].create("beta_slope", dims="covariate")
+            else:  # centred patients' (level, slope) are free, centred on their population mean
+                n = len(design.patients)
+                a0, b0 = intercept + pt.zeros(n), slope + pt.zeros(n)
+                if n_cov:
+                    a0 = a0 + X @ pri["beta_level"].create("beta_level", dims="covariate")
+                    b0 = b0 + X @ pri["beta_slope"].create("beta_slope", dims="covariate")
+                m = pt.stack([a0, b0], axis=1)
+                c_idx, nc_idx = np.flatnonzero(centred), np.flatnonzero(~centred)
+                model.add_coord("patient_centred", [design.patients[i] for i in c_idx])
+                theta_c = pm.MvNormal("theta_centred", mu=m[c_idx], chol=chol, dims=("patient_centred", "effect"))
+                theta = pt.set_subtensor(m[c_idx], theta_c)
+                if len(nc_idx):
+                    model.add_coord("patient_noncentred", [design.patients[i] for i in nc_idx])
+                    z_nc = pm.Normal("z_noncentred", 0.0, 1.0, dims=("patient_noncentred", "effect"))
+                    theta = pt.set_subtensor(theta[nc_idx], m[nc_idx] + z_nc @ chol.T)
+                pm.Deterministic("z", solve_triangular(chol, (theta - m).T, lower=True).T, dims=("patient", "effect"))
+                a, b = theta[:, 0], theta[:, 1]
             a = pm.Deterministic("patient_intercept", a, dims="patient")
             b = pm.Deterministic("patient_slope", b, dims="patient")
             mu = a[idx] + b[idx] * t
