@@ -97,6 +97,8 @@ def _kind(v) -> str:
 def check_id_types(ids: pd.Series, fail, column: str = "ID") -> None:
     """Refuse ids that collide once written as text (1 and "1" would merge two patients);
     ``fail(problem, mask, column)`` locates the first offending row."""
+    if ids.dtype != object:  # one numeric or string dtype: no mixture possible
+        return
     text = ids.map(lambda v: str(v)).to_numpy()
     kinds = ids.map(_kind).to_numpy()
     df = pd.DataFrame({"text": text, "kind": kinds})

@@ -256,7 +256,8 @@ class Pk:
             "EVID",
         )
         for c in covariates:
-            changed = frame.groupby("ID", sort=False)[c].transform(lambda s: s.ne(s.iloc[0])).to_numpy(bool)
+            first = frame.groupby("ID", sort=False)[c].transform("first")
+            changed = frame[c].ne(first).to_numpy(bool)
             fail(
                 f"covariate {c} changes within the ID: time-varying covariates are not modelled yet "
                 "(give one value per ID)",
