@@ -137,14 +137,11 @@ def sample_model(
     }
     stats["tree_depth"] = np.log2(stats["n_steps"]).astype(int) + 1
     coords, dims = coords_and_dims_for_inferencedata(model)
-    if drop:
+    if drop:  # the dropped variables' own dims go with them
+        dropped = {d for n in drop for d in model.named_vars_to_dims.get(n, ())}
         dims = {k: v for k, v in dims.items() if k not in drop}
         used = {d for v in dims.values() for d in v}
-        coords = {
-            k: v
-            for k, v in coords.items()
-            if k in used or k not in {d for n in drop for d in model.named_vars_to_dims.get(n, ())}
-        }
+        coords = {k: v for k, v in coords.items() if k in used or k not in dropped}
     groups = {"posterior": posterior, "sample_stats": stats, "log_likelihood": log_likelihood}
     if (obs := find_observations(model)) is not None:
         groups["observed_data"] = obs
