@@ -223,6 +223,7 @@ def _verdict_dict(verdict) -> dict:
         "summary": str(verdict),
         "failing": list(verdict.failing),
         "thresholds": dataclasses.asdict(verdict.thresholds),
+        "advice": list(getattr(verdict, "advice", [])),
     }
 
 
@@ -230,7 +231,13 @@ def _verdict_from(d: dict, table: pd.DataFrame):
     from bayestwin.review.convergence import Thresholds, Verdict
 
     thresholds = Thresholds(**d["thresholds"])
-    return Verdict(converged=bool(d["converged"]), table=table, failing=list(d["failing"]), thresholds=thresholds)
+    return Verdict(
+        converged=bool(d["converged"]),
+        table=table,
+        failing=list(d["failing"]),
+        thresholds=thresholds,
+        advice=list(d.get("advice", [])),
+    )
 
 
 def draws_digest(dt: xr.DataTree) -> str:

@@ -327,6 +327,8 @@ def fit(
     post = idata.posterior.to_dataset()
     table = diagnostics(post[_population_vars(post)], idata.sample_stats.to_dataset())
     verdict = gate(table, thresholds)
+    if not verdict.converged and hasattr(fam, "fit_advice"):
+        verdict.advice = fam.fit_advice(design, verdict)
     verdict.warn("The population fit")
     idata.attrs.update(verdict.to_attrs())  # the verdict travels with the saved DataTree
     settings = {**cfg._asdict(), "seed": seed, "sampler": "numpyro", "chain_method": "vectorized"}

@@ -337,6 +337,23 @@ class Progression:
             return self._model(design, schema, None), ()
         return self._model(design, schema, centred), ("theta_centred", "z_noncentred")
 
+    def fit_advice(self, design: Design, verdict) -> list[str]:
+        """What to try when a fit failed the gate: the likely cause for this design, in words."""
+        out = []
+        share = float(informative_patients(design).mean()) if len(design.patients) else 0.0
+        if self.parameterisation == "noncentred" and share >= 0.5:
+            out.append(
+                f"{share:.0%} of the patients have enough visits to pin their own level and slope, which "
+                "leaves a ridge between the intercept and the non-centred offsets; fit "
+                "bt.Progression(parameterisation='auto') (it centres those patients)"
+            )
+        if self.parameterisation != "noncentred" and any("divergent" in f for f in verdict.failing):
+            out.append(
+                "divergences with centred patients point to a funnel: centre fewer (parameterisation='auto' "
+                "or 'noncentred')"
+            )
+        return out
+
     def _model(self, design: Design, schema: Schema, centred: np.ndarray | None) -> pm.Model:
         pri = self.default_priors(schema) | self.priors
         d = design.data

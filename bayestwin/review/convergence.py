@@ -38,11 +38,13 @@ class Verdict:
     table: pd.DataFrame
     failing: list[str] = field(default_factory=list)
     thresholds: Thresholds = Thresholds()
+    #: What to try when it failed, in words (the likely cause and the setting most likely to help).
+    advice: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         if self.converged:
             return "converged (R-hat, ESS, divergences and E-BFMI within limits)"
-        return "NOT CONVERGED: " + "; ".join(self.failing)
+        return "NOT CONVERGED: " + "; ".join(self.failing) + "".join(f". Advice: {a}" for a in self.advice)
 
     def to_attrs(self) -> dict:
         """The verdict as DataTree attributes (strings and numbers: they survive netCDF)."""
@@ -55,7 +57,10 @@ class Verdict:
 
     def warn(self, what: str) -> None:
         if not self.converged:
-            warnings.warn(f"{what} did not converge: {'; '.join(self.failing)}", ConvergenceWarning, stacklevel=3)
+            advice = "".join(f". Advice: {a}" for a in self.advice)
+            warnings.warn(
+                f"{what} did not converge: {'; '.join(self.failing)}{advice}", ConvergenceWarning, stacklevel=3
+            )
 
 
 def diagnostics(posterior: xr.Dataset, sample_stats: xr.Dataset) -> pd.DataFrame:

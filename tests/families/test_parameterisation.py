@@ -73,3 +73,22 @@ def test_auto_centres_patients_whose_data_dominate():
 def test_parameterisation_is_checked():
     with pytest.raises(ValueError, match="parameterisation must be one of"):
         bt.Progression(parameterisation="centered")
+
+
+def test_a_failed_fit_says_what_to_try():
+    from bayestwin.families.base import Design
+    from bayestwin.review.convergence import Verdict
+
+    rng = np.random.default_rng(1)
+    idx = np.repeat(np.arange(10), 9)
+    t = np.tile(np.arange(9.0), 10)
+    y = rng.normal(0, 5, 10)[idx] + rng.normal(0, 1, 10)[idx] * t + rng.normal(0, 0.3, len(t))
+    design = Design(patients=[f"p{i}" for i in range(10)], data={"patient_idx": idx, "time": t, "y_obs": y})
+    failed = Verdict(converged=False, table=None, failing=["R-hat > 1.01 for variables intercept"])
+    advice = bt.Progression().fit_advice(design, failed)
+    assert len(advice) == 1 and "parameterisation='auto'" in advice[0] and advice[0].startswith("100% of the patients")
+    failed.advice = advice
+    assert str(failed).startswith("NOT CONVERGED: R-hat > 1.01 for variables intercept. Advice: 100% of the patients")
+    assert bt.Progression(parameterisation="auto").fit_advice(design, failed) == []
+    diverged = Verdict(converged=False, table=None, failing=["12 divergent transitions"])
+    assert "funnel" in bt.Progression(parameterisation="centred").fit_advice(design, diverged)[0]
