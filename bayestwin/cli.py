@@ -95,9 +95,15 @@ def _dose(args) -> int:
         covariates.append(weight)  # the weight column is read as a covariate of the PK model
     key = bt.new_key()  # this run only: nothing is stored, the table shows the ID you gave
     family = Pk(compartments=args.compartments, route=args.route, error=args.error, weight=weight)
-    others = read_nonmem(table[~mine], covariates=covariates, key=key, ignore=ignore)
-    patient = read_nonmem(table[mine], covariates=covariates, key=key, allow_no_observations=True, ignore=ignore)
-    family.check(patient.frame, covariates)
+    try:  # this run's key is random: errors name the table's own ID, not a pseudonym
+        others = read_nonmem(table[~mine], covariates=covariates, key=key, ignore=ignore)
+        patient = read_nonmem(table[mine], covariates=covariates, key=key, allow_no_observations=True, ignore=ignore)
+        family.check(others.frame, covariates)
+        family.check(patient.frame, covariates)
+    except bt.DataError as err:
+        ids = bt.reidentify(table["ID"].dropna().unique(), key)
+        who = f"ID {ids.get(err.patient, err.patient)}" if err.patient is not None else None
+        raise bt.DataError(err.problem, patient=who, row=err.row, column=err.column) from None
     say(
         f"1. Population: {others}; fitting {family.compartments}-compartment {family.route} PK "
         f"({family.error} error) ..."

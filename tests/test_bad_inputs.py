@@ -1224,6 +1224,13 @@ def _(tmp):
     return [*DOSE, "--data", str(tmp / "x.csv")]
 
 
+@cli("dose: steady state in the population's rows, named by the table's own ID", "(patient ID 1, row 0, column 'SS')")
+def _(tmp):
+    df = nm().drop(columns="WT").assign(SS=[1, 0, 0, 0, 0, 0], II=[12.0, 0, 0, 0, 0, 0])
+    df.to_csv(tmp / "ss.csv", index=False)
+    return [*DOSE[:2], "2", *DOSE[3:], "--data", str(tmp / "ss.csv")]
+
+
 @cli("review: no such file", "no such file")
 def _(tmp):
     return ["review", str(tmp / "fit.nc")]
