@@ -259,20 +259,20 @@ def bt_fixed(population) -> np.ndarray:
     return np.array([float(p.mean()) for p in parts])
 
 
-def run_other(name: str, seed: int) -> dict:
-    table, fam = OTHER[name]()
+def fit_row(label: str, table, fam, seed: int):
+    """Fit ``fam`` on ``table`` with the defaults: (the table's row, the Population)."""
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pop = bt.fit(table, fam, seed=seed, progressbar=False)
     wall = time.perf_counter() - t0
     v = pop.verdict
-    ids = table.frame["ID" if fam.name == "pk" else "patient"]
-    return {
-        "data set": f"{name} ({fam.name})",
-        "patients": int(ids.nunique()),
+    per = table.frame.groupby("ID" if fam.name == "pk" else "patient").size()
+    row = {
+        "data set": label,
+        "patients": len(per),
         "rows": len(table.frame),
-        "visits/patient": f"{ids.value_counts().min()}-{ids.value_counts().max()}",
+        "visits/patient": f"{per.min()}-{per.max()}",
         "converged": bool(v.converged),
         "failed checks": "; ".join(sorted({str(f).split(" for ")[0] for f in v.failing})) if not v.converged else "",
         "wall s": round(wall, 1),
@@ -280,36 +280,22 @@ def run_other(name: str, seed: int) -> dict:
         "divergences": int(pop.idata.sample_stats["diverging"].sum()),
         "max |Δ| / REML SE": "",
     }
+    return row, pop
+
+
+def run_other(name: str, seed: int) -> dict:
+    table, fam = OTHER[name]()
+    return fit_row(f"{name} ({fam.name})", table, fam, seed)[0]
 
 
 def run_one(name: str, seed: int, parameterisation: str | None = None) -> dict:
     table, kw = SUITE[name]()
     cohort = bt.Cohort(table, key=KEY, **kw)
     fam = bt.Progression() if parameterisation is None else bt.Progression(parameterisation=parameterisation)
-    design = fam.design(cohort.frame, cohort.baseline, cohort.schema).data
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pop = bt.fit(cohort, fam, seed=seed, progressbar=False)
-    wall = time.perf_counter() - t0
-    v = pop.verdict
-    ess = v.table["ess_bulk"].min() if "ess_bulk" in v.table else np.nan
-    div = int(pop.idata.sample_stats["diverging"].sum())
-    row = {
-        "data set": name,
-        "patients": cohort.n_patients,
-        "rows": len(cohort.frame),
-        "visits/patient": "{}-{}".format(*cohort.frame.groupby("patient").size().agg(["min", "max"])),
-        "converged": bool(v.converged),
-        "failed checks": "; ".join(sorted({str(f).split(" for ")[0] for f in v.failing})) if not v.converged else "",
-        "wall s": round(wall, 1),
-        "min ESS/s": round(float(ess) / wall, 1),
-        "divergences": div,
-    }
+    row, pop = fit_row(name, cohort, fam, seed)
     try:
-        est, se, _ = reml(design)
-        got = bt_fixed(pop)
-        row["max |Δ| / REML SE"] = round(float(np.max(np.abs(got - est) / se)), 2)
+        est, se, _ = reml(fam.design(cohort.frame, cohort.baseline, cohort.schema).data)
+        row["max |Δ| / REML SE"] = round(float(np.max(np.abs(bt_fixed(pop) - est) / se)), 2)
     except Exception as err:  # noqa: BLE001 - a reference that fails is reported, not fatal
         row["max |Δ| / REML SE"] = f"REML failed: {type(err).__name__}"
     return row
