@@ -287,6 +287,9 @@ def fit(
     seed: int = 0,
     progressbar: bool | None = None,
     thresholds: Thresholds = Thresholds(),
+    max_tree_depth: int = 10,
+    extend: int = 3,
+    initvals: dict | None = None,
 ) -> Population:
     """Fit a family to a cohort by JAX NUTS (numpyro) and return the Population.
 
@@ -302,6 +305,19 @@ def fit(
         Mass matrix: ``"block"`` (default; dense over the population parameters, diagonal over
         the per-patient ones), ``"diag"`` (what ``pm.sample`` gives) or ``"dense"``.
         See :mod:`bayestwin.engine.fit`.
+    max_tree_depth
+        NUTS's limit on doubling (2**depth - 1 leapfrog steps per draw).
+    extend
+        When the chains are healthy (no divergences, E-BFMI above its limit, R-hat below 1.05)
+        but short of effective draws or R-hat, continue them for ``draws`` more, at most
+        ``extend`` times, while the ESS can still reach the gate (:func:`needs_more_draws`);
+        ``0`` never does. The posterior's attributes record ``draws_per_chain`` and ``extensions``.
+    initvals
+        Initial values by variable name (constrained; PyMC jitters each chain around them).
+
+    A chain that stalls during warmup far below the others' log density (e.g. at random-effect
+    SDs of ~0 with an inflated residual SD) is restarted from another chain's position once
+    (:func:`bayestwin.engine.fit.stalled_chains`); the posterior's attributes say which.
 
     Examples
     --------
@@ -321,12 +337,32 @@ def fit(
         model, hidden = fam.build_model(design, cohort.schema), ()
     if progressbar is None:
         progressbar = sys.stderr.isatty()
-    cfg = FitConfig(draws=draws, tune=tune, chains=chains, target_accept=target_accept, mass=mass)
+    cfg = FitConfig(
+        draws=draws,
+        tune=tune,
+        chains=chains,
+        target_accept=target_accept,
+        mass=mass,
+        max_tree_depth=max_tree_depth,
+        extend=extend,
+    )
     population = [rv.name for rv in model.free_RVs if rv.name not in (*fam.patient_vars, *hidden)]
-    idata = sample_model(model, population, cfg, seed=seed, progressbar=progressbar, drop=hidden)
-    post = idata.posterior.to_dataset()
-    table = diagnostics(post[_population_vars(post)], idata.sample_stats.to_dataset())
-    verdict = gate(table, thresholds)
+
+    def fit_table(idata):
+        post = idata.posterior.to_dataset()
+        return diagnostics(post[_population_vars(post)], idata.sample_stats.to_dataset())
+
+    idata = sample_model(
+        model,
+        population,
+        cfg,
+        seed=seed,
+        progressbar=progressbar,
+        drop=hidden,
+        initvals=initvals,
+        more=lambda dt: needs_more_draws(fit_table(dt), thresholds, dt.posterior.sizes["draw"], draws * (1 + extend)),
+    )
+    verdict = gate(fit_table(idata), thresholds)
     if not verdict.converged and hasattr(fam, "fit_advice"):
         verdict.advice = fam.fit_advice(design, verdict)
     verdict.warn("The population fit")
@@ -335,6 +371,21 @@ def fit(
     return Population(
         family=fam, schema=cohort.schema, columns=cohort.columns, idata=idata, verdict=verdict, sampler=settings
     )
+
+
+def needs_more_draws(table, limits: Thresholds, drawn: int, most: int) -> bool:
+    """Whether continuing the chains can pass the gate: they are healthy (no divergences, E-BFMI
+    above its limit, every R-hat below 1.05: a stuck chain or a second mode is not cured by more
+    draws) but some R-hat or ESS falls short, and the smallest ESS, growing in proportion to the
+    draws, can reach its limit by ``most`` draws per chain (``drawn`` so far)."""
+    if gate(table, limits).converged:
+        return False
+    if table.attrs["divergences"] > limits.divergences or table.attrs["bfmi_min"] < limits.bfmi:
+        return False
+    if not (table["rhat"].fillna(1.0) < 1.05).all():
+        return False
+    ess = float(np.nanmin(table[["ess_bulk", "ess_tail"]].to_numpy()))
+    return ess * most / drawn >= min(limits.ess_bulk, limits.ess_tail)
 
 
 def check_table(family, table) -> None:

@@ -19,8 +19,9 @@ statistics under ArviZ's names, and an ArviZ DataTree with ``posterior``, ``samp
 
 from __future__ import annotations
 
+import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -48,6 +49,28 @@ class FitConfig(NamedTuple):
     target_accept: float = 0.9
     mass: str = "block"  # dense over the population parameters, diagonal over the patients'
     max_tree_depth: int = 10
+    #: At most this many more rounds of ``draws`` per chain when a fit is healthy (no divergences,
+    #: E-BFMI fine, R-hat < 1.05) but short of effective draws: see :func:`sample_model`'s ``more``.
+    extend: int = 3
+    #: Restart chains that stall during warmup (see :func:`stalled_chains`).
+    restart_stalled: bool = True
+
+
+def stalled_chains(lp: np.ndarray, n_params: int) -> np.ndarray:
+    """Chains whose log density during the end of warmup sits far below the others'.
+
+    ``lp`` is (chain, draw): the log density over the last warmup draws. A chain stalls when its
+    mean is below the best chain's by more than ``max(20, 10 sd)``, ``sd`` the larger of the
+    median within-chain SD and ``sqrt(n_params / 2)`` (the SD of a ``n_params``-dimensional
+    Gaussian's log density): chains in one typical set differ by a fraction of that. Seen on
+    real cohorts: a chain settled at random-effect SDs of ~0 with the residual SD inflated,
+    1,387 nats below the others, at the maximum tree depth, never leaving.
+    """
+    if lp.shape[0] < 2:
+        return np.zeros(lp.shape[0], bool)
+    mean = lp.mean(axis=1)
+    sd = max(float(np.median(lp.std(axis=1))), float(np.sqrt(n_params / 2.0)))
+    return mean < mean.max() - max(20.0, 10.0 * sd)
 
 
 def sample_model(
@@ -58,6 +81,8 @@ def sample_model(
     seed: int = 0,
     progressbar: bool = False,
     drop: Sequence[str] = (),
+    more: Callable[[xr.DataTree], bool] | None = None,
+    initvals: dict | None = None,
 ) -> xr.DataTree:
     """NUTS (numpyro, chains vectorised) on ``model``; returns an ArviZ DataTree.
 
@@ -71,6 +96,20 @@ def sample_model(
     drop
         Variables sampled but left out of the posterior (e.g. the raw pieces of a reparameterised
         random effect whose deterministic is kept), with the dims only they use.
+    more
+        Asked after the draws: ``True`` continues every chain for ``cfg.draws`` more draws from
+        where it stopped (no new warmup: the same adapted step size and metric), at most
+        ``cfg.extend`` times. The population fit asks for more when the chains are healthy but
+        short of effective draws (:func:`bayestwin.population.needs_more_draws`).
+    initvals
+        Initial values by variable name (PyMC's ``initvals``: constrained values); PyMC jitters
+        each chain's start around them.
+
+    Warmup runs first on its own: a chain whose log density over its last quarter stays far
+    below the others' (:func:`stalled_chains`) is restarted from another chain's position and
+    every chain warms up again, once; the restart is recorded in the posterior's attributes
+    (``stalled_chains``, ``stall_lp``) so that a reviewer sees it. Extra draws are recorded as
+    ``draws_per_chain`` and ``extensions``.
     """
     from numpyro.infer import MCMC, NUTS
 
@@ -86,7 +125,7 @@ def sample_model(
     init = _get_batched_jittered_initial_points(
         model=model,
         chains=cfg.chains,
-        initvals=None,
+        initvals=initvals,
         random_seed=seed,
         logp_fn=lambda x: -logp_fn(*x)[0],
     )
@@ -94,28 +133,75 @@ def sample_model(
         init = [np.asarray(a)[None] for a in init]
     block = tuple(v.name for v in values if model.values_to_rvs[v].name in set(population))
     dense = {"diag": False, "dense": True, "block": [block] if block else False}[cfg.mass]
-    kernel = NUTS(
-        potential_fn=potential,
-        target_accept_prob=cfg.target_accept,
-        dense_mass=dense,
-        max_tree_depth=cfg.max_tree_depth,
-    )
-    mcmc = MCMC(
-        kernel,
-        num_warmup=cfg.tune,
-        num_samples=cfg.draws,
-        num_chains=cfg.chains,
-        chain_method="vectorized",
-        progress_bar=progressbar,
-    )
-    keys = jax.random.split(jax.random.key(seed), cfg.chains)
-    fields = ("num_steps", "potential_energy", "energy", "adapt_state.step_size", "accept_prob", "diverging")
-    start = {n: jnp.asarray(a) if cfg.chains > 1 else jnp.asarray(a[0]) for n, a in zip(names, init, strict=True)}
-    mcmc.run(keys if cfg.chains > 1 else keys[0], init_params=start, extra_fields=fields)
-    raw = mcmc.get_samples(group_by_chain=True)
-    extra = mcmc.get_extra_fields(group_by_chain=True)
 
-    # Constrained variables, deterministics and the pointwise log-likelihood in one JAX pass.
+    def new_mcmc() -> MCMC:  # a fresh kernel: numpyro's NUTS cannot be initialised twice when vectorised
+        kernel = NUTS(
+            potential_fn=potential,
+            target_accept_prob=cfg.target_accept,
+            dense_mass=dense,
+            max_tree_depth=cfg.max_tree_depth,
+        )
+        return MCMC(
+            kernel,
+            num_warmup=cfg.tune,
+            num_samples=cfg.draws,
+            num_chains=cfg.chains,
+            chain_method="vectorized",
+            progress_bar=progressbar,
+        )
+
+    mcmc = new_mcmc()
+    keys = jax.random.split(jax.random.key(seed), 3 * cfg.chains).reshape(3, cfg.chains)
+    fields = ("num_steps", "potential_energy", "energy", "adapt_state.step_size", "accept_prob", "diverging")
+    one = cfg.chains == 1
+    start = {n: jnp.asarray(a[0] if one else a) for n, a in zip(names, init, strict=True)}
+
+    # Warmup on its own, watching the log density: a stalled chain is restarted once.
+    watch = ("potential_energy", *(f"~z.{n}" for n in names))
+    mcmc.warmup(keys[0][0] if one else keys[0], init_params=start, extra_fields=watch, collect_warmup=True)
+    stalls = {}
+    if cfg.restart_stalled and cfg.tune >= 20:
+        lp = -np.asarray(mcmc.get_extra_fields(group_by_chain=True)["potential_energy"])
+        lp = lp[:, -max(cfg.tune // 4, 10) :]
+        n_params = sum(int(np.prod(np.shape(a)[1:])) for a in init)
+        stalled = stalled_chains(lp, n_params)
+        if stalled.any():
+            good = np.flatnonzero(~stalled)
+            donors = good[np.arange(int(stalled.sum())) % len(good)]
+            z = mcmc.post_warmup_state.z
+            restart = {n: jnp.asarray(z[n]).at[np.flatnonzero(stalled)].set(jnp.asarray(z[n])[donors]) for n in names}
+            stalls = {
+                "stalled_chains": [int(c) for c in np.flatnonzero(stalled)],
+                "stall_lp": [round(float(m), 1) for m in lp.mean(axis=1)],
+            }
+            mcmc = new_mcmc()
+            mcmc.warmup(keys[1], init_params=restart, extra_fields=watch, collect_warmup=True)
+    mcmc.run(keys[2][0] if one else keys[2], extra_fields=fields)
+    raws = [mcmc.get_samples(group_by_chain=True)]
+    extras = [mcmc.get_extra_fields(group_by_chain=True)]
+
+    extensions = 0
+    while True:
+        raw = {n: np.concatenate([np.asarray(r[n]) for r in raws], axis=1) for n in names}
+        extra = {f: np.concatenate([np.asarray(e[f]) for e in extras], axis=1) for f in fields}
+        idata = _datatree(model, names, values, raw, extra, drop, cfg, block)
+        if more is None or extensions >= cfg.extend or not more(idata):
+            break
+        mcmc.post_warmup_state = mcmc.last_state
+        mcmc.run(mcmc.post_warmup_state.rng_key, extra_fields=fields)
+        raws.append(mcmc.get_samples(group_by_chain=True))
+        extras.append(mcmc.get_extra_fields(group_by_chain=True))
+        extensions += 1
+    idata.posterior.attrs.update(
+        {"draws_per_chain": int(raw[names[0]].shape[1]), "extensions": extensions}
+        | {k: json.dumps(v) for k, v in stalls.items()}
+    )
+    return idata
+
+
+def _datatree(model, names, values, raw, extra, drop, cfg, block) -> xr.DataTree:
+    """The DataTree of raw NUTS draws: constrained variables, deterministics and the pointwise
+    log-likelihood computed in one JAX pass, sample statistics under ArviZ's names."""
     keep = [
         v for v in get_default_varnames(model.unobserved_value_vars, include_transformed=False) if v.name not in drop
     ]
