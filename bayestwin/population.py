@@ -23,6 +23,7 @@ from bayestwin.engine.nuts import NutsConfig
 from bayestwin.errors import DataError
 from bayestwin.families import get_family
 from bayestwin.families.base import Design
+from bayestwin.review import advice
 from bayestwin.review.convergence import Thresholds, Verdict, diagnostics, gate
 
 
@@ -363,8 +364,16 @@ def fit(
         more=lambda dt: needs_more_draws(fit_table(dt), thresholds, dt.posterior.sizes["draw"], draws * (1 + extend)),
     )
     verdict = gate(fit_table(idata), thresholds)
-    if not verdict.converged and hasattr(fam, "fit_advice"):
-        verdict.advice = fam.fit_advice(design, verdict)
+    if not verdict.converged:  # what to try: the family's reading of its design, then the draws'
+        names = _population_vars(idata.posterior.to_dataset())
+        try:
+            prior = advice.prior_draws(model, names, seed=seed)
+        except Exception:  # noqa: BLE001 - advice must not break a fit: without prior draws, no prior check
+            prior = None
+        verdict.advice = [
+            *(fam.fit_advice(design, verdict) if hasattr(fam, "fit_advice") else []),
+            *advice.fit_advice(idata, verdict.table, thresholds, names, max_tree_depth=max_tree_depth, prior=prior),
+        ]
     verdict.warn("The population fit")
     idata.attrs.update(verdict.to_attrs())  # the verdict travels with the saved DataTree
     settings = {**cfg._asdict(), "seed": seed, "sampler": "numpyro", "chain_method": "vectorized"}

@@ -176,9 +176,11 @@ def theoph():
 
 
 def phenobarb():
-    """Phenobarbital in 59 neonates (Grasela & Donn 1985): repeated IV doses, 1-3 levels each."""
+    """Phenobarbital in 59 neonates (Grasela & Donn 1985): repeated IV doses, 1-3 levels each.
+    nlme's ``dose`` is per kilogram (ug/kg) and ``conc`` in ug/L: the amount given is dose x Wt
+    (the family scales CL and V by weight itself; per-kg amounts would scale twice)."""
     d = _rd("nlme", "Phenobarb")
-    doses = d[d["dose"].notna()].assign(AMT=lambda x: x["dose"], DV=np.nan, EVID=1)
+    doses = d[d["dose"].notna()].assign(AMT=lambda x: x["dose"] * x["Wt"], DV=np.nan, EVID=1)
     obs = d[d["conc"].notna()].assign(AMT=0.0, DV=lambda x: x["conc"], EVID=0)
     table = pd.concat([doses, obs]).rename(columns={"Subject": "ID", "time": "TIME", "Wt": "WT"})
     table = table.sort_values(["ID", "TIME", "EVID"], ascending=[True, True, False], kind="stable")
