@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -265,9 +266,11 @@ class Population:
 
     def __repr__(self) -> str:
         n = self.idata.posterior.sizes
+        restarted = self.sampler.get("restarted_chains")
+        note = f", chains {restarted} restarted after stalling in warmup" if restarted else ""
         return (
             f"Population(family={self.family.name!r}, therapies={list(self.schema.therapies)}, "
-            f"covariates={self.schema.covariates}, draws={n['chain']}x{n['draw']}, verdict: {self.verdict})"
+            f"covariates={self.schema.covariates}, draws={n['chain']}x{n['draw']}{note}, verdict: {self.verdict})"
         )
 
     def _repr_html_(self) -> str:
@@ -377,6 +380,11 @@ def fit(
     verdict.warn("The population fit")
     idata.attrs.update(verdict.to_attrs())  # the verdict travels with the saved DataTree
     settings = {**cfg._asdict(), "seed": seed, "sampler": "numpyro", "chain_method": "vectorized"}
+    # what the sampler did on its own, for the reviewer: draws after continuing, restarted chains
+    attrs = idata.posterior.attrs
+    settings |= {"draws_per_chain": int(attrs["draws_per_chain"]), "extensions": int(attrs["extensions"])}
+    if "stalled_chains" in attrs:
+        settings["restarted_chains"] = json.loads(attrs["stalled_chains"])
     return Population(
         family=fam, schema=cohort.schema, columns=cohort.columns, idata=idata, verdict=verdict, sampler=settings
     )

@@ -100,7 +100,16 @@ SPEC_SCHEMA = {
         "key_env": str,
     },
     "family": ANY_TABLE,
-    "sampler": {"draws": int, "tune": int, "chains": int, "target_accept": float, "mass": str, "seed": int},
+    "sampler": {
+        "draws": int,
+        "tune": int,
+        "chains": int,
+        "target_accept": float,
+        "mass": str,
+        "seed": int,
+        "max_tree_depth": int,
+        "extend": int,
+    },
 }
 
 

@@ -89,6 +89,8 @@ def test_a_short_healthy_fit_is_extended_until_it_passes(simulated):
     assert attrs["extensions"] >= 1
     assert attrs["draws_per_chain"] == 100 * (1 + attrs["extensions"]) == pop.posterior.sizes["draw"]
     assert pop.verdict.converged, pop.verdict
+    assert pop.sampler["extensions"] == attrs["extensions"] and pop.sampler["extend"] == 6
+    assert "restarted_chains" not in pop.sampler and "restarted" not in repr(pop)
     # the first 100 draws (what extend=0 returns, the same chains) fail the gate, honestly
     post = pop.idata.posterior.to_dataset().isel(draw=slice(0, 100))
     stats = pop.idata.sample_stats.to_dataset().isel(draw=slice(0, 100))
