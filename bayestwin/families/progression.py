@@ -7,7 +7,9 @@ For patient *i* at time *t*::
     mu_it = a_i + b_i t + Σ_k therapy_slope_k · E_ik(t) [+ Σ_k therapy_level_k · on_ik(t)]
     y_it  ~ Normal(mu_it, sigma)   or   StudentT(nu, mu_it, sigma)
 
-with ``u_i = L · z_i``, ``z_i ~ N(0, I)`` (non-centred), ``L`` the Cholesky factor of an
+with ``u_i = L · z_i``, ``z_i ~ N(0, I)`` (the non-centred form twins condition on; the population
+fit by default samples patients whose own data outweigh the prior as centred ``(a_i, b_i)``
+instead, ``parameterisation="auto"``: the same posterior), ``L`` the Cholesky factor of an
 LKJ(eta)-correlated covariance with Gamma(2) SDs (zero-avoiding). ``E_ik(t)`` is the time patient *i* has
 spent on therapy *k* up to *t* (therapy switches are piecewise constant) and ``on_ik(t)`` flags
 therapy *k* being given at *t*. Covariates are standardised (numeric) or one-hot (categorical).
@@ -138,7 +140,7 @@ class Progression:
         residual: str = "normal",
         level_effects: bool = False,
         priors: Mapping | None = None,
-        parameterisation: str = "noncentred",
+        parameterisation: str = "auto",
     ):
         if residual not in ("normal", "student"):
             raise ValueError(f"residual must be 'normal' or 'student', not {residual!r}")
@@ -348,10 +350,8 @@ class Progression:
                 "bt.Progression(parameterisation='auto') (it centres those patients)"
             )
         if self.parameterisation != "noncentred" and any("divergent" in f for f in verdict.failing):
-            out.append(
-                "divergences with centred patients point to a funnel: centre fewer (parameterisation='auto' "
-                "or 'noncentred')"
-            )
+            fewer = "'noncentred'" if self.parameterisation == "auto" else "'auto' or 'noncentred'"
+            out.append(f"divergences with centred patients point to a funnel: centre fewer (parameterisation={fewer})")
         return out
 
     def _model(self, design: Design, schema: Schema, centred: np.ndarray | None) -> pm.Model:
