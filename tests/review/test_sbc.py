@@ -54,10 +54,10 @@ def test_population_fit_sbc_small_run(tmp_path):
     )
     cohort = bt.Cohort(rows, covariates=["age", "sex"], key=KEY)
     part = tmp_path / "partial.csv"
-    sbc = sbc_fit(cohort, reps=2, seed=1, draws=500, tune=500, partial=part)
+    sbc = sbc_fit(cohort, reps=2, seed=1, draws=500, tune=500, extend=0, partial=part)  # resuming, not power
     pd.read_csv(part).iloc[:1].to_csv(part, index=False)  # as if killed during the second replicate
     said = []
-    resumed = sbc_fit(cohort, reps=2, seed=1, draws=500, tune=500, partial=part, say=said.append)
+    resumed = sbc_fit(cohort, reps=2, seed=1, draws=500, tune=500, extend=0, partial=part, say=said.append)
     assert said[0] == f"  resuming after 1 replicates from {part}"
     pd.testing.assert_frame_equal(resumed.ranks, sbc.ranks)
     assert resumed.ranks.attrs == sbc.ranks.attrs
