@@ -48,8 +48,9 @@ def informative_patients(design: Design, ratio: float = 2.0) -> np.ndarray:
     prior's (``n_i t2_a / s2`` and ``S_tt,i t2_b / s2``, ``S_tt,i`` the spread of its visit
     times). The default 2 leaves a margin for these moment estimates: between 1 and 2 neither
     form is clearly better, and the centred one diverged (a sleepstudy fold of 12 subjects, all
-    between 1 and 2: 1 to 6 divergences at 3 seeds, none non-centred). Non-centred offsets suit patients with little data (a funnel otherwise), centred ones
-    patients with much (a ridge between the population mean and the offsets otherwise):
+    between 1 and 2: 1 to 6 divergences at 3 seeds, none non-centred). Non-centred offsets suit
+    patients with little data (a funnel otherwise), centred ones patients with much (a ridge
+    between the population mean and the offsets otherwise):
     Betancourt & Girolami (2015), Stan's user guide on reparameterisation.
     """
     d = design.data
