@@ -180,11 +180,12 @@ def sample_model(
     raws = [mcmc.get_samples(group_by_chain=True)]
     extras = [mcmc.get_extra_fields(group_by_chain=True)]
 
+    outputs = _outputs(model, values, drop)
     extensions = 0
     while True:
         raw = {n: np.concatenate([np.asarray(r[n]) for r in raws], axis=1) for n in names}
         extra = {f: np.concatenate([np.asarray(e[f]) for e in extras], axis=1) for f in fields}
-        idata = _datatree(model, names, values, raw, extra, drop, cfg, block)
+        idata = _datatree(model, names, outputs, raw, extra, drop, cfg, block)
         if more is None or extensions >= cfg.extend or not more(idata):
             break
         mcmc.post_warmup_state = mcmc.last_state
@@ -199,16 +200,23 @@ def sample_model(
     return idata
 
 
-def _datatree(model, names, values, raw, extra, drop, cfg, block) -> xr.DataTree:
-    """The DataTree of raw NUTS draws: constrained variables, deterministics and the pointwise
-    log-likelihood computed in one JAX pass, sample statistics under ArviZ's names."""
+def _outputs(model, values, drop):
+    """The kept variables, the observed ones, and one JAX function of the raw values giving the
+    constrained variables, deterministics and pointwise log-likelihood (built once per fit)."""
     keep = [
         v for v in get_default_varnames(model.unobserved_value_vars, include_transformed=False) if v.name not in drop
     ]
     observed = list(model.observed_RVs)
     loglik = model.logp(vars=observed, sum=False)
     fn = get_jaxified_graph(inputs=values, outputs=[*keep, *loglik])
-    outs = jax.jit(jax.vmap(jax.vmap(fn)))(*[raw[n] for n in names])
+    return keep, observed, jax.jit(jax.vmap(jax.vmap(fn)))
+
+
+def _datatree(model, names, outputs, raw, extra, drop, cfg, block) -> xr.DataTree:
+    """The DataTree of raw NUTS draws: constrained variables, deterministics and the pointwise
+    log-likelihood computed in one JAX pass, sample statistics under ArviZ's names."""
+    keep, observed, fn = outputs
+    outs = fn(*[raw[n] for n in names])
     outs = [np.asarray(o) for o in outs]
     posterior = {v.name: o for v, o in zip(keep, outs, strict=False)}
     log_likelihood = {rv.name: o for rv, o in zip(observed, outs[len(keep) :], strict=True)}
