@@ -199,22 +199,14 @@ def _schema_from(d: dict):
 
 
 def family_from_config(config: dict):
-    """Rebuild a family from its ``config()`` (as stored in a model card or a spec)."""
-    from bayestwin.families import FAMILIES
-    from bayestwin.families.base import Prior
+    """Rebuild a family from its ``config()`` as a model card stores it (see
+    :func:`bayestwin.families.from_config`); an unknown family is an :class:`ArtifactError`."""
+    from bayestwin.families.base import from_config
 
-    cfg = dict(config)
-    name = cfg.pop("family")
-    if name not in FAMILIES:
-        raise ArtifactError(f"unknown family {name!r} in the model card; known: {sorted(FAMILIES)}")
-    priors = {}
-    for k, v in (cfg.pop("priors", None) or {}).items():
-        if isinstance(v, dict) and "dist" in v:
-            v = dict(v)
-            priors[k] = Prior(v.pop("dist"), **v)
-        else:
-            priors[k] = v
-    return FAMILIES[name](**cfg, priors=priors)
+    try:
+        return from_config(config)
+    except LookupError as err:
+        raise ArtifactError(f"the model card's family: {err}") from None
 
 
 def _verdict_dict(verdict) -> dict:

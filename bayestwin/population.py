@@ -112,23 +112,9 @@ class Population:
     def cohort(self, rows, *, key=None, baseline=None) -> Cohort:
         """Validate new patients' rows against this population's schema."""
         if hasattr(rows, "baseline") and hasattr(rows, "frame"):
-            check_table(self.family, rows)
+            self.family.check_table(rows)
             return rows  # already validated (a Cohort, or a family's own table such as Events)
-        if hasattr(self.family, "read"):
-            return self.family.read(rows, key=key, schema=self.schema, columns=self.columns, baseline=baseline)
-        c = self.columns
-        return Cohort(
-            rows,
-            patient=c.patient,
-            time=c.time,
-            outcome=c.outcome,
-            therapy=c.therapy,
-            covariates=c.covariates,
-            baseline=baseline,
-            key=key,
-            schema=self.schema,
-            allow_empty=True,
-        )
+        return self.family.read(rows, key=key, schema=self.schema, columns=self.columns, baseline=baseline)
 
     def condition(
         self,
@@ -194,7 +180,7 @@ class Population:
         from bayestwin.twin import Twin
 
         cohort = self.cohort(rows, key=key, baseline=baseline)
-        defaults = {"tune": 500, "target_accept": 0.8} | getattr(self.family, "twin_nuts", {})
+        defaults = {"tune": 500, "target_accept": 0.8} | dict(self.family.twin_nuts)
         tune = defaults["tune"] if tune is None else tune
         target_accept = defaults["target_accept"] if target_accept is None else target_accept
         cfg = NutsConfig(
@@ -209,7 +195,7 @@ class Population:
             raise ValueError(f"method must be 'nuts' or 'importance', not {method!r}")
         importance = None
         if method == "importance":
-            settings = getattr(self.family, "twin_importance", {})  # e.g. adaptation steps
+            settings = dict(self.family.twin_importance)  # e.g. adaptation steps
             importance = ImportanceConfig(
                 chains=chains,
                 draws=draws,
@@ -331,14 +317,11 @@ def fit(
     >>> pop = fit(cohort, draws=500, tune=500)  # doctest: +SKIP
     """
     fam = get_family(family)
-    check_table(fam, cohort)
+    fam.check_table(cohort)
     design = fam.design(cohort.frame, cohort.baseline, cohort.schema)
     # A family may fit another parameterisation of the same model (e.g. centred random effects)
     # whose raw per-patient variables are left out of the posterior.
-    if hasattr(fam, "fit_model"):
-        model, hidden = fam.fit_model(design, cohort.schema)
-    else:
-        model, hidden = fam.build_model(design, cohort.schema), ()
+    model, hidden = fam.fit_model(design, cohort.schema)
     if progressbar is None:
         progressbar = sys.stderr.isatty()
     cfg = FitConfig(
@@ -374,7 +357,7 @@ def fit(
         except Exception:  # noqa: BLE001 - advice must not break a fit: without prior draws, no prior check
             prior = None
         verdict.advice = [
-            *(fam.fit_advice(design, verdict) if hasattr(fam, "fit_advice") else []),
+            *fam.fit_advice(design, verdict),
             *advice.fit_advice(idata, verdict.table, thresholds, names, max_tree_depth=max_tree_depth, prior=prior),
         ]
     verdict.warn("The population fit")
@@ -403,32 +386,6 @@ def needs_more_draws(table, limits: Thresholds, drawn: int, most: int) -> bool:
         return False
     ess = float(np.nanmin(table[["ess_bulk", "ess_tail"]].to_numpy()))
     return ess * most / drawn >= min(limits.ess_bulk, limits.ess_tail)
-
-
-def check_table(family, table) -> None:
-    """Refuse a table the family does not read (before any model is built): NONMEM events are
-    for ``pk`` only, a survival table needs :func:`~bayestwin.read_survival`, the joint family a
-    :func:`~bayestwin.read_joint` table."""
-    from bayestwin.data.joint import JointCohort
-    from bayestwin.data.nonmem import Events
-    from bayestwin.data.survival import START
-
-    if not (hasattr(table, "frame") and hasattr(table, "baseline")):
-        raise TypeError(
-            f"expected a validated table (bt.Cohort, bt.read_nonmem, bt.read_survival, bt.read_joint), "
-            f"not {type(table).__name__}"
-        )
-    name = family.name
-    if name == "pk" and not isinstance(table, Events):
-        raise DataError("family 'pk' reads NONMEM-style events (bt.read_nonmem), not a Cohort")
-    if name != "pk" and isinstance(table, Events):
-        raise DataError(
-            f"family {name!r} reads a Cohort, not NONMEM-style events: for PK data use bt.fit(events, bt.Pk(...))"
-        )
-    if name == "joint" and not isinstance(table, JointCohort):
-        raise DataError("family 'joint' reads a biomarker + follow-up table from bt.read_joint")
-    if name == "survival" and START not in table.frame.columns:
-        raise DataError("family 'survival' reads at-risk intervals from bt.read_survival")
 
 
 def _population_vars(posterior: xr.Dataset) -> list[str]:

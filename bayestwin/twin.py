@@ -199,7 +199,7 @@ class Twin:
             "therapy": labels,
             "time": times,
         }
-        if getattr(fam, "forecast_kind", None) == "event":  # time-to-event: survival per therapy
+        if fam.forecast_kind == "event":  # time-to-event: survival per therapy
             from bayestwin.forecast import EventForecast
 
             cumhaz = np.moveaxis(np.asarray(mu), (2, 3), (0, 1))

@@ -116,7 +116,7 @@ SPEC_SCHEMA = {
 def read_spec(path) -> dict:
     """Read and check a ``spec.toml`` (unknown keys and wrong types are a :class:`SpecError`);
     the result has ``folder`` (the spec's folder) added."""
-    from bayestwin.families import FAMILIES
+    from bayestwin.families.base import family_class
 
     path = Path(path)
     if path.is_dir():
@@ -129,10 +129,15 @@ def read_spec(path) -> dict:
         raise SpecError(f"{path} [data]: format must be one of {FORMATS}, not {spec['data']['format']!r}")
     if "key" in spec["data"] and "key_env" in spec["data"]:
         raise SpecError(f"{path} [data]: give key or key_env, not both")
-    fam = spec["family"]["name"]
-    if fam not in FAMILIES:
-        raise SpecError(f"{path} [family]: unknown family {fam!r}; known: {sorted(FAMILIES)}")
-    check_options({k: v for k, v in spec["family"].items() if k != "name"}, FAMILIES[fam], f"{path} [family]")
+    module = spec["family"].get("module")
+    if module is not None and not isinstance(module, str):
+        raise SpecError(f"{path} [family]: module must be a string 'package.module:Class', not {module!r}")
+    try:  # a family of your own: `module = "package.module:Class"` imports it (installed) first
+        cls = family_class(spec["family"]["name"], module)
+    except LookupError as err:
+        raise SpecError(f"{path} [family]: {err}") from None
+    options = {k: v for k, v in spec["family"].items() if k not in ("name", "module")}
+    check_options(options, cls, f"{path} [family]")
     spec["folder"] = path.parent
     spec.setdefault("name", path.parent.name)
     return spec
@@ -188,10 +193,10 @@ def spec_data(spec: dict):
 
 def spec_family(spec: dict):
     """The spec's family with its options and priors."""
-    from bayestwin.io import family_from_config
+    from bayestwin.families.base import from_config
 
     fam = dict(spec["family"])
-    return family_from_config({"family": fam.pop("name"), **fam})
+    return from_config({"family": fam.pop("name"), **fam})
 
 
 def fit_spec(path, *, out=None, progressbar: bool | None = None, **overrides):

@@ -675,7 +675,7 @@ def _(tmp):
 @case(
     "fit: a Cohort with the survival family",
     DataError,
-    "family 'survival' reads at-risk intervals from bt.read_survival",
+    "family 'survival' reads at-risk intervals, not a Cohort (read its table with bt.read_survival)",
 )
 def _(tmp):
     c = co(lt())()

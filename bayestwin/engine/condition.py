@@ -46,13 +46,15 @@ class GaussianApprox(NamedTuple):
 def pad(design_data: dict, patients: list[str], n_pad: int, family=None, slots: dict | None = None):
     """Split a multi-patient design into per-patient arrays padded to ``n_pad`` rows.
 
-    The family's ``per_patient`` arrays have one row per patient (kept as a one-row slot); those
-    it maps in ``slot_axes`` have a second axis (e.g. doses) widened to ``slots[name]`` with the
-    family's ``pad_fill`` (default 0). The other arrays have one row per observation.
+    The family's ``inputs`` say how: per-patient arrays (``Axis("patient")``) have one row per
+    patient (kept as a one-row slot); those with a ``slot`` axis (e.g. doses) are widened to
+    ``slots[slot]`` with the axis's ``fill``. The other arrays have one row per observation.
     Returns the batched data (leading axis: patient) and the mask (1 = observed row).
     """
-    per_patient = getattr(family, "per_patient", ("X",))
-    slot_axes, fill = getattr(family, "slot_axes", {}), getattr(family, "pad_fill", {})
+    inputs = family.inputs
+    per_patient = [n for n, a in inputs.items() if a.kind == "patient"]
+    slot_axes = {n: a.slot for n, a in inputs.items() if a.slot is not None}
+    fill = {n: a.fill for n, a in inputs.items()}
     idx = design_data["patient_idx"]
     B = len(patients)
     out = {}

@@ -32,8 +32,8 @@ import pytensor.tensor as pt
 from bayestwin.data.cohort import OUTCOME, PATIENT, THERAPY, TIME, Schema
 from bayestwin.data.joint import KIND
 from bayestwin.data.survival import START
-from bayestwin.families.base import Design, Prior
-from bayestwin.families.survival import interval_forecast, piecewise_cuts
+from bayestwin.families.base import Axis, Design, FamilyBase, Prior, check_prior_names, register_family
+from bayestwin.families.survival import Survival, interval_forecast, piecewise_cuts
 
 EFFECTS = ("intercept", "slope")
 
@@ -52,7 +52,8 @@ def _exp_integral(k, lo, hi):
     return pt.exp(k_safe * lo) * pt.expm1(k_safe * (hi - lo)) / k_safe
 
 
-class Joint:
+@register_family
+class Joint(FamilyBase):
     """Joint longitudinal-survival family (see module docstring).
 
     Parameters
@@ -69,13 +70,22 @@ class Joint:
     """
 
     name = "joint"
+    table = "joint"
+    inputs = {
+        "X": Axis("patient"),
+        "patient_idx": Axis("obs"),
+        "time": Axis("obs"),
+        "start": Axis("obs"),
+        "kind": Axis("obs"),
+        "treat": Axis("obs"),
+        "exposure0": Axis("obs"),
+        "switch": Axis("obs"),
+        "y_obs": Axis("obs"),
+    }
     patient_vars = ("z",)
-    per_patient = ("X",)
-    observed = "y"
     prediction = "cumhaz"
     patient_outputs = ("patient_intercept", "patient_slope")
     residual_params = ("sigma",)
-    covariate_inputs = ("X",)
     forecast_kind = "event"
     twin_importance = {"adapt_steps": 2}
 
@@ -89,18 +99,7 @@ class Joint:
             "intercept", "slope", "beta_level", "beta_slope", "therapy_slope", "re_sd", "sigma", "re_corr_eta",
             "log_hazard0", "hazard_step", "beta_event", "log_hr", "alpha",
         }  # fmt: skip
-        unknown = set(self.priors) - known
-        if unknown:
-            raise ValueError(f"unknown prior name(s) {sorted(unknown)}; known: {sorted(known)}")
-
-    def config(self) -> dict:
-        return {
-            "family": self.name,
-            "link": self.link,
-            "pieces": self.pieces,
-            "cuts": self.cuts,
-            "priors": {k: (v.to_dict() if isinstance(v, Prior) else v) for k, v in self.priors.items()},
-        }
+        check_prior_names(self.priors, known, self.name)
 
     def cut_points(self, schema: Schema) -> np.ndarray:
         return piecewise_cuts(self.cuts, self.pieces, schema)
@@ -160,9 +159,6 @@ class Joint:
             "y_obs": frame[OUTCOME].to_numpy(float),
         }
         return Design(patients=patients, data=data)
-
-    def slots(self, design: Design) -> dict:
-        return {}
 
     def template_design(self, schema: Schema, n_obs: int) -> Design:
         data = {
@@ -284,12 +280,16 @@ class Joint:
         data["switch"] = np.broadcast_to(t0[:, None, None], (B, S, T)).copy()
         return therapies, times, data
 
-    def covariate_arrays(self, baseline: pd.DataFrame, schema: Schema) -> dict:
-        X = schema.covariate_matrix(baseline) if schema.covariates else np.zeros((len(baseline), 0))
-        return {"X": X[:, None, :]}
-
-    def reference_baseline(self, constant: Mapping, schema: Schema) -> pd.DataFrame:
-        return schema.baseline_from_matrix(np.asarray(constant["X"]))
+    def scenario_arrays(self, scenarios, times, schema: Schema, start: float = 0.0, before=None):
+        """Labels and prediction inputs (scenario, ...) for a new patient given each therapy from
+        time 0 (``before`` is unused): the cumulative hazard from ``start`` to each time, the
+        biomarker on that therapy throughout (virtual cohorts, trial simulation)."""
+        labels, data = Survival.scenario_arrays(self, scenarios, times, schema, start=start)
+        S, T = data["time"].shape
+        data["kind"] = np.ones((S, T))
+        data["exposure0"] = np.zeros_like(data["treat"])
+        data["switch"] = np.zeros((S, T))
+        return labels, data
 
     def observe(self, key, mu, params: Mapping) -> jax.Array:
         return (jax.random.uniform(key, mu.shape) < -jax.numpy.expm1(-mu)).astype(float)

@@ -35,7 +35,7 @@ import pytensor.tensor as pt
 from bayestwin.data.cohort import Schema
 from bayestwin.data.nonmem import expand_doses
 from bayestwin.families import pk_analytic as pka
-from bayestwin.families.base import Design, Prior, check_prior_names
+from bayestwin.families.base import Axis, Design, FamilyBase, Prior, check_prior_names, register_family
 
 ERRORS = ("additive", "proportional", "combined")
 
@@ -77,7 +77,8 @@ def _m3_random(mu, sigma, blq, rng=None, size=None):
     return rng.normal(mu, sigma, size=size)
 
 
-class Pk:
+@register_family
+class Pk(FamilyBase):
     """Population PK family (1 or 2 compartments; oral or IV; bolus and infusion doses).
 
     Examples
@@ -90,12 +91,22 @@ class Pk:
     """
 
     name = "pk"
+    table = "events"
+    inputs = {
+        "X": Axis("patient"),
+        "log_wt": Axis("patient"),
+        "patient_idx": Axis("obs"),
+        "time": Axis("obs"),
+        "y_obs": Axis("obs"),
+        "blq": Axis("obs"),
+        # one row per subject, a padded dose axis; an empty slot (amt 0) still needs a positive duration
+        "t_dose": Axis("patient", "dose"),
+        "amt": Axis("patient", "dose"),
+        "duration": Axis("patient", "dose", fill=1.0),
+        "infusion": Axis("patient", "dose"),
+    }
     patient_vars = ("z",)  # the subject's own variables, sampled per twin
-    observed = "y"
     prediction = "conc"
-    per_patient = ("X", "log_wt", "t_dose", "amt", "duration", "infusion")  # one row per subject
-    slot_axes = {"t_dose": "dose", "amt": "dose", "duration": "dose", "infusion": "dose"}
-    pad_fill = {"duration": 1.0}  # a padded dose slot (amt 0) still needs a positive duration
     #: NUTS settings for twins: a subject with one or two levels has a curved posterior in
     #: (CL, V, ka), and one whose levels disagree with the population (e.g. a slow absorber when
     #: ka varies little) a funnel-like one; smaller steps and a longer warmup keep divergences rare
@@ -158,19 +169,6 @@ class Pk:
             self.error, ("sigma_add", "sigma_prop")
         )
 
-    def config(self) -> dict:
-        return {
-            "family": self.name,
-            "compartments": self.compartments,
-            "route": self.route,
-            "error": self.error,
-            "weight": self.weight,
-            "parameterisation": self.parameterisation,
-            "correlated": self.correlated,
-            "lag": self.lag,
-            "priors": {k: (v.to_dict() if isinstance(v, Prior) else v) for k, v in self.priors.items()},
-        }
-
     def default_priors(self, schema: Schema, design: Design) -> dict:
         """Weakly informative, on the log scale, centred from the data's own scales.
 
@@ -205,10 +203,6 @@ class Pk:
 
         covariates = schema.covariates if schema is not None else ()
         return read_nonmem(rows, covariates=covariates, key=key, allow_no_observations=True)
-
-    def slots(self, design: Design) -> dict:
-        """Sizes of padded axes other than observations: the number of dose slots."""
-        return {"dose": int(design.data["t_dose"].shape[1])}
 
     def template_design(self, schema: Schema, n_obs: int, dose: int = 1) -> Design:
         """A one-subject design with ``n_obs`` observation rows and ``dose`` dose slots (zeros)."""
@@ -493,9 +487,6 @@ class Pk:
         return labels, times, data
 
     # --------------------------------------------------- virtual patients
-    #: Prediction inputs that come from a subject's covariates (the rest describe the regimen).
-    covariate_inputs = ("X", "log_wt")
-
     def covariate_arrays(self, baseline: pd.DataFrame, schema: Schema) -> dict:
         """Per-subject prediction inputs from a covariate table (vectorised): X (n, 1, p), log_wt (n, 1)."""
         n = len(baseline)

@@ -30,7 +30,7 @@ import pytensor.tensor as pt
 from pytensor.tensor.slinalg import solve_triangular
 
 from bayestwin.data.cohort import OUTCOME, PATIENT, THERAPY, TIME, Schema
-from bayestwin.families.base import Design, Prior
+from bayestwin.families.base import Axis, Design, FamilyBase, Prior, check_prior_names, register_family
 
 EFFECTS = ("intercept", "slope")
 #: How the population fit parameterises each patient's random effects (twins always condition on
@@ -103,7 +103,8 @@ def exposure(times: np.ndarray, bounds: np.ndarray, codes: np.ndarray, n_therapi
     return overlap @ onehot, onehot[segment] * (times >= 0)[:, None]
 
 
-class Progression:
+@register_family
+class Progression(FamilyBase):
     """Hierarchical linear progression model (see module docstring).
 
     Parameters
@@ -125,10 +126,16 @@ class Progression:
     """
 
     name = "progression"
+    inputs = {
+        "X": Axis("patient"),
+        "patient_idx": Axis("obs"),
+        "time": Axis("obs"),
+        "exposure": Axis("obs"),
+        "on_therapy": Axis("obs"),
+        "y_obs": Axis("obs"),
+    }
     #: Free variables that belong to one patient; every other free variable is population-level.
     patient_vars = ("z",)
-    per_patient = ("X",)  # design arrays with one row per patient; the others have one per observation
-    observed = "y"
     #: Deterministics that describe one patient, reported for each twin.
     patient_outputs = ("patient_intercept", "patient_slope")
     prediction = "mu"
@@ -165,23 +172,11 @@ class Progression:
             "nu",
             "re_corr_eta",
         }
-        unknown = set(self.priors) - known
-        if unknown:
-            raise ValueError(f"unknown prior name(s) {sorted(unknown)}; known: {sorted(known)}")
+        check_prior_names(self.priors, known, self.name)
 
     @property
     def residual_params(self) -> tuple[str, ...]:
         return ("sigma", "nu") if self.residual == "student" else ("sigma",)
-
-    def config(self) -> dict:
-        """Everything needed to rebuild this family (for model cards)."""
-        return {
-            "family": self.name,
-            "residual": self.residual,
-            "level_effects": self.level_effects,
-            "parameterisation": self.parameterisation,
-            "priors": {k: (v.to_dict() if isinstance(v, Prior) else v) for k, v in self.priors.items()},
-        }
 
     def default_priors(self, schema: Schema) -> dict:
         sy, T, ybar = schema.outcome_sd, schema.time_scale, schema.outcome_mean
@@ -279,13 +274,6 @@ class Progression:
         return therapies, times, data
 
     # --------------------------------------------------- virtual patients
-    #: Prediction inputs that come from a patient's covariates (the rest describe the scenario).
-    covariate_inputs = ("X",)
-
-    def covariate_arrays(self, baseline: pd.DataFrame, schema: Schema) -> dict:
-        """Per-patient prediction inputs from a covariate table (vectorised): {"X": (n, 1, p)}."""
-        return {"X": schema.covariate_matrix(baseline)[:, None, :]}
-
     def scenario_arrays(self, scenarios, times, schema: Schema, start: float = 0.0, before=None):
         """Labels and prediction inputs (scenario, ...) for a new patient who is given each
         therapy from ``start`` on (the virtual patients of a trial), and ``before`` (default:
@@ -301,14 +289,6 @@ class Progression:
             for th in labels
         ]
         return labels, {k: np.stack([s[k] for s in scen]) for k in scen[0]}
-
-    def reference_baseline(self, constant: Mapping, schema: Schema) -> pd.DataFrame:
-        """The fitted cohort's covariates, back from the fit's constant data."""
-        return schema.baseline_from_matrix(np.asarray(constant["X"]))
-
-    def slots(self, design: Design) -> dict:
-        """Sizes of padded axes other than observations (none here)."""
-        return {}
 
     def template_design(self, schema: Schema, n_obs: int) -> Design:
         """A one-patient design with ``n_obs`` zero rows, for compiling the twin program."""

@@ -36,7 +36,7 @@ import pytensor.tensor as pt
 
 from bayestwin.data.cohort import OUTCOME, PATIENT, THERAPY, TIME, Schema
 from bayestwin.data.survival import START
-from bayestwin.families.base import Design, Prior
+from bayestwin.families.base import Axis, Design, FamilyBase, Prior, check_prior_names, register_family
 
 BASELINES = ("piecewise", "weibull")
 
@@ -52,7 +52,8 @@ def _interval_random(log_h, cumhaz, rng=None, size=None):
     return (rng.random(size=size if size is not None else p.shape) < p).astype(float)
 
 
-class Survival:
+@register_family
+class Survival(FamilyBase):
     """Proportional-hazards family (see module docstring).
 
     Parameters
@@ -75,12 +76,18 @@ class Survival:
     """
 
     name = "survival"
-    observed = "y"
+    table = "survival"
+    inputs = {
+        "X": Axis("patient"),
+        "patient_idx": Axis("obs"),
+        "time": Axis("obs"),
+        "start": Axis("obs"),
+        "treat": Axis("obs"),
+        "y_obs": Axis("obs"),
+    }
     prediction = "cumhaz"
-    per_patient = ("X",)
     patient_outputs = ("patient_log_hazard",)
     residual_params: tuple[str, ...] = ()
-    covariate_inputs = ("X",)
     forecast_kind = "event"
     #: A twin without frailty is the population posterior reweighted by one patient's
     #: follow-up: the Laplace proposal is near exact (no adaptation steps needed).
@@ -108,9 +115,7 @@ class Survival:
         self.baseline, self.pieces, self.cuts, self.frailty = baseline, int(pieces), cuts, frailty
         self.priors = dict(priors or {})
         known = {"log_hazard0", "hazard_step", "log_scale", "shape", "beta", "log_hr", "frailty_sd"}
-        unknown = set(self.priors) - known
-        if unknown:
-            raise ValueError(f"unknown prior name(s) {sorted(unknown)}; known: {sorted(known)}")
+        check_prior_names(self.priors, known, self.name)
 
     @property
     def patient_vars(self) -> tuple[str, ...]:
@@ -120,16 +125,6 @@ class Survival:
     def parameters(self) -> tuple[str, ...]:
         base = ("log_hazard0", "hazard_steps") if self.baseline == "piecewise" else ("log_scale", "shape")
         return (*base, "beta", "log_hr") + (("frailty_sd",) if self.frailty else ())
-
-    def config(self) -> dict:
-        return {
-            "family": self.name,
-            "baseline": self.baseline,
-            "pieces": self.pieces,
-            "cuts": self.cuts,
-            "frailty": self.frailty,
-            "priors": {k: (v.to_dict() if isinstance(v, Prior) else v) for k, v in self.priors.items()},
-        }
 
     def cut_points(self, schema: Schema) -> np.ndarray:
         """Inner cut points of the piecewise baseline (fixed by the schema: twins share them)."""
@@ -183,9 +178,6 @@ class Survival:
             "y_obs": frame[OUTCOME].to_numpy(float),
         }
         return Design(patients=patients, data=data)
-
-    def slots(self, design: Design) -> dict:
-        return {}
 
     def template_design(self, schema: Schema, n_obs: int) -> Design:
         """A one-patient design with ``n_obs`` zero rows, for compiling the twin program."""
@@ -279,10 +271,6 @@ class Survival:
         return therapies, times, data
 
     # --------------------------------------------------- virtual patients
-    def covariate_arrays(self, baseline: pd.DataFrame, schema: Schema) -> dict:
-        X = schema.covariate_matrix(baseline) if schema.covariates else np.zeros((len(baseline), 0))
-        return {"X": X[:, None, :]}
-
     def scenario_arrays(self, scenarios, times, schema: Schema, start: float = 0.0, before=None):
         """Labels and prediction inputs (scenario, ...) for a new patient given each therapy from
         ``start`` on: cumulative hazard from ``start`` to each time."""
@@ -299,9 +287,6 @@ class Survival:
             "start": np.broadcast_to(np.minimum(start, times), (S, T)).copy(),
             "treat": np.broadcast_to(onehot[:, None, :], (S, T, onehot.shape[1])).copy(),
         }
-
-    def reference_baseline(self, constant: Mapping, schema: Schema) -> pd.DataFrame:
-        return schema.baseline_from_matrix(np.asarray(constant["X"]))
 
     def observe(self, key, mu, params: Mapping) -> jax.Array:
         """An event by each time (Bernoulli(1 − exp(−cumhaz))), for a forecast's ``observation``."""

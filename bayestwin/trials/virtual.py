@@ -106,7 +106,7 @@ def _override(ds: xr.Dataset, parameters: Mapping, population) -> xr.Dataset:
 
 def _slots(population) -> dict:
     """Program slot sizes for virtual patients with no history (PK: dose slots set per call)."""
-    return {"dose": 4} if "dose" in getattr(population.family, "slot_axes", {}).values() else {}
+    return {a.slot: 4 for a in population.family.inputs.values() if a.slot is not None}
 
 
 # ---------------------------------------------------------------- covariates
@@ -207,14 +207,14 @@ def _fit_slots(population, scenario: dict) -> dict:
     """Widen PK dose slots to the program's (a power of two, at least 4)."""
     from bayestwin.engine.condition import padded_length
 
-    axes = getattr(population.family, "slot_axes", {})
-    fill = getattr(population.family, "pad_fill", {})
+    axes = {n: a.slot for n, a in population.family.inputs.items() if a.slot is not None}
+    fill = {n: a.fill for n, a in population.family.inputs.items()}
     out = {}
     for name, arr in scenario.items():
         arr = np.asarray(arr)
         if name in axes:
             m = padded_length(arr.shape[-1])
-            wide = np.full((*arr.shape[:-1], m), fill.get(name, 1.0 if name == "duration" else 0.0), arr.dtype)
+            wide = np.full((*arr.shape[:-1], m), fill[name], arr.dtype)
             wide[..., : arr.shape[-1]] = arr
             arr = wide
         out[name] = arr
@@ -222,7 +222,7 @@ def _fit_slots(population, scenario: dict) -> dict:
 
 
 def _simulator_for(population, scen: dict):
-    axes = getattr(population.family, "slot_axes", {})
+    axes = {n: a.slot for n, a in population.family.inputs.items() if a.slot is not None}
     slots = {axes[n]: int(np.asarray(a).shape[-1]) for n, a in scen.items() if n in axes}
     prog = population.program(4, **slots)
     d_pat = sum(b.size for b in prog.patient)
