@@ -21,7 +21,6 @@ from bayestwin.engine.compile import TwinProgram, compile_twin, unconstrained_dr
 from bayestwin.engine.fit import FitConfig, sample_model
 from bayestwin.engine.importance import ImportanceConfig
 from bayestwin.engine.nuts import NutsConfig
-from bayestwin.errors import DataError
 from bayestwin.families import get_family
 from bayestwin.families.base import Design
 from bayestwin.review import advice

@@ -21,7 +21,8 @@ def get_family(name_or_family="progression", **kwargs):
     """A family instance from its registered name (or pass an instance through, checked)."""
     if not isinstance(name_or_family, str):
         if not isinstance(name_or_family, Family):
-            missing = [n for n in ("name", "inputs", "design", "build_model", "observe") if not hasattr(name_or_family, n)]
+            need = ("name", "inputs", "design", "build_model", "observe")
+            missing = [n for n in need if not hasattr(name_or_family, n)]
             raise FamilyError(
                 f"{type(name_or_family).__name__} is not a model family (lacks {missing}); "
                 "see bayestwin.families.base.Family, or wrap a PyMC model builder in bt.Model"

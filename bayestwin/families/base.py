@@ -368,7 +368,7 @@ def _check_inputs(owner: str, inputs: Mapping) -> None:
         raise FamilyError(f"{owner}.inputs lacks {missing}: every family's model has patient_idx and y_obs data")
     for n, axis in inputs.items():
         if not isinstance(axis, Axis) or axis.kind not in ("obs", "patient"):
-            raise FamilyError(f"{owner}.inputs[{n!r}] must be Axis('obs' | 'patient', slot=None, fill=0.0), not {axis!r}")
+            raise FamilyError(f"{owner}.inputs[{n!r}] must be Axis('obs' | 'patient', slot, fill), not {axis!r}")
         if axis.slot is not None and axis.kind != "patient":
             raise FamilyError(f"{owner}.inputs[{n!r}]: a slot axis belongs to a per-patient input")
 
