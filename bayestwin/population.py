@@ -81,6 +81,7 @@ class Population:
     def fitted_model(self) -> pm.Model:
         """The PyMC model of the fit itself, rebuilt from the DataTree's constant and observed data
         (the cohort's table is not kept): for predictive checks and extensions of this fit."""
+        self.family.template_design(self.schema, 1)  # a family that reads its graph (bt.Model) reads it here
         const = self.idata.constant_data.to_dataset()
         data = {name: const[name].to_numpy() for name in const.data_vars}
         data.setdefault("y_obs", self.idata.observed_data[self.family.observed].to_numpy())

@@ -113,7 +113,7 @@ class Twin:
         verdict = gate(table, thresholds, by="patient")
         verdict.warn(f"{(~verdict.table['converged']).sum()} of {len(patients)} twin(s)")
         _warn_out_of_population(table)
-        idata = _to_datatree(values, stats, patients, fam)
+        idata = _to_datatree(values, stats, patients, fam, population.program(n_pad, **slots).model)
         idata.attrs.update(verdict.to_attrs())
         return cls(population, cohort, idata, verdict, cfg, seed, stats["position"], importance)
 
@@ -190,7 +190,7 @@ class Twin:
         fam, schema = self.population.family, self.population.schema
         labels, times, pred = fam.forecast_inputs(self.cohort, schema, therapies, times, start)
         predict = self.population.compiled("predict", cond.padded_length(1), cond.make_predict)  # shapes free
-        mu = predict(self._positions, pred)  # (B, S, C, D, T)
+        mu, extra = predict(self._positions, pred)  # (B, S, C, D, T)
         post = self.posterior
         coords = {
             "chain": post.chain.values,
@@ -208,6 +208,7 @@ class Twin:
             n: jnp.asarray(post[n].transpose("patient", "chain", "draw").to_numpy())[:, None, :, :, None]
             for n in fam.residual_params
         }
+        params |= extra  # per-observation parameters of the observation law (user models)
         obs = fam.observe(jax.random.key(seed), mu, params)
         mean = np.moveaxis(np.asarray(mu), (2, 3), (0, 1))  # (C, D, B, S, T)
         obs = np.moveaxis(np.asarray(obs), (2, 3), (0, 1))
@@ -420,15 +421,23 @@ def out_of_population(z: np.ndarray, level: float = OUT_OF_POPULATION_LEVEL) -> 
     return {"re_distance2": d2, "out_of_population": d2 > chi2.ppf(level, k)}
 
 
-def _to_datatree(values: dict, stats: dict, patients, family) -> xr.DataTree:
+def _to_datatree(values: dict, stats: dict, patients, family, model=None) -> xr.DataTree:
+    """The twins' DataTree; dims named as in the family's PyMC ``model`` (e.g. ``covariate``)."""
     dims = ("patient", "chain", "draw")
-    post = {}
+    named = model.named_vars_to_dims if model is not None else {}
+    post, coords = {}, {"patient": patients}
     for name, arr in values.items():
+        own = tuple(named.get(name) or ())
         if name in family.patient_outputs:
-            arr = arr[..., 0]  # one-patient slot
-        extra = tuple(f"{name}_dim_{i}" for i in range(arr.ndim - 3))
+            arr = arr[:, :, :, 0]  # one-patient slot
+            own = own[1:]
+        extra = tuple(own[i] if i < len(own) and own[i] is not None else f"{name}_dim_{i}" for i in range(arr.ndim - 3))
+        for i, d in enumerate(extra):
+            labels = model.coords.get(d) if model is not None else None
+            if labels is not None and len(labels) == arr.shape[3 + i]:
+                coords.setdefault(d, list(labels))
         post[name] = (dims + extra, arr)
-    posterior = xr.Dataset(post, coords={"patient": patients}).transpose("chain", "draw", "patient", ...)
+    posterior = xr.Dataset(post, coords=coords).transpose("chain", "draw", "patient", ...)
     per_draw = ("diverging", "acceptance_rate", "n_steps", "energy")
     per_chain = ("step_size", "khat", "ess_is")
     sample_stats = xr.Dataset(

@@ -102,7 +102,7 @@ def test_forecast_dims_summary_and_decisions(twin, population):
     # Per draw, the forecast's slope difference is exactly the twin's own drug_b effect draw.
     m = pp["mean"].sel(time=18.0) - pp["mean"].sel(time=6.0)
     diff = (m.sel(therapy="drug_b") - m.sel(therapy="standard")) / 12.0
-    own = twin.posterior["therapy_slope"].isel(therapy_slope_dim_0=1)
+    own = twin.posterior["therapy_slope"].isel(therapy_effect=1)
     np.testing.assert_allclose(diff.transpose("chain", "draw", "patient").to_numpy(), own.to_numpy(), rtol=1e-8)
     # ... and the twin's effect stays close to the population's (one patient moves it little).
     pop_effect = population.posterior["therapy_slope"].sel(therapy_effect="drug_b")

@@ -56,8 +56,9 @@ class TwinProgram:
     logp: Callable  # (*values, *data, mask) -> [patient-conditional log density]
     outputs: Callable  # (*values, *data) -> list of constrained outputs
     output_names: tuple[str, ...]
-    predict: Callable  # (*values, *prediction data) -> [mu]
+    predict: Callable  # (*values, *prediction data) -> [mu, *observation params]
     predict_data_names: tuple[str, ...]
+    predict_names: tuple[str, ...]  # the family's prediction, then its observation_params
     symbolic: dict  # the pytensor log-density before JAX: {"logp", "values", "data", "mask"}
 
     def split(self, phi_flat, patient_flat) -> list:
@@ -76,10 +77,55 @@ def template_design(family, schema, n_obs: int, **slots) -> Design:
     return family.template_design(schema, n_obs, **slots)
 
 
+def standardised(model, name: str):
+    """A patient variable written through its standard-normal offsets: ``(z, theta)``.
+
+    ``z`` is a new symbolic input shaped like the variable, ``theta`` the variable as a graph of
+    ``z`` and the population's value variables: ``mu + sigma z`` for a Normal, ``mu + z Lᵀ`` for
+    an MvNormal (L the Cholesky factor of its covariance). Under the population, z ~ N(0, I)
+    whatever parameterisation the model uses, and p(theta | phi) dtheta = N(z; 0, I) dz, so the
+    twin's density over (phi, z) is exact and its prior part is standard normal: the same
+    chain starts, prior draws and out-of-population distance serve every model. ``None`` when
+    the variable already is a ``Normal(0, 1)`` offset (the built-in families' ``z``).
+    """
+    from bayestwin.families.base import FamilyError
+
+    rv = model[name]
+    op = rv.owner.op
+    params = op.dist_params(rv.owner)
+    value = model.rvs_to_values[rv]
+    if op.name == "normal":
+        mu, sigma = params
+        if _constant(mu) == 0.0 and _constant(sigma) == 1.0:
+            return None
+        z = pt.tensor(f"{value.name}__std", dtype=value.dtype, shape=(None,) * value.ndim)
+        mu, sigma = model.replace_rvs_by_values([mu, sigma])
+        return z, mu + sigma * z
+    if op.name == "multivariate_normal":
+        mu, cov = model.replace_rvs_by_values(list(params))
+        z = pt.tensor(f"{value.name}__std", dtype=value.dtype, shape=(None,) * value.ndim)
+        chol = pt.linalg.cholesky(cov)
+        return z, mu + pt.einsum("...ij,...j->...i", chol, z)
+    raise FamilyError(
+        f"patient variable {name!r} is {type(op).__name__.removesuffix('RV')}: twins condition on Normal or "
+        "MvNormal patient variables (write others as a transform of one, e.g. exp of a Normal)"
+    )
+
+
+def _constant(x) -> float | None:
+    """The value of a constant scalar graph (broadcast dims allowed), or None."""
+    try:
+        v = np.asarray(pt.get_underlying_scalar_constant_value(x))
+    except Exception:  # noqa: BLE001 - not a constant
+        return None
+    return float(v) if v.size == 1 else None
+
+
 def compile_twin(family, schema, n_obs: int, **slots) -> TwinProgram:
     """Compile the family's graph for one patient slot of ``n_obs`` observations.
 
     ``slots``: sizes of the family's other padded axes (e.g. ``dose`` for PK), fixed per program.
+    Patient variables enter through their standardised offsets (:func:`standardised`).
     """
     design = template_design(family, schema, n_obs, **slots)
     model = family.build_model(design, schema)
@@ -90,36 +136,53 @@ def compile_twin(family, schema, n_obs: int, **slots) -> TwinProgram:
     replace = {model[name]: inputs[name] for name in data_names}
     # One patient slot: every row belongs to patient 0. A constant (not an input) lets pytensor's
     # rewrites turn the per-row gather into a broadcast, which vectorises far better.
-    replace[model["patient_idx"]] = pt.zeros(inputs["time"].shape, dtype=model["patient_idx"].dtype)
+    # Its length is that of another per-observation input, so that predictions (no y_obs) have it.
+    rows = next((n for n in data_names if n != "y_obs" and family.inputs[n].kind == "obs"), "y_obs")
+    replace[model["patient_idx"]] = pt.zeros(inputs[rows].shape[:1], dtype=model["patient_idx"].dtype)
     mask = pt.vector("mask", dtype=pytensor.config.floatX)
 
-    patient_rvs = [model[n] for n in family.patient_vars]
-    terms = model.logp(vars=[*patient_rvs, model[family.observed]], sum=False)
-    own = [t.sum() for t in terms[:-1]]  # none when the family has no per-patient variables
-    logp = pt.add(*own) + (terms[-1] * mask).sum() if own else (terms[-1] * mask).sum()
-    [logp] = graph_replace([logp], replace, strict=False)
+    # Patient variables: standard-normal offsets as they are, other Normals through theirs.
+    own, swap = [], {}
+    for n in family.patient_vars:
+        std = standardised(model, n)
+        if std is None:
+            own.append(model.logp(vars=[model[n]], sum=True))
+        else:
+            z, theta = std
+            swap[model.rvs_to_values[model[n]]] = (z, theta)
+            own.append(-0.5 * (z**2).sum() - 0.5 * np.log(2 * np.pi) * z.size)
+    [lik] = model.logp(vars=[model[family.observed]], sum=False)
+    to_z = {v: theta for v, (z, theta) in swap.items()}
+
+    def rewrite(graphs):
+        graphs = graph_replace(graphs, to_z, strict=False) if to_z else graphs
+        return graph_replace(graphs, replace, strict=False)
+
+    [lik] = rewrite([lik])
+    logp = pt.add(*rewrite(own)) + (lik * mask).sum() if own else (lik * mask).sum()
 
     blocks_phi, blocks_pat = [], []
     point = model.initial_point()
-    for v in model.value_vars:
+    values = [swap[v][0] if v in swap else v for v in model.value_vars]
+    for v, sym in zip(model.value_vars, values, strict=True):
         rv = model.values_to_rvs[v]
-        block = Block(v.name, rv.name, tuple(point[v.name].shape))
+        block = Block(sym.name, rv.name, tuple(point[v.name].shape))
         (blocks_pat if rv.name in family.patient_vars else blocks_phi).append(block)
 
     names = [*family.patient_outputs, *family.residual_params]
     names += [b.rv for b in blocks_phi if b.rv not in names] + [
         d.name for d in model.deterministics if d.name.startswith("re_chol_")
     ]
-    outs = graph_replace(model.replace_rvs_by_values([model[n] for n in names]), replace, strict=False)
+    outs = rewrite(model.replace_rvs_by_values([model[n] for n in names]))
 
     pred_names = tuple(n for n in data_names if n != "y_obs")  # patient_idx is implied
-    [mu] = graph_replace(model.replace_rvs_by_values([model[family.prediction]]), replace, strict=False)
+    shown = [family.prediction, *getattr(family, "observation_params", ())]
+    pred = rewrite(model.replace_rvs_by_values([model[n] for n in shown]))
 
-    values = list(model.value_vars)
     data_in = [inputs[n] for n in data_names]
     logp_fn = get_jaxified_graph(inputs=[*values, *data_in, mask], outputs=[logp])
     out_fn = get_jaxified_graph(inputs=[*values, *data_in], outputs=outs)
-    pred_fn = get_jaxified_graph(inputs=[*values, *[inputs[n] for n in pred_names]], outputs=[mu])
+    pred_fn = get_jaxified_graph(inputs=[*values, *[inputs[n] for n in pred_names]], outputs=pred)
     return TwinProgram(
         model=model,
         phi=tuple(blocks_phi),
@@ -131,6 +194,7 @@ def compile_twin(family, schema, n_obs: int, **slots) -> TwinProgram:
         output_names=tuple(names),
         predict=pred_fn,
         predict_data_names=pred_names,
+        predict_names=tuple(shown),
         symbolic={"logp": logp, "values": values, "data": inputs, "mask": mask},
     )
 

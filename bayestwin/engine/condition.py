@@ -229,14 +229,15 @@ def make_prior_draws(program: TwinProgram, approx: GaussianApprox):
 
 
 def make_predict(program: TwinProgram, approx: GaussianApprox):
-    """Jitted ``f(position, pred_data) -> mu (B, S, C, D, T)``: the structural prediction.
+    """Jitted ``f(position, pred_data) -> (mu, extras)``: the structural prediction ``mu``
+    (B, S, C, D, T) and the family's ``observation_params`` (a dict, often empty) on the same axes.
 
     ``pred_data[name]`` has leading axes (B, S) — patient and scenario (e.g. therapy) — followed
     by the prediction's own shape.
     """
 
     def one(x, arrs):
-        return program.predict(*_values(program, approx, x), *arrs)[0]
+        return tuple(program.predict(*_values(program, approx, x), *arrs))
 
     f = jax.vmap(one, in_axes=(0, None))  # draws
     f = jax.vmap(f, in_axes=(0, None))  # chains
@@ -244,7 +245,8 @@ def make_predict(program: TwinProgram, approx: GaussianApprox):
     jitted = jax.jit(jax.vmap(f, in_axes=(0, 0)))  # patients
 
     def predict(position, pred_data: dict):
-        return jitted(position, tuple(as_jax(pred_data[n]) for n in program.predict_data_names))
+        mu, *extra = jitted(position, tuple(as_jax(pred_data[n]) for n in program.predict_data_names))
+        return mu, dict(zip(program.predict_names[1:], extra, strict=True))
 
     return predict
 

@@ -12,6 +12,7 @@ from bayestwin.families.base import (
     register_family,
 )
 from bayestwin.families.joint import Joint
+from bayestwin.families.model import Model
 from bayestwin.families.pk import Pk
 from bayestwin.families.progression import Progression
 from bayestwin.families.survival import Survival
@@ -42,6 +43,7 @@ __all__ = [
     "FamilyBase",
     "FamilyError",
     "Joint",
+    "Model",
     "Pk",
     "Prior",
     "Progression",

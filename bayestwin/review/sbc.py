@@ -107,8 +107,10 @@ def sbc_twins(population, rows, *, key, L: int = 99, bins: int = 10, method: str
     x = jax.random.normal(k_x, (len(patients), 1, 1, d))
     truth = cond._batched_outputs(prog, approx)(x, tuple(np.asarray(data[n]) for n in prog.data_names))
     pred = {n: np.asarray(data[n])[:, None] for n in prog.predict_data_names}
-    mu = cond.make_predict(prog, approx)(x, pred)[:, 0, 0, 0, :]  # (patients, n_pad) at their own visits
+    mu, extra = cond.make_predict(prog, approx)(x, pred)
+    mu = mu[:, 0, 0, 0, :]  # (patients, n_pad) at their own visits
     params = {r: truth[r][:, 0, 0].reshape(len(patients), 1) for r in fam.residual_params}
+    params |= {k: v[:, 0, 0, 0] for k, v in extra.items()}
     y = np.asarray(fam.observe(k_y, mu, params))
     idx = design.data["patient_idx"]
     outcome = np.empty(len(idx))

@@ -171,7 +171,7 @@ def make_simulator(program: TwinProgram, family, d_patient: int) -> Callable:
 
     def traj(phi, z, pat, scen):
         arrays = [pat[n] if n in pat else scen[n] for n in names]
-        return program.predict(*program.split(phi, z), *arrays)[0]
+        return tuple(program.predict(*program.split(phi, z), *arrays))
 
     per_scenario = jax.vmap(traj, in_axes=(None, None, None, 0))
     per_patient = jax.vmap(per_scenario, in_axes=(None, 0, 0, None))
@@ -180,8 +180,9 @@ def make_simulator(program: TwinProgram, family, d_patient: int) -> Callable:
         n = jax.tree_util.tree_leaves(pat)[0].shape[0]
         kz, ky = jax.random.split(key)
         z = jax.random.normal(kz, (n, d_patient))
-        mean = per_patient(phi, z, pat, scen)
-        return mean, family.observe(ky, mean, residual)
+        mean, *extra = per_patient(phi, z, pat, scen)
+        params = residual | dict(zip(program.predict_names[1:], extra, strict=True))
+        return mean, family.observe(ky, mean, params)
 
     return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, None)))
 

@@ -1,0 +1,176 @@
+"""The family contract, checked over every registered family (bayestwin.families.base).
+
+Static checks (no fit): data names, scenario coverage, dims, patient variables, config round
+trip. Then, per family, one small fit shared by the module: save and load, a twin of a new
+patient from the loaded population, a forecast, a virtual cohort. A family registered later
+(yours) is added by giving it a case in ``CASES``.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import bayestwin as bt
+from bayestwin.dosing import Regimen
+from bayestwin.engine.compile import standardised
+from bayestwin.families import FAMILIES, Family, FamilyBase, FamilyError, from_config
+from bayestwin.families.base import Axis, register_family
+from bayestwin.families.glmm import poisson_glmm, simulate_counts
+from bayestwin.trials import virtual_cohort
+from tests.conftest import KEY
+
+
+def _progression():
+    from bayestwin.families.progression import simulate
+
+    df, _ = simulate(n_patients=13, seed=3)
+    new = df[df.patient == df.patient.iloc[-1]]
+    cohort = bt.Cohort(
+        df.drop(new.index), covariates=["age", "sex"], therapies=["standard", "drug_a", "drug_b"], key=KEY
+    )
+    return cohort, bt.Progression(), new.iloc[:2], None
+
+
+def _pk():
+    from bayestwin.families.pk import simulate
+
+    df, _ = simulate(n_subjects=9, seed=3)
+    last = df.ID.max()
+    events = bt.read_nonmem(df[df.ID != last], key=KEY)
+    new = df[(df.ID == last) & ((df.EVID == 1) | (df.TIME <= df.TIME.min() + 4))]
+    return events, bt.Pk(), new, [Regimen(100, 12, doses=2), Regimen(200, 12, doses=2)]
+
+
+def _survival():
+    from bayestwin.families.survival import simulate
+
+    df, _ = simulate(61, seed=3)
+    new = df[df.patient == df.patient.iloc[-1]]
+    table = bt.read_survival(df.drop(new.index), covariates=["age"], key=KEY)
+    return table, bt.Survival(baseline="weibull"), new, None
+
+
+def _joint():
+    from bayestwin.families.joint import simulate
+
+    df, _ = simulate(41, seed=3)
+    new = df[df.patient == df.patient.iloc[-1]]
+    table = bt.read_joint(df.drop(new.index), covariates=["age"], key=KEY)
+    return table, bt.Joint(pieces=2), new, None
+
+
+def _model():
+    df, _ = simulate_counts(25, seed=3)
+    new = df[df.patient == df.patient.iloc[-1]]
+    cohort = bt.Cohort(df.drop(new.index), covariates=["age"], therapies=["placebo", "drug"], key=KEY)
+    return cohort, bt.Model(poisson_glmm), new.iloc[:2], None
+
+
+CASES = {"progression": _progression, "pk": _pk, "survival": _survival, "joint": _joint, "model": _model}
+
+
+def test_every_registered_family_has_a_case():
+    assert set(FAMILIES) <= set(CASES), f"add a contract case for {sorted(set(FAMILIES) - set(CASES))}"
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table, family, new, scenarios = CASES[request.param]()
+    return request.param, table, family, new, scenarios
+
+
+def test_static_contract(case):
+    name, table, family, _, scenarios = case
+    assert isinstance(family, Family) and isinstance(family, FamilyBase) and family.name == name
+    schema = table.schema
+    design = family.design(table.frame, table.baseline, schema)
+    assert set(design.data) == set(family.inputs), "design() must return exactly the declared inputs"
+    template = family.template_design(schema, 3)
+    assert set(template.data) == set(family.inputs)
+    for n, axis in family.inputs.items():
+        rows = design.data[n].shape[0]
+        assert rows == (len(design.patients) if axis.kind == "patient" else len(design.data["y_obs"])), n
+        assert template.data[n].shape[1:] == design.data[n].shape[1:] or axis.slot, n
+    model = family.build_model(design, schema)
+    assert {"patient", "obs"} <= set(model.coords)
+    assert {v.name for v in model.data_vars} == set(family.inputs)
+    assert model.rvs_to_values[model[family.observed]] is not None
+    dims = model.named_vars_to_dims
+    for v in family.patient_vars:
+        assert dims[v][0] == "patient"
+        standardised(model, v)  # Normal or MvNormal given the population: no error
+    for v in family.patient_outputs:
+        assert dims[v][0] == "patient", v
+    # scenarios cover every input the prediction needs, with or without a history
+    need = {n for n in family.inputs if n not in ("patient_idx", "y_obs")}
+    _, _, data = family.forecast_inputs(table, schema, scenarios, None, None)
+    assert need <= set(data), f"forecast_inputs lacks {need - set(data)}"
+    times = np.linspace(0.0, schema.time_scale, 4)
+    _, scen = family.scenario_arrays(scenarios, times, schema, 0.0, None)
+    own = family.covariate_arrays(table.baseline, schema)
+    assert need <= set(scen) | set(own), f"scenario_arrays + covariate_arrays lack {need - set(scen) - set(own)}"
+    # config round trip: the family rebuilt from its card is the same family
+    cfg = family.config()
+    assert cfg["family"] == name
+    assert from_config(cfg).config() == cfg
+
+
+@pytest.fixture(scope="module")
+def fitted(case, tmp_path_factory):
+    name, table, family, new, scenarios = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pop = bt.fit(table, family, draws=300, tune=300, chains=2, extend=0, seed=2, progressbar=False)
+    folder = tmp_path_factory.mktemp(f"contract-{name}") / "pop"
+    pop.save(folder)
+    return case, pop, bt.load(folder)
+
+
+def test_save_load_twin_forecast_virtual_cohort(fitted):
+    (name, table, family, new, scenarios), pop, loaded = fitted
+    assert loaded.family.config() == pop.family.config()
+    assert type(loaded.family) is type(pop.family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        twin = loaded.condition(new, key=KEY, draws=200, seed=1, method="importance")
+    assert len(twin.patients) == 1
+    for v in loaded.family.patient_outputs:
+        x = twin.posterior[v]
+        assert np.isfinite(x.to_numpy()).all() and x.dims[:3] == ("chain", "draw", "patient"), v
+    fc = twin.predict(scenarios)
+    draws = fc.draws
+    assert np.isfinite(draws[list(draws.data_vars)[0]].to_numpy()).all()
+    vc = virtual_cohort(loaded, 4, therapies=scenarios, times=np.linspace(0.0, table.schema.time_scale, 3), seed=0)
+    assert vc.sizes["patient"] == 4 and np.isfinite(vc["mean"].to_numpy()).all()
+
+
+# ------------------------------------------------------------------- refusals
+def test_a_family_missing_a_piece_is_refused_when_defined():
+    with pytest.raises(FamilyError, match=r"family class Half lacks \['inputs'"):
+
+        class Half(FamilyBase):
+            name = "half"
+            patient_vars, patient_outputs, residual_params = ("z",), (), ()
+
+    with pytest.raises(FamilyError, match=r"inputs lacks \['y_obs'\]"):
+
+        class NoObs(bt.Progression):
+            inputs = {"patient_idx": Axis("obs")}
+
+
+def test_registry_refuses_a_second_family_of_the_same_name():
+    with pytest.raises(FamilyError, match="a family named 'progression' is already registered"):
+
+        @register_family
+        class Other(bt.Progression):
+            name = "progression"
+
+
+def test_unknown_family_in_a_card_or_spec_names_the_known_ones():
+    with pytest.raises(LookupError, match=r"unknown family 'nope'; known: \["):
+        from_config({"family": "nope"})
+    with pytest.raises(LookupError, match="lives in module 'no_such_pkg.fams', which cannot be imported"):
+        from_config({"family": "mine", "module": "no_such_pkg.fams:Mine"})
