@@ -338,6 +338,13 @@ def save(obj, path) -> Path:
 
     if not isinstance(obj, (Population, Twin)):
         raise TypeError(f"save() takes a Population or a Twin, not {type(obj).__name__}")
+    family = (obj if isinstance(obj, Population) else obj.population).family
+    try:  # the card must rebuild the family in another process: refuse before writing a byte
+        rebuilt = family_from_config(family.config())
+    except (ArtifactError, TypeError) as err:
+        raise ArtifactError(f"cannot save: {err}") from None
+    if rebuilt.config() != family.config():
+        raise ArtifactError(f"cannot save: family {family.name!r} does not rebuild from its config()")
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ArtifactError(f"{folder} exists and is not a folder")
