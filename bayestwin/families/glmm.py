@@ -105,3 +105,30 @@ def simulate_counts(
     truth = {"intercept": intercept, "slope": slope, "log_rr": log_rr, "beta_age": beta_age, "tau": tau}
     truth["patient_level"] = dict(zip(ids, level, strict=True))
     return df, truth
+
+
+def linear_growth(data: ModelData) -> pm.Model:
+    """The progression family's model, written as a user would in plain PyMC: correlated
+    patient (level, slope) as a *centred* MvNormal around covariate-dependent means, therapy
+    effects on the slope through the time spent on each therapy, Gaussian residuals. Twins of it
+    match the built-in family's (benchmarks/model_family.py compares them and their speed)."""
+    with pm.Model(coords=data.coords | {"effect": ["intercept", "slope"]}) as model:
+        idx = pm.Data("patient_idx", data["patient_idx"], dims="obs")
+        X = pm.Data("X", data["X"], dims=("patient", "covariate"))
+        t = pm.Data("time", data["time"], dims="obs")
+        E = pm.Data("exposure", data["exposure"], dims=("obs", "therapy_effect"))
+        y = pm.Data("y_obs", data["y_obs"], dims="obs")
+        intercept = pm.Normal("intercept", 0.0, 100.0)
+        slope = pm.Normal("slope", 0.0, 10.0)
+        beta_level = pm.Normal("beta_level", 0.0, 10.0, dims="covariate")
+        beta_slope = pm.Normal("beta_slope", 0.0, 1.0, dims="covariate")
+        therapy_slope = pm.Normal("therapy_slope", 0.0, 1.0, dims="therapy_effect")
+        chol, _, _ = pm.LKJCholeskyCov(
+            "re_chol", n=2, eta=2.0, sd_dist=pm.Gamma.dist(alpha=2.0, beta=[0.2, 2.0], shape=2), compute_corr=True
+        )
+        mean = pm.math.stack([intercept + X @ beta_level, slope + X @ beta_slope], axis=1)
+        theta = pm.MvNormal("theta", mu=mean, chol=chol, dims=("patient", "effect"))
+        mu = theta[idx, 0] + theta[idx, 1] * t + E @ therapy_slope
+        sigma = pm.HalfNormal("sigma", 10.0)
+        pm.Normal("y", mu=mu, sigma=sigma, observed=y, dims="obs")
+    return model
