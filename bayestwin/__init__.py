@@ -18,7 +18,7 @@ from bayestwin.data.nonmem import Events, read_nonmem  # noqa: E402
 from bayestwin.data.survival import read_survival  # noqa: E402
 from bayestwin.dosing import Regimen, dose_search  # noqa: E402
 from bayestwin.errors import ConvergenceWarning, DataError, OutOfPopulationWarning  # noqa: E402
-from bayestwin.families import Joint, Model, Pk, Prior, Progression, Survival, register_family  # noqa: E402
+from bayestwin.families import Formula, Joint, Model, Pk, Prior, Progression, Survival, register_family  # noqa: E402
 from bayestwin.forecast import EventForecast, Forecast  # noqa: E402
 from bayestwin.io import ArtifactError, load, save  # noqa: E402
 from bayestwin.population import Population, fit  # noqa: E402
@@ -26,6 +26,7 @@ from bayestwin.twin import Twin  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
+    "Formula",
     "Model",
     "register_family",
     "PSEUDONYMISED",

@@ -389,5 +389,10 @@ def needs_more_draws(table, limits: Thresholds, drawn: int, most: int) -> bool:
 
 
 def _population_vars(posterior: xr.Dataset) -> list[str]:
-    """Population-level variables; the packed Cholesky factor is shown as SDs and correlations."""
-    return [n for n, v in posterior.data_vars.items() if not {"patient", "obs"} & set(v.dims) and n != "re_chol"]
+    """Population-level variables; a packed LKJ Cholesky factor (``re_chol``) is shown as its SDs and
+    correlations (``re_chol_stds``, ``re_chol_corr``)."""
+    return [
+        n
+        for n, v in posterior.data_vars.items()
+        if not {"patient", "obs"} & set(v.dims) and f"{n}_stds" not in posterior.data_vars
+    ]

@@ -11,6 +11,7 @@ from bayestwin.families.base import (
     from_config,
     register_family,
 )
+from bayestwin.families.formula import Formula
 from bayestwin.families.joint import Joint
 from bayestwin.families.model import Model
 from bayestwin.families.pk import Pk
@@ -42,6 +43,7 @@ __all__ = [
     "Family",
     "FamilyBase",
     "FamilyError",
+    "Formula",
     "Joint",
     "Model",
     "Pk",

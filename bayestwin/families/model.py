@@ -86,12 +86,14 @@ DATA = {
 
 class ModelData(dict):
     """The arrays a :class:`Model`'s ``build`` function reads (a dict), with ``coords`` for
-    ``pm.Model(coords=data.coords)``: ``patient``, ``obs``, ``covariate``, ``therapy``,
-    ``therapy_effect``."""
+    ``pm.Model(coords=data.coords)`` (``patient``, ``obs``, ``covariate``, ``therapy``,
+    ``therapy_effect``) and the cohort's ``schema`` (therapies, covariate levels and scales,
+    outcome mean and SD: the same when twins rebuild the model, unlike the arrays' values)."""
 
-    def __init__(self, arrays: Mapping, coords: Mapping):
+    def __init__(self, arrays: Mapping, coords: Mapping, schema: Schema | None = None):
         super().__init__(arrays)
         self.coords = dict(coords)
+        self.schema = schema
 
 
 # ------------------------------------------------------------------ observation laws
@@ -296,7 +298,7 @@ class Model(FamilyBase):
             "exposure": cumulative[:, 1:],
             "y_obs": self._outcome(frame[OUTCOME].to_numpy(float), frame),
         }
-        return ModelData(arrays, _coords(patients, n, schema))
+        return ModelData(arrays, _coords(patients, n, schema), schema)
 
     def _outcome(self, y: np.ndarray, frame=None) -> np.ndarray:
         if self._graph is None or not self._graph["discrete"]:
@@ -332,7 +334,7 @@ class Model(FamilyBase):
             "y_obs": np.zeros(n_obs),
         }
         if self._graph is None:
-            self._learn(ModelData(arrays, _coords(["twin"], n_obs, schema)))
+            self._learn(ModelData(arrays, _coords(["twin"], n_obs, schema), schema))
         if self._graph["discrete"]:
             arrays["y_obs"] = arrays["y_obs"].astype(np.int64)
         return Design(patients=["twin"], data={n: arrays[n] for n in self._graph["data"]})
@@ -342,7 +344,7 @@ class Model(FamilyBase):
         model = self._call(data)
         obs = _observed(model)
         if obs.dtype.startswith("int"):
-            data = ModelData({**data, "y_obs": data["y_obs"].astype(np.int64)}, data.coords)
+            data = ModelData({**data, "y_obs": data["y_obs"].astype(np.int64)}, data.coords, data.schema)
             model = self._call(data)
             obs = _observed(model)
         self._graph = _roles(model, obs, self.prediction_name)
@@ -357,14 +359,14 @@ class Model(FamilyBase):
     def fit_model(self, design: Design, schema: Schema) -> tuple[pm.Model, tuple[str, ...]]:
         """The population fit samples the user's model as written (no forecast deterministics)."""
         arrays = {n: design.data[n] for n in design.data}
-        return self._call(ModelData(arrays, _coords(design.patients, len(arrays["y_obs"]), schema))), ()
+        return self._call(ModelData(arrays, _coords(design.patients, len(arrays["y_obs"]), schema), schema)), ()
 
     def build_model(self, design: Design, schema: Schema) -> pm.Model:
         """The user's model for ``design``, plus deterministics for the observation law's
         parameters and its expected value (what forecasts report)."""
         d = design.data
         arrays = {n: d[n] for n in d}
-        model = self._call(ModelData(arrays, _coords(design.patients, len(d["y_obs"]), schema)))
+        model = self._call(ModelData(arrays, _coords(design.patients, len(d["y_obs"]), schema), schema))
         if self._graph is None:
             self._graph = _roles(model, _observed(model), self.prediction_name)
         obs = model[self._graph["observed"]]

@@ -67,7 +67,21 @@ def _model():
     return cohort, bt.Model(poisson_glmm), new.iloc[:2], None
 
 
-CASES = {"progression": _progression, "pk": _pk, "survival": _survival, "joint": _joint, "model": _model}
+def _formula():
+    df, _ = simulate_counts(25, seed=4)
+    new = df[df.patient == df.patient.iloc[-1]]
+    cohort = bt.Cohort(df.drop(new.index), covariates=["age"], therapies=["placebo", "drug"], key=KEY)
+    return cohort, bt.Formula("y ~ time + therapy + age + (1 | patient)", likelihood="poisson"), new.iloc[:2], None
+
+
+CASES = {
+    "progression": _progression,
+    "pk": _pk,
+    "survival": _survival,
+    "joint": _joint,
+    "model": _model,
+    "formula": _formula,
+}
 
 
 def test_every_registered_family_has_a_case():

@@ -1,0 +1,263 @@
+"""``bt.Formula``: a mixed-model formula, as in lme4, brms and Bambi, turned into a twin-ready model.
+
+    bt.fit(cohort, bt.Formula("y ~ time * therapy + age + (time | patient)", likelihood="poisson"))
+
+The formula is parsed by ``formulae`` (the parser Bambi uses) and compiled into a PyMC model
+*symbolically*: every design column is a product of the cohort's arrays (``time``, the therapy
+given, the patient's covariates), so a twin of a new patient, a forecast under another therapy
+or a virtual patient evaluates the same design on its own rows. The result is a
+:class:`~bayestwin.families.model.Model`: everything it does, this does.
+
+Variables are the cohort's roles: ``time``, ``therapy`` (treatment coding against the first
+therapy), ``patient`` (the one grouping factor) and the covariates by name (numeric ones
+standardised as the cohort standardises them; categorical ones with treatment coding against the
+first level). ``*`` and ``:`` make interactions; ``0 +`` drops the intercept. One group term
+``(expr | patient)`` gives correlated patient effects (an LKJ(2) correlation, non-centred).
+Function terms (``I()``, ``log()``, ``scale()``) are refused: add the column to the table.
+
+Likelihoods and links: ``gaussian`` (identity), ``t`` (identity), ``poisson`` (log),
+``negativebinomial`` (log), ``bernoulli`` (logit). Priors are weakly informative on the link
+scale and fixed from the cohort's schema (outcome mean and SD, the time scale): for a Gaussian
+outcome ``Normal(ȳ, 2.5 s_y)`` on the intercept, ``Normal(0, 2.5 s_y / scale)`` on a coefficient
+(``scale``: the time scale for terms with ``time``, 1 otherwise), ``Gamma(2, 2 / (s_y / scale))``
+on patient-effect SDs, ``HalfNormal(s_y)`` on the residual SD; on the log or logit scale
+``s_y = 1`` and the intercept is centred at the link of ȳ.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import numpy as np
+import pymc as pm
+import pytensor.tensor as pt
+
+from bayestwin.families.base import FamilyError, register_family
+from bayestwin.families.model import Model, ModelData
+
+#: likelihood -> link
+LIKELIHOODS = {
+    "gaussian": "identity",
+    "t": "identity",
+    "poisson": "log",
+    "negativebinomial": "log",
+    "bernoulli": "logit",
+}
+
+
+def _parse(formula: str):
+    """(intercept, common terms, group intercept, group terms): terms as tuples of variable names."""
+    try:
+        from formulae import model_description
+    except ImportError:
+        raise ImportError("bt.Formula needs the formulae package: pip install 'bayestwin[formula]'") from None
+    if not isinstance(formula, str) or "~" not in formula:
+        raise FamilyError(f"a formula reads 'outcome ~ terms', not {formula!r}")
+    groups = re.findall(r"\(([^()|]*)\|([^()]*)\)", formula)
+    if len(groups) > 1:
+        raise FamilyError(
+            "write the patient effects as one group term, e.g. (1 + time | patient): they form one correlated block"
+        )
+    try:
+        md = model_description(formula)
+    except Exception as err:  # noqa: BLE001 - formulae's own parse errors
+        raise FamilyError(f"cannot parse the formula {formula!r}: {err}") from None
+
+    def names(term, where):
+        if type(term).__name__ == "Intercept":
+            return ()
+        out = []
+        for c in term.components:
+            if type(c).__name__ != "Variable":
+                raise FamilyError(
+                    f"{where} term {c.name!r}: function terms are not supported; add the transformed column"
+                )
+            out.append(c.name)
+        return tuple(out)
+
+    common = [t for t in md.common_terms]
+    intercept = any(type(t).__name__ == "Intercept" for t in common)
+    terms = [names(t, "the") for t in common if type(t).__name__ != "Intercept"]
+    g_intercept, g_terms = False, []
+    for g in md.group_terms:
+        factor = [c.name for c in g.factor.components]
+        if factor != ["patient"]:
+            raise FamilyError(f"group terms are by patient, not by {factor}: write (... | patient)")
+        if type(g.expr).__name__ == "Intercept":
+            g_intercept = True
+        else:
+            g_terms.append(names(g.expr, "the group"))
+    if not (g_intercept or g_terms):
+        raise FamilyError("the formula has no (... | patient) term: a twin needs patient-level effects")
+    return intercept, terms, g_intercept, g_terms
+
+
+@register_family
+class Formula(Model):
+    """A mixed-model formula as a family (see the module docstring).
+
+    Parameters
+    ----------
+    formula
+        ``"y ~ fixed terms + (expr | patient)"``; the left-hand side names the outcome (any name:
+        the cohort's outcome column is used).
+    likelihood
+        ``"gaussian"``, ``"t"``, ``"poisson"``, ``"negativebinomial"`` or ``"bernoulli"``.
+    prediction
+        As for :class:`~bayestwin.families.model.Model` (default: the expected outcome).
+
+    Examples
+    --------
+    >>> Formula("y ~ time * therapy + (1 | patient)", likelihood="poisson").config()["likelihood"]
+    'poisson'
+    """
+
+    name = "formula"
+
+    def __init__(self, formula: str, likelihood: str = "gaussian", *, prediction: str | None = None):
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {sorted(LIKELIHOODS)}, not {likelihood!r}")
+        self.formula, self.likelihood = formula, likelihood
+        self._terms = _parse(formula)
+        super().__init__(self._build, prediction=prediction)
+
+    def config(self) -> dict:
+        return {
+            "family": self.name,
+            "formula": self.formula,
+            "likelihood": self.likelihood,
+            "prediction": self.prediction_name,
+        }
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> Formula:
+        return cls(cfg["formula"], cfg["likelihood"], prediction=cfg.get("prediction"))
+
+    @classmethod
+    def from_bambi(cls, model) -> Formula:
+        """The same formula and likelihood as a ``bambi.Model`` (its variables must be the
+        cohort's roles: ``time``, ``therapy``, ``patient`` and covariate names)."""
+        family = getattr(getattr(model, "family", None), "name", None)
+        formula = getattr(getattr(model, "formula", None), "main", None)
+        if family is None or formula is None:
+            raise TypeError(f"expected a bambi.Model, not {type(model).__name__}")
+        return cls(formula, family)
+
+    def __repr__(self) -> str:
+        return f"Formula({self.formula!r}, likelihood={self.likelihood!r})"
+
+    # ------------------------------------------------------------ the model
+    def _columns(self, terms, intercept: bool, data: ModelData, get) -> tuple[list, list[str], list[float]]:
+        """Design columns (symbolic, one value per observation), their names and scales."""
+        schema = data.schema
+        known = ["time", "therapy", *schema.covariates]
+        blocks = {}
+
+        def block(var):
+            if var not in blocks:
+                if var == "time":
+                    blocks[var] = ([get("time")], ["time"], [schema.time_scale])
+                elif var == "therapy":
+                    on = get("on_therapy")
+                    levels = list(schema.therapies[1:])
+                    blocks[var] = (
+                        [on[:, k] for k in range(len(levels))],
+                        [f"therapy[{lv}]" for lv in levels],
+                        [1.0] * len(levels),
+                    )
+                elif var in schema.covariates:
+                    X, idx = get("X"), get("patient_idx")
+                    cols = [j for j, c in enumerate(schema.design_columns) if c == var or c.startswith(f"{var}[")]
+                    blocks[var] = (
+                        [X[idx, j] for j in cols],
+                        [schema.design_columns[j] for j in cols],
+                        [1.0] * len(cols),
+                    )
+                else:
+                    raise FamilyError(f"the formula's variable {var!r} is not one of the cohort's: {known}")
+            return blocks[var]
+
+        cols, names, scales = [], [], []
+        if intercept:
+            cols.append(pt.ones_like(get("time")))
+            names.append("Intercept")
+            scales.append(None)
+        for term in terms:
+            parts = [block(v) for v in term]
+            combos = [([], [], 1.0)]
+            for c, n, s in parts:
+                combos = [
+                    (a + [ci], b + [ni], sc * si) for a, b, sc in combos for ci, ni, si in zip(c, n, s, strict=True)
+                ]
+            for c, n, s in combos:
+                col = c[0]
+                for other in c[1:]:
+                    col = col * other
+                cols.append(col)
+                names.append(":".join(n))
+                scales.append(s)
+        return cols, names, scales
+
+    def _build(self, data: ModelData) -> pm.Model:
+        schema = data.schema
+        intercept, terms, g_intercept, g_terms = self._terms
+        vars_used = {v for t in [*terms, *g_terms] for v in t}
+        link = LIKELIHOODS[self.likelihood]
+        sy = schema.outcome_sd if link == "identity" else 1.0
+        ybar = schema.outcome_mean
+        if link == "log":
+            centre = float(np.log(max(ybar, 1e-3)))
+        elif link == "logit":
+            p = min(max(ybar, 1e-3), 1 - 1e-3)
+            centre = float(np.log(p / (1 - p)))
+        else:
+            centre = ybar
+        with pm.Model(coords=data.coords) as model:
+            declared = {
+                "patient_idx": pm.Data("patient_idx", data["patient_idx"], dims="obs"),
+                "time": pm.Data("time", data["time"], dims="obs"),
+            }
+            if "therapy" in vars_used:
+                declared["on_therapy"] = pm.Data("on_therapy", data["on_therapy"], dims=("obs", "therapy_effect"))
+            if vars_used & set(schema.covariates):
+                declared["X"] = pm.Data("X", data["X"], dims=("patient", "covariate"))
+            y = pm.Data("y_obs", data["y_obs"], dims="obs")
+            get = declared.__getitem__
+
+            cols, names, scales = self._columns(terms, intercept, data, get)
+            eta = pt.zeros_like(declared["time"])
+            if cols:
+                model.add_coord("term", names)
+                mu0 = np.array([centre if s is None else 0.0 for s in scales])
+                sd0 = np.array([2.5 * sy if s is None else 2.5 * sy / s for s in scales])
+                beta = pm.Normal("beta", mu=mu0, sigma=sd0, dims="term")
+                eta = eta + pt.stack(cols, axis=1) @ beta
+            gcols, gnames, gscales = self._columns(g_terms, g_intercept, data, get)
+            gscale = np.array([sy if s is None else sy / s for s in gscales])
+            model.add_coord("patient_effect", gnames)
+            z = pm.Normal("z", 0.0, 1.0, dims=("patient", "patient_effect"))  # non-centred offsets
+            prior = pm.Gamma.dist(alpha=2.0, beta=2.0 / gscale, shape=len(gnames))  # zero-avoiding SDs
+            if len(gnames) > 1:
+                chol, _, stds = pm.LKJCholeskyCov(
+                    "patient_chol", n=len(gnames), eta=2.0, sd_dist=prior, compute_corr=True
+                )
+                pm.Deterministic("patient_sd", stds, dims="patient_effect")
+                b = z @ chol.T
+            else:
+                b = z * pm.Gamma("patient_sd", alpha=2.0, beta=2.0 / gscale, dims="patient_effect")
+            b = pm.Deterministic("patient_effects", b, dims=("patient", "patient_effect"))
+            eta = eta + (pt.stack(gcols, axis=1) * b[declared["patient_idx"]]).sum(axis=1)
+            if self.likelihood == "gaussian":
+                pm.Normal("y", mu=eta, sigma=pm.HalfNormal("sigma", sy), observed=y, dims="obs")
+            elif self.likelihood == "t":
+                nu = pm.Gamma("nu", alpha=2.0, beta=0.1)
+                pm.StudentT("y", nu=nu, mu=eta, sigma=pm.HalfNormal("sigma", sy), observed=y, dims="obs")
+            elif self.likelihood == "poisson":
+                pm.Poisson("y", mu=pt.exp(eta), observed=y, dims="obs")
+            elif self.likelihood == "negativebinomial":
+                alpha = pm.Gamma("alpha", alpha=2.0, beta=0.2)
+                pm.NegativeBinomial("y", mu=pt.exp(eta), alpha=alpha, observed=y, dims="obs")
+            else:
+                pm.Bernoulli("y", logit_p=eta, observed=y, dims="obs")
+        return model

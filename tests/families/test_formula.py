@@ -1,0 +1,105 @@
+"""bt.Formula: a mixed-model formula (lme4 / brms / Bambi syntax) as a twin-ready family.
+
+The progression model written as a formula is fitted to the shared simulated cohort: its therapy
+effects agree with the built-in family's, and a held-out patient's twin matches a full refit
+that includes the patient (tolerances as in tests/engine/test_refit_agreement.py). Then the
+formulas it refuses, and a real ``bambi.Model`` read into it.
+"""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import bayestwin as bt
+from bayestwin.families import FamilyError
+from bayestwin.families.glmm import simulate_counts
+from tests.agreement import assert_twin_matches_refit
+from tests.conftest import KEY, THERAPIES
+
+#: The progression family's model: covariates on level and slope, therapy on the slope.
+GROWTH = "y ~ time + age + sex + time:age + time:sex + time:therapy + (1 + time | patient)"
+
+
+@pytest.fixture(scope="module")
+def formula_fit(simulated):
+    train, _, _ = simulated
+    cohort = bt.Cohort(train, covariates=["age", "sex"], therapies=THERAPIES, key=KEY)
+    return bt.fit(cohort, bt.Formula(GROWTH), draws=2000, tune=1000, seed=1, progressbar=False)
+
+
+@pytest.mark.slow
+def test_the_growth_formula_agrees_with_the_progression_family(formula_fit, population):
+    assert formula_fit.verdict.converged
+    f, p = formula_fit.posterior, population.posterior
+    for k, therapy in enumerate(THERAPIES[1:]):
+        a = f["beta"].sel(term=f"time:therapy[{therapy}]")
+        b = p["therapy_slope"].isel(therapy_effect=k)
+        print(therapy, float(a.mean()), float(b.mean()), float(b.std()))
+        assert abs(float(a.mean()) - float(b.mean())) <= 0.5 * float(b.std())  # different (weak) priors
+
+
+@pytest.mark.slow
+def test_a_formula_twin_matches_a_full_refit(formula_fit, simulated):
+    train, held, _ = simulated
+    pid = held.patient.unique()[0]
+    rows = held[held.patient == pid]
+    twin = formula_fit.condition(rows, key=KEY, draws=2000, seed=5)
+    full = bt.Cohort(pd.concat([train, rows]), covariates=["age", "sex"], therapies=THERAPIES, key=KEY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        ref = bt.fit(full, bt.Formula(GROWTH), draws=2000, tune=1000, seed=2, progressbar=False)
+    assert ref.verdict.converged and twin.verdict.converged
+    effects = [("patient_effects", {"patient_effect": e}) for e in ("Intercept", "time")]
+    assert_twin_matches_refit(ref, twin, bt.pseudonymise(pid, KEY), effects)
+
+
+@pytest.mark.parametrize(
+    ("formula", "message"),
+    [
+        ("y ~ time + log(age) + (1 | patient)", "function terms are not supported"),
+        ("y ~ time + (1 | patient) + (0 + time | patient)", "write the patient effects as one group term"),
+        ("y ~ time + (1 | site)", "group terms are by patient, not by ['site']"),
+        ("y ~ time + therapy", "the formula has no (... | patient) term"),
+        ("y time", "a formula reads 'outcome ~ terms'"),
+    ],
+)
+def test_formulas_that_cannot_be_twins_are_refused(formula, message):
+    with pytest.raises(FamilyError) as err:
+        bt.Formula(formula)
+    assert message in str(err.value)
+
+
+def test_unknown_variables_and_likelihoods_are_refused_before_fitting():
+    df, _ = simulate_counts(6, seed=1)
+    cohort = bt.Cohort(df, covariates=["age"], therapies=["placebo", "drug"], key=KEY)
+    with pytest.raises(
+        FamilyError, match=r"the formula's variable 'weight' is not one of the cohort's: \['time', 'therapy', 'age'\]"
+    ):
+        bt.fit(cohort, bt.Formula("y ~ time + weight + (1 | patient)", likelihood="poisson"), draws=10, tune=10)
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        bt.Formula("y ~ time + (1 | patient)", likelihood="gamma")
+
+
+def test_a_bambi_model_becomes_the_same_formula():
+    bambi = pytest.importorskip("bambi")
+    df, _ = simulate_counts(8, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = bambi.Model("outcome ~ time + therapy + age + (1|patient)", df, family="poisson")
+    fam = bt.Formula.from_bambi(model)
+    assert fam.config() == {
+        "family": "formula",
+        "formula": "outcome ~ time + therapy + age + (1|patient)",
+        "likelihood": "poisson",
+        "prediction": None,
+    }
+    cohort = bt.Cohort(df, covariates=["age"], therapies=["placebo", "drug"], key=KEY)
+    design = fam.design(cohort.frame, cohort.baseline, cohort.schema)
+    built = fam.build_model(design, cohort.schema)
+    # the same design columns as Bambi's (age standardised here, as the cohort standardises it)
+    assert list(built.coords["term"]) == ["Intercept", "time", "therapy[drug]", "age"]
+    assert np.isfinite(built.compile_logp()(built.initial_point()))
+    with pytest.raises(TypeError, match="expected a bambi.Model, not str"):
+        bt.Formula.from_bambi("y ~ x")
