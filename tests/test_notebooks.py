@@ -13,7 +13,7 @@ nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 #: Run by this file; every other notebook by test_notebooks_b.py (so a new one is never skipped).
-HERE = ("01_quickstart.ipynb", "04_review.ipynb", "05_from_fhir.ipynb")
+HERE = ("01_quickstart.ipynb", "04_review.ipynb", "05_from_fhir.ipynb", "07_your_model.ipynb")
 
 
 #: Smaller sizes for the test run, injected after each notebook's cell tagged "parameters" (as
@@ -23,6 +23,7 @@ CI_PARAMETERS = {
     "03_virtual_trial.ipynb": {"TRIALS": 400, "CURVE_TRIALS": 200, "POOL": 200},
     "04_review.ipynb": {"FOLD_DRAWS": 250},
     "06_event_risk.ipynb": {"DRAWS": 500, "CALIBRATION_DRAWS": 300, "JOINT_PATIENTS": 50, "JOINT_DRAWS": 500},
+    "07_your_model.ipynb": {"DRAWS": 500},
 }
 
 

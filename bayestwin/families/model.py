@@ -254,6 +254,11 @@ class Model(FamilyBase):
         return self.prediction_name or f"expected_{self.observed}"
 
     @property
+    def law(self) -> str:
+        """The observation law read from the graph (``"poisson"``, ``"bernoulli"``, ...)."""
+        return self._read("law")
+
+    @property
     def observation_params(self) -> tuple[str, ...]:
         return tuple(f"{self.observed}_param_{i}" for i in range(self._read("n_params")))
 

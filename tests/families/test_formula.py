@@ -1,7 +1,7 @@
 """bt.Formula: a mixed-model formula (lme4 / brms / Bambi syntax) as a twin-ready family.
 
-The progression model written as a formula is fitted to the shared simulated cohort: its therapy
-effects agree with the built-in family's, and a held-out patient's twin matches a full refit
+The progression model written as a formula is fitted to the shared simulated cohort: it recovers
+the simulated therapy effects, and a held-out patient's twin matches a full refit
 that includes the patient (tolerances as in tests/engine/test_refit_agreement.py). Then the
 formulas it refuses, and a real ``bambi.Model`` read into it.
 """
@@ -30,14 +30,19 @@ def formula_fit(simulated):
 
 
 @pytest.mark.slow
-def test_the_growth_formula_agrees_with_the_progression_family(formula_fit, population):
+def test_the_growth_formula_recovers_the_simulated_therapy_effects(formula_fit, simulated):
+    """The formula's time:therapy terms are the progression family's therapy slopes (one therapy
+    per patient from time 0, so exposure = time on it); the simulated truth is within 2.5
+    posterior SDs. (The built-in family's default prior on them is 2.5x tighter, so the two
+    posteriors differ by a prior effect of about half an SD here, not by a model difference;
+    benchmarks/model_family.py compares the two models under the same priors.)"""
+    _, _, truth = simulated
     assert formula_fit.verdict.converged
-    f, p = formula_fit.posterior, population.posterior
-    for k, therapy in enumerate(THERAPIES[1:]):
+    f = formula_fit.posterior
+    for therapy in THERAPIES[1:]:
         a = f["beta"].sel(term=f"time:therapy[{therapy}]")
-        b = p["therapy_slope"].isel(therapy_effect=k)
-        print(therapy, float(a.mean()), float(b.mean()), float(b.std()))
-        assert abs(float(a.mean()) - float(b.mean())) <= 0.5 * float(b.std())  # different (weak) priors
+        print(therapy, float(a.mean()), float(a.std()), truth["therapy_slope"][therapy])
+        assert abs(float(a.mean()) - truth["therapy_slope"][therapy]) <= 2.5 * float(a.std())
 
 
 @pytest.mark.slow
