@@ -286,7 +286,8 @@ class FamilyBase:
     def config(self) -> dict:
         """The family's name and every ``__init__`` argument (priors as dicts): for model cards."""
         out = {"family": self.name}
-        for p in list(inspect.signature(type(self).__init__).parameters)[1:]:
+        params = inspect.signature(type(self).__init__).parameters.values()
+        for p in [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)][1:]:
             value = getattr(self, p)
             if p == "priors":
                 value = {k: (v.to_dict() if isinstance(v, Prior) else v) for k, v in value.items()}

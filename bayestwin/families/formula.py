@@ -16,12 +16,17 @@ first level). ``*`` and ``:`` make interactions; ``0 +`` drops the intercept. On
 Function terms (``I()``, ``log()``, ``scale()``) are refused: add the column to the table.
 
 Likelihoods and links: ``gaussian`` (identity), ``t`` (identity), ``poisson`` (log),
-``negativebinomial`` (log), ``bernoulli`` (logit). Priors are weakly informative on the link
-scale and fixed from the cohort's schema (outcome mean and SD, the time scale): for a Gaussian
-outcome ``Normal(ȳ, 2.5 s_y)`` on the intercept, ``Normal(0, 2.5 s_y / scale)`` on a coefficient
-(``scale``: the time scale for terms with ``time``, 1 otherwise), ``Gamma(2, 2 / (s_y / scale))``
-on patient-effect SDs, ``HalfNormal(s_y)`` on the residual SD; on the log or logit scale
-``s_y = 1`` and the intercept is centred at the link of ȳ.
+``negativebinomial`` (log), ``bernoulli`` (logit), ``ordinal`` (cumulative logit over ``levels``
+ordered categories coded 0 .. levels - 1, as brms's ``cumulative()`` or ``ordinal::clmm``: the
+intercept is absorbed by the ``levels - 1`` ordered cut points, ``Normal(0, 2.5)`` around
+equally spaced logits; forecasts report the expected category and draw categories).
+
+Priors are weakly informative on the link scale and fixed from the cohort's schema (outcome mean
+and SD, the time scale): for a Gaussian outcome ``Normal(ȳ, 2.5 s_y)`` on the intercept,
+``Normal(0, 2.5 s_y / scale)`` on a coefficient (``scale``: the time scale for terms with
+``time``, 1 otherwise), ``Gamma(2, 2 / (s_y / scale))`` on patient-effect SDs, ``HalfNormal(s_y)``
+on the residual SD; on the log or logit scale ``s_y = 1`` and the intercept is centred at the link
+of ȳ.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ LIKELIHOODS = {
     "poisson": "log",
     "negativebinomial": "log",
     "bernoulli": "logit",
+    "ordinal": "cumulative logit",
 }
 
 
@@ -103,7 +109,8 @@ class Formula(Model):
         ``"y ~ fixed terms + (expr | patient)"``; the left-hand side names the outcome (any name:
         the cohort's outcome column is used).
     likelihood
-        ``"gaussian"``, ``"t"``, ``"poisson"``, ``"negativebinomial"`` or ``"bernoulli"``.
+        ``"gaussian"``, ``"t"``, ``"poisson"``, ``"negativebinomial"``, ``"bernoulli"`` or
+        ``"ordinal"`` (with ``levels``, the number of ordered categories).
     prediction
         As for :class:`~bayestwin.families.model.Model` (default: the expected outcome).
 
@@ -115,10 +122,18 @@ class Formula(Model):
 
     name = "formula"
 
-    def __init__(self, formula: str, likelihood: str = "gaussian", *, prediction: str | None = None):
+    def __init__(
+        self, formula: str, likelihood: str = "gaussian", *, levels: int | None = None, prediction: str | None = None
+    ):
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {sorted(LIKELIHOODS)}, not {likelihood!r}")
-        self.formula, self.likelihood = formula, likelihood
+        if (likelihood == "ordinal") != (levels is not None):
+            raise ValueError(
+                "levels (the number of ordered categories) goes with likelihood='ordinal', and only with it"
+            )
+        if levels is not None and (not isinstance(levels, int) or isinstance(levels, bool) or levels < 2):
+            raise ValueError(f"levels must be an integer of at least 2, not {levels!r}")
+        self.formula, self.likelihood, self.levels = formula, likelihood, levels
         self._terms = _parse(formula)
         super().__init__(self._build, prediction=prediction)
 
@@ -132,7 +147,7 @@ class Formula(Model):
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> Formula:
-        return cls(cfg["formula"], cfg["likelihood"], prediction=cfg.get("prediction"))
+        return cls(cfg["formula"], cfg["likelihood"], levels=cfg.get("levels"), prediction=cfg.get("prediction"))
 
     @classmethod
     def from_bambi(cls, model) -> Formula:
@@ -202,6 +217,7 @@ class Formula(Model):
     def _build(self, data: ModelData) -> pm.Model:
         schema = data.schema
         intercept, terms, g_intercept, g_terms = self._terms
+        intercept = intercept and self.likelihood != "ordinal"  # the cut points hold it
         vars_used = {v for t in [*terms, *g_terms] for v in t}
         link = LIKELIHOODS[self.likelihood]
         sy = schema.outcome_sd if link == "identity" else 1.0
@@ -258,6 +274,13 @@ class Formula(Model):
             elif self.likelihood == "negativebinomial":
                 alpha = pm.Gamma("alpha", alpha=2.0, beta=0.2)
                 pm.NegativeBinomial("y", mu=pt.exp(eta), alpha=alpha, observed=y, dims="obs")
-            else:
+            elif self.likelihood == "bernoulli":
                 pm.Bernoulli("y", logit_p=eta, observed=y, dims="obs")
+            else:
+                k = self.levels - 1
+                start = np.linspace(-2.0, 2.0, k) if k > 1 else np.zeros(1)
+                cut = pm.Normal(
+                    "cutpoints", mu=start, sigma=2.5, transform=pm.distributions.transforms.ordered, initval=start
+                )
+                pm.OrderedLogistic("y", eta=eta, cutpoints=cut, compute_p=False, observed=y, dims="obs")
         return model

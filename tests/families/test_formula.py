@@ -108,3 +108,46 @@ def test_a_bambi_model_becomes_the_same_formula():
     assert np.isfinite(built.compile_logp()(built.initial_point()))
     with pytest.raises(TypeError, match="expected a bambi.Model, not str"):
         bt.Formula.from_bambi("y ~ x")
+
+
+def _simulate(kind: str, n: int = 50, visits: int = 6, seed: int = 0):
+    """Binary or 4-level ordinal outcomes: logit-scale patient intercepts (SD 0.8), a drug
+    effect of -1.0 (log odds) and a time trend of +0.3 per visit."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        drug, u = i % 2, rng.normal(0.0, 0.8)
+        for t in range(visits):
+            eta = u + 0.3 * t - 1.0 * drug
+            if kind == "bernoulli":
+                y = float(rng.random() < 1 / (1 + np.exp(-eta)))
+            else:  # cumulative logit, cut points -1, 0.5, 2
+                y = float(np.sum(rng.logistic() + eta > np.array([-1.0, 0.5, 2.0])))
+            rows.append((f"b{i:03d}", float(t), y, ["placebo", "drug"][drug]))
+    return pd.DataFrame(rows, columns=["patient", "time", "outcome", "therapy"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("likelihood", "levels"), [("bernoulli", None), ("ordinal", 4)])
+def test_binary_and_ordinal_outcomes_recover_the_drug_effect_and_forecast_categories(likelihood, levels):
+    df = _simulate(likelihood)
+    cohort = bt.Cohort(df, therapies=["placebo", "drug"], key=KEY)
+    fam = bt.Formula("y ~ time + therapy + (1 | patient)", likelihood=likelihood, levels=levels)
+    pop = bt.fit(cohort, fam, draws=1000, tune=1000, chains=2, seed=1, progressbar=False)
+    assert pop.verdict.converged
+    drug = pop.posterior["beta"].sel(term="therapy[drug]")
+    print(likelihood, float(drug.mean()), float(drug.std()))
+    assert abs(float(drug.mean()) - (-1.0)) <= 2.5 * float(drug.std())
+    if levels:
+        cut = pop.posterior["cutpoints"].mean(["chain", "draw"]).to_numpy()
+        assert np.all(np.diff(cut) > 0)
+    twin = pop.condition(df[df.patient == "b000"].iloc[:3], key=KEY, draws=500, method="importance")
+    forecast = twin.predict(times=[6.0])
+    fc = forecast.draws
+    obs = fc["observation"].to_numpy()
+    assert set(np.unique(obs)) <= set(range(levels or 2))
+    # the expected outcome (P(y = 1), or the expected category) is what the draws average to
+    gap = float(abs(fc["observation"].mean(["chain", "draw"]) - fc["mean"].mean(["chain", "draw"])).max())
+    assert gap < 5 * float(fc["observation"].std()) / np.sqrt(fc.sizes["chain"] * fc.sizes["draw"])
+    best = forecast.prob_best(time=6.0, direction="lower")
+    assert (best["drug"] > 0.5).all()  # the drug lowers the outcome's odds
