@@ -20,9 +20,10 @@ from bayestwin.dosing import Regimen, dose_search  # noqa: E402
 from bayestwin.errors import ConvergenceWarning, DataError, OutOfPopulationWarning  # noqa: E402
 from bayestwin.families import Formula, Joint, Model, Pk, Prior, Progression, Survival, register_family  # noqa: E402
 from bayestwin.forecast import EventForecast, Forecast  # noqa: E402
-from bayestwin.io import ArtifactError, load, save  # noqa: E402
+from bayestwin.io import ArtifactError, save  # noqa: E402
 from bayestwin.population import Population, fit  # noqa: E402
 from bayestwin.twin import Twin  # noqa: E402
+from bayestwin.zoo import load_any as load  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [

@@ -163,7 +163,7 @@ def _condition(args) -> int:
     import os
 
     from bayestwin.engine.many import condition_many, refresh
-    from bayestwin.io import load
+    from bayestwin.zoo import load_any as load
 
     say = (lambda *a: None) if args.quiet else print
     key = os.environ.get(args.key_env)
@@ -211,7 +211,7 @@ def _review(args) -> int:
 
     src = Path(args.path)
     if src.is_dir() or (not src.exists() and os.sep not in args.path):  # an artifact folder or a zoo model
-        from bayestwin.io import load
+        from bayestwin.zoo import load_any as load
 
         out = Path(args.output or f"{src.name}.html")
         check_target(out, is_ours=_is_report, force=args.force, what="reviewer report")  # before loading

@@ -472,8 +472,8 @@ def read_card(path) -> dict:
 def load(path):
     """Load and verify an artifact folder: a :class:`~bayestwin.Population` or a :class:`~bayestwin.Twin`.
 
-    ``path`` is a folder written by :func:`save`, or the name of a model in the model zoo
-    (``models/NAME``, see :func:`bayestwin.zoo.path`). Refuses (``ArtifactError``) a missing,
+    ``path`` is a folder written by :func:`save` (``bt.load`` also takes the name of a model in the
+    model zoo: :func:`bayestwin.zoo.load`). Refuses (``ArtifactError``) a missing,
     truncated, tampered or newer-version artifact, and a card that passes its checksum but
     lacks or mistypes a field (edited and re-checksummed). The loaded Population conditions new patients
     without refitting.
@@ -491,10 +491,6 @@ def load(path):
 def _load(path):
     """:func:`load` without the translation of a malformed card's errors."""
     folder = Path(path)
-    if not folder.exists() and isinstance(path, str) and os.sep not in path:
-        from bayestwin.zoo import model_path
-
-        folder = model_path(path) / "population"
     card = read_card(folder)
     r = _Reader(folder, card["files"])
     pop = _population_from(card["population"], r)

@@ -223,6 +223,18 @@ def load_model(name: str):
     return load(model_path(name) / "population")
 
 
+def load_any(name_or_path):
+    """``bt.load``: an artifact folder (:func:`bayestwin.io.load`), or the name of a zoo model
+    (a bare name that is not a folder here) whose fitted population is loaded."""
+    folder = Path(name_or_path)
+    if not folder.exists() and isinstance(name_or_path, str) and os.sep not in name_or_path and "/" not in name_or_path:
+        try:
+            folder = model_path(name_or_path) / "population"
+        except ArtifactError as err:
+            raise ArtifactError(f"no folder {name_or_path!r}, and {err}") from None
+    return load(folder)
+
+
 def write_model_card(spec: dict, pop, artifact: Path) -> Path:
     """``MODEL_CARD.md`` next to the spec: description, data, family, sampler, verdict, summary."""
     card = read_card(artifact)
