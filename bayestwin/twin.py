@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -19,8 +17,8 @@ from bayestwin.engine import condition as cond
 from bayestwin.engine.importance import ImportanceConfig
 from bayestwin.engine.nuts import NutsConfig
 from bayestwin.errors import OutOfPopulationWarning
-from bayestwin.review import batched
 from bayestwin.review.convergence import Thresholds, Verdict, gate
+from bayestwin.review.twins import OUT_OF_POPULATION_LEVEL, out_of_population  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -67,53 +65,18 @@ class Twin:
         ``importance.fallback_tune`` warmup steps (0: plain NUTS). ``verdict.table["method"]``
         says which path each took.
         """
-        fam, schema = population.family, population.schema
+        fam = population.family
         patients = cohort.patients
-        design = fam.design(cohort.frame, cohort.baseline, schema)
-        data, mask, n_rows, n_pad, slots = cond.padded_batch(design, patients, fam)
-        approx = population.approx
+        design = fam.design(cohort.frame, cohort.baseline, population.schema)
         seeds = population.patient_seeds(patients, seed)
-
-        def nuts(sel, run_cfg=cfg, affine=None):
-            pre = affine is not None
-            build = lambda p, a: cond.make_run(p, a, run_cfg, preconditioned=pre)  # noqa: E731
-            run = population.compiled(("run", run_cfg, pre), n_pad, build, **slots)
-            sub = {k: v[sel] for k, v in data.items()}
-            if pre:
-                sub |= {k: v[sel] for k, v in zip(cond.PRECONDITION, affine, strict=True)}
-            return _chunked(run, sub, mask[sel], seeds[sel], run_cfg.chunk)
-
-        everyone = np.arange(len(patients))
-        if importance is None:
-            draws, values = nuts(everyone)
-            stats = _nuts_stats(draws)
-        else:
-            run_is = population.compiled(
-                ("importance", importance), n_pad, lambda p, a: cond.make_importance(p, a, importance), **slots
-            )
-            draws, values = _chunked(run_is, data, mask, seeds, importance.chunk)
-            stats = _importance_stats(draws)
-            affine = (draws.centre, draws.scale)
-        table = _table(values, stats, patients, n_rows, fam, approx)
-        if importance is not None:
-            redo = np.flatnonzero(~gate(table, thresholds, by="patient").table["converged"].to_numpy())
-            if len(redo):  # the fast path did not pass the gate for these twins: NUTS decides
-                if importance.fallback_tune:  # preconditioned by the twin's importance proposal
-                    fallback = cfg._replace(tune=importance.fallback_tune, diagonal=True)
-                    draws, sub = nuts(redo, fallback, affine)
-                else:
-                    draws, sub = nuts(redo)
-                fresh = _nuts_stats(draws)
-                for k, v in stats.items():
-                    v[redo] = fresh[k]
-                for k, v in values.items():
-                    v[redo] = sub[k]
-                fixed = _table(sub, fresh, [patients[i] for i in redo], n_rows[redo], fam, approx)
-                table.iloc[redo] = fixed.to_numpy()
+        out = cond.condition_batch(
+            population.compiled, fam, population.approx, design, patients, seeds, cfg, importance, thresholds
+        )
+        values, stats, table = out.values, out.stats, out.table
         verdict = gate(table, thresholds, by="patient")
         verdict.warn(f"{(~verdict.table['converged']).sum()} of {len(patients)} twin(s)")
         _warn_out_of_population(table)
-        idata = _to_datatree(values, stats, patients, fam, population.program(n_pad, **slots).model)
+        idata = _to_datatree(values, stats, patients, fam, population.program(out.n_pad, **out.slots).model)
         idata.attrs.update(verdict.to_attrs())
         return cls(population, cohort, idata, verdict, cfg, seed, stats["position"], importance)
 
@@ -267,158 +230,6 @@ def _warn_out_of_population(table: pd.DataFrame) -> None:
             OutOfPopulationWarning,
             stacklevel=3,
         )
-
-
-def _chunked(run, data: dict, mask: np.ndarray, seeds: np.ndarray, chunk: int):
-    """``run`` over fixed-size chunks of patients; numpy results concatenated along patients.
-
-    Fixed-size chunks let one compiled program serve any number of patients (the last chunk is
-    padded by repeating its last patient). XLA on CPU also stalled on some large vmapped batches,
-    e.g. exactly 100 or 200 patients, in our runs. Chunks alternate between local devices.
-    """
-    n = len(seeds)  # every call has the full chunk's shape: a new shape would compile again
-    devices = _devices()
-    starts = list(range(0, n, chunk))
-    result = {}  # leaf path -> preallocated (n, ...) array, filled chunk by chunk in the workers
-
-    def one(lo):
-        idx = np.minimum(np.arange(lo, lo + chunk), n - 1)
-        device = devices[(lo // chunk) % len(devices)]
-        out = run({k: v[idx] for k, v in data.items()}, mask[idx], seeds[idx], device)
-        keep = int(min(chunk, n - lo))
-        leaves, treedef = jax.tree_util.tree_flatten(out)
-        for i, leaf in enumerate(leaves):
-            a = np.asarray(leaf)  # waits for this chunk only
-            if i not in result:
-                result.setdefault(i, np.empty((n, *a.shape[1:]), a.dtype))
-            result[i][lo : lo + keep] = a[:keep]
-        return treedef
-
-    # One thread per device: XLA runs a CPU device's program on the calling thread with the GIL
-    # released, so threads let chunks on different cores overlap (and copy out in parallel).
-    with ThreadPoolExecutor(len(devices)) as pool:
-        treedefs = list(pool.map(one, starts))
-    return jax.tree_util.tree_unflatten(treedefs[0], [result[i] for i in range(len(result))])
-
-
-def _devices() -> list:
-    """Devices to spread chunks over: every accelerator, or on CPU one host device per core
-    (at most ``$BAYESTWIN_CPU_DEVICES``).
-
-    (PyMC's JAX module asks XLA for 100 host devices; a program is compiled once per device it
-    runs on, so rotating over all of them would mostly compile.)
-    """
-    devices = jax.local_devices()
-    if devices[0].platform == "cpu":  # $BAYESTWIN_CPU_DEVICES caps it, e.g. 1 in a Dask worker owning one core
-        cores = int(os.environ.get("BAYESTWIN_CPU_DEVICES") or os.cpu_count() or 1)
-        devices = devices[: max(1, min(len(devices), cores))]
-    return devices
-
-
-def _nuts_stats(draws) -> dict:
-    B, C = draws.step_size.shape
-    return {
-        "position": np.asarray(draws.position),
-        "diverging": np.asarray(draws.diverging),
-        "acceptance_rate": np.asarray(draws.acceptance_rate),
-        "n_steps": np.asarray(draws.n_steps),
-        "energy": np.asarray(draws.energy),
-        "step_size": np.asarray(draws.step_size),
-        "khat": np.full((B, C), np.nan),
-        "ess_is": np.full((B, C), np.nan),
-        "method": np.full(B, "nuts", dtype=object),
-    }
-
-
-def _importance_stats(draws) -> dict:
-    B, C, D = draws.position.shape[:3]
-    return {
-        "position": np.asarray(draws.position),
-        "diverging": np.zeros((B, C, D), bool),
-        "acceptance_rate": np.full((B, C, D), np.nan),
-        "n_steps": np.zeros((B, C, D), np.int64),
-        "energy": np.full((B, C, D), np.nan),
-        "step_size": np.full((B, C), np.nan),
-        "khat": np.asarray(draws.khat),
-        "ess_is": np.asarray(draws.ess),
-        "method": np.full(B, "importance", dtype=object),
-    }
-
-
-def _table(values: dict, stats: dict, patients, n_rows, family, approx) -> pd.DataFrame:
-    """Per-patient diagnostics: R-hat, bulk/tail ESS, divergences, E-BFMI, and k̂ for importance twins.
-
-    NUTS twins: the worst rank-normalised R-hat and bulk/tail ESS over every posterior quantity
-    (ArviZ's estimators, computed batched by :mod:`bayestwin.review.batched`). Importance twins:
-    R-hat across the independent samplers on the patient's own parameters, and as ESS the
-    resampled importance ESS Σ_chains 1 / (1/ESS_psis + 1/draws) (their draws are resampled from
-    weighted proposals, so an autocorrelation ESS would count duplicates as new draws).
-    """
-    B, C, D = stats["position"].shape[:3]
-    is_imp = stats["method"] == "importance"
-    rhat, bulk, tail = np.full(B, np.nan), np.full(B, np.nan), np.full(B, np.nan)
-
-    def series(names, sel):  # (patients, quantities, chain, draw)
-        x = np.concatenate([values[n][sel].reshape(len(sel), C, D, -1) for n in names], axis=-1)
-        return np.moveaxis(x, -1, 1)
-
-    sel = np.flatnonzero(~is_imp)
-    if len(sel):
-        x = series(list(values), sel)
-        r, b, t = batched.diagnose(x)
-        constant = x.std(axis=(-2, -1)) < 1e-12  # e.g. the unit diagonal of a correlation matrix
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            rhat[sel] = np.nanmax(np.where(constant, np.nan, r), axis=1)
-            bulk[sel] = np.nanmin(np.where(constant, np.nan, b), axis=1)
-            tail[sel] = np.nanmin(np.where(constant, np.nan, t), axis=1)
-    sel = np.flatnonzero(is_imp)
-    if len(sel):
-        rhat[sel] = batched.rhat(series(list(family.patient_outputs), sel)).max(axis=1)
-        bulk[sel] = tail[sel] = (1.0 / (1.0 / stats["ess_is"][sel] + 1.0 / D)).sum(1)
-    energy = stats["energy"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        bfmi = (np.diff(energy, axis=-1) ** 2).mean(-1) / energy.var(-1, ddof=1)  # E-BFMI per chain
-        bfmi_min = np.nanmin(bfmi, axis=1)
-    table = pd.DataFrame(
-        {
-            "rhat": rhat,
-            "ess_bulk": bulk,
-            "ess_tail": tail,
-            "divergences": stats["diverging"].sum((1, 2)).astype(int),
-            "bfmi_min": bfmi_min,
-            "method": stats["method"],
-            "khat": stats["khat"].max(1),
-            "n_obs": n_rows,
-            # how far the patient moved phi, in population-posterior SDs
-            "phi_shift": np.linalg.norm(stats["position"][..., : approx.mean.shape[0]].mean((1, 2)), axis=-1),
-            **out_of_population(stats["position"][..., approx.mean.shape[0] :]),
-        },
-        index=pd.Index(patients, name="patient"),
-    )
-    return table
-
-
-#: The population predictive region a twin's random effects are checked against.
-OUT_OF_POPULATION_LEVEL = 0.99
-
-
-def out_of_population(z: np.ndarray, level: float = OUT_OF_POPULATION_LEVEL) -> dict:
-    """Per patient: the posterior median of |z|² and whether it exceeds the ``level`` region.
-
-    ``z`` (patients, chain, draw, k) are the patient's standardised random effects (the families'
-    non-centred offsets: z ~ N(0, I) under the population, so |z|² ~ χ²_k, the squared
-    Mahalanobis distance of the random effects from the population centre). A patient is outside
-    the population's ``level`` predictive region when the posterior median of |z|² exceeds the χ²_k
-    ``level`` quantile: more likely than not, their random effects are more extreme than 99% of
-    the population's. A patient without data keeps the prior (median χ²_k(0.5)): never flagged.
-    """
-    from scipy.stats import chi2
-
-    k = z.shape[-1]
-    d2 = np.median((z**2).sum(-1).reshape(z.shape[0], -1), axis=1)
-    return {"re_distance2": d2, "out_of_population": d2 > chi2.ppf(level, k)}
 
 
 def _to_datatree(values: dict, stats: dict, patients, family, model=None) -> xr.DataTree:

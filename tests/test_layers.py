@@ -29,6 +29,7 @@ LAYERS = {
     "bayestwin.review.convergence": 3,  # the gate every fit and twin applies
     "bayestwin.review.batched": 3,
     "bayestwin.review.advice": 3,
+    "bayestwin.review.twins": 3,  # per-twin diagnostics the engine's conditioning computes
     "bayestwin.io": 3,  # module level: only errors and _atomic; builds objects lazily
     "bayestwin.population": 4,
     "bayestwin.twin": 4,

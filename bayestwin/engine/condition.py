@@ -18,15 +18,20 @@ cases are visible.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 
 from bayestwin.engine.compile import TwinProgram, as_jax
+from bayestwin.engine.devices import run_chunked
 from bayestwin.engine.importance import ImportanceConfig, make_importance_sampler
 from bayestwin.engine.nuts import NutsConfig, chain_keys, make_sampler
+from bayestwin.review.convergence import Thresholds, gate
+from bayestwin.review.twins import importance_stats, nuts_stats, twin_table
 
 
 class GaussianApprox(NamedTuple):
@@ -255,3 +260,73 @@ def _values(program: TwinProgram, approx: GaussianApprox, x):
     """Flat sampler position [w, theta] -> value arrays in model order (phi = m + L w)."""
     d_phi = approx.mean.shape[0]
     return program.split(approx.mean + approx.chol @ x[:d_phi], x[d_phi:])
+
+
+class TwinDraws(NamedTuple):
+    """What conditioning a batch of patients gives (:func:`condition_batch`)."""
+
+    values: dict  # {name: (patient, chain, draw, ...)} constrained outputs (patient outputs, phi, ...)
+    stats: dict  # sampler statistics per patient and chain/draw, with the raw positions
+    table: pd.DataFrame  # per-twin diagnostics, as the gate reads them
+    n_pad: int  # the padded row count (the compiled program's shape)
+    slots: dict  # the padded sizes of the family's other axes (e.g. PK dose slots)
+
+
+def condition_batch(
+    compiled: Callable,
+    family,
+    approx: GaussianApprox,
+    design,
+    patients: list[str],
+    seeds: np.ndarray,
+    cfg: NutsConfig,
+    importance: ImportanceConfig | None = None,
+    thresholds: Thresholds = Thresholds(),
+) -> TwinDraws:
+    """Condition the population (``approx``) on each patient of ``design``: the twins' draws.
+
+    By NUTS with ``cfg``; or, with ``importance``, first by Laplace-proposal importance sampling,
+    and twins that then fail the gate (Pareto k̂, ESS, R-hat across the independent samplers)
+    redone by NUTS, preconditioned by their final importance proposal with
+    ``importance.fallback_tune`` warmup steps (0: plain NUTS; ``table["method"]`` says which).
+    ``compiled(kind, n_pad, build, **slots)`` returns the jitted program ``build(program,
+    approx)`` for a shape, built once (``Population.compiled``); every patient runs in fixed-size
+    chunks of one vectorised program (:func:`bayestwin.engine.devices.run_chunked`).
+    """
+    data, mask, n_rows, n_pad, slots = padded_batch(design, patients, family)
+    d_phi = int(approx.mean.shape[0])
+
+    def nuts(sel, run_cfg=cfg, affine=None):
+        pre = affine is not None
+        build = lambda p, a: make_run(p, a, run_cfg, preconditioned=pre)  # noqa: E731
+        run = compiled(("run", run_cfg, pre), n_pad, build, **slots)
+        sub = {k: v[sel] for k, v in data.items()}
+        if pre:
+            sub |= {k: v[sel] for k, v in zip(PRECONDITION, affine, strict=True)}
+        return run_chunked(run, sub, mask[sel], seeds[sel], run_cfg.chunk)
+
+    outputs = family.patient_outputs
+    if importance is None:
+        draws, values = nuts(np.arange(len(patients)))
+        stats = nuts_stats(draws)
+    else:
+        run_is = compiled(("importance", importance), n_pad, lambda p, a: make_importance(p, a, importance), **slots)
+        draws, values = run_chunked(run_is, data, mask, seeds, importance.chunk)
+        stats = importance_stats(draws)
+        affine = (draws.centre, draws.scale)
+    table = twin_table(values, stats, patients, n_rows, outputs, d_phi)
+    if importance is not None:
+        redo = np.flatnonzero(~gate(table, thresholds, by="patient").table["converged"].to_numpy())
+        if len(redo):  # the fast path did not pass the gate for these twins: NUTS decides
+            if importance.fallback_tune:  # preconditioned by the twin's importance proposal
+                draws, sub = nuts(redo, cfg._replace(tune=importance.fallback_tune, diagonal=True), affine)
+            else:
+                draws, sub = nuts(redo)
+            fresh = nuts_stats(draws)
+            for k, v in stats.items():
+                v[redo] = fresh[k]
+            for k, v in values.items():
+                v[redo] = sub[k]
+            fixed = twin_table(sub, fresh, [patients[i] for i in redo], n_rows[redo], outputs, d_phi)
+            table.iloc[redo] = fixed.to_numpy()
+    return TwinDraws(values, stats, table, n_pad, slots)

@@ -132,3 +132,26 @@ def linear_growth(data: ModelData) -> pm.Model:
         sigma = pm.HalfNormal("sigma", 10.0)
         pm.Normal("y", mu=mu, sigma=sigma, observed=y, dims="obs")
     return model
+
+
+def epilepsy_glmm(data: ModelData) -> pm.Model:
+    """The epilepsy trial's Poisson GLMM (Thall & Vail 1990; Venables & Ripley, MASS §10.4; the
+    zoo model ``epilepsy``): ``log E[y] = b0 + lbase + lage + (trt + lbase:trt) on progabide +
+    V4 + u_patient``, with covariates ``lbase`` and ``lage`` (in that order, standardised by the
+    cohort), period 4 (``time == 4``) as V4, and a centred random intercept per patient."""
+    with pm.Model(coords=data.coords) as model:
+        idx = pm.Data("patient_idx", data["patient_idx"], dims="obs")
+        X = pm.Data("X", data["X"], dims=("patient", "covariate"))
+        period = pm.Data("time", data["time"], dims="obs")
+        on = pm.Data("on_therapy", data["on_therapy"], dims=("obs", "therapy_effect"))
+        y = pm.Data("y_obs", data["y_obs"], dims="obs")
+        b0 = pm.Normal("intercept", 0.0, 5.0)
+        beta = pm.Normal("beta", 0.0, 5.0, dims="covariate")
+        trt = pm.Normal("trt", 0.0, 5.0)
+        inter = pm.Normal("lbase_trt", 0.0, 5.0)
+        v4 = pm.Normal("V4", 0.0, 5.0)
+        sd = pm.HalfNormal("sd_subject", 2.0)
+        u = pm.Normal("u", 0.0, sd, dims="patient")
+        eta = b0 + (X @ beta)[idx] + on[:, 0] * (trt + inter * X[idx, 0]) + v4 * pm.math.eq(period, 4) + u[idx]
+        pm.Poisson("y", pm.math.exp(eta), observed=y, dims="obs")
+    return model

@@ -1,0 +1,55 @@
+"""Running a compiled twin program over many patients: fixed-size chunks spread over devices."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import numpy as np
+
+
+def run_chunked(run, data: dict, mask: np.ndarray, seeds: np.ndarray, chunk: int):
+    """``run`` over fixed-size chunks of patients; numpy results concatenated along patients.
+
+    Fixed-size chunks let one compiled program serve any number of patients (the last chunk is
+    padded by repeating its last patient). XLA on CPU also stalled on some large vmapped batches,
+    e.g. exactly 100 or 200 patients, in our runs. Chunks alternate between local devices.
+    """
+    n = len(seeds)  # every call has the full chunk's shape: a new shape would compile again
+    devices = local_devices()
+    starts = list(range(0, n, chunk))
+    result = {}  # leaf path -> preallocated (n, ...) array, filled chunk by chunk in the workers
+
+    def one(lo):
+        idx = np.minimum(np.arange(lo, lo + chunk), n - 1)
+        device = devices[(lo // chunk) % len(devices)]
+        out = run({k: v[idx] for k, v in data.items()}, mask[idx], seeds[idx], device)
+        keep = int(min(chunk, n - lo))
+        leaves, treedef = jax.tree_util.tree_flatten(out)
+        for i, leaf in enumerate(leaves):
+            a = np.asarray(leaf)  # waits for this chunk only
+            if i not in result:
+                result.setdefault(i, np.empty((n, *a.shape[1:]), a.dtype))
+            result[i][lo : lo + keep] = a[:keep]
+        return treedef
+
+    # One thread per device: XLA runs a CPU device's program on the calling thread with the GIL
+    # released, so threads let chunks on different cores overlap (and copy out in parallel).
+    with ThreadPoolExecutor(len(devices)) as pool:
+        treedefs = list(pool.map(one, starts))
+    return jax.tree_util.tree_unflatten(treedefs[0], [result[i] for i in range(len(result))])
+
+
+def local_devices() -> list:
+    """Devices to spread chunks over: every accelerator, or on CPU one host device per core
+    (at most ``$BAYESTWIN_CPU_DEVICES``).
+
+    (PyMC's JAX module asks XLA for 100 host devices; a program is compiled once per device it
+    runs on, so rotating over all of them would mostly compile.)
+    """
+    devices = jax.local_devices()
+    if devices[0].platform == "cpu":  # $BAYESTWIN_CPU_DEVICES caps it, e.g. 1 in a Dask worker owning one core
+        cores = int(os.environ.get("BAYESTWIN_CPU_DEVICES") or os.cpu_count() or 1)
+        devices = devices[: max(1, min(len(devices), cores))]
+    return devices
