@@ -96,6 +96,7 @@ SPEC_SCHEMA = {
         "ignore": list,
         "event": str,
         "start": str,
+        "at_risk": str,
         "key": str,
         "key_env": str,
     },
@@ -185,8 +186,10 @@ def spec_data(spec: dict):
         time=d.get("time", "time"),
         outcome=d.get("outcome", "outcome"),
         therapy=d.get("therapy") or None,
+        therapies=d.get("therapies") or None,
         covariates=covariates,
         categorical=list(d.get("categorical", [])),
+        at_risk=d.get("at_risk") or None,
         key=_key(d),
     )
 

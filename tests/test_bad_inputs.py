@@ -450,6 +450,29 @@ COHORT_CASES = [
         {"column": "age"},
     ),
     ("empty table", lt().iloc[:0], {}, "the table has no rows", {}),
+    ("at_risk column missing", lt(), {"at_risk": "days"}, "missing required column", {"column": "days"}),
+    (
+        "at_risk zero",
+        lt(days=[2.0, 2.0, 0.0, 2.0, 2.0]),
+        {"at_risk": "days"},
+        "at_risk must be positive",
+        {"row": 2, "column": "days", "patient": P("A")},
+    ),
+    (
+        "at_risk NaN",
+        lt(days=[2.0, np.nan, 2.0, 2.0, 2.0]),
+        {"at_risk": "days"},
+        "at_risk is NaN or infinite",
+        {"row": 1},
+    ),
+    (
+        "at_risk as text",
+        lt(days=[2.0, 2.0, 2.0, "two", 2.0]),
+        {"at_risk": "days"},
+        "non-numeric at_risk value 'two'",
+        {"row": 3, "column": "days"},
+    ),
+    ("at_risk is the outcome", lt(), {"at_risk": "y"}, "one column plays two roles", {}),
 ]
 for name, df, kw, fragment, where in COHORT_CASES:
     CASES.append(Case(f"Cohort: {name}", (lambda df, kw: lambda tmp: co(df, **kw))(df, kw), DataError, fragment, where))

@@ -18,6 +18,8 @@ from bayestwin.data.pseudonym import check_id_types, draw_key_if_missing, pseudo
 from bayestwin.errors import DataError
 
 PATIENT, TIME, OUTCOME, THERAPY = "patient", "time", "outcome", "therapy"
+#: The frame's column of the time or amount at risk each row's outcome covers (a count's denominator).
+AT_RISK = "at_risk"
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class Columns:
     covariates: tuple[str, ...] = ()
     start: str | None = None  # time-to-event tables: the at-risk interval's start (None: derived)
     event: str | None = None  # joint tables: the event column (the outcome is the biomarker)
+    at_risk: str | None = None  # counts: the time or amount at risk each row covers (an exposure offset)
 
 
 class Cohort:
@@ -148,6 +151,10 @@ class Cohort:
     allow_empty
         Accept baseline patients with no outcome rows (conditioning gives them the population
         predictive). Fitting needs every patient to have data.
+    at_risk
+        For counts: the column of the time or amount at risk each row's count covers (diary days,
+        person-years), positive and finite. Count models add its log to the log rate (an
+        exposure offset, as ``offset(log(days))`` in R); forecasts assume the patient's last value.
 
     Examples
     --------
@@ -174,6 +181,7 @@ class Cohort:
         allow_empty: bool = False,
         categorical: Sequence[str] = (),
         time_unit: str | None = None,
+        at_risk: str | None = None,
     ):
         if not isinstance(data, pd.DataFrame):
             raise TypeError(f"data must be a pandas DataFrame, not {type(data).__name__}")
@@ -185,16 +193,19 @@ class Cohort:
             if c not in covariates:
                 raise DataError("declared categorical but not listed in covariates", column=c)
         roles = [patient, time, outcome] + ([therapy] if therapy is not None else [])
+        roles += [at_risk] if at_risk is not None else []
         if len(set(roles)) < len(roles):
-            raise DataError(f"one column plays two roles (patient, time, outcome, therapy): {roles}")
+            raise DataError(f"one column plays two roles (patient, time, outcome, therapy, at_risk): {roles}")
         for c in covariates:
             if c in roles:
-                raise DataError("a covariate column is also the patient, time, outcome or therapy column", column=c)
+                raise DataError(
+                    "a covariate column is also the patient, time, outcome, therapy or at_risk column", column=c
+                )
         if therapies is not None:
             therapies = _unique_names([str(t) for t in therapies], "therapies")
             if not therapies:
                 raise DataError("therapies is empty: give the reference (control) therapy first")
-        self.columns = Columns(patient, time, outcome, therapy, tuple(covariates))
+        self.columns = Columns(patient, time, outcome, therapy, tuple(covariates), at_risk=at_risk)
         key = draw_key_if_missing(key)
 
         def pseudo(pid):
@@ -371,6 +382,7 @@ def typed_covariate(s: pd.Series, name: str, categorical: bool, fail) -> pd.Seri
 def _validate(data, baseline, cols: Columns, therapies, schema, pseudo, allow_empty, categorical=(), time_unit=None):
     """Validate and normalise; raise DataError at the first problem found (patient, row, column)."""
     required = [cols.patient, cols.time, cols.outcome] + ([cols.therapy] if cols.therapy else [])
+    required += [cols.at_risk] if cols.at_risk else []
     if baseline is None:
         required += list(cols.covariates)
     for c in required:
@@ -414,7 +426,8 @@ def _validate(data, baseline, cols: Columns, therapies, schema, pseudo, allow_em
         data = data.assign(**{cols.time: tcol / step})
     elif time_unit is not None:
         raise DataError("time_unit is only for a time column of durations (timedelta)", column=cols.time)
-    for col, what in ((cols.time, "time"), (cols.outcome, "outcome")):
+    checked = [(cols.time, "time"), (cols.outcome, "outcome")] + ([(cols.at_risk, "at_risk")] if cols.at_risk else [])
+    for col, what in checked:
         s = data[col]
         if pd.api.types.is_bool_dtype(s):
             fail(f"wrong dtype for {what}: expected numbers, got bool", np.ones(len(s)), col)
@@ -434,6 +447,10 @@ def _validate(data, baseline, cols: Columns, therapies, schema, pseudo, allow_em
         index=data.index,
     )
     fail("duplicate time for this patient", frame.duplicated([PATIENT, TIME]).to_numpy(), cols.time)
+    if cols.at_risk:
+        risk = pd.to_numeric(data[cols.at_risk]).to_numpy(float)
+        fail("at_risk must be positive (the time or amount at risk the row's count covers)", risk <= 0, cols.at_risk)
+        frame[AT_RISK] = risk
 
     declared = tuple(schema.therapies) if schema is not None else (tuple(map(str, therapies)) if therapies else None)
     if cols.therapy is not None:

@@ -325,6 +325,7 @@ class FamilyBase:
             outcome=c.outcome,
             therapy=c.therapy,
             covariates=c.covariates,
+            at_risk=getattr(c, "at_risk", None),
             baseline=baseline,
             key=key,
             schema=schema,

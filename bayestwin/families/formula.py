@@ -16,7 +16,8 @@ first level). ``*`` and ``:`` make interactions; ``0 +`` drops the intercept. On
 Function terms (``I()``, ``log()``, ``scale()``) are refused: add the column to the table.
 
 Likelihoods and links: ``gaussian`` (identity), ``t`` (identity), ``poisson`` (log),
-``negativebinomial`` (log), ``bernoulli`` (logit), ``ordinal`` (cumulative logit over ``levels``
+``negativebinomial`` (log; with ``Cohort(at_risk=)``, the log of each row's time at risk is an
+exposure offset), ``bernoulli`` (logit), ``ordinal`` (cumulative logit over ``levels``
 ordered categories coded 0 .. levels - 1, as brms's ``cumulative()`` or ``ordinal::clmm``: the
 intercept is absorbed by the ``levels - 1`` ordered cut points, ``Normal(0, 2.5)`` around
 equally spaced logits; forecasts report the expected category and draw categories).
@@ -238,11 +239,13 @@ class Formula(Model):
                 declared["on_therapy"] = pm.Data("on_therapy", data["on_therapy"], dims=("obs", "therapy_effect"))
             if vars_used & set(schema.covariates):
                 declared["X"] = pm.Data("X", data["X"], dims=("patient", "covariate"))
+            if link == "log":  # counts: log(time at risk) is an offset (0 without Cohort(at_risk=))
+                declared["log_at_risk"] = pm.Data("log_at_risk", data["log_at_risk"], dims="obs")
             y = pm.Data("y_obs", data["y_obs"], dims="obs")
             get = declared.__getitem__
 
             cols, names, scales = self._columns(terms, intercept, data, get)
-            eta = pt.zeros_like(declared["time"])
+            eta = declared["log_at_risk"] if link == "log" else pt.zeros_like(declared["time"])
             if cols:
                 model.add_coord("term", names)
                 mu0 = np.array([centre if s is None else 0.0 for s in scales])

@@ -22,11 +22,13 @@ from bayestwin.families.model import ModelData
 
 def _linear_predictor(data: ModelData, model: pm.Model):
     """intercept + X beta + therapy effects + slope * time + u_patient (a centred random
-    intercept), per observation; returns (eta, idx, y)."""
+    intercept) + log(time at risk) (0 without ``Cohort(at_risk=)``), per observation; returns
+    (eta, y)."""
     idx = pm.Data("patient_idx", data["patient_idx"], dims="obs")
     X = pm.Data("X", data["X"], dims=("patient", "covariate"))
     t = pm.Data("time", data["time"], dims="obs")
     on = pm.Data("on_therapy", data["on_therapy"], dims=("obs", "therapy_effect"))
+    offset = pm.Data("log_at_risk", data["log_at_risk"], dims="obs")
     y = pm.Data("y_obs", data["y_obs"], dims="obs")
     b0 = pm.Normal("intercept", 0.0, 2.5)
     slope = pm.Normal("slope", 0.0, 1.0)
@@ -35,7 +37,7 @@ def _linear_predictor(data: ModelData, model: pm.Model):
     tau = pm.Gamma("tau", alpha=2.0, beta=2.0)  # zero-avoiding SD of the patient intercepts
     u = pm.Normal("u", 0.0, tau, dims="patient")  # centred: bt.Model conditions twins on u / tau
     level = pm.Deterministic("patient_level", b0 + X @ beta + u, dims="patient")
-    eta = level[idx] + slope * t + on @ effect
+    eta = level[idx] + slope * t + on @ effect + offset
     return eta, y
 
 
@@ -75,11 +77,13 @@ def simulate_counts(
     beta_age: float = 0.3,
     tau: float = 0.5,
     alpha: float | None = None,
+    at_risk=None,
     seed: int = 0,
 ) -> tuple[pd.DataFrame, dict]:
     """A count cohort with known truth (the model of :func:`poisson_glmm`, or of
     :func:`negbin_glmm` with ``alpha``): ``visits`` periods per patient, one therapy per
-    patient, age standardised by the cohort as bt.Cohort does.
+    patient, age standardised by the cohort as bt.Cohort does. ``at_risk``: values to draw each
+    row's time at risk from (column ``days``; the rate is per unit at risk), or None.
 
     Examples
     --------
@@ -96,11 +100,14 @@ def simulate_counts(
     rows = []
     for i in range(n_patients):
         for t in range(visits):
-            rate = np.exp(level[i] + slope * t + log_rr * (arm[i] > 0))
+            days = float(rng.choice(at_risk)) if at_risk is not None else 1.0
+            rate = days * np.exp(level[i] + slope * t + log_rr * (arm[i] > 0))
             if alpha is not None:
                 rate = rng.gamma(alpha, rate / alpha)
-            rows.append((f"ct-{i:04d}", float(t), float(rng.poisson(rate)), therapies[arm[i]], age[i]))
-    df = pd.DataFrame(rows, columns=["patient", "time", "outcome", "therapy", "age"])
+            rows.append((f"ct-{i:04d}", float(t), float(rng.poisson(rate)), therapies[arm[i]], age[i], days))
+    df = pd.DataFrame(rows, columns=["patient", "time", "outcome", "therapy", "age", "days"])
+    if at_risk is None:
+        df = df.drop(columns="days")
     ids = [f"ct-{i:04d}" for i in range(n_patients)]
     truth = {"intercept": intercept, "slope": slope, "log_rr": log_rr, "beta_age": beta_age, "tau": tau}
     truth["patient_level"] = dict(zip(ids, level, strict=True))

@@ -49,10 +49,13 @@ name                      dims               what
 ``on_therapy``            obs, therapy_effect one-hot of the non-reference therapy given
 ``exposure``              obs, therapy_effect time spent on each non-reference therapy so far
 ``X``                     patient, covariate  baseline covariates (numeric standardised, one-hot)
+``log_at_risk``           obs                log of the time at risk the row covers (a count's
+                                             exposure offset; 0 without ``Cohort(at_risk=)``)
 ========================  =================  ===================================================
 
 Forecasts give each therapy from ``start`` on (before it, the recorded history), as in the
-progression family. Saving needs ``build`` importable from an installed module (the model card
+progression family; a forecast row covers as much time at risk as the patient's last row (virtual
+patients: one unit). Saving needs ``build`` importable from an installed module (the model card
 stores its import path; nothing is pickled).
 """
 
@@ -68,7 +71,7 @@ import pandas as pd
 import pymc as pm
 import pytensor.tensor as pt
 
-from bayestwin.data.cohort import OUTCOME, PATIENT, THERAPY, TIME, Schema
+from bayestwin.data.cohort import AT_RISK, OUTCOME, PATIENT, THERAPY, TIME, Schema
 from bayestwin.families.base import Axis, Design, FamilyBase, FamilyError, register_family
 from bayestwin.families.progression import exposure
 
@@ -80,6 +83,7 @@ DATA = {
     "therapy": Axis("obs"),
     "on_therapy": Axis("obs"),
     "exposure": Axis("obs"),
+    "log_at_risk": Axis("obs"),
     "y_obs": Axis("obs"),
 }
 
@@ -301,6 +305,7 @@ class Model(FamilyBase):
             "therapy": np.argmax(np.c_[np.full(n, 0.5), current[:, 1:]], axis=1).astype(np.int64),
             "on_therapy": current[:, 1:],
             "exposure": cumulative[:, 1:],
+            "log_at_risk": np.log(frame[AT_RISK].to_numpy(float)) if AT_RISK in frame else np.zeros(n),
             "y_obs": self._outcome(frame[OUTCOME].to_numpy(float), frame),
         }
         return ModelData(arrays, _coords(patients, n, schema), schema)
@@ -336,6 +341,7 @@ class Model(FamilyBase):
             "therapy": np.zeros(n_obs, np.int64),
             "on_therapy": np.zeros((n_obs, k)),
             "exposure": np.zeros((n_obs, k)),
+            "log_at_risk": np.zeros(n_obs),
             "y_obs": np.zeros(n_obs),
         }
         if self._graph is None:
@@ -391,6 +397,12 @@ class Model(FamilyBase):
 
         self._ensure(schema)
         therapies, times, data = Progression.forecast_inputs(self, cohort, schema, therapies, times, start)
+        frame = cohort.frame
+        if AT_RISK in frame:  # a forecast row covers as much time at risk as the patient's last row
+            last = frame.groupby(PATIENT)[AT_RISK].last().reindex(cohort.patients).fillna(1.0).to_numpy()
+        else:
+            last = np.ones(len(cohort.patients))
+        data["log_at_risk"] = np.broadcast_to(np.log(last)[:, None, None], data["time"].shape).copy()
         return therapies, times, self._scenario_data(data)
 
     def prediction_design(self, rows, times, therapy, start, schema):
@@ -407,6 +419,7 @@ class Model(FamilyBase):
         return labels, self._scenario_data(data)
 
     def _scenario_data(self, data: dict) -> dict:
+        data.setdefault("log_at_risk", np.zeros(data["time"].shape))  # new patients: per unit at risk
         on = data["on_therapy"]
         data["therapy"] = np.argmax(np.concatenate([np.full((*on.shape[:-1], 1), 0.5), on], -1), -1).astype(np.int64)
         return {n: v for n, v in data.items() if n in self._graph["data"]}

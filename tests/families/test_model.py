@@ -217,3 +217,23 @@ def test_twin_conditioning_of_a_user_model_is_calibrated(population):
     assert (table["reps"] == 200).all()
     assert (table["p_value"] > 0.001).all()
     assert twin.verdict.table["converged"].mean() > 0.95
+
+
+@pytest.mark.slow
+def test_counts_over_different_times_at_risk_use_an_exposure_offset():
+    """Rows covering 1 to 8 days (Cohort(at_risk="days")): the model's rate is per day, recovered
+    within 3 posterior SDs; a forecast row covers as long as the patient's last row did."""
+    df, truth = simulate_counts(40, seed=8, at_risk=[1.0, 2.0, 4.0, 8.0])
+    cohort = bt.Cohort(df, covariates=["age"], therapies=THERAPIES, at_risk="days", key=KEY)
+    assert cohort.columns.at_risk == "days" and "at_risk" in cohort.frame
+    pop = bt.fit(cohort, bt.Model(poisson_glmm), draws=500, tune=500, chains=2, seed=1, progressbar=False)
+    b0 = pop.posterior["intercept"]
+    assert abs(float(b0.mean()) - truth["intercept"]) < 3 * float(b0.std())
+    rows = df[df.patient == "ct-0000"].iloc[:2].assign(therapy="placebo", days=[1.0, 8.0])
+    twin = pop.condition(rows, key=KEY, draws=300, seed=2, method="importance")
+    mean = twin.predict(times=[3.0]).draws["mean"].sel(therapy="placebo", time=3.0)
+    post = twin.posterior  # expected count = 8 days x the patient's daily rate at time 3, draw by draw
+    rate = np.exp(post["patient_level"] + 3.0 * post["slope"])
+    np.testing.assert_allclose(mean.to_numpy(), (8.0 * rate).transpose(*mean.dims).to_numpy(), rtol=1e-9)
+    with pytest.raises(bt.DataError, match="at_risk must be positive"):
+        bt.Cohort(df.assign(days=0.0), covariates=["age"], therapies=THERAPIES, at_risk="days", key=KEY)
