@@ -71,9 +71,9 @@ import pandas as pd
 import pymc as pm
 import pytensor.tensor as pt
 
-from bayestwin.data.cohort import AT_RISK, OUTCOME, PATIENT, THERAPY, TIME, Schema
+from bayestwin.data.cohort import AT_RISK, OUTCOME, PATIENT, TIME, Schema
 from bayestwin.families.base import Axis, Design, FamilyBase, FamilyError, register_family
-from bayestwin.families.progression import exposure
+from bayestwin.families.progression import frame_exposure
 
 #: The arrays ``build`` may declare, with their layout.
 DATA = {
@@ -286,17 +286,9 @@ class Model(FamilyBase):
     def _arrays(self, frame: pd.DataFrame, baseline: pd.DataFrame, schema: Schema) -> ModelData:
         patients = list(baseline.index)
         index = {p: i for i, p in enumerate(patients)}
-        K = len(schema.therapies)
-        code = {t: k for k, t in enumerate(schema.therapies)}
         n = len(frame)
-        cumulative, current = np.zeros((n, K)), np.zeros((n, K))
         times = frame[TIME].to_numpy(float)
-        codes = frame[THERAPY].map(code).to_numpy()
-        ids = frame[PATIENT].to_numpy()
-        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if n else []
-        for lo, hi in zip(starts, np.r_[starts[1:], n], strict=True) if n else ():
-            t = times[lo:hi]
-            cumulative[lo:hi], current[lo:hi] = exposure(t, np.concatenate([t[:-1], [np.inf]]), codes[lo:hi], K)
+        cumulative, current = frame_exposure(frame, schema)
         X = schema.covariate_matrix(baseline) if schema.covariates else np.zeros((len(patients), 0))
         arrays = {
             "X": X,

@@ -103,6 +103,23 @@ def exposure(times: np.ndarray, bounds: np.ndarray, codes: np.ndarray, n_therapi
     return overlap @ onehot, onehot[segment] * (times >= 0)[:, None]
 
 
+def frame_exposure(frame: pd.DataFrame, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`exposure` for every row of a Cohort's frame (rows grouped by patient, each row's
+    therapy given over the interval that ends at it): (cumulative, current), each (rows, therapies)."""
+    K = len(schema.therapies)
+    code = {t: k for k, t in enumerate(schema.therapies)}
+    n = len(frame)
+    cumulative, current = np.zeros((n, K)), np.zeros((n, K))
+    times = frame[TIME].to_numpy(float)
+    codes = frame[THERAPY].map(code).to_numpy()
+    ids = frame[PATIENT].to_numpy()
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if n else []
+    for lo, hi in zip(starts, np.r_[starts[1:], n], strict=True) if n else ():
+        t = times[lo:hi]
+        cumulative[lo:hi], current[lo:hi] = exposure(t, np.concatenate([t[:-1], [np.inf]]), codes[lo:hi], K)
+    return cumulative, current
+
+
 @register_family
 class Progression(FamilyBase):
     """Hierarchical linear progression model (see module docstring).
@@ -200,18 +217,7 @@ class Progression(FamilyBase):
         """Arrays for :meth:`build_model` from a Cohort's validated frame and baseline table."""
         patients = list(baseline.index)
         index = {p: i for i, p in enumerate(patients)}
-        K = len(schema.therapies)
-        code = {t: k for k, t in enumerate(schema.therapies)}
-        n = len(frame)
-        cumulative, current = np.zeros((n, K)), np.zeros((n, K))
-        times = frame[TIME].to_numpy(float)
-        codes = frame[THERAPY].map(code).to_numpy()
-        ids = frame[PATIENT].to_numpy()
-        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # rows are grouped by patient
-        for lo, hi in zip(starts, np.r_[starts[1:], n], strict=True) if n else ():
-            t = times[lo:hi]
-            bounds = np.concatenate([t[:-1], [np.inf]])
-            cumulative[lo:hi], current[lo:hi] = exposure(t, bounds, codes[lo:hi], K)
+        cumulative, current = frame_exposure(frame, schema)
         data = {
             "X": schema.covariate_matrix(baseline),
             "patient_idx": frame[PATIENT].map(index).to_numpy(np.int64),
