@@ -25,6 +25,24 @@ KEY = b"tests-pseudonym-key-01"
 THERAPIES = ["standard", "drug_a", "drug_b"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop JAX's compiled executables and collect garbage.
+
+    A test worker runs many modules, each compiling its own fits and twin programs; without this
+    a worker grew past 7 GB and, with two workers on a 23 GB machine, XLA's compiler aborted
+    (SIGABRT, then SIGSEGV on a rerun) in a later fit's warmup. Programs still needed (the shared
+    ``population``'s) are recompiled on their next call, mostly from the persistent cache above.
+    """
+    yield
+    import gc
+
+    import jax
+
+    gc.collect()
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def simulated():
     """40 training patients with known truth, plus 3 held-out patients (first 3 visits)."""
