@@ -302,18 +302,19 @@ class Model(FamilyBase):
         }
         return ModelData(arrays, _coords(patients, n, schema), schema)
 
-    def _outcome(self, y: np.ndarray, frame=None) -> np.ndarray:
+    def _outcome(self, y: np.ndarray, frame: pd.DataFrame) -> np.ndarray:
         if self._graph is None or not self._graph["discrete"]:
             return y
         bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
         if len(bad):
             from bayestwin.errors import DataError
 
-            row = frame.index[bad[0]] if frame is not None else bad[0]
-            who = f"patient {frame[PATIENT].iloc[bad[0]]!r}, " if frame is not None else ""
+            i = bad[0]
             raise DataError(
-                f"{who}row {row}, column {OUTCOME!r}: {y[bad[0]]!r} is not a whole number, and the model's "
-                f"{self._graph['law']} outcome counts"
+                f"outcome {float(y[i]):g} is not a whole number: the model's {self._graph['law']} law needs one",
+                patient=frame[PATIENT].iloc[i],
+                row=frame.index[i],
+                column=OUTCOME,
             )
         return y.astype(np.int64)
 

@@ -237,3 +237,13 @@ def test_counts_over_different_times_at_risk_use_an_exposure_offset():
     np.testing.assert_allclose(mean.to_numpy(), (8.0 * rate).transpose(*mean.dims).to_numpy(), rtol=1e-9)
     with pytest.raises(bt.DataError, match="at_risk must be positive"):
         bt.Cohort(df.assign(days=0.0), covariates=["age"], therapies=THERAPIES, at_risk="days", key=KEY)
+
+
+def test_a_count_model_refuses_a_fractional_outcome_naming_patient_row_and_column():
+    df, _ = simulate_counts(6, seed=1)
+    df.loc[20, "outcome"] = 3.5
+    cohort = bt.Cohort(df, covariates=["age"], therapies=THERAPIES, key=KEY)
+    with pytest.raises(bt.DataError) as err:
+        bt.fit(cohort, bt.Model(poisson_glmm), draws=10, tune=10)
+    assert "outcome 3.5 is not a whole number: the model's poisson law needs one" in str(err.value)
+    assert f"patient {bt.pseudonymise(df.loc[20, 'patient'], KEY)}, row 20, column 'outcome'" in str(err.value)
