@@ -109,8 +109,9 @@ def regimen_doses(regimens: Sequence[Regimen], start: float, history: pd.DataFra
     ``history``: doses as rows with TIME, AMT, DURATION (0 = bolus or oral) and optionally INPUT
     (how each enters, :meth:`~bayestwin.families.pk.Pk.routed_doses`), e.g. from
     ``Pk.routed_doses(events.frame)``. Returns arrays (regimens, slots): ``t_dose``, ``amt``,
-    ``dur`` (> 0) and ``inf`` (the input code: 1 for infusions, 2 for a central bolus of an oral
-    model, 0 otherwise); with no regimens, one row holding the history alone.
+    ``dur`` (> 0), ``inf`` (the input code: 1 for infusions, 2 for a central bolus of an oral
+    model, 0 otherwise) and ``ii`` (a steady-state dose's interval, column SS_II of the history;
+    0 for a single dose); with no regimens, one row holding the history alone.
     """
     past = history if history is not None else pd.DataFrame({"TIME": [], "AMT": [], "DURATION": []})
     k = len(past)
@@ -118,18 +119,20 @@ def regimen_doses(regimens: Sequence[Regimen], start: float, history: pd.DataFra
     m = max(k + max((r.doses for r in regimens), default=0), 1)
     R = len(plans)
     t_dose, amt, dur, inf = np.zeros((R, m)), np.zeros((R, m)), np.ones((R, m)), np.zeros((R, m))
+    ii = np.zeros((R, m))
     d_past = past["DURATION"].to_numpy(float)
     code = past["INPUT"].to_numpy(float) if "INPUT" in past else (d_past > 0).astype(float)
+    ss = past["SS_II"].to_numpy(float) if "SS_II" in past else np.zeros(k)
     for i, r in enumerate(plans):
         t_dose[i, :k], amt[i, :k] = past["TIME"].to_numpy(float), past["AMT"].to_numpy(float)
-        dur[i, :k], inf[i, :k] = np.where(d_past > 0, d_past, 1.0), code
+        dur[i, :k], inf[i, :k], ii[i, :k] = np.where(d_past > 0, d_past, 1.0), code, ss
         if r is None:
             continue
         new = start + r.interval * np.arange(r.doses)
         t_dose[i, k : k + r.doses], amt[i, k : k + r.doses] = new, r.amount
         if r.duration > 0:
             dur[i, k : k + r.doses], inf[i, k : k + r.doses] = r.duration, 1.0
-    return {"t_dose": t_dose, "amt": amt, "dur": dur, "inf": inf}
+    return {"t_dose": t_dose, "amt": amt, "dur": dur, "inf": inf, "ii": ii}
 
 
 def _regimen_design(regimens: Sequence[Regimen], start: float, history: pd.DataFrame | None, grid: int) -> dict:
@@ -145,7 +148,7 @@ def _regimen_design(regimens: Sequence[Regimen], start: float, history: pd.DataF
 
 def _widen(a: np.ndarray, m: int, name: str) -> np.ndarray:
     """Pad a (regimens, doses) array to ``m`` dose slots with empty doses (amount 0)."""
-    if name not in ("t_dose", "amt", "dur", "inf") or a.shape[1] == m:
+    if name not in ("t_dose", "amt", "dur", "inf", "ii") or a.shape[1] == m:
         return a
     fill = 1.0 if name == "dur" else 0.0
     return np.concatenate([a, np.full((a.shape[0], m - a.shape[1]), fill)], axis=1)
@@ -167,7 +170,7 @@ def _metrics(family, grid: int):
                 return x[:, None, None, :]  # (R, 1, 1, M)
 
             doses = (arr(a["t_dose"]), arr(a["amt"]), arr(a["dur"]), arr(a["inf"]))
-            conc = family.concentration(jnp, th, t, *doses).sum(-1)  # (R, S, G)
+            conc = family.concentration(jnp, th, t, *doses, ii=arr(a["ii"])).sum(-1)  # (R, S, G)
             auc = a["step"] * (conc[..., 1:] + conc[..., :-1]).sum(-1) / 2.0  # (R, S)
             return {"trough": conc[..., -1], "peak": conc.max(-1), "auc": auc}
 
@@ -251,7 +254,7 @@ def dose_search(
             raise ValueError(f"patient {p!r} is not in this twin")
     theta = twin_parameters(twin, patients)
     events = twin.cohort
-    doses = fam.routed_doses(events.frame)
+    doses = fam.current_doses(events.frame)  # a reset ends what came before it
     history = [doses[doses["ID"] == p] for p in patients]
     if start is None:
         last = events.frame.groupby("ID")["TIME"].max()

@@ -231,18 +231,11 @@ def pk_design(df, family=None, **kw):
 
 PK_CASES = [
     (
-        "steady state",
-        nm({(0, "SS"): 1, (0, "II"): 12.0}),
+        "steady-state infusion longer than its interval",
+        nm({(0, "SS"): 1, (0, "II"): 12.0, (0, "RATE"): 5.0}),
         None,
-        "steady-state doses (SS > 0) are not modelled",
-        {"row": 0, "column": "SS"},
-    ),
-    (
-        "reset",
-        nm(ID=[1] * 6, EVID=[1, 0, 0, 4, 0, 0], TIME=[0.0, 1, 6, 0, 2, 12], WT=[70.0] * 6),
-        None,
-        "resets (EVID 3 or 4) are not modelled",
-        {"row": 3, "column": "EVID"},
+        "a steady-state infusion (SS > 0) that lasts longer than its interval II is not modelled",
+        {"row": 0, "column": "RATE"},
     ),
     (
         "time-varying covariate",
@@ -1247,9 +1240,9 @@ def _(tmp):
     return [*DOSE, "--data", str(tmp / "x.csv")]
 
 
-@cli("dose: steady state in the population's rows, named by the table's own ID", "(patient ID 1, row 0, column 'SS')")
+@cli("dose: an unmodelled record in the population's rows, named by the table's own ID", "(patient ID 1, row 0, column 'RATE')")
 def _(tmp):
-    df = nm().drop(columns="WT").assign(SS=[1, 0, 0, 0, 0, 0], II=[12.0, 0, 0, 0, 0, 0])
+    df = nm().drop(columns="WT").assign(SS=[1, 0, 0, 0, 0, 0], II=[12.0, 0, 0, 0, 0, 0], RATE=[5.0, 0, 0, 0, 0, 0])
     df.to_csv(tmp / "ss.csv", index=False)
     return [*DOSE[:2], "2", *DOSE[3:], "--data", str(tmp / "ss.csv")]
 

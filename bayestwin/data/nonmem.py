@@ -15,8 +15,8 @@ CMT       optional compartment (0 or absent: the default one). The PK family rou
           (oral: 1 depot, 2 central; iv: 1 central) and refuses what it cannot model
 RATE      optional zero-order infusion rate (0: bolus / oral)
 II, ADDL  optional dosing interval and number of additional doses (repeated doses)
-SS        optional steady-state flag (0, 1 or 2); read and checked here, refused by a family
-          that does not model steady state
+SS        optional steady-state flag: 1 the dose is the latest of an infinite train every II,
+          given after a reset; 2 the same without a reset (added to what is there); 0 none
 BLQ/LLOQ  optional: 1 if the observation is below the lower limit of quantification / that limit
 ========  ==========================================================================
 
@@ -174,16 +174,38 @@ def _before_first_dose(frame: pd.DataFrame) -> np.ndarray:
     return (evid == 0) & ~dosed
 
 
+def episodes(frame: pd.DataFrame) -> np.ndarray:
+    """Each record's episode within its ID (0, 1, ...): a reset starts a new one.
+
+    Resets are EVID 3 (reset), EVID 4 (reset, then the record's dose) and a steady-state dose with
+    SS = 1 (reset, then the steady state). Doses act only on the observations of their own
+    episode, so what a reset wipes out is gone whatever the clock does after it (TIME may restart
+    at a reset), and additional doses (ADDL) due after a reset are cancelled, as in NONMEM. An
+    observation at the same TIME as a reset belongs to the episode its record's order puts it in.
+    """
+    ids, evid = frame["ID"].to_numpy(), frame["EVID"].to_numpy()
+    ss = frame["SS"].to_numpy() if "SS" in frame else np.zeros(len(frame))
+    reset = np.isin(evid, [3, 4]) | (np.isin(evid, [1, 4]) & (ss == 1))
+    return pd.Series(reset.astype(int)).groupby(ids, sort=False).cumsum().to_numpy()
+
+
 def expand_doses(frame: pd.DataFrame) -> pd.DataFrame:
-    """Dose rows of a validated event frame, one per dose (ADDL expanded), with DURATION."""
+    """Dose rows of a validated event frame, one per dose (ADDL expanded), with DURATION, SS_II
+    (the interval of a steady-state train for the first dose of an SS record, 0 otherwise) and
+    EPISODE (see :func:`episodes`)."""
     f = frame[frame["EVID"].isin([1, 4])]
+    episode = pd.Series(episodes(frame), index=frame.index)[f.index].to_numpy()
     reps = f["ADDL"].to_numpy(int) + 1
     out = f.loc[f.index.repeat(reps), ["ID", "TIME", "AMT", "CMT", "RATE"]].reset_index(drop=True)
     k = np.concatenate([np.arange(r) for r in reps]) if len(reps) else np.zeros(0)
     out["TIME"] = out["TIME"].to_numpy(float) + k * np.repeat(f["II"].to_numpy(float), reps)
     rate = out["RATE"].to_numpy(float)
     out["DURATION"] = np.where(rate > 0, out["AMT"].to_numpy(float) / np.where(rate > 0, rate, 1.0), 0.0)
-    return out.sort_values(["ID", "TIME"], kind="stable").reset_index(drop=True)
+    ss = f["SS"].to_numpy(float) if "SS" in f else np.zeros(len(f))
+    # only the SS record's own dose is the steady state; its ADDL copies are ordinary doses after it
+    out["SS_II"] = np.where((k == 0) & (np.repeat(ss, reps) > 0), np.repeat(f["II"].to_numpy(float), reps), 0.0)
+    out["EPISODE"] = np.repeat(episode, reps)
+    return out.sort_values(["ID", "EPISODE", "TIME"], kind="stable").reset_index(drop=True)
 
 
 def read_nonmem(

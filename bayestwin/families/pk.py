@@ -33,11 +33,20 @@ import pymc as pm
 import pytensor.tensor as pt
 
 from bayestwin.data.cohort import Schema
-from bayestwin.data.nonmem import expand_doses
+from bayestwin.data.nonmem import episodes, expand_doses
 from bayestwin.families import pk_analytic as pka
 from bayestwin.families.base import Axis, Design, FamilyBase, Prior, check_prior_names, register_family
 
 ERRORS = ("additive", "proportional", "combined")
+#: Dose-slot inputs of the model and the :meth:`Pk.routed_doses` columns they are read from.
+DOSE_COLUMNS = {
+    "t_dose": "TIME",
+    "amt": "AMT",
+    "duration": "DURATION",
+    "infusion": "INPUT",
+    "ss_ii": "SS_II",
+    "dose_episode": "EPISODE",
+}
 
 
 def m3_logp(value, mu, sigma, blq):
@@ -99,11 +108,14 @@ class Pk(FamilyBase):
         "time": Axis("obs"),
         "y_obs": Axis("obs"),
         "blq": Axis("obs"),
+        "episode": Axis("obs"),  # between resets (EVID 3/4, SS=1): doses act within their own episode
         # one row per subject, a padded dose axis; an empty slot (amt 0) still needs a positive duration
         "t_dose": Axis("patient", "dose"),
         "amt": Axis("patient", "dose"),
         "duration": Axis("patient", "dose", fill=1.0),
         "infusion": Axis("patient", "dose"),
+        "ss_ii": Axis("patient", "dose"),  # a steady-state dose's interval (0: a single dose)
+        "dose_episode": Axis("patient", "dose"),
     }
     patient_vars = ("z",)  # the subject's own variables, sampled per twin
     prediction = "conc"
@@ -214,10 +226,13 @@ class Pk(FamilyBase):
             "time": np.zeros(n_obs),
             "y_obs": np.zeros(n_obs),
             "blq": np.zeros(n_obs),
+            "episode": np.zeros(n_obs),
             "t_dose": np.zeros((1, dose)),
             "amt": np.zeros((1, dose)),
             "duration": np.ones((1, dose)),
             "infusion": np.zeros((1, dose)),
+            "ss_ii": np.zeros((1, dose)),
+            "dose_episode": np.zeros((1, dose)),
         }
         return Design(patients=["twin"], data=data)
 
@@ -226,7 +241,7 @@ class Pk(FamilyBase):
 
     def check(self, frame: pd.DataFrame, covariates) -> None:
         """Refuse, with a :class:`DataError` naming ID, row and column, every record this family
-        would otherwise model wrongly: steady-state doses (SS > 0), resets (EVID 3/4),
+        would otherwise model wrongly: a steady-state infusion longer than its interval,
         time-varying covariates, compartments (CMT) it has no route for, levels of an ID with no
         dose, and an ID whose every level precedes its first dose."""
         from bayestwin.errors import DataError
@@ -239,16 +254,14 @@ class Pk(FamilyBase):
 
         evid = frame["EVID"].to_numpy()
         if "SS" in frame:
+            rate, amt = frame["RATE"].to_numpy(float), frame["AMT"].to_numpy(float)
+            duration = np.where(rate > 0, amt / np.where(rate > 0, rate, 1.0), 0.0)
             fail(
-                "steady-state doses (SS > 0) are not modelled yet: write the doses out with ADDL and II",
-                frame["SS"].to_numpy() > 0,
-                "SS",
+                "a steady-state infusion (SS > 0) that lasts longer than its interval II is not modelled "
+                "(its infusions would overlap)",
+                (frame["SS"].to_numpy() > 0) & (duration > frame["II"].to_numpy(float)),
+                "RATE",
             )
-        fail(
-            "resets (EVID 3 or 4) are not modelled yet: doses before a reset would keep acting after it",
-            np.isin(evid, [3, 4]),
-            "EVID",
-        )
         for c in covariates:
             first = frame.groupby("ID", sort=False)[c].transform("first")
             changed = frame[c].ne(first).to_numpy(bool)
@@ -306,6 +319,13 @@ class Pk(FamilyBase):
         ).astype(float)
         return doses
 
+    def current_doses(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """:meth:`routed_doses` of each ID's current episode (after its last reset): the doses
+        that still act after its last record, on which forecasts and dose searches build."""
+        doses = self.routed_doses(frame)
+        last = pd.Series(episodes(frame), index=frame["ID"].to_numpy()).groupby(level=0).last()
+        return doses[doses["EPISODE"].to_numpy() == last.reindex(doses["ID"]).to_numpy()].reset_index(drop=True)
+
     def design(self, frame: pd.DataFrame, baseline: pd.DataFrame, schema: Schema) -> Design:
         """Arrays for :meth:`build_model` from an :class:`~bayestwin.data.nonmem.Events` frame."""
         self.check(frame, list(baseline.columns))
@@ -323,11 +343,13 @@ class Pk(FamilyBase):
         index = {p: i for i, p in enumerate(patients)}
         doses = self.routed_doses(frame)
         d_id = doses["ID"].map(index).to_numpy()
-        d_t, d_amt, d_dur, d_in = (doses[c].to_numpy(float) for c in ("TIME", "AMT", "DURATION", "INPUT"))
         slot = pd.Series(d_id).groupby(d_id).cumcount().to_numpy()  # position among the subject's doses
         m = max(int(slot.max()) + 1 if len(slot) else 0, 1)
-        t_dose, amt, duration, inputs = (np.zeros((len(patients), m)) for _ in range(4))
-        t_dose[d_id, slot], amt[d_id, slot], duration[d_id, slot], inputs[d_id, slot] = d_t, d_amt, d_dur, d_in
+        slots = {}
+        for name, col in DOSE_COLUMNS.items():
+            slots[name] = np.zeros((len(patients), m))
+            slots[name][d_id, slot] = doses[col].to_numpy(float)
+        episode = pd.Series(episodes(frame), index=frame.index)
         obs = frame[frame["EVID"] == 0]
         blq = obs["BLQ"].to_numpy(int) > 0
         X = schema.covariate_matrix(baseline) if schema.covariates else np.zeros((len(patients), 0))
@@ -342,10 +364,9 @@ class Pk(FamilyBase):
             "time": obs["TIME"].to_numpy(float),
             "y_obs": np.where(blq, obs["LLOQ"].to_numpy(float), obs["DV"].to_numpy(float)),
             "blq": blq.astype(float),
-            "t_dose": t_dose,
-            "amt": amt,
-            "duration": np.where(duration > 0, duration, 1.0),  # padding: any positive value
-            "infusion": inputs,
+            "episode": episode[obs.index].to_numpy(float),
+            **slots,
+            "duration": np.where(slots["duration"] > 0, slots["duration"], 1.0),  # padding: any positive value
         }
         return Design(patients=patients, data=data)
 
@@ -370,10 +391,13 @@ class Pk(FamilyBase):
             t = pm.Data("time", d["time"], dims="obs")
             y_obs = pm.Data("y_obs", d["y_obs"], dims="obs")
             blq = pm.Data("blq", d["blq"], dims="obs")
+            episode = pm.Data("episode", d["episode"], dims="obs")
             t_dose = pm.Data("t_dose", d["t_dose"], dims=("patient", "dose"))
             amt = pm.Data("amt", d["amt"], dims=("patient", "dose"))
             duration = pm.Data("duration", d["duration"], dims=("patient", "dose"))
             infusion = pm.Data("infusion", d["infusion"], dims=("patient", "dose"))
+            ss_ii = pm.Data("ss_ii", d["ss_ii"], dims=("patient", "dose"))
+            dose_episode = pm.Data("dose_episode", d["dose_episode"], dims=("patient", "dose"))
 
             typical = pt.stack([pri[f"log_{p}"].create(f"log_{p}") for p in names])
             z = pm.Normal("z", 0.0, 1.0, dims=("patient", "pk_param"))
@@ -407,8 +431,9 @@ class Pk(FamilyBase):
 
             per_obs = {p: v[idx][:, None] for p, v in theta.items()}
             doses = (t_dose[idx], amt[idx], duration[idx], infusion[idx])
-            per_dose = self.concentration(pt, per_obs, t[:, None], *doses)
-            conc = pm.Deterministic("conc", per_dose.sum(axis=1), dims="obs")
+            per_dose = self.concentration(pt, per_obs, t[:, None], *doses, ii=ss_ii[idx])
+            same = pt.eq(dose_episode[idx], episode[:, None])  # a reset ends what came before it
+            conc = pm.Deterministic("conc", pt.where(same, per_dose, 0.0).sum(axis=1), dims="obs")
 
             if self.error == "additive":
                 sd = pri["sigma_add"].create("sigma_add")
@@ -421,15 +446,16 @@ class Pk(FamilyBase):
             pm.CustomDist("y", conc, sd, blq, logp=m3_logp, random=_m3_random, observed=y_obs, dims="obs")
         return model
 
-    def concentration(self, xp, theta: Mapping, t, t_dose, amt, duration, infusion):
+    def concentration(self, xp, theta: Mapping, t, t_dose, amt, duration, infusion, ii=0.0):
         """Each dose's contribution to the central concentration at ``t`` (broadcast, not summed).
 
         ``theta`` maps parameter names (``cl``, ``v`` or ``v1``/``q``/``v2``, ``ka``, ``tlag``) to arrays
         broadcastable against ``t - t_dose``. ``infusion`` codes how each dose enters: 1 an
         infusion over ``duration`` into the central compartment, 2 a bolus into the central
         compartment (CMT 2 of an oral model), 0 the route's own input (oral: first-order
-        absorption from the depot; iv: a bolus). The one formula behind the PyMC model and the
-        dose search.
+        absorption from the depot; iv: a bolus). ``ii`` > 0 makes a dose a steady-state dose
+        (the latest of a train every ``ii``; :mod:`~bayestwin.families.pk_analytic`). The one
+        formula behind the PyMC model and the dose search.
         """
         if self.compartments == 1:
             struct = {"cl": theta["cl"], "v": theta["v"]}
@@ -437,13 +463,14 @@ class Pk(FamilyBase):
         else:
             struct = {k: theta[k] for k in ("cl", "v1", "q", "v2")}
             bolus_fn, inf_fn, oral_fn = pka.two_cmt_bolus, pka.two_cmt_infusion, pka.two_cmt_oral
-        bolus = bolus_fn(xp, t, t_dose, amt, **struct)
+        bolus = bolus_fn(xp, t, t_dose, amt, **struct, ii=ii)
         if self.route == "oral":
-            oral = oral_fn(xp, t, t_dose, amt, ka=theta["ka"], tlag=theta.get("tlag", 0.0), **struct)
+            oral = oral_fn(xp, t, t_dose, amt, ka=theta["ka"], tlag=theta.get("tlag", 0.0), **struct, ii=ii)
             first = xp.where(infusion > 1.5, bolus, oral)
         else:
             first = bolus
-        return xp.where((infusion > 0.5) & (infusion < 1.5), inf_fn(xp, t, t_dose, amt, duration, **struct), first)
+        infused = inf_fn(xp, t, t_dose, amt, duration, **struct, ii=ii)
+        return xp.where((infusion > 0.5) & (infusion < 1.5), infused, first)
 
     def forecast_inputs(self, events, schema: Schema, regimens=None, times=None, start=None):
         """Scenario labels, forecast times and the data for ``conc``: arrays (patient, scenario, ...).
@@ -466,7 +493,7 @@ class Pk(FamilyBase):
             t0 = float(np.max(starts))
             times = np.linspace(t0, t0 + schema.time_scale, 25)
         times = np.asarray(times, float)
-        doses = self.routed_doses(events.frame)
+        doses = self.current_doses(events.frame)
         plans = [regimen_doses(regimens, starts[i], doses[doses["ID"] == p]) for i, p in enumerate(patients)]
         m = max(pl["t_dose"].shape[1] for pl in plans)
 
@@ -479,10 +506,13 @@ class Pk(FamilyBase):
             "log_wt": np.broadcast_to(design.data["log_wt"][:, None, None], (B, S, 1)),
             "time": np.broadcast_to(times, (B, S, T)),
             "blq": np.zeros((B, S, T)),
+            "episode": np.zeros((B, S, T)),  # the current episode's doses only (current_doses)
             "t_dose": np.stack([widen(pl["t_dose"], 0.0) for pl in plans])[:, :, None, :],
             "amt": np.stack([widen(pl["amt"], 0.0) for pl in plans])[:, :, None, :],
             "duration": np.stack([widen(pl["dur"], 1.0) for pl in plans])[:, :, None, :],
             "infusion": np.stack([widen(pl["inf"], 0.0) for pl in plans])[:, :, None, :],
+            "ss_ii": np.stack([widen(pl["ii"], 0.0) for pl in plans])[:, :, None, :],
+            "dose_episode": np.zeros((B, S, 1, m)),
         }
         return labels, times, data
 
@@ -512,10 +542,13 @@ class Pk(FamilyBase):
         data = {
             "time": np.broadcast_to(times, (R, len(times))).copy(),
             "blq": np.zeros((R, len(times))),
+            "episode": np.zeros((R, len(times))),
             "t_dose": plan["t_dose"][:, None, :],
             "amt": plan["amt"][:, None, :],
             "duration": plan["dur"][:, None, :],
             "infusion": plan["inf"][:, None, :],
+            "ss_ii": plan["ii"][:, None, :],
+            "dose_episode": np.zeros_like(plan["amt"][:, None, :]),
         }
         return [r.label for r in regimens], data
 

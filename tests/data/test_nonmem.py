@@ -60,21 +60,25 @@ def test_addl_and_infusions_expand_to_single_doses():
     np.testing.assert_allclose(doses["DURATION"], 2.0)
 
 
-def test_reset_may_restart_time_and_the_pk_family_refuses_it():
+def test_reset_may_restart_time_and_ends_the_doses_before_it():
     df = events()
-    df.loc[4, "ID"] = 1
     df.loc[4:, "ID"] = 1
-    df.loc[4, "EVID"] = 4  # reset and dose: a new occasion for the same subject
+    df.loc[4, "EVID"] = 4  # reset and dose: a new occasion for the same subject, its clock restarted
     ev = read_nonmem(df, key=KEY, ignore=["WT"])
     assert ev.patients == [bt.pseudonymise(1, KEY)]
     assert not ev.observations()["before_first_dose"].iloc[1:].any()
-    message = (
-        "resets (EVID 3 or 4) are not modelled yet: doses before a reset would keep acting after it "
-        f"(patient {P1}, row 4, column 'EVID')"
-    )
-    with pytest.raises(bt.DataError) as err:
-        bt.Pk().design(ev.frame, ev.baseline, ev.schema)
-    assert str(err.value) == message
+    fam = bt.Pk()
+    d = fam.design(ev.frame, ev.baseline, ev.schema).data
+    np.testing.assert_array_equal(d["episode"], [0, 0, 0, 1, 1])  # levels at 0, 1, 6 | 2, 12
+    np.testing.assert_array_equal(d["dose_episode"][0], [0, 1])
+    theta = {"cl": 2.0, "v": 30.0, "ka": 1.0}
+    t = d["time"][:, None]
+    per_dose = fam.concentration(np, theta, t, d["t_dose"], d["amt"], d["duration"], d["infusion"])
+    conc = np.where(d["episode"][:, None] == d["dose_episode"], per_dose, 0.0).sum(-1)
+    # after the reset only the 300 given at the restarted time 0 acts (the 320 would still add at t = 2)
+    alone = fam.concentration(np, theta, np.array([[2.0], [12.0]]), 0.0, 300.0, 1.0, 0.0).sum(-1)
+    np.testing.assert_allclose(conc[3:], alone, rtol=1e-12)
+    assert per_dose[3, 0] > 0.1 * conc[3]  # without the reset the first dose would still count
 
 
 P1, P2 = bt.pseudonymise(1, KEY), bt.pseudonymise(2, KEY)
