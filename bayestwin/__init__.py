@@ -19,6 +19,7 @@ from bayestwin.data.survival import read_survival  # noqa: E402
 from bayestwin.dosing import Regimen, dose_search  # noqa: E402
 from bayestwin.errors import ConvergenceWarning, DataError, OutOfPopulationWarning  # noqa: E402
 from bayestwin.families import Formula, Joint, Model, Pk, Prior, Progression, Survival, register_family  # noqa: E402
+from bayestwin.families.pk_covariates import Categorical, Exponential, Linear, Power  # noqa: E402
 from bayestwin.forecast import EventForecast, Forecast  # noqa: E402
 from bayestwin.io import ArtifactError, save  # noqa: E402
 from bayestwin.population import Population, fit  # noqa: E402
@@ -27,6 +28,10 @@ from bayestwin.zoo import load_any as load  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
+    "Categorical",
+    "Exponential",
+    "Linear",
+    "Power",
     "Formula",
     "Model",
     "register_family",

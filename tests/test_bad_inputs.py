@@ -1240,7 +1240,7 @@ def _(tmp):
     return [*DOSE, "--data", str(tmp / "x.csv")]
 
 
-@cli("dose: an unmodelled record in the population's rows, named by the table's own ID", "(patient ID 1, row 0, column 'RATE')")
+@cli("dose: an unmodelled record in the population's rows, by the table's ID", "(patient ID 1, row 0, column 'RATE')")
 def _(tmp):
     df = nm().drop(columns="WT").assign(SS=[1, 0, 0, 0, 0, 0], II=[12.0, 0, 0, 0, 0, 0], RATE=[5.0, 0, 0, 0, 0, 0])
     df.to_csv(tmp / "ss.csv", index=False)

@@ -193,8 +193,9 @@ def expand_doses(frame: pd.DataFrame) -> pd.DataFrame:
     """Dose rows of a validated event frame, one per dose (ADDL expanded), with DURATION, SS_II
     (the interval of a steady-state train for the first dose of an SS record, 0 otherwise) and
     EPISODE (see :func:`episodes`)."""
-    f = frame[frame["EVID"].isin([1, 4])]
-    episode = pd.Series(episodes(frame), index=frame.index)[f.index].to_numpy()
+    is_dose = frame["EVID"].isin([1, 4]).to_numpy()
+    f = frame[is_dose]
+    episode = episodes(frame)[is_dose]  # by position: an extended frame may repeat index labels
     reps = f["ADDL"].to_numpy(int) + 1
     out = f.loc[f.index.repeat(reps), ["ID", "TIME", "AMT", "CMT", "RATE"]].reset_index(drop=True)
     k = np.concatenate([np.arange(r) for r in reps]) if len(reps) else np.zeros(0)

@@ -35,7 +35,20 @@ import pytensor.tensor as pt
 from bayestwin.data.cohort import Schema
 from bayestwin.data.nonmem import episodes, expand_doses
 from bayestwin.families import pk_analytic as pka
+from bayestwin.families import pk_covariates as pkc
 from bayestwin.families.base import Axis, Design, FamilyBase, Prior, check_prior_names, register_family
+from bayestwin.families.pk_covariates import coefficient_name, effect_from_dict, effect_to_dict
+
+EFFECT_TYPES = tuple(pkc.EFFECTS.values())
+#: Fixed allometric exponents of ``weight=`` (clearances 0.75, volumes 1; ke = CL/V: -0.25).
+ALLOMETRY = {"cl": 0.75, "q": 0.75, "v": 1.0, "v1": 1.0, "v2": 1.0, "ke": -0.25, "ka": 0.0, "tlag": 0.0}
+
+
+def _listed(value, what: str) -> list:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{what} must be a list of parameter names, not {value!r}")
+    return list(value)
+
 
 ERRORS = ("additive", "proportional", "combined")
 #: Dose-slot inputs of the model and the :meth:`Pk.routed_doses` columns they are read from.
@@ -104,6 +117,7 @@ class Pk(FamilyBase):
     inputs = {
         "X": Axis("patient"),
         "log_wt": Axis("patient"),
+        "cov": Axis("patient"),  # covariate models (covariates=): raw numeric values, one-hot levels
         "patient_idx": Axis("obs"),
         "time": Axis("obs"),
         "y_obs": Axis("obs"),
@@ -138,8 +152,10 @@ class Pk(FamilyBase):
         weight: str | None = None,
         priors: Mapping | None = None,
         parameterisation: str = "clearance",
-        correlated: bool = True,
+        correlated: bool | list = True,
         lag: bool = False,
+        covariates: Mapping | None = None,
+        bsv: list | tuple | None = None,
     ):
         if compartments not in (1, 2):
             raise ValueError(f"compartments must be 1 or 2, not {compartments!r}")
@@ -157,10 +173,151 @@ class Pk(FamilyBase):
             raise TypeError(f"weight is the name of the body-weight covariate, not {weight!r}")
         weight = weight.upper() if weight else None  # NONMEM column names are read upper-case
         self.compartments, self.route, self.error, self.weight = compartments, route, error, weight
-        self.parameterisation, self.correlated, self.lag = parameterisation, correlated, lag
+        self.parameterisation, self.lag = parameterisation, lag
         self.priors = dict(priors or {})
+        if covariates is not None and weight is not None:
+            raise ValueError(
+                "give weight= (the fixed allometric shortcut) or covariates= (a covariate model per "
+                "parameter, e.g. {'CL': [bt.Power('WT', ref=70, exponent=0.75)]}), not both"
+            )
+        self.effects = self._effects(covariates)
+        self.covariates = (
+            None
+            if covariates is None
+            else {p.upper(): [effect_to_dict(e) for e in es] for p, es in self.effects.items()}
+        )
+        self.bsv = None if bsv is None else [self._parameter(p, "bsv").upper() for p in _listed(bsv, "bsv")]
+        if self.bsv is not None and len(set(self.bsv)) < len(self.bsv):
+            raise ValueError(f"a parameter is listed twice in bsv={bsv!r}")
+        self.correlated = self._blocks(correlated)
         known = {f"log_{p}" for p in self.parameters} | {"beta_cl", "bsv_sd", "bsv_corr_eta", *self.residual_params}
+        known |= {coefficient_name(p, e) for p, es in self.effects.items() for e in es}
         check_prior_names(self.priors, known, self.name)
+
+    # ------------------------------------------------------ structure options
+    def _parameter(self, name, what: str) -> str:
+        """The model's name (lower case) of a parameter named in ``what`` (any case)."""
+        if not isinstance(name, str) or name.lower() not in self.parameters:
+            known = ", ".join(p.upper() for p in self.parameters)
+            raise ValueError(f"{what}: {name!r} is not a parameter of this model ({known})")
+        return name.lower()
+
+    def _effects(self, covariates) -> dict:
+        """{parameter: (effect, ...)} from ``covariates=`` (effects, or their card mappings)."""
+        if covariates is None:
+            return {}
+        if not isinstance(covariates, Mapping):
+            raise TypeError(f"covariates maps parameter names to lists of effects, not {covariates!r}")
+        out = {}
+        for name, effects in covariates.items():
+            p = self._parameter(name, "covariates")
+            if p in out:
+                raise ValueError(f"covariates: parameter {name!r} is given twice")
+            effects = [effects] if isinstance(effects, (Mapping, *EFFECT_TYPES)) else list(effects)
+            parsed = tuple(effect_from_dict(e) for e in effects)
+            columns = [e.column.upper() for e in parsed]
+            dup = [c for c in columns if columns.count(c) > 1]
+            if dup:
+                raise ValueError(f"covariates: {dup[0]} acts twice on {name!r}")
+            out[p] = tuple(type(e)(**{**e.__dict__, "column": e.column.upper()}) for e in parsed)
+        return out
+
+    def _blocks(self, correlated):
+        """``correlated`` as given (True, False, or groups of parameter names), checked."""
+        if isinstance(correlated, bool):
+            return correlated
+        groups = _listed(correlated, "correlated")
+        if not groups or not all(isinstance(g, (list, tuple)) for g in groups):
+            raise TypeError(
+                f"correlated is True, False or a list of parameter groups, e.g. [['CL', 'V']]; not {correlated!r}"
+            )
+        out, seen = [], set()
+        for g in groups:
+            names = [self._parameter(x, "correlated").upper() for x in g]
+            if len(names) < 2:
+                raise ValueError(f"correlated: a block needs two parameters or more, not {list(g)!r}")
+            if seen & set(names) or len(set(names)) < len(names):
+                raise ValueError(f"correlated: a parameter is in two blocks ({list(g)!r})")
+            missing = [n for n in names if n not in self.bsv_parameters_upper]
+            if missing:
+                raise ValueError(f"correlated: {missing[0]} has no between-subject variability (bsv=)")
+            seen |= set(names)
+            out.append(names)
+        return out
+
+    @property
+    def bsv_parameters_upper(self) -> list[str]:
+        return [p.upper() for p in self.bsv_parameters]
+
+    @property
+    def bsv_parameters(self) -> tuple[str, ...]:
+        """Parameters with between-subject variability (``bsv=``; default all), in model order."""
+        if self.bsv is None:
+            return self.parameters
+        return tuple(p for p in self.parameters if p.upper() in self.bsv)
+
+    def covariate_columns(self, schema: Schema) -> list[str]:
+        """Columns of the ``cov`` input (covariate models): each numeric covariate an effect uses
+        (raw values), and each non-reference level of a categorical one (``COL[level]``)."""
+        cols = []
+        for c in self.effect_columns:
+            if c in schema.categorical:
+                cols += [f"{c}[{lvl}]" for lvl in schema.categorical[c][1:]]
+            else:
+                cols.append(c)
+        return cols
+
+    @property
+    def effect_columns(self) -> list[str]:
+        """Covariates the covariate model uses, each once, in order of first use."""
+        return list(dict.fromkeys(e.column for es in self.effects.values() for e in es))
+
+    def _check_covariates(self, baseline: pd.DataFrame, schema: Schema) -> None:
+        """Every covariate read is in the covariate model and every one it names is read, of the
+        right kind; a power effect's covariate is positive (else a DataError naming ID and column)."""
+        from bayestwin.errors import DataError
+
+        read = list(schema.covariates)
+        for c in self.effect_columns:
+            if c not in read:
+                raise DataError(
+                    f"the covariate model uses {c}, which is not a covariate of these events "
+                    f"(covariates: {read}); read it with covariates=[...]",
+                    column=c,
+                )
+        unused = [c for c in read if c not in self.effect_columns]
+        if unused:
+            raise DataError(
+                f"covariate {unused[0]} is read but no parameter's covariate model uses it: add an effect "
+                "for it to covariates=, or leave it out when reading (a covariate is modelled or refused)",
+                column=unused[0],
+            )
+        for p, effects in self.effects.items():
+            for e in effects:
+                cat = e.column in schema.categorical
+                if (e.kind == "categorical") != cat:
+                    how = "categorical (read it with categorical=[...])" if e.kind == "categorical" else "numeric"
+                    raise DataError(f"the {e.kind} effect on {p.upper()} needs {e.column} {how}", column=e.column)
+                if e.kind == "power":
+                    x = baseline[e.column].to_numpy(float)
+                    if (x <= 0).any():
+                        i = int(np.argmax(x <= 0))
+                        raise DataError(
+                            f"a power effect needs {e.column} > 0 (it is (x / ref) ** exponent)",
+                            patient=baseline.index[i],
+                            column=e.column,
+                        )
+
+    def _cov_matrix(self, baseline: pd.DataFrame, schema: Schema) -> np.ndarray:
+        """The ``cov`` input (patients x :meth:`covariate_columns`) from one row per patient."""
+        cols = []
+        for c in self.effect_columns:
+            if c in schema.categorical:
+                values = baseline[c].astype(str).to_numpy()
+                cols += [(values == lvl).astype(float) for lvl in schema.categorical[c][1:]]
+            else:
+                cols.append(baseline[c].to_numpy(float))
+        return np.column_stack(cols) if cols else np.zeros((len(baseline), 0))
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -185,7 +342,11 @@ class Pk(FamilyBase):
         """Weakly informative, on the log scale, centred from the data's own scales.
 
         V around (median dose / largest level), rates around a few per observation span, a lag
-        time around 1/48 of the span (half an hour for a day's sampling).
+        time around 1/48 of the span (half an hour for a day's sampling). These are the scales
+        of the data's median subject; a typical value is the *reference* subject's, so each is
+        moved by what the covariate model (or ``weight=``) gives the median subject at the
+        coefficients' prior means: e.g. neonates of 1.5 kg and ``Power("WT", ref=70,
+        exponent=1)`` on V put the prior of log V log(70 / 1.5) = 3.8 above the data's scale.
         """
         d = design.data
         amt = d["amt"][d["amt"] > 0]
@@ -194,9 +355,20 @@ class Pk(FamilyBase):
         k0 = 3.0 / schema.time_scale  # elimination over a third of the sampling span
         centres = {"cl": np.log(v0 * k0), "v": np.log(v0), "v1": np.log(v0), "q": np.log(v0 * k0), "ke": np.log(k0)}
         centres |= {"v2": np.log(2 * v0), "ka": np.log(10.0 / schema.time_scale)}
-        pri = {f"log_{p}": Prior("Normal", mu=float(centres[p]), sigma=2.0) for p in self.parameters if p != "tlag"}
         if self.lag:
-            pri["log_tlag"] = Prior("Normal", mu=float(np.log(schema.time_scale / 48)), sigma=1.5)
+            centres["tlag"] = np.log(schema.time_scale / 48)
+        # the data's scales are those of its typical subject: the typical value is the reference
+        # subject's, so take off what the covariate model gives the typical subject (at the prior)
+        shift = self._typical_shift(design, schema)
+        pri = {
+            f"log_{p}": Prior("Normal", mu=float(centres[p] - shift[p]), sigma=1.5 if p == "tlag" else 2.0)
+            for p in self.parameters
+        }
+        for p, effects in self.effects.items():
+            for e in effects:
+                if not (e.kind == "power" and e.exponent is not None):
+                    sd = schema.numeric.get(e.column, (0.0, 1.0))[1]
+                    pri[coefficient_name(p, e)] = pkc.prior(p, e, sd)
         pri |= {
             "beta_cl": Prior("Normal", mu=0.0, sigma=1.0),
             "bsv_sd": Prior("Gamma", alpha=2.0, beta=4.0),  # mean 0.5 on the log scale, zero-avoiding
@@ -205,6 +377,25 @@ class Pk(FamilyBase):
             "sigma_prop": Prior("HalfNormal", sigma=0.5),
         }
         return pri
+
+    def _typical_shift(self, design: Design, schema: Schema) -> dict:
+        """Each parameter's covariate-model term (log scale) for the data's median subject, at the
+        coefficients' prior means (power effects only: the others are 0 there)."""
+        shift = dict.fromkeys(self.parameters, 0.0)
+        if self.weight is not None and len(design.data["log_wt"]):
+            typical = float(np.median(design.data["log_wt"]))
+            shift = {p: ALLOMETRY[p] * typical for p in self.parameters}
+        if not self.effects:
+            return shift
+        columns = self.covariate_columns(schema)
+        cov = np.asarray(design.data["cov"], float)
+        for p, effects in self.effects.items():
+            for e in effects:
+                if e.kind == "power" and len(cov):
+                    x = np.median(cov[:, columns.index(e.column)])
+                    exponent = e.exponent if e.exponent is not None else pkc.ALLOMETRY.get(p, 0.0)
+                    shift[p] += exponent * np.log(x / e.ref)
+        return shift
 
     # ---------------------------------------------------------------- design
     def read(self, rows, *, key=None, schema: Schema | None = None, columns=None, baseline=None):
@@ -218,10 +409,11 @@ class Pk(FamilyBase):
 
     def template_design(self, schema: Schema, n_obs: int, dose: int = 1) -> Design:
         """A one-subject design with ``n_obs`` observation rows and ``dose`` dose slots (zeros)."""
-        p = len([c for c in schema.design_columns if c != self.weight])
+        p = len(self._x_columns(schema))
         data = {
             "X": np.zeros((1, p)),
             "log_wt": np.zeros(1),
+            "cov": np.zeros((1, len(self.covariate_columns(schema)))),
             "patient_idx": np.zeros(n_obs, np.int64),
             "time": np.zeros(n_obs),
             "y_obs": np.zeros(n_obs),
@@ -349,14 +541,14 @@ class Pk(FamilyBase):
         for name, col in DOSE_COLUMNS.items():
             slots[name] = np.zeros((len(patients), m))
             slots[name][d_id, slot] = doses[col].to_numpy(float)
-        episode = pd.Series(episodes(frame), index=frame.index)
-        obs = frame[frame["EVID"] == 0]
+        is_obs = (frame["EVID"] == 0).to_numpy()
+        obs = frame[is_obs]
         blq = obs["BLQ"].to_numpy(int) > 0
-        X = schema.covariate_matrix(baseline) if schema.covariates else np.zeros((len(patients), 0))
-        if self.weight is not None:
-            X = X[:, [j for j, c in enumerate(schema.design_columns) if c != self.weight]]
+        if self.covariates is not None:
+            self._check_covariates(baseline, schema)
         data = {
-            "X": X,
+            "X": self._x_matrix(baseline, schema),
+            "cov": self._cov_matrix(baseline, schema),
             "log_wt": (
                 np.log(baseline[self.weight].to_numpy(float) / 70.0) if self.weight else np.zeros(len(patients))
             ),
@@ -364,11 +556,24 @@ class Pk(FamilyBase):
             "time": obs["TIME"].to_numpy(float),
             "y_obs": np.where(blq, obs["LLOQ"].to_numpy(float), obs["DV"].to_numpy(float)),
             "blq": blq.astype(float),
-            "episode": episode[obs.index].to_numpy(float),
+            "episode": episodes(frame)[is_obs].astype(float),
             **slots,
             "duration": np.where(slots["duration"] > 0, slots["duration"], 1.0),  # padding: any positive value
         }
         return Design(patients=patients, data=data)
+
+    def _x_columns(self, schema: Schema) -> list[str]:
+        """Columns of ``X``: standardised covariates acting on CL (without a covariate model)."""
+        if self.covariates is not None:
+            return []
+        return [c for c in schema.design_columns if c != self.weight]
+
+    def _x_matrix(self, baseline: pd.DataFrame, schema: Schema) -> np.ndarray:
+        cols = self._x_columns(schema)
+        if not cols:
+            return np.zeros((len(baseline), 0))
+        X = schema.covariate_matrix(baseline)
+        return X[:, [j for j, c in enumerate(schema.design_columns) if c in cols]]
 
     # ----------------------------------------------------------------- model
     def build_model(self, design: Design, schema: Schema) -> pm.Model:
@@ -376,17 +581,22 @@ class Pk(FamilyBase):
         pri = self.default_priors(schema, design) | self.priors
         d = design.data
         names = self.parameters
-        cov_cols = [c for c in schema.design_columns if c != self.weight]
+        cov_cols = self._x_columns(schema)
         coords = {
             "patient": design.patients,
             "obs": np.arange(len(d["y_obs"])),
-            "pk_param": list(names),
+            "pk_param": list(self.bsv_parameters),
             "covariate": cov_cols,
+            "cov_column": self.covariate_columns(schema),
             "dose": np.arange(d["t_dose"].shape[1]),
+        }
+        coords |= {
+            f"{c}_level": list(schema.categorical[c][1:]) for c in self.effect_columns if c in schema.categorical
         }
         with pm.Model(coords=coords) as model:
             X = pm.Data("X", d["X"], dims=("patient", "covariate"))
             log_wt = pm.Data("log_wt", d["log_wt"], dims="patient")
+            cov = pm.Data("cov", d["cov"], dims=("patient", "cov_column"))
             idx = pm.Data("patient_idx", d["patient_idx"], dims="obs")
             t = pm.Data("time", d["time"], dims="obs")
             y_obs = pm.Data("y_obs", d["y_obs"], dims="obs")
@@ -400,51 +610,132 @@ class Pk(FamilyBase):
             dose_episode = pm.Data("dose_episode", d["dose_episode"], dims=("patient", "dose"))
 
             typical = pt.stack([pri[f"log_{p}"].create(f"log_{p}") for p in names])
-            z = pm.Normal("z", 0.0, 1.0, dims=("patient", "pk_param"))
-            if self.correlated:
-                chol, _, _ = pm.LKJCholeskyCov(
-                    "re_chol",
-                    n=len(names),
-                    eta=pri["bsv_corr_eta"],
-                    sd_dist=pri["bsv_sd"].unnamed(shape=len(names)),
-                    compute_corr=True,
-                )
-                eta = z @ chol.T
-            else:
-                eta = z * pri["bsv_sd"].create("bsv_sd", dims="pk_param")[None, :]
-            log_theta = typical[None, :] + eta
-            allometry = {"cl": 0.75, "q": 0.75, "v": 1.0, "v1": 1.0, "v2": 1.0, "ke": -0.25, "ka": 0.0, "tlag": 0.0}
-            log_theta = log_theta + log_wt[:, None] * np.array([allometry[p] for p in names])[None, :]
+            log_theta = typical[None, :] + self._random_effects(pri)
+            if self.effects:
+                log_theta = log_theta + self._covariate_terms(pri, cov, schema)
+            if self.weight is not None:
+                log_theta = log_theta + log_wt[:, None] * np.array([ALLOMETRY[p] for p in names])[None, :]
             if cov_cols:
                 beta = pri["beta_cl"].create("beta_cl", dims="covariate")
                 j = names.index("cl")
                 log_theta = pt.set_subtensor(log_theta[:, j], log_theta[:, j] + X @ beta)
             theta = {p: pt.exp(log_theta[:, j]) for j, p in enumerate(names)}
-            if "ke" in theta:
-                theta["v"] = theta["cl"] / theta["ke"]
-            if self.route == "oral" and self.compartments == 1:
-                # No flip-flop: ka = k + exp(.), so absorption is faster than elimination. The
-                # one-compartment oral likelihood is symmetric in ka and k (with V rescaled), and
-                # without this the posterior has a mirror mode that chains fall into.
-                theta["ka"] = theta["cl"] / theta["v"] + theta["ka"]
-            theta = {p: pm.Deterministic(f"patient_{p}", v, dims="patient") for p, v in theta.items()}
-
-            per_obs = {p: v[idx][:, None] for p, v in theta.items()}
-            doses = (t_dose[idx], amt[idx], duration[idx], infusion[idx])
-            per_dose = self.concentration(pt, per_obs, t[:, None], *doses, ii=ss_ii[idx])
-            same = pt.eq(dose_episode[idx], episode[:, None])  # a reset ends what came before it
-            conc = pm.Deterministic("conc", pt.where(same, per_dose, 0.0).sum(axis=1), dims="obs")
-
-            if self.error == "additive":
-                sd = pri["sigma_add"].create("sigma_add")
-            elif self.error == "proportional":
-                sd = pri["sigma_prop"].create("sigma_prop") * conc + 1e-9
-            else:
-                s_add, s_prop = pri["sigma_add"].create("sigma_add"), pri["sigma_prop"].create("sigma_prop")
-                sd = pt.sqrt(s_add**2 + (s_prop * conc) ** 2)
-            sd = pt.broadcast_to(sd, conc.shape)
-            pm.CustomDist("y", conc, sd, blq, logp=m3_logp, random=_m3_random, observed=y_obs, dims="obs")
+            theta = {p: pm.Deterministic(f"patient_{p}", v, dims="patient") for p, v in self._derived(theta).items()}
+            inputs = {
+                "patient_idx": idx,
+                "time": t,
+                "episode": episode,
+                "t_dose": t_dose,
+                "amt": amt,
+                "duration": duration,
+                "infusion": infusion,
+                "ss_ii": ss_ii,
+                "dose_episode": dose_episode,
+            }
+            inputs |= {n: pm.Data(n, d[n], dims=self._dims(n)) for n in self.extra_inputs}
+            conc = pm.Deterministic("conc", self.levels(theta, inputs), dims="obs")
+            self._likelihood(pri, conc, blq, y_obs, inputs)
         return model
+
+    #: Inputs a subclass adds to the model (built by :meth:`build_model` from its ``inputs``).
+    extra_inputs: tuple[str, ...] = ()
+
+    def _dims(self, name: str) -> tuple[str, ...]:
+        axis = self.inputs[name]
+        return ("obs",) if axis.kind == "obs" else ("patient",) + ((axis.slot,) if axis.slot else ())
+
+    def _derived(self, theta: dict) -> dict:
+        """The structural parameters from the sampled ones (V = CL/ke; one compartment oral: ka = k + excess)."""
+        if "ke" in theta:
+            theta["v"] = theta["cl"] / theta["ke"]
+        if self.route == "oral" and self.compartments == 1:
+            # No flip-flop: ka = k + exp(.), so absorption is faster than elimination. The
+            # one-compartment oral likelihood is symmetric in ka and k (with V rescaled), and
+            # without this the posterior has a mirror mode that chains fall into.
+            theta["ka"] = theta["cl"] / theta["v"] + theta["ka"]
+        return theta
+
+    def levels(self, theta: dict, d: dict):
+        """The predicted level of each observation row (pytensor): every dose of the row's
+        episode, by superposition of the closed forms (:meth:`concentration`)."""
+        idx = d["patient_idx"]
+        per_obs = {p: v[idx][:, None] for p, v in theta.items()}
+        doses = (d["t_dose"][idx], d["amt"][idx], d["duration"][idx], d["infusion"][idx])
+        per_dose = self.concentration(pt, per_obs, d["time"][:, None], *doses, ii=d["ss_ii"][idx])
+        same = pt.eq(d["dose_episode"][idx], d["episode"][:, None])  # a reset ends what came before it
+        return pt.where(same, per_dose, 0.0).sum(axis=1)
+
+    def _likelihood(self, pri, conc, blq, y_obs, d: dict) -> None:
+        """Residual error around ``conc`` and the M3 likelihood of BLQ rows."""
+        if self.error == "additive":
+            sd = pri["sigma_add"].create("sigma_add")
+        elif self.error == "proportional":
+            sd = pri["sigma_prop"].create("sigma_prop") * conc + 1e-9
+        else:
+            s_add, s_prop = pri["sigma_add"].create("sigma_add"), pri["sigma_prop"].create("sigma_prop")
+            sd = pt.sqrt(s_add**2 + (s_prop * conc) ** 2)
+        sd = pt.broadcast_to(sd, conc.shape)
+        pm.CustomDist("y", conc, sd, blq, logp=m3_logp, random=_m3_random, observed=y_obs, dims="obs")
+
+    def _random_effects(self, pri):
+        """Between-subject deviations (patient, parameter) on the log scale: ``L z`` with ``z`` the
+        subject's N(0, I) offsets over :attr:`bsv_parameters` and ``L`` one LKJ block
+        (``correlated=True``), diagonal SDs (``False``) or blocks given as groups, the rest
+        diagonal; zero for a parameter without BSV."""
+        bsv = list(self.bsv_parameters)
+        n = len(bsv)
+        z = pm.Normal("z", 0.0, 1.0, dims=("patient", "pk_param"))
+        if self.correlated is True and n > 1:
+            chol, _, _ = pm.LKJCholeskyCov(
+                "re_chol", n=n, eta=pri["bsv_corr_eta"], sd_dist=pri["bsv_sd"].unnamed(shape=n), compute_corr=True
+            )
+            eta = z @ chol.T
+        elif not self.correlated or n == 1:
+            eta = z * pri["bsv_sd"].create("bsv_sd", dims="pk_param")[None, :]
+        else:
+            blocked = [bsv.index(x.lower()) for g in self.correlated for x in g]
+            diag = [j for j in range(n) if j not in blocked]
+            L = pt.zeros((n, n))
+            if diag:
+                model = pm.modelcontext(None)
+                model.add_coord("diag_param", [bsv[j] for j in diag])
+                sd = pri["bsv_sd"].create("bsv_sd", dims="diag_param")
+                L = pt.set_subtensor(L[diag, diag], sd)
+            for b, g in enumerate(self.correlated):
+                j = [bsv.index(x.lower()) for x in g]
+                chol, _, _ = pm.LKJCholeskyCov(
+                    f"re_chol_{b}",
+                    n=len(j),
+                    eta=pri["bsv_corr_eta"],
+                    sd_dist=pri["bsv_sd"].unnamed(shape=len(j)),
+                    compute_corr=True,
+                )
+                L = pt.set_subtensor(L[np.ix_(j, j)], chol)
+            eta = z @ L.T
+        if n == len(self.parameters):
+            return eta
+        select = np.zeros((n, len(self.parameters)))  # parameters without BSV get no deviation
+        select[np.arange(n), [self.parameters.index(p) for p in bsv]] = 1.0
+        return eta @ select
+
+    def _covariate_terms(self, pri, cov, schema: Schema):
+        """The covariate model's log-scale terms (patient, parameter)."""
+        columns = self.covariate_columns(schema)
+        terms = []
+        for p in self.parameters:
+            term = pt.zeros(cov.shape[0])
+            for e in self.effects.get(p, ()):
+                name = coefficient_name(p, e)
+                if e.kind == "categorical":
+                    j = [columns.index(f"{e.column}[{lvl}]") for lvl in schema.categorical[e.column][1:]]
+                    coef = pri[name].create(name, dims=f"{e.column}_level")
+                    term = term + pkc.log_effect(pt, e, cov[:, j], coef[None, :])
+                    continue
+                x = cov[:, columns.index(e.column)]
+                coef = e.exponent if e.kind == "power" and e.exponent is not None else pri[name].create(name)
+                term = term + pkc.log_effect(pt, e, x, coef)
+            terms.append(term)
+        return pt.stack(terms, axis=1)
 
     def concentration(self, xp, theta: Mapping, t, t_dose, amt, duration, infusion, ii=0.0):
         """Each dose's contribution to the central concentration at ``t`` (broadcast, not summed).
@@ -503,6 +794,7 @@ class Pk(FamilyBase):
         B, S, T = len(patients), len(labels), len(times)
         data = {
             "X": np.broadcast_to(design.data["X"][:, None, None, :], (B, S, 1, design.data["X"].shape[1])),
+            "cov": np.broadcast_to(design.data["cov"][:, None, None, :], (B, S, 1, design.data["cov"].shape[1])),
             "log_wt": np.broadcast_to(design.data["log_wt"][:, None, None], (B, S, 1)),
             "time": np.broadcast_to(times, (B, S, T)),
             "blq": np.zeros((B, S, T)),
@@ -518,15 +810,12 @@ class Pk(FamilyBase):
 
     # --------------------------------------------------- virtual patients
     def covariate_arrays(self, baseline: pd.DataFrame, schema: Schema) -> dict:
-        """Per-subject prediction inputs from a covariate table (vectorised): X (n, 1, p), log_wt (n, 1)."""
+        """Per-subject prediction inputs of a covariate table (vectorised): X, log_wt, cov (n, 1, ...)."""
         n = len(baseline)
-        X = schema.covariate_matrix(baseline) if schema.covariates else np.zeros((n, 0))
-        if self.weight is not None:
-            X = X[:, [j for j, c in enumerate(schema.design_columns) if c != self.weight]]
-            log_wt = np.log(baseline[self.weight].to_numpy(float) / 70.0)
-        else:
-            log_wt = np.zeros(n)
-        return {"X": X[:, None, :], "log_wt": log_wt[:, None]}
+        X = self._x_matrix(baseline, schema)
+        log_wt = np.log(baseline[self.weight].to_numpy(float) / 70.0) if self.weight is not None else np.zeros(n)
+        cov = self._cov_matrix(baseline, schema)
+        return {"X": X[:, None, :], "log_wt": log_wt[:, None], "cov": cov[:, None, :]}
 
     def scenario_arrays(self, scenarios, times, schema: Schema, start: float = 0.0, before=None):
         """Labels and prediction inputs (scenario, ...) for a new subject with no dosing history
@@ -554,7 +843,24 @@ class Pk(FamilyBase):
 
     def reference_baseline(self, constant: Mapping, schema: Schema) -> pd.DataFrame:
         """The fitted subjects' baseline covariates, back from the fit's constant data."""
-        cols = [c for c in schema.design_columns if c != self.weight]
+        if self.covariates is not None:
+            cov = np.asarray(constant["cov"], float)
+            columns = self.covariate_columns(schema)
+            out = {}
+            for c in self.effect_columns:
+                if c in schema.categorical:
+                    levels = schema.categorical[c]
+                    hot = cov[:, [columns.index(f"{c}[{lvl}]") for lvl in levels[1:]]]
+                    pick = (
+                        np.where(hot.any(axis=1), hot.argmax(axis=1) + 1, 0)
+                        if hot.shape[1]
+                        else np.zeros(len(cov), int)
+                    )
+                    out[c] = pd.Categorical(np.asarray(levels, dtype=object)[pick], categories=list(levels))
+                else:
+                    out[c] = cov[:, columns.index(c)]
+            return pd.DataFrame(out, columns=list(schema.covariates))
+        cols = self._x_columns(schema)
         table = schema.baseline_from_matrix(np.asarray(constant["X"]), cols)
         if self.weight is not None:
             table[self.weight] = 70.0 * np.exp(np.asarray(constant["log_wt"], float))
