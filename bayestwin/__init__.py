@@ -18,7 +18,18 @@ from bayestwin.data.nonmem import Events, read_nonmem  # noqa: E402
 from bayestwin.data.survival import read_survival  # noqa: E402
 from bayestwin.dosing import Regimen, dose_search  # noqa: E402
 from bayestwin.errors import ConvergenceWarning, DataError, OutOfPopulationWarning  # noqa: E402
-from bayestwin.families import Formula, Joint, Model, Pk, Prior, Progression, Survival, register_family  # noqa: E402
+from bayestwin.families import (  # noqa: E402
+    Formula,
+    Joint,
+    Model,
+    Ode,
+    OdeModel,
+    Pk,
+    Prior,
+    Progression,
+    Survival,
+    register_family,
+)
 from bayestwin.families.pk_covariates import Categorical, Exponential, Linear, Power  # noqa: E402
 from bayestwin.forecast import EventForecast, Forecast  # noqa: E402
 from bayestwin.io import ArtifactError, save  # noqa: E402
@@ -46,6 +57,8 @@ __all__ = [
     "Events",
     "EventForecast",
     "Forecast",
+    "Ode",
+    "OdeModel",
     "Pk",
     "Population",
     "Prior",

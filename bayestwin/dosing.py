@@ -103,7 +103,9 @@ def evaluate_regimens(
     return {k: v[0] for k, v in out.items()} if single else out
 
 
-def regimen_doses(regimens: Sequence[Regimen], start: float, history: pd.DataFrame | None = None) -> dict:
+def regimen_doses(
+    regimens: Sequence[Regimen], start: float, history: pd.DataFrame | None = None, state: float = 0.0
+) -> dict:
     """Dose slots of each regimen given from ``start`` on top of the ``history`` already given.
 
     ``history``: doses as rows with TIME, AMT, DURATION (0 = bolus or oral) and optionally INPUT
@@ -111,7 +113,8 @@ def regimen_doses(regimens: Sequence[Regimen], start: float, history: pd.DataFra
     ``Pk.routed_doses(events.frame)``. Returns arrays (regimens, slots): ``t_dose``, ``amt``,
     ``dur`` (> 0), ``inf`` (the input code: 1 for infusions, 2 for a central bolus of an oral
     model, 0 otherwise) and ``ii`` (a steady-state dose's interval, column SS_II of the history;
-    0 for a single dose); with no regimens, one row holding the history alone.
+    0 for a single dose) and ``state`` (the state a dose enters, column STATE of the history, ``state``
+    for the new doses; ODE models); with no regimens, one row holding the history alone.
     """
     past = history if history is not None else pd.DataFrame({"TIME": [], "AMT": [], "DURATION": []})
     k = len(past)
@@ -119,20 +122,22 @@ def regimen_doses(regimens: Sequence[Regimen], start: float, history: pd.DataFra
     m = max(k + max((r.doses for r in regimens), default=0), 1)
     R = len(plans)
     t_dose, amt, dur, inf = np.zeros((R, m)), np.zeros((R, m)), np.ones((R, m)), np.zeros((R, m))
-    ii = np.zeros((R, m))
+    ii, into = np.zeros((R, m)), np.full((R, m), float(state))
     d_past = past["DURATION"].to_numpy(float)
     code = past["INPUT"].to_numpy(float) if "INPUT" in past else (d_past > 0).astype(float)
     ss = past["SS_II"].to_numpy(float) if "SS_II" in past else np.zeros(k)
     for i, r in enumerate(plans):
         t_dose[i, :k], amt[i, :k] = past["TIME"].to_numpy(float), past["AMT"].to_numpy(float)
         dur[i, :k], inf[i, :k], ii[i, :k] = np.where(d_past > 0, d_past, 1.0), code, ss
+        if "STATE" in past:
+            into[i, :k] = past["STATE"].to_numpy(float)
         if r is None:
             continue
         new = start + r.interval * np.arange(r.doses)
         t_dose[i, k : k + r.doses], amt[i, k : k + r.doses] = new, r.amount
         if r.duration > 0:
             dur[i, k : k + r.doses], inf[i, k : k + r.doses] = r.duration, 1.0
-    return {"t_dose": t_dose, "amt": amt, "dur": dur, "inf": inf, "ii": ii}
+    return {"t_dose": t_dose, "amt": amt, "dur": dur, "inf": inf, "ii": ii, "state": into}
 
 
 def _regimen_design(regimens: Sequence[Regimen], start: float, history: pd.DataFrame | None, grid: int) -> dict:
@@ -148,7 +153,7 @@ def _regimen_design(regimens: Sequence[Regimen], start: float, history: pd.DataF
 
 def _widen(a: np.ndarray, m: int, name: str) -> np.ndarray:
     """Pad a (regimens, doses) array to ``m`` dose slots with empty doses (amount 0)."""
-    if name not in ("t_dose", "amt", "dur", "inf", "ii") or a.shape[1] == m:
+    if name not in ("t_dose", "amt", "dur", "inf", "ii", "state") or a.shape[1] == m:
         return a
     fill = 1.0 if name == "dur" else 0.0
     return np.concatenate([a, np.full((a.shape[0], m - a.shape[1]), fill)], axis=1)

@@ -15,6 +15,7 @@ from bayestwin.families.formula import Formula
 from bayestwin.families.joint import Joint
 from bayestwin.families.model import Model
 from bayestwin.families.pk import Pk
+from bayestwin.families.pk_ode import Ode, OdeModel
 from bayestwin.families.progression import Progression
 from bayestwin.families.survival import Survival
 
@@ -46,6 +47,8 @@ __all__ = [
     "Formula",
     "Joint",
     "Model",
+    "Ode",
+    "OdeModel",
     "Pk",
     "Prior",
     "Progression",

@@ -391,10 +391,10 @@ class Pk(FamilyBase):
         cov = np.asarray(design.data["cov"], float)
         for p, effects in self.effects.items():
             for e in effects:
-                if e.kind == "power" and len(cov):
-                    x = np.median(cov[:, columns.index(e.column)])
+                x = cov[:, columns.index(e.column)] if len(cov) else np.zeros(0)
+                if e.kind == "power" and (x > 0).any():  # (a template design for twins holds zeros)
                     exponent = e.exponent if e.exponent is not None else pkc.ALLOMETRY.get(p, 0.0)
-                    shift[p] += exponent * np.log(x / e.ref)
+                    shift[p] += exponent * np.log(np.median(x[x > 0]) / e.ref)
         return shift
 
     # ---------------------------------------------------------------- design
@@ -511,6 +511,21 @@ class Pk(FamilyBase):
         ).astype(float)
         return doses
 
+    #: Dose-slot inputs and the :meth:`routed_doses` columns they are read from.
+    DOSE_COLUMNS = DOSE_COLUMNS
+
+    #: The state a new regimen's doses enter (ODE models; the route decides it here).
+    default_dose_state = 0
+
+    def obs_inputs(self, obs: pd.DataFrame, patients: list) -> dict:
+        """Inputs a subclass adds from the observation rows (per row, or per patient)."""
+        return {}
+
+    def _forecast_extra(self, plans: list, shape: tuple, m: int, times) -> dict:
+        """Forecast inputs a subclass adds (``plans``: :func:`~bayestwin.dosing.regimen_doses` per
+        patient; ``shape``: (patients, scenarios, times); ``m``: dose slots; ``times``)."""
+        return {}
+
     def current_doses(self, frame: pd.DataFrame) -> pd.DataFrame:
         """:meth:`routed_doses` of each ID's current episode (after its last reset): the doses
         that still act after its last record, on which forecasts and dose searches build."""
@@ -538,7 +553,7 @@ class Pk(FamilyBase):
         slot = pd.Series(d_id).groupby(d_id).cumcount().to_numpy()  # position among the subject's doses
         m = max(int(slot.max()) + 1 if len(slot) else 0, 1)
         slots = {}
-        for name, col in DOSE_COLUMNS.items():
+        for name, col in self.DOSE_COLUMNS.items():
             slots[name] = np.zeros((len(patients), m))
             slots[name][d_id, slot] = doses[col].to_numpy(float)
         is_obs = (frame["EVID"] == 0).to_numpy()
@@ -557,6 +572,7 @@ class Pk(FamilyBase):
             "y_obs": np.where(blq, obs["LLOQ"].to_numpy(float), obs["DV"].to_numpy(float)),
             "blq": blq.astype(float),
             "episode": episodes(frame)[is_obs].astype(float),
+            **self.obs_inputs(obs, patients),
             **slots,
             "duration": np.where(slots["duration"] > 0, slots["duration"], 1.0),  # padding: any positive value
         }
@@ -590,6 +606,7 @@ class Pk(FamilyBase):
             "cov_column": self.covariate_columns(schema),
             "dose": np.arange(d["t_dose"].shape[1]),
         }
+        coords |= {a.slot: np.arange(d[n].shape[1]) for n, a in self.inputs.items() if a.slot and a.slot not in coords}
         coords |= {
             f"{c}_level": list(schema.categorical[c][1:]) for c in self.effect_columns if c in schema.categorical
         }
@@ -785,7 +802,8 @@ class Pk(FamilyBase):
             times = np.linspace(t0, t0 + schema.time_scale, 25)
         times = np.asarray(times, float)
         doses = self.current_doses(events.frame)
-        plans = [regimen_doses(regimens, starts[i], doses[doses["ID"] == p]) for i, p in enumerate(patients)]
+        into = self.default_dose_state
+        plans = [regimen_doses(regimens, starts[i], doses[doses["ID"] == p], into) for i, p in enumerate(patients)]
         m = max(pl["t_dose"].shape[1] for pl in plans)
 
         def widen(a, fill):
@@ -806,6 +824,7 @@ class Pk(FamilyBase):
             "ss_ii": np.stack([widen(pl["ii"], 0.0) for pl in plans])[:, :, None, :],
             "dose_episode": np.zeros((B, S, 1, m)),
         }
+        data |= self._forecast_extra(plans, (B, S, T), m, times)
         return labels, times, data
 
     # --------------------------------------------------- virtual patients
@@ -825,7 +844,7 @@ class Pk(FamilyBase):
         regimens = list(scenarios or [])
         if not regimens or not all(isinstance(r, Regimen) for r in regimens):
             raise ValueError("a PK virtual cohort needs its scenarios as a list of Regimen objects")
-        plan = regimen_doses(regimens, float(start))
+        plan = regimen_doses(regimens, float(start), state=self.default_dose_state)
         times = np.asarray(times, float)
         R = len(regimens)
         data = {
@@ -839,6 +858,8 @@ class Pk(FamilyBase):
             "ss_ii": plan["ii"][:, None, :],
             "dose_episode": np.zeros_like(plan["amt"][:, None, :]),
         }
+        extra = self._forecast_extra([plan], (1, R, len(times)), plan["amt"].shape[1], times)
+        data |= {k: v[0] for k, v in extra.items()}
         return [r.label for r in regimens], data
 
     def reference_baseline(self, constant: Mapping, schema: Schema) -> pd.DataFrame:

@@ -1,0 +1,673 @@
+"""Family ``ode``: population PK/PD models written as ordinary differential equations.
+
+A model is an :class:`OdeModel`: named states, log-normal parameters, a right-hand side
+``rhs(t, y, p) -> dy/dt`` written as a plain JAX function (``y`` the state vector, ``p`` a dict of
+the subject's parameters), the observable outputs ``{name: f(y, p)}``, and optionally the
+initial state ``init(p)`` (zeros otherwise; a turnover or myelosuppression model starts at its
+baseline). Everything else is the PK family's: NONMEM event tables, covariate models on any
+parameter, BSV per parameter and correlation blocks, the M3 method for BLQ levels, twins,
+forecasts and virtual cohorts.
+
+For each subject the ODE is solved by :func:`solve_doses` inside the JAX program (diffrax,
+Tsit5 with an adaptive step, vmapped over subjects, chains and twins; gradients by
+differentiating through the solver, diffrax's default). Doses split time into segments: a bolus
+is a jump of its state at its time (an observation at that time sees it, as in NONMEM), an
+infusion a constant input to its state over its duration, so the solver never steps across a
+discontinuity.
+
+Data: a dose's CMT names its state (CMT k is the k-th state; CMT 0 or absent:
+``OdeModel.dose_state``); an observation's CMT names its output through ``observe``
+(``{CMT: output}``; default: every level is the first output). Each output has its residual
+error (``error=``, one kind for all or ``{output: kind}``): ``"additive"``, ``"proportional"``,
+``"combined"`` or ``"exponential"`` (log y ~ N(log f, sigma), e.g. for neutrophil counts).
+Steady-state doses and resets are refused (not modelled by this family yet).
+
+Built-in models (:data:`ODE_MODELS`): ``one_compartment`` (linear, the closed-form family's
+model as an ODE, for checks), ``michaelis_menten`` (saturable elimination), ``effect_emax``
+(effect compartment and sigmoid Emax), ``indirect_response`` (turnover, inhibition of
+production) and ``friberg`` (semi-mechanistic myelosuppression: Friberg et al., J Clin Oncol
+2002; 20: 4713-21).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pymc as pm
+import pytensor.tensor as pt
+
+from bayestwin.data.cohort import Schema
+from bayestwin.families.base import Axis, Design, FamilyError, Prior, check_prior_names, register_family
+from bayestwin.families.pk import ERRORS, Pk, log_ndtr
+
+ODE_ERRORS = (*ERRORS, "exponential")
+
+
+@dataclass(frozen=True)
+class OdeModel:
+    """A PK/PD model as an ODE (see the module docstring).
+
+    Parameters
+    ----------
+    name
+        A short name (shown in summaries).
+    states
+        State names, in the order of ``y`` (CMT k of a dose is the k-th state).
+    parameters
+        Log-normal parameter names (lower case), each with a typical value in ``centres``.
+    rhs
+        ``rhs(t, y, p) -> dy/dt`` in JAX (``p``: name -> the subject's value).
+    outputs
+        ``{name: f(y, p)}``: what an observation measures; the first is forecast.
+    centres
+        Each parameter's typical value, the centre of its default prior (log-normal, SD 1 on
+        the log scale).
+    init
+        ``init(p) -> y0`` (default: all states zero).
+    dose_state
+        The state a dose with CMT 0 (or without CMT) goes into (default: the first).
+    """
+
+    name: str
+    states: tuple[str, ...]
+    parameters: tuple[str, ...]
+    rhs: Callable
+    outputs: Mapping[str, Callable]
+    centres: Mapping[str, float]
+    init: Callable | None = None
+    dose_state: str | None = None
+    path: str | None = field(default=None, compare=False)  # "package.module:name" it was loaded from
+
+    def __post_init__(self):
+        if not self.states or not self.parameters or not self.outputs:
+            raise FamilyError(f"OdeModel {self.name!r} needs states, parameters and outputs")
+        missing = [p for p in self.parameters if p not in self.centres]
+        if missing:
+            raise FamilyError(f"OdeModel {self.name!r}: no typical value (centres) for {missing}")
+        if any(p != p.lower() for p in self.parameters):
+            raise FamilyError(f"OdeModel {self.name!r}: parameter names are lower case, not {self.parameters}")
+        if self.dose_state is not None and self.dose_state not in self.states:
+            raise FamilyError(f"OdeModel {self.name!r}: dose_state {self.dose_state!r} is not a state {self.states}")
+        for p, c in self.centres.items():
+            if not (np.isfinite(c) and c > 0):
+                raise FamilyError(f"OdeModel {self.name!r}: the typical value of {p} must be positive, not {c!r}")
+
+    @property
+    def default_state(self) -> int:
+        return self.states.index(self.dose_state) if self.dose_state else 0
+
+    def initial(self, p: Mapping):
+        return jnp.zeros(len(self.states)) if self.init is None else jnp.asarray(self.init(p), float)
+
+
+# ------------------------------------------------------------------------------- the solver
+def solve_doses(rhs, y0, p, t_dose, amt, state, duration, t_obs, *, rtol=1e-6, atol=1e-9, max_steps=4096):
+    """The states at ``t_obs`` of y' = rhs(t, y, p) + inputs, y = ``y0`` before anything happens.
+
+    Doses (arrays over dose slots): ``amt`` into state index ``state`` at ``t_dose``, a bolus when
+    ``duration`` is 0, an infusion at rate amt/duration over [t_dose, t_dose + duration)
+    otherwise; an empty slot has amt 0. Time is cut into segments at every dose time and
+    infusion end, each solved with diffrax (Tsit5, PID step control at ``rtol``/``atol``); a
+    bolus is added at the start of the first segment at its time, so an observation at a dose's
+    own time sees it. Returns (len(t_obs), n_states); pure JAX (jit, vmap and grad).
+    """
+    import diffrax
+
+    n_state = y0.shape[0]
+    infusion = duration > 0
+    ends = jnp.where(infusion, t_dose + duration, t_dose)
+    start = jnp.minimum(jnp.min(t_dose), jnp.min(t_obs))
+    bounds = jnp.sort(jnp.concatenate([start[None], t_dose, ends]))
+    lo_all = bounds
+    hi_all = jnp.concatenate([bounds[1:], jnp.maximum(jnp.max(t_obs), bounds[-1])[None]])
+    order = jnp.argsort(t_obs)
+    ts = t_obs[order]
+    onehot = jax.nn.one_hot(state, n_state)
+    rate = jnp.where(infusion, amt / jnp.where(infusion, duration, 1.0), 0.0)
+    first = jnp.searchsorted(bounds, t_dose, side="left")  # each bolus: the first segment at its time
+    term = diffrax.ODETerm(lambda t, y, a: rhs(t, y, a[0]) + a[1])
+    solver, control = diffrax.Tsit5(), diffrax.PIDController(rtol=rtol, atol=atol)
+    last = bounds.shape[0] - 1
+
+    def segment(carry, k):
+        y, out = carry
+        lo, hi = lo_all[k], hi_all[k]
+        y = y + jnp.where(~infusion & (first == k), amt, 0.0) @ onehot
+        running = jnp.where(infusion & (t_dose <= lo) & (lo < ends), rate, 0.0) @ onehot
+        sol = diffrax.diffeqsolve(
+            term,
+            solver,
+            lo,
+            hi,
+            None,
+            y,
+            args=(p, running),
+            saveat=diffrax.SaveAt(ts=jnp.clip(ts, lo, hi), t1=True),
+            stepsize_controller=control,
+            max_steps=max_steps,
+            throw=False,
+        )
+        inside = (ts >= lo) & ((ts < hi) | (k == last))
+        return (sol.ys[-1], jnp.where(inside[:, None], sol.ys[:-1], out)), None
+
+    out0 = jnp.broadcast_to(y0, (ts.shape[0], n_state))
+    (_, out), _ = jax.lax.scan(segment, (y0, out0), jnp.arange(bounds.shape[0]))
+    return out[jnp.argsort(order)]
+
+
+def predict_outputs(model: OdeModel, theta, t_dose, amt, state, duration, row_time, idx, row, output, **tol):
+    """Each observation row's output (JAX): ``theta`` (subjects, parameters); doses and
+    ``row_time`` (subjects, slots): each subject is solved at its own rows' times (vmapped);
+    ``idx``, ``row`` (the row's slot), ``output`` (rows) pick each row's value."""
+    names = model.parameters
+
+    def one(th, td, a, s, d, times):
+        p = {n: th[j] for j, n in enumerate(names)}
+        return solve_doses(model.rhs, model.initial(p), p, td, a, s, d, times, **tol)
+
+    states = jax.vmap(one)(theta, t_dose, amt, state, duration, row_time)  # (subjects, slots, states)
+    y = states[idx, row]
+    p_rows = {n: theta[idx, j] for j, n in enumerate(names)}
+    values = jnp.stack([jax.vmap(f)(y, p_rows) for f in model.outputs.values()], axis=1)
+    return jnp.take_along_axis(values, output[:, None].astype(int), axis=1)[:, 0]
+
+
+# ---------------------------------------------------------------------------- the family
+def resolve_model(model) -> OdeModel:
+    """An :class:`OdeModel` from itself, a built-in name, or ``"package.module:name"`` (an
+    OdeModel, or a function of no arguments returning one)."""
+    if isinstance(model, OdeModel):
+        return model
+    if not isinstance(model, str):
+        raise TypeError(f"model is an OdeModel, a built-in name {sorted(ODE_MODELS)} or 'package.module:name'")
+    if model in ODE_MODELS:
+        return ODE_MODELS[model]()
+    if ":" not in model:
+        raise ValueError(f"unknown ODE model {model!r}: built-in {sorted(ODE_MODELS)}, or 'package.module:name'")
+    mod, _, qual = model.partition(":")
+    if mod == "object":
+        raise FamilyError(
+            f"the ODE model {qual} was given as an object, so a model card cannot name it: pass its import "
+            "path 'package.module:name' (a module another process can import) to save or load this family"
+        )
+    if mod == "__main__" or "<" in qual:
+        raise FamilyError(
+            f"the ODE model {model} was defined in a script, notebook or function, so another process "
+            "cannot import it: move it into an installed module to save or load this family"
+        )
+    try:
+        obj = importlib.import_module(mod)
+    except ImportError as err:
+        raise FamilyError(f"the ODE model lives in {mod!r}, which cannot be imported ({err})") from None
+    for part in qual.split("."):
+        obj = getattr(obj, part, None)
+    obj = obj() if callable(obj) and not isinstance(obj, OdeModel) else obj
+    if not isinstance(obj, OdeModel):
+        raise FamilyError(f"{model} is not an OdeModel (or a function returning one)")
+    return OdeModel(**{**obj.__dict__, "path": model})
+
+
+@register_family
+class Ode(Pk):
+    """Population PK/PD family of an ODE model (see the module docstring).
+
+    Examples
+    --------
+    >>> fam = Ode("friberg", observe={1: "conc", 6: "anc"}, error={"conc": "proportional", "anc": "exponential"})
+    >>> fam.parameters
+    ('cl', 'v', 'mtt', 'gamma', 'circ0', 'slope')
+    """
+
+    name = "ode"
+    inputs = Pk.inputs | {
+        "dose_state": Axis("patient", "dose"),  # the state each dose enters
+        "output": Axis("obs"),  # which output each row measures
+        # each subject is solved at its own rows' times only: a padded axis of them, and each
+        # row's position on it (solving every subject at every row's time cost n_subjects x more)
+        "row_time": Axis("patient", "row"),
+        "obs_row": Axis("obs"),
+    }
+    extra_inputs = ("dose_state", "output", "row_time", "obs_row")
+    #: ODE twins take longer per step; the importance path with its NUTS fallback is the default
+    #: for many twins (the settings are the PK family's).
+
+    def __init__(
+        self,
+        model: str | OdeModel = "one_compartment",
+        error: str | Mapping = "combined",
+        observe: Mapping | None = None,
+        priors: Mapping | None = None,
+        covariates: Mapping | None = None,
+        bsv: list | tuple | None = None,
+        correlated: bool | list = True,
+        rtol: float = 1e-6,
+    ):
+        self.ode = resolve_model(model)
+        # what the card stores; "object:<name>" cannot be rebuilt, so save refuses it before writing
+        self.model = model if isinstance(model, str) else (self.ode.path or f"object:{self.ode.name}")
+        self.compartments, self.route, self.parameterisation, self.lag, self.weight = None, "ode", "ode", False, None
+        outputs = list(self.ode.outputs)
+        self.observe = {int(k): v for k, v in (observe or {0: outputs[0]}).items()}
+        for cmt, out in self.observe.items():
+            if out not in outputs:
+                raise ValueError(f"observe: CMT {cmt} -> {out!r} is not an output of {self.ode.name} ({outputs})")
+        kinds = error if isinstance(error, Mapping) else dict.fromkeys(outputs, error)
+        for out, kind in kinds.items():
+            if out not in outputs:
+                raise ValueError(f"error: {out!r} is not an output of {self.ode.name} ({outputs})")
+            if kind not in ODE_ERRORS:
+                raise ValueError(f"error must be one of {ODE_ERRORS}, not {kind!r}")
+        self.error = error if isinstance(error, str) else dict(error)
+        self.errors = {o: kinds.get(o, "combined") for o in outputs}
+        if not (isinstance(rtol, float) and 0 < rtol < 1e-2):
+            raise ValueError(f"rtol must be a float in (0, 0.01), not {rtol!r}")
+        self.rtol = rtol
+        self.priors = dict(priors or {})
+        self.effects = self._effects(covariates)
+        from bayestwin.families.pk_covariates import effect_to_dict
+
+        self.covariates = (
+            None
+            if covariates is None
+            else {p.upper(): [effect_to_dict(e) for e in es] for p, es in self.effects.items()}
+        )
+        from bayestwin.families.pk import _listed
+
+        self.bsv = None if bsv is None else [self._parameter(p, "bsv").upper() for p in _listed(bsv, "bsv")]
+        self.correlated = self._blocks(correlated)
+        from bayestwin.families.pk_covariates import coefficient_name
+
+        known = {f"log_{p}" for p in self.parameters} | {"bsv_sd", "bsv_corr_eta", *self.residual_params}
+        known |= {coefficient_name(p, e) for p, es in self.effects.items() for e in es}
+        check_prior_names(self.priors, known, self.name)
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        return tuple(self.ode.parameters)
+
+    @property
+    def residual_params(self) -> tuple[str, ...]:
+        names = []
+        for out, kind in self.errors.items():
+            if out not in self.observe.values():
+                continue
+            suffix = "" if out == self.primary else f"_{out}"
+            if kind in ("additive", "combined", "exponential"):
+                names.append(f"sigma_add{suffix}")
+            if kind in ("proportional", "combined"):
+                names.append(f"sigma_prop{suffix}")
+        return tuple(names)
+
+    @property
+    def default_dose_state(self) -> int:
+        return self.ode.default_state
+
+    @property
+    def primary(self) -> str:
+        """The output forecasts report (the first observed one)."""
+        return next(o for o in self.ode.outputs if o in self.observe.values())
+
+    # ----------------------------------------------------------------- data
+    def check(self, frame: pd.DataFrame, covariates) -> None:
+        """Refuse what this family does not model: steady state, resets, doses into a CMT that
+        is not a state, observations of a CMT not in ``observe``, time-varying covariates."""
+        from bayestwin.errors import DataError
+
+        def fail(problem, mask, column):
+            mask = np.asarray(mask, bool)
+            if mask.any():
+                i = int(np.argmax(mask))
+                raise DataError(problem, patient=frame["ID"].iloc[i], row=frame.index[i], column=column)
+
+        evid = frame["EVID"].to_numpy()
+        fail("steady-state doses (SS > 0) are not modelled by the ODE family yet", frame["SS"].to_numpy() > 0, "SS")
+        fail("resets (EVID 3 or 4) are not modelled by the ODE family yet", np.isin(evid, [3, 4]), "EVID")
+        for c in covariates:
+            first = frame.groupby("ID", sort=False)[c].transform("first")
+            fail(
+                f"covariate {c} changes within the ID: time-varying covariates are not modelled yet "
+                "(give one value per ID)",
+                frame[c].ne(first).to_numpy(bool),
+                c,
+            )
+        cmt = frame["CMT"].to_numpy(int)
+        dose, obs = np.isin(evid, [1, 4]), evid == 0
+        fail(
+            f"a dose goes into CMT 1..{len(self.ode.states)} (the states {list(self.ode.states)}) or 0 (the default)",
+            dose & (cmt > len(self.ode.states)),
+            "CMT",
+        )
+        fail(
+            f"an observation's CMT must be one of {sorted(self.observe)} (observe= maps CMT to output)",
+            obs & ~np.isin(cmt, list(self.observe)),
+            "CMT",
+        )
+        ids = frame["ID"].to_numpy()
+        has_dose = pd.Series(dose).groupby(ids).transform("any").to_numpy()
+        fail("levels of an ID that has no dose record", obs & ~has_dose & self._drug_rows(frame), "EVID")
+
+    def _drug_rows(self, frame) -> np.ndarray:
+        return np.ones(len(frame), bool)
+
+    def routed_doses(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Every dose (ADDL expanded) with INPUT (1 infusion, 0 bolus) and STATE (its state index)."""
+        from bayestwin.data.nonmem import expand_doses
+
+        doses = expand_doses(frame)
+        cmt = doses["CMT"].to_numpy(int)
+        doses["INPUT"] = (doses["DURATION"].to_numpy(float) > 0).astype(float)
+        doses["STATE"] = np.where(cmt > 0, cmt - 1, self.ode.default_state).astype(float)
+        return doses
+
+    DOSE_COLUMNS = {
+        "t_dose": "TIME",
+        "amt": "AMT",
+        "duration": "DURATION",
+        "infusion": "INPUT",
+        "ss_ii": "SS_II",
+        "dose_episode": "EPISODE",
+        "dose_state": "STATE",
+    }
+
+    def obs_inputs(self, obs: pd.DataFrame, patients: list) -> dict:
+        outputs = list(self.ode.outputs)
+        index = {p: i for i, p in enumerate(patients)}
+        who = obs["ID"].map(index).to_numpy()
+        row = pd.Series(who).groupby(who).cumcount().to_numpy()
+        row_time = np.zeros((len(patients), max(int(row.max()) + 1 if len(row) else 0, 1)))
+        row_time[who, row] = obs["TIME"].to_numpy(float)
+        return {
+            "output": np.array([outputs.index(self.observe[int(c)]) for c in obs["CMT"]], float),
+            "obs_row": row.astype(float),
+            "row_time": row_time,
+        }
+
+    def _forecast_extra(self, plans: list, shape: tuple, m: int, times) -> dict:
+        B, S, T = shape
+
+        def widen(a):
+            return np.concatenate([a, np.zeros((a.shape[0], m - a.shape[1]))], axis=1)
+
+        primary = float(list(self.ode.outputs).index(self.primary))
+        return {
+            "dose_state": np.stack([widen(pl["state"]) for pl in plans])[:, :, None, :],
+            "output": np.full((B, S, T), primary),
+            "obs_row": np.broadcast_to(np.arange(T, dtype=float), (B, S, T)).copy(),
+            "row_time": np.broadcast_to(times[None, None, None, :], (B, S, 1, T)).copy(),
+        }
+
+    def template_design(self, schema: Schema, n_obs: int, dose: int = 1, row: int | None = None) -> Design:
+        design = super().template_design(schema, n_obs, dose)
+        design.data["dose_state"] = np.zeros((1, dose))
+        design.data["output"] = np.zeros(n_obs)
+        design.data["obs_row"] = np.arange(n_obs, dtype=float)
+        design.data["row_time"] = np.zeros((1, n_obs if row is None else row))
+        return design
+
+    # ---------------------------------------------------------------- model
+    def default_priors(self, schema: Schema, design: Design) -> dict:
+        """Log-normal typical values around the model's ``centres`` (SD 1 on the log scale, moved
+        for the reference subject as in :meth:`Pk.default_priors`); per output, residual SDs on
+        that output's own scale."""
+        from bayestwin.families import pk_covariates as pkc
+        from bayestwin.families.pk_covariates import coefficient_name
+
+        shift = self._typical_shift(design, schema)
+        pri = {
+            f"log_{p}": Prior("Normal", mu=float(np.log(self.ode.centres[p]) - shift[p]), sigma=1.0)
+            for p in self.parameters
+        }
+        for p, effects in self.effects.items():
+            for e in effects:
+                if not (e.kind == "power" and e.exponent is not None):
+                    pri[coefficient_name(p, e)] = pkc.prior(p, e, schema.numeric.get(e.column, (0.0, 1.0))[1])
+        pri |= {"bsv_sd": Prior("Gamma", alpha=2.0, beta=4.0), "bsv_corr_eta": 2.0}
+        outputs = list(self.ode.outputs)
+        y, which, blq = (np.asarray(design.data[k]) for k in ("y_obs", "output", "blq"))
+        for out in self.errors:
+            rows = (which == outputs.index(out)) & (blq == 0)
+            scale = float(np.std(y[rows])) if rows.sum() > 1 and np.std(y[rows]) > 0 else 1.0
+            suffix = "" if out == self.primary else f"_{out}"
+            kind = self.errors[out]
+            pri[f"sigma_add{suffix}"] = Prior("HalfNormal", sigma=0.5 if kind == "exponential" else scale)
+            pri[f"sigma_prop{suffix}"] = Prior("HalfNormal", sigma=0.5)
+        return {k: v for k, v in pri.items() if not k.startswith("sigma_") or k in self.residual_params}
+
+    def _derived(self, theta: dict) -> dict:
+        return theta
+
+    def levels(self, theta: dict, d: dict):
+        """Each observation row's output from the ODE solution (a JAX op in the graph)."""
+        from pytensor.link.jax.ops import JAXOp
+        from pytensor.tensor import TensorType
+
+        model, rtol = self.ode, self.rtol
+
+        def fn(th, t_dose, amt, duration, infusion, state, row_time, idx, row, output):
+            dur = jnp.where(infusion > 0.5, duration, 0.0)
+            values = predict_outputs(
+                model,
+                th,
+                t_dose,
+                amt,
+                state.astype(int),
+                dur,
+                row_time,
+                idx,
+                row.astype(int),
+                output,
+                rtol=rtol,
+                atol=rtol * 1e-3,
+            )
+            return (values,)
+
+        mat, vec = TensorType("float64", shape=(None, None)), TensorType("float64", shape=(None,))
+        ivec = TensorType("int64", shape=(None,))
+        op = JAXOp([mat] * 7 + [ivec, vec, vec], [vec], fn, name=f"ode_{model.name}")
+        th = pt.stack([theta[p] for p in self.parameters], axis=1)
+        args = [d[k] for k in ("t_dose", "amt", "duration", "infusion", "dose_state", "row_time")]
+        idx = pt.cast(d["patient_idx"], "int64")
+        return op(th, *[pt.cast(a, "float64") for a in args], idx, d["obs_row"], d["output"])
+
+    def _likelihood(self, pri, conc, blq, y_obs, d: dict) -> None:
+        """Each row's residual error by its output's kind; BLQ rows by the M3 method."""
+        outputs = list(self.ode.outputs)
+        which = d["output"]
+        sd = pt.zeros_like(conc)
+        is_log = pt.zeros_like(conc)
+        for out, kind in self.errors.items():
+            if out not in self.observe.values():
+                continue
+            suffix = "" if out == self.primary else f"_{out}"
+            rows = pt.eq(which, outputs.index(out))
+            s_add = (
+                pri[f"sigma_add{suffix}"].create(f"sigma_add{suffix}")
+                if f"sigma_add{suffix}" in pri and kind != "proportional"
+                else 0.0
+            )
+            s_prop = (
+                pri[f"sigma_prop{suffix}"].create(f"sigma_prop{suffix}")
+                if kind in ("proportional", "combined")
+                else 0.0
+            )
+            if kind == "exponential":
+                s = s_add + pt.zeros_like(conc)
+                is_log = pt.where(rows, 1.0, is_log)
+            else:
+                s = pt.sqrt(s_add**2 + (s_prop * conc) ** 2) + 1e-9
+            sd = pt.where(rows, s, sd)
+        pm.CustomDist("y", conc, sd, blq, is_log, logp=_mixed_logp, random=_mixed_random, observed=y_obs, dims="obs")
+
+    def concentration(self, *args, **kwargs):
+        raise NotImplementedError(
+            "dose_search and closed-form concentrations are for the analytic PK family; an ODE model's "
+            "regimens are compared with twin.predict(regimens=[...])"
+        )
+
+    def observe(self, key, mu, params: Mapping) -> jax.Array:
+        """A new measurement of the forecast output around ``mu`` with its residual error."""
+        kind = self.errors[self.primary]
+        eps = jax.random.normal(key, mu.shape)
+        if kind == "exponential":
+            return mu * jnp.exp(params["sigma_add"] * eps)
+        sd = 0.0
+        if "sigma_add" in params and kind != "proportional":
+            sd = sd + params["sigma_add"] ** 2
+        if "sigma_prop" in params:
+            sd = sd + (params["sigma_prop"] * mu) ** 2
+        return mu + jnp.sqrt(sd) * eps
+
+
+def _mixed_logp(value, mu, sigma, blq, is_log):
+    """Normal log density (or M3 for BLQ rows) of the level, on the log scale where ``is_log``."""
+    on_log = is_log > 0
+    v = pt.where(on_log, pt.log(pt.maximum(value, 1e-300)), value)
+    m = pt.where(on_log, pt.log(pt.maximum(mu, 1e-300)), mu)
+    z = (v - m) / sigma
+    log_pdf = -0.5 * z**2 - pt.log(sigma) - 0.5 * np.log(2 * np.pi)
+    return pt.where(blq > 0, log_ndtr(pt.where(blq > 0, z, 0.0)), log_pdf)
+
+
+def _mixed_random(mu, sigma, blq, is_log, rng=None, size=None):
+    eps = rng.normal(size=size if size is not None else np.shape(mu))
+    return np.where(is_log > 0, mu * np.exp(sigma * eps), mu + sigma * eps)
+
+
+# ------------------------------------------------------------------------ built-in models
+def one_compartment(oral: bool = True) -> OdeModel:
+    """The linear one-compartment model (first-order absorption when ``oral``) as an ODE: the
+    analytic PK family's model, for checks (its closed forms are exact and faster)."""
+
+    def rhs(t, y, p):
+        k = p["cl"] / p["v"]
+        if oral:
+            return jnp.stack([-p["ka"] * y[0], p["ka"] * y[0] - k * y[1]])
+        return jnp.stack([-k * y[0]])
+
+    states = ("depot", "central") if oral else ("central",)
+    params = ("cl", "v", "ka") if oral else ("cl", "v")
+    return OdeModel(
+        name="one_compartment" if oral else "one_compartment_iv",
+        states=states,
+        parameters=params,
+        rhs=rhs,
+        outputs={"conc": lambda y, p: y[-1] / p["v"]},
+        centres={"cl": 2.0, "v": 30.0, "ka": 1.0},
+    )
+
+
+def michaelis_menten(oral: bool = False) -> OdeModel:
+    """One compartment with saturable (Michaelis-Menten) elimination: dA/dt = -Vmax C / (Km + C),
+    C = A / V (first-order absorption from a depot when ``oral``)."""
+
+    def rhs(t, y, p):
+        c = y[-1] / p["v"]
+        elim = p["vmax"] * c / (p["km"] + c)
+        if oral:
+            return jnp.stack([-p["ka"] * y[0], p["ka"] * y[0] - elim])
+        return jnp.stack([-elim])
+
+    return OdeModel(
+        name="michaelis_menten",
+        states=("depot", "central") if oral else ("central",),
+        parameters=("vmax", "km", "v", "ka") if oral else ("vmax", "km", "v"),
+        rhs=rhs,
+        outputs={"conc": lambda y, p: y[-1] / p["v"]},
+        centres={"vmax": 50.0, "km": 5.0, "v": 30.0, "ka": 1.0},
+    )
+
+
+def effect_emax() -> OdeModel:
+    """IV one-compartment PK, an effect compartment (ke0) and a sigmoid Emax effect:
+    E = e0 + emax Ce^hill / (ec50^hill + Ce^hill). Outputs ``conc`` and ``effect``."""
+
+    def rhs(t, y, p):
+        c = y[0] / p["v"]
+        return jnp.stack([-p["cl"] / p["v"] * y[0], p["ke0"] * (c - y[1])])
+
+    def effect(y, p):
+        ce = jnp.maximum(y[1], 0.0)
+        return p["e0"] + p["emax"] * ce ** p["hill"] / (p["ec50"] ** p["hill"] + ce ** p["hill"])
+
+    return OdeModel(
+        name="effect_emax",
+        states=("central", "effect_site"),
+        parameters=("cl", "v", "ke0", "e0", "emax", "ec50", "hill"),
+        rhs=rhs,
+        outputs={"conc": lambda y, p: y[0] / p["v"], "effect": effect},
+        centres={"cl": 2.0, "v": 30.0, "ke0": 0.5, "e0": 10.0, "emax": 50.0, "ec50": 2.0, "hill": 1.5},
+    )
+
+
+def indirect_response() -> OdeModel:
+    """IV one-compartment PK and a turnover response R with production inhibited by the drug:
+    dR/dt = kin (1 - imax C / (ic50 + C)) - kout R, R(0) = kin / kout (Dayneka et al., J
+    Pharmacokinet Biopharm 1993; 21: 457-78, model I). Outputs ``conc`` and ``response``."""
+
+    def rhs(t, y, p):
+        c = y[0] / p["v"]
+        inhibition = p["imax"] * c / (p["ic50"] + c)
+        return jnp.stack([-p["cl"] / p["v"] * y[0], p["kin"] * (1 - inhibition) - p["kout"] * y[1]])
+
+    return OdeModel(
+        name="indirect_response",
+        states=("central", "response"),
+        parameters=("cl", "v", "kin", "kout", "imax", "ic50"),
+        rhs=rhs,
+        outputs={"conc": lambda y, p: y[0] / p["v"], "response": lambda y, p: y[1]},
+        centres={"cl": 2.0, "v": 30.0, "kin": 10.0, "kout": 0.1, "imax": 0.8, "ic50": 2.0},
+        init=lambda p: jnp.stack([0.0, p["kin"] / p["kout"]]),
+    )
+
+
+def friberg() -> OdeModel:
+    """IV one-compartment PK and the semi-mechanistic myelosuppression model of Friberg et al.
+    (J Clin Oncol 2002; 20: 4713-21): a proliferating pool, three transit compartments and the
+    circulating neutrophils, ktr = 4 / mtt, feedback (circ0 / circ)^gamma on proliferation, and
+    a linear drug effect slope x C inhibiting it. All pools start at circ0 (steady state).
+    Outputs ``conc`` (central / V) and ``anc`` (circulating neutrophils, the unit of circ0).
+    Typical values (docetaxel, Friberg et al. 2002): mtt 84 h, gamma 0.16, circ0 5 x 10^9/L."""
+
+    def rhs(t, y, p):
+        ktr = 4.0 / p["mtt"]
+        c = y[0] / p["v"]
+        drug = jnp.minimum(p["slope"] * c, 1.0)  # proliferation cannot turn negative
+        feedback = (p["circ0"] / jnp.maximum(y[5], 1e-9)) ** p["gamma"]
+        prol, t1, t2, t3, circ = y[1], y[2], y[3], y[4], y[5]
+        return jnp.stack(
+            [
+                -p["cl"] / p["v"] * y[0],
+                ktr * prol * (1 - drug) * feedback - ktr * prol,
+                ktr * (prol - t1),
+                ktr * (t1 - t2),
+                ktr * (t2 - t3),
+                ktr * (t3 - circ),
+            ]
+        )
+
+    return OdeModel(
+        name="friberg",
+        states=("central", "prol", "transit1", "transit2", "transit3", "circ"),
+        parameters=("cl", "v", "mtt", "gamma", "circ0", "slope"),
+        rhs=rhs,
+        outputs={"conc": lambda y, p: y[0] / p["v"], "anc": lambda y, p: y[5]},
+        centres={"cl": 30.0, "v": 10.0, "mtt": 84.0, "gamma": 0.16, "circ0": 5.0, "slope": 0.1},
+        init=lambda p: jnp.stack([0.0] + [p["circ0"]] * 5),
+    )
+
+
+#: Built-in ODE models by name (functions of no arguments returning an :class:`OdeModel`).
+ODE_MODELS = {
+    "one_compartment": one_compartment,
+    "one_compartment_iv": lambda: one_compartment(oral=False),
+    "michaelis_menten": michaelis_menten,
+    "effect_emax": effect_emax,
+    "indirect_response": indirect_response,
+    "friberg": friberg,
+}
