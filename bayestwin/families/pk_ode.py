@@ -16,7 +16,7 @@ infusion a constant input to its state over its duration, so the solver never st
 discontinuity.
 
 Data: a dose's CMT names its state (CMT k is the k-th state; CMT 0 or absent:
-``OdeModel.dose_state``); an observation's CMT names its output through ``observe``
+``OdeModel.dose_state``); an observation's CMT names its output through ``observations``
 (``{CMT: output}``; default: every level is the first output). Each output has its residual
 error (``error=``, one kind for all or ``{output: kind}``): ``"additive"``, ``"proportional"``,
 ``"combined"`` or ``"exponential"`` (log y ~ N(log f, sigma), e.g. for neutrophil counts).
@@ -107,7 +107,9 @@ class OdeModel:
 
 
 # ------------------------------------------------------------------------------- the solver
-def solve_doses(rhs, y0, p, t_dose, amt, state, duration, t_obs, *, rtol=1e-6, atol=1e-9, max_steps=4096):
+def solve_doses(
+    rhs, y0, p, t_dose, amt, state, duration, t_obs, *, rtol=1e-6, atol=1e-9, max_steps=512, solver=None, adjoint=None
+):
     """The states at ``t_obs`` of y' = rhs(t, y, p) + inputs, y = ``y0`` before anything happens.
 
     Doses (arrays over dose slots): ``amt`` into state index ``state`` at ``t_dose``, a bolus when
@@ -115,7 +117,10 @@ def solve_doses(rhs, y0, p, t_dose, amt, state, duration, t_obs, *, rtol=1e-6, a
     otherwise; an empty slot has amt 0. Time is cut into segments at every dose time and
     infusion end, each solved with diffrax (Tsit5, PID step control at ``rtol``/``atol``); a
     bolus is added at the start of the first segment at its time, so an observation at a dose's
-    own time sees it. Returns (len(t_obs), n_states); pure JAX (jit, vmap and grad).
+    own time sees it. A segment that needs more than ``max_steps`` steps (stiff: e.g. absorption
+    a thousand times faster than elimination, which warmup can wander into) makes every value
+    NaN, so a sampler rejects the position instead of paying for it. Returns (len(t_obs),
+    n_states); pure JAX (jit, vmap and grad).
     """
     import diffrax
 
@@ -132,11 +137,11 @@ def solve_doses(rhs, y0, p, t_dose, amt, state, duration, t_obs, *, rtol=1e-6, a
     rate = jnp.where(infusion, amt / jnp.where(infusion, duration, 1.0), 0.0)
     first = jnp.searchsorted(bounds, t_dose, side="left")  # each bolus: the first segment at its time
     term = diffrax.ODETerm(lambda t, y, a: rhs(t, y, a[0]) + a[1])
-    solver, control = diffrax.Tsit5(), diffrax.PIDController(rtol=rtol, atol=atol)
+    solver, control = solver or diffrax.Tsit5(), diffrax.PIDController(rtol=rtol, atol=atol)
     last = bounds.shape[0] - 1
 
     def segment(carry, k):
-        y, out = carry
+        y, out, failed = carry
         lo, hi = lo_all[k], hi_all[k]
         y = y + jnp.where(~infusion & (first == k), amt, 0.0) @ onehot
         running = jnp.where(infusion & (t_dose <= lo) & (lo < ends), rate, 0.0) @ onehot
@@ -152,13 +157,17 @@ def solve_doses(rhs, y0, p, t_dose, amt, state, duration, t_obs, *, rtol=1e-6, a
             stepsize_controller=control,
             max_steps=max_steps,
             throw=False,
+            **({} if adjoint is None else {"adjoint": adjoint}),
         )
         inside = (ts >= lo) & ((ts < hi) | (k == last))
-        return (sol.ys[-1], jnp.where(inside[:, None], sol.ys[:-1], out)), None
+        ok = sol.result == diffrax.RESULTS.successful
+        return (sol.ys[-1], jnp.where(inside[:, None], sol.ys[:-1], out), failed | ~ok), None
 
     out0 = jnp.broadcast_to(y0, (ts.shape[0], n_state))
-    (_, out), _ = jax.lax.scan(segment, (y0, out0), jnp.arange(bounds.shape[0]))
-    return out[jnp.argsort(order)]
+    (_, out, failed), _ = jax.lax.scan(segment, (y0, out0, jnp.array(False)), jnp.arange(bounds.shape[0]))
+    # a segment that needed more than max_steps (a stiff corner of parameter space, far from any
+    # posterior) gives NaN: the sampler rejects that position rather than pay thousands of steps
+    return jnp.where(failed, jnp.nan, out[jnp.argsort(order)])
 
 
 def predict_outputs(model: OdeModel, theta, t_dose, amt, state, duration, row_time, idx, row, output, **tol):
@@ -219,7 +228,7 @@ class Ode(Pk):
 
     Examples
     --------
-    >>> fam = Ode("friberg", observe={1: "conc", 6: "anc"}, error={"conc": "proportional", "anc": "exponential"})
+    >>> fam = Ode("friberg", observations={1: "conc", 6: "anc"}, error={"conc": "proportional", "anc": "exponential"})
     >>> fam.parameters
     ('cl', 'v', 'mtt', 'gamma', 'circ0', 'slope')
     """
@@ -241,7 +250,7 @@ class Ode(Pk):
         self,
         model: str | OdeModel = "one_compartment",
         error: str | Mapping = "combined",
-        observe: Mapping | None = None,
+        observations: Mapping | None = None,
         priors: Mapping | None = None,
         covariates: Mapping | None = None,
         bsv: list | tuple | None = None,
@@ -253,10 +262,10 @@ class Ode(Pk):
         self.model = model if isinstance(model, str) else (self.ode.path or f"object:{self.ode.name}")
         self.compartments, self.route, self.parameterisation, self.lag, self.weight = None, "ode", "ode", False, None
         outputs = list(self.ode.outputs)
-        self.observe = {int(k): v for k, v in (observe or {0: outputs[0]}).items()}
-        for cmt, out in self.observe.items():
+        self.observations = {int(k): v for k, v in (observations or {0: outputs[0]}).items()}
+        for cmt, out in self.observations.items():
             if out not in outputs:
-                raise ValueError(f"observe: CMT {cmt} -> {out!r} is not an output of {self.ode.name} ({outputs})")
+                raise ValueError(f"observations: CMT {cmt} -> {out!r} is not an output of {self.ode.name} ({outputs})")
         kinds = error if isinstance(error, Mapping) else dict.fromkeys(outputs, error)
         for out, kind in kinds.items():
             if out not in outputs:
@@ -295,7 +304,7 @@ class Ode(Pk):
     def residual_params(self) -> tuple[str, ...]:
         names = []
         for out, kind in self.errors.items():
-            if out not in self.observe.values():
+            if out not in self.observations.values():
                 continue
             suffix = "" if out == self.primary else f"_{out}"
             if kind in ("additive", "combined", "exponential"):
@@ -311,7 +320,7 @@ class Ode(Pk):
     @property
     def primary(self) -> str:
         """The output forecasts report (the first observed one)."""
-        return next(o for o in self.ode.outputs if o in self.observe.values())
+        return next(o for o in self.ode.outputs if o in self.observations.values())
 
     # ----------------------------------------------------------------- data
     def check(self, frame: pd.DataFrame, covariates) -> None:
@@ -344,8 +353,8 @@ class Ode(Pk):
             "CMT",
         )
         fail(
-            f"an observation's CMT must be one of {sorted(self.observe)} (observe= maps CMT to output)",
-            obs & ~np.isin(cmt, list(self.observe)),
+            f"an observation's CMT must be one of {sorted(self.observations)} (observations= maps CMT to output)",
+            obs & ~np.isin(cmt, list(self.observations)),
             "CMT",
         )
         ids = frame["ID"].to_numpy()
@@ -383,7 +392,7 @@ class Ode(Pk):
         row_time = np.zeros((len(patients), max(int(row.max()) + 1 if len(row) else 0, 1)))
         row_time[who, row] = obs["TIME"].to_numpy(float)
         return {
-            "output": np.array([outputs.index(self.observe[int(c)]) for c in obs["CMT"]], float),
+            "output": np.array([outputs.index(self.observations[int(c)]) for c in obs["CMT"]], float),
             "obs_row": row.astype(float),
             "row_time": row_time,
         }
@@ -482,7 +491,7 @@ class Ode(Pk):
         sd = pt.zeros_like(conc)
         is_log = pt.zeros_like(conc)
         for out, kind in self.errors.items():
-            if out not in self.observe.values():
+            if out not in self.observations.values():
                 continue
             suffix = "" if out == self.primary else f"_{out}"
             rows = pt.eq(which, outputs.index(out))

@@ -163,8 +163,8 @@ def test_each_built_in_model_equals_scipy(name):
     model = pk_ode.ODE_MODELS[name]()
     times = [0.5, 2.0, 8.5, 24.0, 100.0, 200.0, 400.0, 600.0] if name == "friberg" else [0.5, 2.0, 8.5, 12.0, 24.0]
     cmt = model.states.index(model.dose_state or model.states[0]) + 1
-    obs_cmt = 9  # observed output chosen through observe=
-    fam = bt.Ode(name, observe={obs_cmt: output}, error="additive", correlated=False, rtol=1e-10)
+    obs_cmt = 9  # observed output chosen through observations=
+    fam = bt.Ode(name, observations={obs_cmt: output}, error="additive", correlated=False, rtol=1e-10)
     ev = events([(t, a, cmt, r) for t, a, _, r in doses], times, cmt_obs=obs_cmt)
     _, got = graph_levels(fam, ev, p)
     want = scipy_levels(model, p, doses, times, output)
@@ -192,7 +192,7 @@ def test_friberg_without_drug_stays_at_baseline():
 
 def test_several_outputs_each_with_its_own_residual_error():
     """Friberg: levels (CMT 1, proportional error) and neutrophil counts (CMT 6, log-normal)."""
-    fam = bt.Ode("friberg", observe={1: "conc", 6: "anc"}, error={"conc": "proportional", "anc": "exponential"})
+    fam = bt.Ode("friberg", observations={1: "conc", 6: "anc"}, error={"conc": "proportional", "anc": "exponential"})
     assert fam.residual_params == ("sigma_prop", "sigma_add_anc")
     ev = events([(0.0, 100.0, 1, 100.0)], [0.5, 2.0, 200.0, 300.0], cmt_obs=[1, 1, 6, 6])
     d = fam.design(ev.frame, ev.baseline, ev.schema)
@@ -234,9 +234,9 @@ def test_an_ode_model_is_checked_when_it_is_made():
     with pytest.raises(ValueError, match="unknown ODE model 'fribreg'"):
         bt.Ode("fribreg")
     with pytest.raises(
-        ValueError, match=r"observe: CMT 6 -> 'neutrophils' is not an output of friberg \(\['conc', 'anc'\]\)"
+        ValueError, match=r"observations: CMT 6 -> 'neutrophils' is not an output of friberg \(\['conc', 'anc'\]\)"
     ):
-        bt.Ode("friberg", observe={6: "neutrophils"})
+        bt.Ode("friberg", observations={6: "neutrophils"})
     with pytest.raises(ValueError, match="error must be one of"):
         bt.Ode("friberg", error={"anc": "lognormal"})
 
@@ -273,5 +273,5 @@ def test_what_the_ode_family_does_not_model_is_refused(change, message):
 def test_a_level_of_an_unobserved_cmt_is_refused():
     ev = events([(0.0, 100.0, 1, 100.0)], [1.0, 300.0], cmt_obs=[1, 5])
     with pytest.raises(bt.DataError) as err:
-        bt.Ode("friberg", observe={1: "conc", 6: "anc"}).design(ev.frame, ev.baseline, ev.schema)
-    assert str(err.value).startswith("an observation's CMT must be one of [1, 6] (observe= maps CMT to output)")
+        bt.Ode("friberg", observations={1: "conc", 6: "anc"}).design(ev.frame, ev.baseline, ev.schema)
+    assert str(err.value).startswith("an observation's CMT must be one of [1, 6] (observations= maps CMT to output)")
