@@ -40,7 +40,9 @@ def theoph() -> bt.Events:
 
 MODELS = {
     "none": dict(covariates={"CL": [], "V": []}),
-    "fixed": dict(covariates={"CL": [bt.Power("WT", ref=70, exponent=0.75)], "V": [bt.Power("WT", ref=70, exponent=1)]}),
+    "fixed": dict(
+        covariates={"CL": [bt.Power("WT", ref=70, exponent=0.75)], "V": [bt.Power("WT", ref=70, exponent=1)]}
+    ),
     "estimated": dict(covariates={"CL": [bt.Power("WT", ref=70)], "V": [bt.Power("WT", ref=70)]}),
 }
 
@@ -49,8 +51,10 @@ def main() -> None:
     events = theoph()
     pops, rows = {}, []
     for name, kw in MODELS.items():
-        ev = events if name != "none" else bt.read_nonmem(
-            events.frame[["ID", "TIME", "AMT", "DV", "EVID"]].assign(ID=lambda f: f["ID"]), key=KEY
+        ev = (
+            events
+            if name != "none"
+            else bt.read_nonmem(events.frame[["ID", "TIME", "AMT", "DV", "EVID"]].assign(ID=lambda f: f["ID"]), key=KEY)
         )
         fam = bt.Pk(error="additive", correlated=False, **kw)
         t0 = time.perf_counter()

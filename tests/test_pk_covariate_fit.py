@@ -64,6 +64,6 @@ def test_a_new_subjects_twin_uses_its_own_covariates(fitted):
     prior_mean = np.exp(pop.idata.posterior["log_cl"].mean().item())
     assert cl.mean() < 0.6 * prior_mean  # the genotype (not only the levels) moved her clearance down
     fc = twin.predict(times=[12.0, 24.0])
-    assert np.isfinite(fc.mean.to_numpy()).all()
+    assert np.isfinite(fc.draws["mean"].to_numpy()).all()
     table = bt.dose_search(twin, [bt.Regimen(a, 12.0, doses=4) for a in (25, 50, 100)], target=(0.5, 3.0))
     assert len(table) == 3 and table["P(target)"].between(0, 1).all()

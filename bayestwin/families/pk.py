@@ -391,8 +391,10 @@ class Pk(FamilyBase):
         cov = np.asarray(design.data["cov"], float)
         for p, effects in self.effects.items():
             for e in effects:
+                if e.kind != "power":
+                    continue
                 x = cov[:, columns.index(e.column)] if len(cov) else np.zeros(0)
-                if e.kind == "power" and (x > 0).any():  # (a template design for twins holds zeros)
+                if (x > 0).any():  # (a template design for twins holds zeros)
                     exponent = e.exponent if e.exponent is not None else pkc.ALLOMETRY.get(p, 0.0)
                     shift[p] += exponent * np.log(np.median(x[x > 0]) / e.ref)
         return shift
