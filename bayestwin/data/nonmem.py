@@ -76,8 +76,9 @@ class Events:
     def doses(self) -> pd.DataFrame:
         """Every dose as its own row, ADDL expanded (time + k·II, k = 1..ADDL).
 
-        Columns ID, TIME, AMT, CMT, RATE, DURATION (AMT/RATE for infusions, 0 otherwise), sorted
-        by ID and time.
+        Columns ID, TIME, AMT, CMT, RATE, DURATION (AMT/RATE for infusions, 0 otherwise), SS_II
+        (a steady-state dose's interval, 0 otherwise) and EPISODE (:func:`episodes`), sorted by
+        ID, episode and time.
         """
         return expand_doses(self.frame)
 

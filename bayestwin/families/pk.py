@@ -7,10 +7,14 @@ For subject *i* with doses (t_d, amt_d, duration_d) and an observation at time *
     y_it     ~ Normal(C_i(t), sqrt(σ_add² + (σ_prop · C_i(t))²))  (additive, proportional or combined)
 
 with ``η_i = L · z_i``, ``z_i ~ N(0, I)`` (non-centred) and ``L`` the Cholesky factor of an
-LKJ-correlated covariance with Gamma(2) SDs (between-subject variability on the log scale).
-Allometric weight scaling, when a weight covariate is named, is (WT/70)^0.75 on clearances and
-(WT/70)^1 on volumes, with fixed exponents; other covariates act on CL only (standardised numeric,
-one-hot categorical, e.g. a CYP2D6 phenotype). Doses with RATE > 0 are zero-order infusions into
+LKJ-correlated covariance with Gamma(2) SDs (between-subject variability on the log scale);
+``bsv=`` names the parameters that have it (the others: none) and ``correlated=`` is one block
+(True), diagonal (False) or a list of blocks. The covariate model is either ``covariates=``,
+effects per parameter (:mod:`pk_covariates`: power, linear, exponential, categorical), or the
+older ``weight=`` shortcut: (WT/70)^0.75 on clearances and (WT/70)^1 on volumes, fixed, with the
+other covariates on CL only (standardised numeric, one-hot categorical, e.g. a CYP2D6
+phenotype). Steady-state doses (SS 1 and 2) and resets (EVID 3 and 4) are modelled: see
+:mod:`pk_analytic` and :func:`~bayestwin.data.nonmem.episodes`. Doses with RATE > 0 are zero-order infusions into
 the central compartment; the others are absorbed first-order (``route="oral"``) or are IV boluses
 (``route="iv"``). For one compartment with oral doses, ``log_ka`` is the log of the *excess*
 ka - k (so ka > k: no flip-flop; the likelihood alone cannot tell ka from k).
