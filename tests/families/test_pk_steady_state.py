@@ -13,10 +13,13 @@ agree to 1e-6 relative.
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.linalg import expm
 
 import bayestwin as bt
 from bayestwin.data.nonmem import read_nonmem
+from bayestwin.families import pk_analytic as pka
 
 KEY = b"steady-state-key-0001"
 P1 = {"cl": 2.5, "v": 30.0, "ka": 1.1}
@@ -218,3 +221,34 @@ def test_the_model_graph_uses_steady_state_and_episodes(case):
     fixed = {f"log_{p}": np.log(P2[p]) for p in ("cl", "v1", "q", "v2", "ka")} | {"z": np.zeros((1, 5))}
     conc = pm.draw(pm.do(model, fixed)["conc"], random_seed=0)
     np.testing.assert_allclose(conc, simulate(dict(P2), records, OBS), rtol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    cl=st.floats(0.2, 20.0),
+    v=st.floats(5.0, 200.0),
+    ka=st.floats(0.05, 5.0),
+    ii=st.floats(2.0, 48.0),
+    frac=st.floats(0.0, 1.0),
+    two=st.booleans(),
+)
+def test_a_steady_state_dose_is_a_long_train_of_doses(cl, v, ka, ii, frac, two):
+    """Property: for any parameters, interval, infusion length and lag (both at most II), the
+    closed-form train equals the sum of enough explicit doses (until the slowest rate decays)."""
+    p = {"cl": cl, "v1": v, "q": 0.5 * cl, "v2": 2 * v} if two else {"cl": cl, "v": v}
+    rates = pka.two_cmt_rates(np, cl, v, 0.5 * cl, 2 * v)[:2] if two else (cl / v,)
+    slowest = min(min(rates), ka)
+    n = int(np.ceil(40.0 / (slowest * ii))) + 2
+    if n > 20_000:
+        return  # a train longer than 20,000 doses: nothing to compare against in reasonable time
+    t = np.linspace(0.0, 2 * ii, 9)
+    past = -ii * np.arange(n)
+    cases = [
+        (pka.two_cmt_bolus if two else pka.one_cmt_bolus, {}),
+        (pka.two_cmt_infusion if two else pka.one_cmt_infusion, {"duration": max(frac * ii, 1e-3)}),
+        (pka.two_cmt_oral if two else pka.one_cmt_oral, {"ka": ka * (1.37 if two else 1.0), "tlag": frac * ii}),
+    ]
+    for fn, kw in cases:
+        ss = fn(np, t, 0.0, 100.0, **p, **kw, ii=ii)
+        train = fn(np, t[:, None], past[None, :], 100.0, **p, **kw).sum(1)
+        np.testing.assert_allclose(ss, train, rtol=1e-8, atol=1e-12 * max(train.max(), 1e-300))
