@@ -16,7 +16,7 @@ from bayestwin.data.fhir import Measure, read_fhir  # noqa: E402
 from bayestwin.data.joint import read_joint  # noqa: E402
 from bayestwin.data.nonmem import Events, read_nonmem  # noqa: E402
 from bayestwin.data.survival import read_survival  # noqa: E402
-from bayestwin.dosing import Regimen, dose_search  # noqa: E402
+from bayestwin.dosing import Outcome, Regimen, dose_search, outcome_search  # noqa: E402
 from bayestwin.errors import ConvergenceWarning, DataError, OutOfPopulationWarning  # noqa: E402
 from bayestwin.families import (  # noqa: E402
     Formula,
@@ -71,6 +71,8 @@ __all__ = [
     "Schema",
     "Twin",
     "dose_search",
+    "outcome_search",
+    "Outcome",
     "fit",
     "load",
     "new_key",

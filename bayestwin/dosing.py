@@ -363,3 +363,155 @@ def regimen_table(
     )
     table.attrs["notes"] = notes
     return table
+
+
+# ------------------------------------------------------------------ outcome-based regimen search
+OUTCOME_METRICS = ("auc", "peak", "nadir", "trough", "mean")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """An event about one forecast output over the forecast times: ``low <= metric <= high``.
+
+    ``metric``: ``"auc"`` (trapezoid over the times), ``"peak"`` (highest), ``"nadir"``
+    (lowest), ``"trough"`` (at the last time), ``"mean"`` (time-averaged: AUC / span).
+    ``output``: the output of a family with several (``"anc"`` of the Friberg model); None for
+    the family's forecast output. E.g. ``Outcome("conc", "auc", 80, 120)`` (AUC in 80-120) or
+    ``Outcome("anc", "nadir", high=1.0)`` (grade >= 3 neutropenia: ANC nadir below 1.0 x 10^9/L).
+    """
+
+    output: str | None
+    metric: str
+    low: float = -np.inf
+    high: float = np.inf
+
+    def __post_init__(self):
+        if self.metric not in OUTCOME_METRICS:
+            raise ValueError(f"metric must be one of {OUTCOME_METRICS}, not {self.metric!r}")
+        if not self.low < self.high or np.isnan([self.low, self.high]).any():
+            raise ValueError(f"an Outcome needs low < high, not ({self.low!r}, {self.high!r})")
+        if self.low == -np.inf and self.high == np.inf:
+            raise ValueError("an Outcome needs low or high (otherwise its probability is 1)")
+
+    @property
+    def label(self) -> str:
+        what = f"{self.output + ' ' if self.output else ''}{self.metric}"
+        if self.low == -np.inf:
+            return f"{what} <= {self.high:g}"
+        if self.high == np.inf:
+            return f"{what} >= {self.low:g}"
+        return f"{self.low:g} <= {what} <= {self.high:g}"
+
+
+def outcome_values(forecast_mean: np.ndarray, times, metric: str) -> np.ndarray:
+    """A metric of forecast trajectories (..., time) over ``times``: shape (...)."""
+    x, t = np.asarray(forecast_mean, float), np.asarray(times, float)
+    if metric in ("auc", "mean"):
+        auc = (np.diff(t) * (x[..., 1:] + x[..., :-1]) / 2.0).sum(-1)
+        return auc / (t[-1] - t[0]) if metric == "mean" else auc
+    return {"peak": x.max(-1), "nadir": x.min(-1), "trough": x[..., -1]}[metric]
+
+
+def outcome_search(
+    twin,
+    regimens: Sequence[Regimen],
+    *,
+    times,
+    target: Outcome,
+    constraints: Sequence[tuple[Outcome, float]] = (),
+    min_target: float = 0.5,
+    start: float | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Regimens judged by what they do, from each twin's full posterior (PK or PK/PD).
+
+    Each regimen is forecast over ``times`` (``twin.predict``, the structural prediction, one
+    compiled program for every regimen and draw); the recommended regimen maximises P(``target``)
+    among those that keep every constraint's probability at most its bound, and only if
+    P(target) >= ``min_target`` (otherwise none, with a note and a
+    :class:`~bayestwin.errors.DecisionWarning`, as :func:`dose_search` does).
+
+    Examples
+    --------
+    >>> outcome_search(twin, [Regimen(a, 504.0, doses=1, duration=1.0) for a in (60, 75, 100)],
+    ...                times=np.linspace(0, 504, 253),
+    ...                target=Outcome("conc", "auc", 80, 120),
+    ...                constraints=[(Outcome("anc", "nadir", high=1.0), 0.2)])  # doctest: +SKIP
+
+    Returns
+    -------
+    DataFrame, one row per patient and regimen: the target metric's posterior mean and 90%
+    interval, P(target), P(constraint) for each, ``feasible`` and ``recommended``.
+    """
+    if not isinstance(target, Outcome) or not all(
+        isinstance(c, tuple) and len(c) == 2 and isinstance(c[0], Outcome) for c in constraints
+    ):
+        raise TypeError("target is an Outcome and constraints a list of (Outcome, max probability)")
+    for _, bound in constraints:
+        if not 0 <= bound <= 1:
+            raise ValueError(f"a constraint's bound is a probability in [0, 1], not {bound!r}")
+    if not 0 <= min_target <= 1:
+        raise ValueError(f"min_target is a probability in [0, 1], not {min_target!r}")
+    regimens = list(regimens)
+    if not regimens or not all(isinstance(r, Regimen) for r in regimens):
+        raise TypeError("regimens must be a non-empty list of Regimen objects")
+    times = np.asarray(times, float)
+    if times.ndim != 1 or len(times) < 2 or np.any(np.diff(times) <= 0):
+        raise ValueError("times must be at least two increasing times")
+    outputs = list(dict.fromkeys([target.output] + [c.output for c, _ in constraints]))
+    paths = {}
+    for out in outputs:
+        kw = {} if out is None else {"output": out}
+        fc = twin.predict(regimens, times, start=start, seed=seed, **kw)
+        m = fc.draws["mean"].transpose("patient", "therapy", "chain", "draw", "time").to_numpy()
+        paths[out] = m.reshape(m.shape[0], m.shape[1], -1, m.shape[-1])  # (P, R, S, T)
+
+    def prob(o: Outcome):
+        x = outcome_values(paths[o.output], times, o.metric)
+        return x, ((x >= o.low) & (x <= o.high)).mean(-1)
+
+    x, p_target = prob(target)
+    probs = [prob(c)[1] for c, _ in constraints]
+    feasible = np.ones_like(p_target, bool)
+    for p, (_, bound) in zip(probs, constraints, strict=True):
+        feasible &= p <= bound
+    patients = list(twin.patients)
+    P, R = p_target.shape
+    best = np.argmax(np.where(feasible, p_target, -1.0), axis=1)
+    rows = np.arange(P)
+    ok = feasible[rows, best] & (p_target[rows, best] >= min_target) & (p_target[rows, best] > 0)
+    recommended = np.zeros((P, R), bool)
+    recommended[rows, best] = ok
+    notes = []
+    for i, p in enumerate(patients):
+        if not feasible[i].any():
+            notes.append(f"patient {p}: no regimen offered meets every constraint; none recommended")
+        elif not ok[i]:
+            notes.append(
+                f"patient {p}: no regimen offered meets the target ({target.label}): the best feasible, "
+                f"{regimens[best[i]].label}, has P(target) = {p_target[i, best[i]]:.3f} < {min_target:g}; "
+                "none recommended"
+            )
+    q05, q95 = np.quantile(x, [0.05, 0.95], axis=-1)
+    name = f"{target.output + '_' if target.output else ''}{target.metric}"
+    table = pd.DataFrame(
+        {
+            "patient": np.repeat(patients, R),
+            "regimen": [r.label for r in regimens] * P,
+            f"{name}_mean": x.mean(-1).ravel(),
+            f"{name}_q05": q05.ravel(),
+            f"{name}_q95": q95.ravel(),
+            f"P({target.label})": p_target.ravel(),
+            **{f"P({c.label})": p.ravel() for (c, _), p in zip(constraints, probs, strict=True)},
+            "feasible": feasible.ravel(),
+            "recommended": recommended.ravel(),
+        }
+    )
+    table.attrs["notes"] = notes
+    if notes:
+        import warnings
+
+        from bayestwin.errors import DecisionWarning
+
+        warnings.warn("\n".join(notes), DecisionWarning, stacklevel=2)
+    return table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -125,7 +126,9 @@ class Twin:
         )
 
     # ------------------------------------------------------------- predict
-    def predict(self, therapies=None, times=None, *, start: float | None = None, seed: int = 0):
+    def predict(
+        self, therapies=None, times=None, *, start: float | None = None, seed: int = 0, output: str | None = None
+    ):
         """Forecast each patient under each candidate therapy (a regimen, for PK twins).
 
         Parameters
@@ -139,6 +142,9 @@ class Twin:
         start
             When the candidate therapy starts (default: each patient's last observed time or
             event). Before it, the patient's recorded history applies.
+        output
+            For a family with several outputs (``ode``, e.g. ``"anc"`` of the Friberg model):
+            the one to forecast (default: its first observed output).
 
         Returns
         -------
@@ -151,7 +157,12 @@ class Twin:
         from bayestwin.forecast import Forecast
 
         fam, schema = self.population.family, self.population.schema
-        labels, times, pred = fam.forecast_inputs(self.cohort, schema, therapies, times, start)
+        which = {}
+        if output is not None:
+            if "output" not in inspect.signature(fam.forecast_inputs).parameters:
+                raise TypeError(f"output= is for families with several outputs; family {fam.name!r} has one")
+            which = {"output": output}
+        labels, times, pred = fam.forecast_inputs(self.cohort, schema, therapies, times, start, **which)
         predict = self.population.compiled("predict", cond.padded_length(1), cond.make_predict)  # shapes free
         mu, extra = predict(self._positions, pred)  # (B, S, C, D, T)
         post = self.posterior
@@ -172,12 +183,12 @@ class Twin:
             for n in fam.residual_params
         }
         params |= extra  # per-observation parameters of the observation law (user models)
-        obs = fam.observe(jax.random.key(seed), mu, params)
+        obs = fam.observe(jax.random.key(seed), mu, params, **which)
         mean = np.moveaxis(np.asarray(mu), (2, 3), (0, 1))  # (C, D, B, S, T)
         obs = np.moveaxis(np.asarray(obs), (2, 3), (0, 1))
         dims = ("chain", "draw", "patient", "therapy", "time")
         ds = xr.Dataset({"mean": (dims, mean), "observation": (dims, obs)}, coords=coords)
-        ds["mean"].attrs["description"] = f"expected {fam.prediction} (structural prediction)"
+        ds["mean"].attrs["description"] = f"expected {output or fam.prediction} (structural prediction)"
         ds["observation"].attrs["description"] = "a new measurement (prediction plus residual error)"
         return Forecast(xr.DataTree.from_dict({"posterior_predictive": ds}), verdict=self.verdict)
 

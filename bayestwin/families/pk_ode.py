@@ -397,6 +397,19 @@ class Ode(Pk):
             "row_time": row_time,
         }
 
+    def forecast_inputs(self, events, schema: Schema, regimens=None, times=None, start=None, output=None):
+        """:meth:`Pk.forecast_inputs`, of ``output`` (default: the first observed output)."""
+        self._check_output(output)
+        labels, times, data = super().forecast_inputs(events, schema, regimens, times, start)
+        if output is not None:
+            data["output"] = np.full_like(data["output"], float(list(self.ode.outputs).index(output)))
+        return labels, times, data
+
+    def _check_output(self, output) -> None:
+        if output is not None and output not in self.observations.values():
+            observed = sorted(set(self.observations.values()))
+            raise ValueError(f"output {output!r} is not observed by this population (observed: {observed})")
+
     def _forecast_extra(self, plans: list, shape: tuple, m: int, times) -> dict:
         B, S, T = shape
 
@@ -519,17 +532,20 @@ class Ode(Pk):
             "regimens are compared with twin.predict(regimens=[...])"
         )
 
-    def observe(self, key, mu, params: Mapping) -> jax.Array:
-        """A new measurement of the forecast output around ``mu`` with its residual error."""
-        kind = self.errors[self.primary]
+    def observe(self, key, mu, params: Mapping, output: str | None = None) -> jax.Array:
+        """A new measurement of ``output`` (default: the forecast output) around ``mu`` with its
+        residual error."""
+        out = output or self.primary
+        self._check_output(out)
+        kind, suffix = self.errors[out], "" if out == self.primary else f"_{out}"
         eps = jax.random.normal(key, mu.shape)
         if kind == "exponential":
-            return mu * jnp.exp(params["sigma_add"] * eps)
+            return mu * jnp.exp(params[f"sigma_add{suffix}"] * eps)
         sd = 0.0
-        if "sigma_add" in params and kind != "proportional":
-            sd = sd + params["sigma_add"] ** 2
-        if "sigma_prop" in params:
-            sd = sd + (params["sigma_prop"] * mu) ** 2
+        if kind in ("additive", "combined"):
+            sd = sd + params[f"sigma_add{suffix}"] ** 2
+        if kind in ("proportional", "combined"):
+            sd = sd + (params[f"sigma_prop{suffix}"] * mu) ** 2
         return mu + jnp.sqrt(sd) * eps
 
 

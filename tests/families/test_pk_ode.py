@@ -275,3 +275,21 @@ def test_a_level_of_an_unobserved_cmt_is_refused():
     with pytest.raises(bt.DataError) as err:
         bt.Ode("friberg", observations={1: "conc", 6: "anc"}).design(ev.frame, ev.baseline, ev.schema)
     assert str(err.value).startswith("an observation's CMT must be one of [1, 6] (observations= maps CMT to output)")
+
+
+def test_forecasts_of_a_chosen_output_use_its_own_residual_error():
+    fam = bt.Ode("friberg", observations={1: "conc", 6: "anc"}, error={"conc": "proportional", "anc": "exponential"})
+    ev = events([(0.0, 100.0, 1, 100.0)], [0.5, 2.0, 200.0, 300.0], cmt_obs=[1, 1, 6, 6])
+    regimens = [bt.Regimen(100.0, 504.0, doses=2, duration=1.0)]
+    _, times, data = fam.forecast_inputs(ev, ev.schema, regimens, [400.0, 600.0], 300.0, output="anc")
+    assert (data["output"] == 1).all() and data["row_time"].shape == (1, 1, 1, 2)
+    _, _, conc = fam.forecast_inputs(ev, ev.schema, regimens, [400.0, 600.0], 300.0)
+    assert (conc["output"] == 0).all()
+    mu = jnp.full((1000,), 4.0)
+    params = {"sigma_prop": 0.2, "sigma_add_anc": 0.3}
+    draws = np.asarray(fam.observe(jax.random.key(0), mu, params, output="anc"))
+    assert (draws > 0).all() and np.log(draws).std() == pytest.approx(0.3, rel=0.1)  # log-normal, SD 0.3
+    with pytest.raises(
+        ValueError, match=r"output 'effect' is not observed by this population \(observed: \['anc', 'conc'\]\)"
+    ):
+        fam.forecast_inputs(ev, ev.schema, regimens, [400.0], 300.0, output="effect")
