@@ -293,3 +293,17 @@ def test_forecasts_of_a_chosen_output_use_its_own_residual_error():
         ValueError, match=r"output 'effect' is not observed by this population \(observed: \['anc', 'conc'\]\)"
     ):
         fam.forecast_inputs(ev, ev.schema, regimens, [400.0], 300.0, output="effect")
+
+
+def test_a_segment_over_max_steps_is_nan_not_a_wrong_number():
+    """Friberg with docetaxel-like PK is stiff: a 3-week segment needs ~560 explicit steps."""
+    model = pk_ode.friberg()
+    p = dict(model.centres)
+    args = (jnp.array([0.0]), jnp.array([135.0]), jnp.array([0]), jnp.array([1.0]), jnp.array([168.0, 504.0]))
+    short = pk_ode.solve_doses(model.rhs, model.initial(p), p, *args, max_steps=512)
+    assert np.isnan(np.asarray(short)).all()
+    full = pk_ode.solve_doses(model.rhs, model.initial(p), p, *args, max_steps=4096)
+    assert np.isfinite(np.asarray(full)).all() and float(full[0, 5]) < 2.5  # ANC at day 7 well below 5
+    assert bt.Ode("friberg", max_steps=4096).config()["max_steps"] == 4096
+    with pytest.raises(ValueError, match="max_steps must be a whole number in"):
+        bt.Ode("friberg", max_steps=8)
