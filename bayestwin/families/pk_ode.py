@@ -25,8 +25,9 @@ Steady-state doses and resets are refused (not modelled by this family yet).
 Built-in models (:data:`ODE_MODELS`): ``one_compartment`` (linear, the closed-form family's
 model as an ODE, for checks), ``michaelis_menten`` (saturable elimination), ``effect_emax``
 (effect compartment and sigmoid Emax), ``indirect_response`` (turnover, inhibition of
-production) and ``friberg`` (semi-mechanistic myelosuppression: Friberg et al., J Clin Oncol
-2002; 20: 4713-21).
+production), ``friberg`` (semi-mechanistic myelosuppression: Friberg et al., J Clin Oncol
+2002; 20: 4713-21) and ``friberg_sequential`` (the same with its PK in closed form: a sequential
+PK/PD model, :attr:`OdeModel.pk`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from bayestwin.families.base import Axis, Design, FamilyError, Prior, check_prio
 from bayestwin.families.pk import ERRORS, Pk, log_ndtr
 
 ODE_ERRORS = (*ERRORS, "exponential")
+#: Closed-form PK of sequential PK/PD models (:attr:`OdeModel.pk`): (compartments, route).
+PK_FORMS = {"iv1": (1, "iv"), "oral1": (1, "oral"), "iv2": (2, "iv"), "oral2": (2, "oral")}
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,12 @@ class OdeModel:
         ``init(p) -> y0`` (default: all states zero).
     dose_state
         The state a dose with CMT 0 (or without CMT) goes into (default: the first).
+    pk
+        A sequential PK/PD model: the drug's concentration is a closed form of the PK family
+        (:data:`PK_FORMS`: ``"iv1"``, ``"oral1"``, ``"iv2"``, ``"oral2"``; its parameters, e.g.
+        ``cl`` and ``v``, among ``parameters``), given to ``rhs`` and the outputs as
+        ``p["conc"]``; the states are the PD ones only and doses enter none. Fast PK then makes
+        no stiff ODE (the Friberg model with docetaxel-like PK: see :func:`friberg`).
     """
 
     name: str
@@ -82,6 +91,7 @@ class OdeModel:
     centres: Mapping[str, float]
     init: Callable | None = None
     dose_state: str | None = None
+    pk: str | None = None
     path: str | None = field(default=None, compare=False)  # "package.module:name" it was loaded from
 
     def __post_init__(self):
@@ -97,6 +107,25 @@ class OdeModel:
         for p, c in self.centres.items():
             if not (np.isfinite(c) and c > 0):
                 raise FamilyError(f"OdeModel {self.name!r}: the typical value of {p} must be positive, not {c!r}")
+        if self.pk is not None:
+            if self.pk not in PK_FORMS:
+                raise FamilyError(f"OdeModel {self.name!r}: pk must be one of {sorted(PK_FORMS)}, not {self.pk!r}")
+            need = [q for q in self._pk_family().parameters if q not in self.parameters]
+            if need:
+                raise FamilyError(f"OdeModel {self.name!r}: pk={self.pk!r} needs the parameters {need}")
+
+    def _pk_family(self):
+        compartments, route = PK_FORMS[self.pk]
+        return Pk(compartments=compartments, route=route)
+
+    def concentration(self, p: Mapping, t_dose, amt, duration) -> Callable:
+        """The closed-form concentration t -> C(t) of a sequential model's PK, for one subject's
+        doses (infusions where ``duration`` > 0; the others the route's own input)."""
+        fam = self._pk_family()
+        theta = {q: p[q] for q in fam.parameters}
+        code = (duration > 0).astype(float)
+        dur = jnp.where(duration > 0, duration, 1.0)
+        return lambda t: fam.concentration(jnp, theta, t, t_dose, amt, dur, code).sum()
 
     @property
     def default_state(self) -> int:
@@ -108,7 +137,21 @@ class OdeModel:
 
 # ------------------------------------------------------------------------------- the solver
 def solve_doses(
-    rhs, y0, p, t_dose, amt, state, duration, t_obs, *, rtol=1e-6, atol=1e-9, max_steps=512, solver=None, adjoint=None
+    rhs,
+    y0,
+    p,
+    t_dose,
+    amt,
+    state,
+    duration,
+    t_obs,
+    *,
+    rtol=1e-6,
+    atol=1e-9,
+    max_steps=512,
+    solver=None,
+    adjoint=None,
+    conc=None,
 ):
     """The states at ``t_obs`` of y' = rhs(t, y, p) + inputs, y = ``y0`` before anything happens.
 
@@ -117,7 +160,9 @@ def solve_doses(
     otherwise; an empty slot has amt 0. Time is cut into segments at every dose time and
     infusion end, each solved with diffrax (Tsit5, PID step control at ``rtol``/``atol``); a
     bolus is added at the start of the first segment at its time, so an observation at a dose's
-    own time sees it. A segment that needs more than ``max_steps`` steps (stiff: e.g. absorption
+    own time sees it. ``conc``: a function of time (the closed-form concentration of a sequential
+    PK/PD model), given to ``rhs`` as ``p["conc"]``; its doses then enter no state (pass
+    ``amt`` 0) but still cut the segments. A segment that needs more than ``max_steps`` steps (stiff: e.g. absorption
     a thousand times faster than elimination, which warmup can wander into) makes every value
     NaN, so a sampler rejects the position instead of paying for it. Returns (len(t_obs),
     n_states); pure JAX (jit, vmap and grad).
@@ -136,7 +181,10 @@ def solve_doses(
     onehot = jax.nn.one_hot(state, n_state)
     rate = jnp.where(infusion, amt / jnp.where(infusion, duration, 1.0), 0.0)
     first = jnp.searchsorted(bounds, t_dose, side="left")  # each bolus: the first segment at its time
-    term = diffrax.ODETerm(lambda t, y, a: rhs(t, y, a[0]) + a[1])
+    if conc is None:
+        term = diffrax.ODETerm(lambda t, y, a: rhs(t, y, a[0]) + a[1])
+    else:
+        term = diffrax.ODETerm(lambda t, y, a: rhs(t, y, {**a[0], "conc": conc(t)}) + a[1])
     solver, control = solver or diffrax.Tsit5(), diffrax.PIDController(rtol=rtol, atol=atol)
     last = bounds.shape[0] - 1
 
@@ -178,11 +226,17 @@ def predict_outputs(model: OdeModel, theta, t_dose, amt, state, duration, row_ti
 
     def one(th, td, a, s, d, times):
         p = {n: th[j] for j, n in enumerate(names)}
-        return solve_doses(model.rhs, model.initial(p), p, td, a, s, d, times, **tol)
+        if model.pk is None:
+            return solve_doses(model.rhs, model.initial(p), p, td, a, s, d, times, **tol)
+        conc = model.concentration(p, td, a, d)
+        y = solve_doses(model.rhs, model.initial(p), p, td, jnp.zeros_like(a), s, d, times, conc=conc, **tol)
+        return jnp.concatenate([y, jax.vmap(conc)(times)[:, None]], axis=1)  # conc rides along as a last column
 
     states = jax.vmap(one)(theta, t_dose, amt, state, duration, row_time)  # (subjects, slots, states)
     y = states[idx, row]
     p_rows = {n: theta[idx, j] for j, n in enumerate(names)}
+    if model.pk is not None:
+        y, p_rows = y[:, :-1], p_rows | {"conc": y[:, -1]}
     values = jnp.stack([jax.vmap(f)(y, p_rows) for f in model.outputs.values()], axis=1)
     return jnp.take_along_axis(values, output[:, None].astype(int), axis=1)[:, 0]
 
@@ -700,6 +754,37 @@ def friberg() -> OdeModel:
     )
 
 
+def friberg_sequential() -> OdeModel:
+    """:func:`friberg` with its PK in closed form (``pk="iv1"``): the five PD pools are the only
+    states, so the fast elimination makes no stiff ODE. Same parameters, outputs and typical values."""
+    full = friberg()
+
+    def rhs(t, y, p):
+        ktr = 4.0 / p["mtt"]
+        drug = p["slope"] * p["conc"]
+        feedback = (p["circ0"] / jnp.maximum(y[4], 1e-9)) ** p["gamma"]
+        return jnp.stack(
+            [
+                ktr * y[0] * (1 - drug) * feedback - ktr * y[0],
+                ktr * (y[0] - y[1]),
+                ktr * (y[1] - y[2]),
+                ktr * (y[2] - y[3]),
+                ktr * (y[3] - y[4]),
+            ]
+        )
+
+    return OdeModel(
+        name="friberg_sequential",
+        states=("prol", "transit1", "transit2", "transit3", "circ"),
+        parameters=full.parameters,
+        rhs=rhs,
+        outputs={"conc": lambda y, p: p["conc"], "anc": lambda y, p: y[4]},
+        centres=full.centres,
+        init=lambda p: jnp.stack([p["circ0"]] * 5),
+        pk="iv1",
+    )
+
+
 #: Built-in ODE models by name (functions of no arguments returning an :class:`OdeModel`).
 ODE_MODELS = {
     "one_compartment": one_compartment,
@@ -708,4 +793,5 @@ ODE_MODELS = {
     "effect_emax": effect_emax,
     "indirect_response": indirect_response,
     "friberg": friberg,
+    "friberg_sequential": friberg_sequential,
 }

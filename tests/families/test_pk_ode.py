@@ -307,3 +307,23 @@ def test_a_segment_over_max_steps_is_nan_not_a_wrong_number():
     assert bt.Ode("friberg", max_steps=4096).config()["max_steps"] == 4096
     with pytest.raises(ValueError, match="max_steps must be a whole number in"):
         bt.Ode("friberg", max_steps=8)
+
+
+def test_a_sequential_pkpd_model_equals_its_full_ode():
+    """Friberg with its PK in closed form (pk="iv1") equals the full six-state ODE (levels and
+    neutrophil counts, two cycles), and is not stiff."""
+    full, seq = pk_ode.friberg(), pk_ode.friberg_sequential()
+    p = dict(full.centres)
+    theta = jnp.array([[p[k] for k in full.parameters]])
+    doses = (jnp.array([[0.0, 504.0]]), jnp.array([[135.0, 135.0]]), jnp.zeros((1, 2), int), jnp.ones((1, 2)))
+    times = jnp.array([[0.5, 1.0, 2.0, 6.0, 168.0, 240.0, 336.0, 504.5, 672.0, 840.0]])
+    idx, row = jnp.zeros(10, int), jnp.arange(10)
+    for out in (0, 1):
+        which = jnp.full(10, out)
+        a = pk_ode.predict_outputs(full, theta, *doses, times, idx, row, which, rtol=1e-10, atol=1e-13, max_steps=20000)
+        b = pk_ode.predict_outputs(seq, theta, *doses, times, idx, row, which, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9 * float(jnp.max(jnp.abs(a))))
+    fam = bt.Ode("friberg_sequential", observations={1: "conc", 6: "anc"})
+    assert fam.parameters == bt.Ode("friberg").parameters
+    with pytest.raises(FamilyError, match=r"pk='iv1' needs the parameters \['v'\]"):
+        bt.OdeModel("m", ("x",), ("cl",), lambda t, y, p: -y, {"x": lambda y, p: y[0]}, {"cl": 1.0}, pk="iv1")
