@@ -422,6 +422,25 @@ def register_family(cls: type) -> type:
     return cls
 
 
+def import_object(path: str, what: str, owner: str):
+    """The object at ``"package.module:name"`` in an installed module, for ``what`` (e.g. "the
+    build function") of ``owner`` (e.g. "this Model"); a FamilyError says why not (defined in a
+    script or notebook, a module that cannot be imported, no such name)."""
+    mod, _, qual = path.partition(":")
+    if mod == "__main__" or "<" in qual:
+        raise FamilyError(
+            f"{what} {path} was defined in a script, notebook or function, so another process "
+            f"cannot import it: move it into an installed module to save or load {owner}"
+        )
+    try:
+        obj = importlib.import_module(mod)
+    except ImportError as err:
+        raise FamilyError(f"{what} lives in {mod!r}, which cannot be imported ({err})") from None
+    for part in qual.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
 def family_class(name: str, module: str | None = None) -> type:
     """The registered family class ``name``; with ``module`` (``"package.module:Class"``), import
     that installed module first if the name is not registered yet."""

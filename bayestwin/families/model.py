@@ -61,7 +61,6 @@ stores its import path; nothing is pickled).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 
 import jax
@@ -72,7 +71,7 @@ import pymc as pm
 import pytensor.tensor as pt
 
 from bayestwin.data.cohort import AT_RISK, OUTCOME, PATIENT, TIME, Schema
-from bayestwin.families.base import Axis, Design, FamilyBase, FamilyError, register_family
+from bayestwin.families.base import Axis, Design, FamilyBase, FamilyError, import_object, register_family
 from bayestwin.families.progression import frame_exposure
 
 #: The arrays ``build`` may declare, with their layout.
@@ -184,18 +183,7 @@ def resolve(path: str) -> Callable:
     """The function at ``"package.module:name"`` (imported from an installed module)."""
     if not isinstance(path, str) or ":" not in path:
         raise FamilyError(f"a Model's build function is stored as 'package.module:function', not {path!r}")
-    mod, _, qual = path.partition(":")
-    if mod == "__main__" or "<" in qual:
-        raise FamilyError(
-            f"the build function {path} was defined in a script, notebook or function, so another process "
-            "cannot import it: move it into an installed module to save or load this Model"
-        )
-    try:
-        obj = importlib.import_module(mod)
-    except ImportError as err:
-        raise FamilyError(f"the Model's build function lives in {mod!r}, which cannot be imported ({err})") from None
-    for part in qual.split("."):
-        obj = getattr(obj, part, None)
+    obj = import_object(path, "the build function", "this Model")
     if not callable(obj):
         raise FamilyError(f"{path} is not a function in an installed module")
     return obj

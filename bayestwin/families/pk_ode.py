@@ -32,7 +32,6 @@ PK/PD model, :attr:`OdeModel.pk`).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -44,7 +43,7 @@ import pymc as pm
 import pytensor.tensor as pt
 
 from bayestwin.data.cohort import Schema
-from bayestwin.families.base import Axis, Design, FamilyError, Prior, check_prior_names, register_family
+from bayestwin.families.base import Axis, Design, FamilyError, Prior, check_prior_names, import_object, register_family
 from bayestwin.families.pk import ERRORS, Pk, log_ndtr
 
 ODE_ERRORS = (*ERRORS, "exponential")
@@ -259,17 +258,7 @@ def resolve_model(model) -> OdeModel:
             f"the ODE model {qual} was given as an object, so a model card cannot name it: pass its import "
             "path 'package.module:name' (a module another process can import) to save or load this family"
         )
-    if mod == "__main__" or "<" in qual:
-        raise FamilyError(
-            f"the ODE model {model} was defined in a script, notebook or function, so another process "
-            "cannot import it: move it into an installed module to save or load this family"
-        )
-    try:
-        obj = importlib.import_module(mod)
-    except ImportError as err:
-        raise FamilyError(f"the ODE model lives in {mod!r}, which cannot be imported ({err})") from None
-    for part in qual.split("."):
-        obj = getattr(obj, part, None)
+    obj = import_object(model, "the ODE model", "this family")
     obj = obj() if callable(obj) and not isinstance(obj, OdeModel) else obj
     if not isinstance(obj, OdeModel):
         raise FamilyError(f"{model} is not an OdeModel (or a function returning one)")
@@ -432,15 +421,7 @@ class Ode(Pk):
         doses["STATE"] = np.where(cmt > 0, cmt - 1, self.ode.default_state).astype(float)
         return doses
 
-    DOSE_COLUMNS = {
-        "t_dose": "TIME",
-        "amt": "AMT",
-        "duration": "DURATION",
-        "infusion": "INPUT",
-        "ss_ii": "SS_II",
-        "dose_episode": "EPISODE",
-        "dose_state": "STATE",
-    }
+    DOSE_COLUMNS = Pk.DOSE_COLUMNS | {"dose_state": "STATE"}
 
     def obs_inputs(self, obs: pd.DataFrame, patients: list) -> dict:
         outputs = list(self.ode.outputs)
