@@ -178,12 +178,17 @@ class Pk(FamilyBase):
         weight = weight.upper() if weight else None  # NONMEM column names are read upper-case
         self.compartments, self.route, self.error, self.weight = compartments, route, error, weight
         self.parameterisation, self.lag = parameterisation, lag
-        self.priors = dict(priors or {})
         if covariates is not None and weight is not None:
             raise ValueError(
                 "give weight= (the fixed allometric shortcut) or covariates= (a covariate model per "
                 "parameter, e.g. {'CL': [bt.Power('WT', ref=70, exponent=0.75)]}), not both"
             )
+        self._structure(priors, covariates, bsv, correlated, extra_priors={"beta_cl"})
+
+    def _structure(self, priors, covariates, bsv, correlated, extra_priors=frozenset()) -> None:
+        """Set and check the options every PK-like family shares: priors (names checked),
+        covariate model, BSV and its blocks."""
+        self.priors = dict(priors or {})
         self.effects = self._effects(covariates)
         self.covariates = (
             None
@@ -194,8 +199,8 @@ class Pk(FamilyBase):
         if self.bsv is not None and len(set(self.bsv)) < len(self.bsv):
             raise ValueError(f"a parameter is listed twice in bsv={bsv!r}")
         self.correlated = self._blocks(correlated)
-        known = {f"log_{p}" for p in self.parameters} | {"beta_cl", "bsv_sd", "bsv_corr_eta", *self.residual_params}
-        known |= {coefficient_name(p, e) for p, es in self.effects.items() for e in es}
+        known = {f"log_{p}" for p in self.parameters} | {"bsv_sd", "bsv_corr_eta", *self.residual_params}
+        known |= set(extra_priors) | {coefficient_name(p, e) for p, es in self.effects.items() for e in es}
         check_prior_names(self.priors, known, self.name)
 
     # ------------------------------------------------------ structure options

@@ -43,7 +43,7 @@ import pymc as pm
 import pytensor.tensor as pt
 
 from bayestwin.data.cohort import Schema
-from bayestwin.families.base import Axis, Design, FamilyError, Prior, check_prior_names, import_object, register_family
+from bayestwin.families.base import Axis, Design, FamilyError, Prior, import_object, register_family
 from bayestwin.families.pk import ERRORS, Pk, log_ndtr
 
 ODE_ERRORS = (*ERRORS, "exponential")
@@ -324,24 +324,7 @@ class Ode(Pk):
         if not (isinstance(max_steps, int) and 16 <= max_steps <= 100_000):
             raise ValueError(f"max_steps must be a whole number in [16, 100000], not {max_steps!r}")
         self.max_steps = max_steps
-        self.priors = dict(priors or {})
-        self.effects = self._effects(covariates)
-        from bayestwin.families.pk_covariates import effect_to_dict
-
-        self.covariates = (
-            None
-            if covariates is None
-            else {p.upper(): [effect_to_dict(e) for e in es] for p, es in self.effects.items()}
-        )
-        from bayestwin.families.pk import _listed
-
-        self.bsv = None if bsv is None else [self._parameter(p, "bsv").upper() for p in _listed(bsv, "bsv")]
-        self.correlated = self._blocks(correlated)
-        from bayestwin.families.pk_covariates import coefficient_name
-
-        known = {f"log_{p}" for p in self.parameters} | {"bsv_sd", "bsv_corr_eta", *self.residual_params}
-        known |= {coefficient_name(p, e) for p, es in self.effects.items() for e in es}
-        check_prior_names(self.priors, known, self.name)
+        self._structure(priors, covariates, bsv, correlated)
 
     @property
     def parameters(self) -> tuple[str, ...]:
