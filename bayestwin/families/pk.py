@@ -48,6 +48,20 @@ EFFECT_TYPES = tuple(pkc.EFFECTS.values())
 ALLOMETRY = {"cl": 0.75, "q": 0.75, "v": 1.0, "v1": 1.0, "v2": 1.0, "ke": -0.25, "ka": 0.0, "tlag": 0.0}
 
 
+def record_check(frame: pd.DataFrame):
+    """``fail(problem, mask, column)``: a DataError naming the ID, row and column of the first
+    record of ``frame`` where ``mask`` holds (nothing if none does)."""
+    from bayestwin.errors import DataError
+
+    def fail(problem, mask, column):
+        mask = np.asarray(mask, bool)
+        if mask.any():
+            i = int(np.argmax(mask))
+            raise DataError(problem, patient=frame["ID"].iloc[i], row=frame.index[i], column=column)
+
+    return fail
+
+
 def _listed(value, what: str) -> list:
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
         raise TypeError(f"{what} must be a list of parameter names, not {value!r}")
@@ -447,14 +461,7 @@ class Pk(FamilyBase):
         would otherwise model wrongly: a steady-state infusion longer than its interval,
         time-varying covariates, compartments (CMT) it has no route for, levels of an ID with no
         dose, and an ID whose every level precedes its first dose."""
-        from bayestwin.errors import DataError
-
-        def fail(problem, mask, column):
-            mask = np.asarray(mask, bool)
-            if mask.any():
-                i = int(np.argmax(mask))
-                raise DataError(problem, patient=frame["ID"].iloc[i], row=frame.index[i], column=column)
-
+        fail = record_check(frame)
         evid = frame["EVID"].to_numpy()
         if "SS" in frame:
             rate, amt = frame["RATE"].to_numpy(float), frame["AMT"].to_numpy(float)

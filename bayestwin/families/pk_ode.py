@@ -44,7 +44,7 @@ import pytensor.tensor as pt
 
 from bayestwin.data.cohort import Schema
 from bayestwin.families.base import Axis, Design, FamilyError, Prior, import_object, register_family
-from bayestwin.families.pk import ERRORS, Pk, log_ndtr
+from bayestwin.families.pk import ERRORS, Pk, log_ndtr, record_check
 
 ODE_ERRORS = (*ERRORS, "exponential")
 #: Closed-form PK of sequential PK/PD models (:attr:`OdeModel.pk`): (compartments, route).
@@ -356,14 +356,7 @@ class Ode(Pk):
     def check(self, frame: pd.DataFrame, covariates) -> None:
         """Refuse what this family does not model: steady state, resets, doses into a CMT that
         is not a state, observations of a CMT not in ``observe``, time-varying covariates."""
-        from bayestwin.errors import DataError
-
-        def fail(problem, mask, column):
-            mask = np.asarray(mask, bool)
-            if mask.any():
-                i = int(np.argmax(mask))
-                raise DataError(problem, patient=frame["ID"].iloc[i], row=frame.index[i], column=column)
-
+        fail = record_check(frame)
         evid = frame["EVID"].to_numpy()
         fail("steady-state doses (SS > 0) are not modelled by the ODE family yet", frame["SS"].to_numpy() > 0, "SS")
         fail("resets (EVID 3 or 4) are not modelled by the ODE family yet", np.isin(evid, [3, 4]), "EVID")
