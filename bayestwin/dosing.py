@@ -299,6 +299,18 @@ def twin_parameters(twin, patients: Sequence[str]) -> dict[str, np.ndarray]:
     return theta
 
 
+def recommend(p_target: np.ndarray, feasible: np.ndarray, min_target: float):
+    """Per patient (rows), the feasible regimen (columns) with the highest P(target), and whether
+    the posterior supports recommending it (P(target) >= ``min_target`` and > 0): (best index,
+    supported, a boolean table with the recommendation)."""
+    best = np.argmax(np.where(feasible, p_target, -1.0), axis=1)
+    rows = np.arange(p_target.shape[0])
+    supported = feasible[rows, best] & (p_target[rows, best] >= min_target) & (p_target[rows, best] > 0)
+    recommended = np.zeros(p_target.shape, bool)
+    recommended[rows, best] = supported
+    return best, supported, recommended
+
+
 def regimen_table(
     values: dict,
     regimens: Sequence[Regimen],
@@ -318,11 +330,7 @@ def regimen_table(
     q05, q95 = np.quantile(x, [0.05, 0.95], axis=-1)
     P, R = p_target.shape
     feasible = p_toxic <= max_toxic
-    best = np.argmax(np.where(feasible, p_target, -1.0), axis=1)
-    rows = np.arange(P)
-    supported = feasible[rows, best] & (p_target[rows, best] >= min_target) & (p_target[rows, best] > 0)
-    recommended = np.zeros((P, R), bool)
-    recommended[rows, best] = supported
+    best, supported, recommended = recommend(p_target, feasible, min_target)
     edge = np.zeros((P, R), bool)
     notes = []
     for i, p in enumerate(patients):
@@ -477,11 +485,7 @@ def outcome_search(
         feasible &= p <= bound
     patients = list(twin.patients)
     P, R = p_target.shape
-    best = np.argmax(np.where(feasible, p_target, -1.0), axis=1)
-    rows = np.arange(P)
-    ok = feasible[rows, best] & (p_target[rows, best] >= min_target) & (p_target[rows, best] > 0)
-    recommended = np.zeros((P, R), bool)
-    recommended[rows, best] = ok
+    best, ok, recommended = recommend(p_target, feasible, min_target)
     notes = []
     for i, p in enumerate(patients):
         if not feasible[i].any():
