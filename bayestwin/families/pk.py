@@ -62,6 +62,18 @@ def record_check(frame: pd.DataFrame):
     return fail
 
 
+def refuse_time_varying(frame: pd.DataFrame, covariates, fail) -> None:
+    """Refuse a covariate whose value changes within an ID (not modelled yet) through ``fail``."""
+    for c in covariates:
+        first = frame.groupby("ID", sort=False)[c].transform("first")
+        fail(
+            f"covariate {c} changes within the ID: time-varying covariates are not modelled yet "
+            "(give one value per ID)",
+            frame[c].ne(first).to_numpy(bool),
+            c,
+        )
+
+
 def _listed(value, what: str) -> list:
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
         raise TypeError(f"{what} must be a list of parameter names, not {value!r}")
@@ -249,7 +261,11 @@ class Pk(FamilyBase):
         """``correlated`` as given (True, False, or groups of parameter names), checked."""
         if isinstance(correlated, bool):
             return correlated
-        groups = _listed(correlated, "correlated")
+        if not isinstance(correlated, (list, tuple)):
+            raise TypeError(
+                f"correlated is True, False or a list of parameter groups, e.g. [['CL', 'V']]; not {correlated!r}"
+            )
+        groups = list(correlated)
         if not groups or not all(isinstance(g, (list, tuple)) for g in groups):
             raise TypeError(
                 f"correlated is True, False or a list of parameter groups, e.g. [['CL', 'V']]; not {correlated!r}"
@@ -261,16 +277,12 @@ class Pk(FamilyBase):
                 raise ValueError(f"correlated: a block needs two parameters or more, not {list(g)!r}")
             if seen & set(names) or len(set(names)) < len(names):
                 raise ValueError(f"correlated: a parameter is in two blocks ({list(g)!r})")
-            missing = [n for n in names if n not in self.bsv_parameters_upper]
+            missing = [n for n in names if n.lower() not in self.bsv_parameters]
             if missing:
                 raise ValueError(f"correlated: {missing[0]} has no between-subject variability (bsv=)")
             seen |= set(names)
             out.append(names)
         return out
-
-    @property
-    def bsv_parameters_upper(self) -> list[str]:
-        return [p.upper() for p in self.bsv_parameters]
 
     @property
     def bsv_parameters(self) -> tuple[str, ...]:
@@ -472,15 +484,7 @@ class Pk(FamilyBase):
                 (frame["SS"].to_numpy() > 0) & (duration > frame["II"].to_numpy(float)),
                 "RATE",
             )
-        for c in covariates:
-            first = frame.groupby("ID", sort=False)[c].transform("first")
-            changed = frame[c].ne(first).to_numpy(bool)
-            fail(
-                f"covariate {c} changes within the ID: time-varying covariates are not modelled yet "
-                "(give one value per ID)",
-                changed,
-                c,
-            )
+        refuse_time_varying(frame, covariates, fail)
         ids = frame["ID"].to_numpy()
         has_dose = pd.Series(np.isin(evid, [1, 4])).groupby(ids).transform("any").to_numpy()
         fail("levels of an ID that has no dose record (a PK level needs a dose)", (evid == 0) & ~has_dose, "EVID")

@@ -44,7 +44,7 @@ import pytensor.tensor as pt
 
 from bayestwin.data.cohort import Schema
 from bayestwin.families.base import Axis, Design, FamilyError, Prior, import_object, register_family
-from bayestwin.families.pk import ERRORS, Pk, log_ndtr, record_check
+from bayestwin.families.pk import ERRORS, Pk, log_ndtr, record_check, refuse_time_varying
 
 ODE_ERRORS = (*ERRORS, "exponential")
 #: Closed-form PK of sequential PK/PD models (:attr:`OdeModel.pk`): (compartments, route).
@@ -360,14 +360,7 @@ class Ode(Pk):
         evid = frame["EVID"].to_numpy()
         fail("steady-state doses (SS > 0) are not modelled by the ODE family yet", frame["SS"].to_numpy() > 0, "SS")
         fail("resets (EVID 3 or 4) are not modelled by the ODE family yet", np.isin(evid, [3, 4]), "EVID")
-        for c in covariates:
-            first = frame.groupby("ID", sort=False)[c].transform("first")
-            fail(
-                f"covariate {c} changes within the ID: time-varying covariates are not modelled yet "
-                "(give one value per ID)",
-                frame[c].ne(first).to_numpy(bool),
-                c,
-            )
+        refuse_time_varying(frame, covariates, fail)
         cmt = frame["CMT"].to_numpy(int)
         dose, obs = np.isin(evid, [1, 4]), evid == 0
         fail(
