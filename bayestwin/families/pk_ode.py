@@ -510,7 +510,9 @@ class Ode(Pk):
         """Each row's residual error by its output's kind; BLQ rows by the M3 method."""
         outputs = list(self.ode.outputs)
         which = d["output"]
-        sd = pt.zeros_like(conc)
+        # rows start at sd 1, never 0: PyTensor pushes the division by sd into each branch of the
+        # per-output switch, and a 0 in a branch not taken makes 0/0 in JAX's gradient (NaN)
+        sd = pt.ones_like(conc)
         is_log = pt.zeros_like(conc)
         for out, kind in self.errors.items():
             if out not in self.observations.values():
