@@ -165,6 +165,8 @@ NM_CASES = [
     ("CMT -1", nm({(0, "CMT"): -1}), {}, "CMT must be a whole number", {"row": 0, "column": "CMT"}),
     ("CMT 1.5", nm({(0, "CMT"): 1.5}), {}, "CMT must be a whole number", {"row": 0, "column": "CMT"}),
     ("BLQ without LLOQ", nm({(2, "BLQ"): 1}), {}, "BLQ observation without LLOQ", {"row": 2, "column": "LLOQ"}),
+    ("OCC 1.5", nm(OCC=[1, 1, 1.5, 1, 1, 1]), {}, "OCC must be a whole number", {"row": 2, "column": "OCC"}),
+    ("OCC missing", nm(OCC=[1, 1, np.nan, 1, 1, 1]), {}, "missing OCC", {"row": 2, "column": "OCC"}),
     (
         "covariate missing",
         nm({(4, "WT"): np.nan}),
@@ -243,6 +245,13 @@ PK_CASES = [
         None,
         "covariate WT changes within the ID",
         {"row": 2, "column": "WT", "patient": P(1)},
+    ),
+    (
+        "occasions without IOV",
+        nm(OCC=[1, 1, 2, 1, 1, 1]),
+        None,
+        "OCC changes within the ID, but this family has no inter-occasion variability",
+        {"row": 2, "column": "OCC", "patient": P(1)},
     ),
     (
         "infusion into the depot",

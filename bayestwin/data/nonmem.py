@@ -18,6 +18,8 @@ II, ADDL  optional dosing interval and number of additional doses (repeated dose
 SS        optional steady-state flag: 1 the dose is the latest of an infinite train every II,
           given after a reset; 2 the same without a reset (added to what is there); 0 none
 BLQ/LLOQ  optional: 1 if the observation is below the lower limit of quantification / that limit
+OCC       optional occasion number (a whole number >= 0) for inter-occasion variability; a
+          family without it refuses an OCC that changes within an ID
 ========  ==========================================================================
 
 plus covariate columns, which may vary with time here (a family that cannot model a
@@ -45,7 +47,17 @@ from bayestwin.data.pseudonym import check_id_types, draw_key_if_missing, pseudo
 from bayestwin.errors import DataError
 
 REQUIRED = ("ID", "TIME", "AMT", "DV", "EVID")
-OPTIONAL = {"MDV": np.nan, "CMT": 0, "RATE": 0.0, "II": 0.0, "ADDL": 0, "SS": 0, "BLQ": 0, "LLOQ": np.nan}
+OPTIONAL = {
+    "MDV": np.nan,
+    "CMT": 0,
+    "RATE": 0.0,
+    "II": 0.0,
+    "ADDL": 0,
+    "SS": 0,
+    "BLQ": 0,
+    "LLOQ": np.nan,
+    "OCC": 0,
+}
 #: Most single doses one ID may have once ADDL is expanded: more is an input error (ADDL = 10**9
 #: would ask for gigabytes), not a regimen.
 MAX_DOSES = 10_000
@@ -188,6 +200,27 @@ def episodes(frame: pd.DataFrame) -> np.ndarray:
     ss = frame["SS"].to_numpy() if "SS" in frame else np.zeros(len(frame))
     reset = np.isin(evid, [3, 4]) | (np.isin(evid, [1, 4]) & (ss == 1))
     return pd.Series(reset.astype(int)).groupby(ids, sort=False).cumsum().to_numpy()
+
+
+def occasions(frame: pd.DataFrame, by: str = "OCC") -> np.ndarray:
+    """Each record's occasion within its ID (0, 1, ...), for inter-occasion variability.
+
+    ``by="OCC"``: the OCC column, numbered by order of first appearance within the ID (OCC 1, 2,
+    3 -> 0, 1, 2; a frame without OCC is one occasion). ``by="dose"``: each dose record (EVID 1
+    or 4; its ADDL copies belong to it) starts a new occasion, records before the first dose are
+    in the first.
+    """
+    ids = frame["ID"].to_numpy()
+    if by == "dose":
+        dose = frame["EVID"].isin([1, 4]).to_numpy().astype(int)
+        n = pd.Series(dose).groupby(ids, sort=False).cumsum().to_numpy()
+        return np.maximum(n - 1, 0)
+    if by != "OCC":
+        raise ValueError(f"occasions come from 'OCC' or 'dose', not {by!r}")
+    if "OCC" not in frame:
+        return np.zeros(len(frame), int)
+    occ = pd.Series(frame["OCC"].to_numpy())
+    return occ.groupby(ids, sort=False).transform(lambda s: pd.factorize(s)[0]).to_numpy(int)
 
 
 def expand_doses(frame: pd.DataFrame) -> pd.DataFrame:
@@ -343,6 +376,9 @@ def read_nonmem(
     cmt = np.nan_to_num(numeric["CMT"])
     fail("CMT must be a whole number >= 0", (cmt < 0) | (cmt != np.round(cmt)), "CMT")
     fail("BLQ observation without LLOQ", obs & blq & np.isnan(numeric["LLOQ"]), "LLOQ")
+    occ = numeric["OCC"]
+    fail("missing OCC (give every record its occasion)", np.isnan(occ), "OCC")
+    fail("OCC must be a whole number >= 0", (occ < 0) | (occ != np.round(occ)), "OCC")
     categorical = _names(categorical, "categorical")
     for c in categorical:
         if c not in covariates:
@@ -381,6 +417,7 @@ def read_nonmem(
             "SS": ss.astype(int),
             "BLQ": blq.astype(int),
             "LLOQ": numeric["LLOQ"],
+            "OCC": occ.astype(int),
         },
         index=frame.index,
     )

@@ -66,7 +66,7 @@ def pad(design_data: dict, patients: list[str], n_pad: int, family=None, slots: 
     mask = np.zeros((B, n_pad))
     for name, arr in design_data.items():
         if name in slot_axes:
-            wide = np.full((B, slots[slot_axes[name]]), fill.get(name, 0), arr.dtype)
+            wide = np.full((B, slots[slot_axes[name]], *arr.shape[2:]), fill.get(name, 0), arr.dtype)
             wide[:, : arr.shape[1]] = arr
             arr = wide
         if name in per_patient:

@@ -63,15 +63,30 @@ def record_check(frame: pd.DataFrame):
 
 
 def refuse_time_varying(frame: pd.DataFrame, covariates, fail) -> None:
-    """Refuse a covariate whose value changes within an ID (not modelled yet) through ``fail``."""
+    """Refuse a covariate whose value changes within an ID through ``fail`` (the ODE family
+    models those declared ``time_varying``)."""
     for c in covariates:
         first = frame.groupby("ID", sort=False)[c].transform("first")
         fail(
-            f"covariate {c} changes within the ID: time-varying covariates are not modelled yet "
-            "(give one value per ID)",
+            f"covariate {c} changes within the ID: time-varying covariates are modelled by the ODE family "
+            f"when declared (time_varying=['{c}'])",
             frame[c].ne(first).to_numpy(bool),
             c,
         )
+
+
+def refuse_occasions(frame: pd.DataFrame, fail, why: str) -> None:
+    """Refuse an OCC that changes within an ID (``why``: what would model it) through ``fail``."""
+    if "OCC" in frame:
+        first = frame.groupby("ID", sort=False)["OCC"].transform("first")
+        fail(f"OCC changes within the ID, but {why}", frame["OCC"].ne(first).to_numpy(bool), "OCC")
+
+
+def _created(pri: Mapping, name: str, **kwargs):
+    """The model's variable ``name``, created from its prior the first time it is asked for (the
+    covariate terms of baseline and of each later period share their coefficients)."""
+    model = pm.modelcontext(None)
+    return model[name] if name in model.named_vars else pri[name].create(name, **kwargs)
 
 
 def _listed(value, what: str) -> list:
@@ -471,7 +486,7 @@ class Pk(FamilyBase):
     def check(self, frame: pd.DataFrame, covariates) -> None:
         """Refuse, with a :class:`DataError` naming ID, row and column, every record this family
         would otherwise model wrongly: a steady-state infusion longer than its interval,
-        time-varying covariates, compartments (CMT) it has no route for, levels of an ID with no
+        time-varying covariates, occasions (OCC), compartments (CMT) it has no route for, levels of an ID with no
         dose, and an ID whose every level precedes its first dose."""
         fail = record_check(frame)
         evid = frame["EVID"].to_numpy()
@@ -485,6 +500,9 @@ class Pk(FamilyBase):
                 "RATE",
             )
         refuse_time_varying(frame, covariates, fail)
+        refuse_occasions(
+            frame, fail, "this family has no inter-occasion variability (the ODE family has: bt.Ode(..., iov=['CL']))"
+        )
         ids = frame["ID"].to_numpy()
         has_dose = pd.Series(np.isin(evid, [1, 4])).groupby(ids).transform("any").to_numpy()
         fail("levels of an ID that has no dose record (a PK level needs a dose)", (evid == 0) & ~has_dose, "EVID")
@@ -672,12 +690,18 @@ class Pk(FamilyBase):
                 "dose_episode": dose_episode,
             }
             inputs |= {n: pm.Data(n, d[n], dims=self._dims(n)) for n in self.extra_inputs}
+            inputs |= self._time_terms(pri, cov, inputs, schema)
             conc = pm.Deterministic("conc", self.levels(theta, inputs), dims="obs")
             self._likelihood(pri, conc, blq, y_obs, inputs)
         return model
 
     #: Inputs a subclass adds to the model (built by :meth:`build_model` from its ``inputs``).
     extra_inputs: tuple[str, ...] = ()
+
+    def _time_terms(self, pri, cov, inputs: dict, schema: Schema) -> dict:
+        """Inputs for :meth:`levels` from parameters that change over time (none here: this
+        family's parameters are constant per subject; the ODE family's may change)."""
+        return {}
 
     def _dims(self, name: str) -> tuple[str, ...]:
         axis = self.inputs[name]
@@ -758,23 +782,24 @@ class Pk(FamilyBase):
         return eta @ select
 
     def _covariate_terms(self, pri, cov, schema: Schema):
-        """The covariate model's log-scale terms (patient, parameter)."""
+        """The covariate model's log-scale terms (..., parameter) of covariate rows ``cov``
+        (..., :meth:`covariate_columns`): per subject, or per subject and period."""
         columns = self.covariate_columns(schema)
         terms = []
         for p in self.parameters:
-            term = pt.zeros(cov.shape[0])
+            term = pt.zeros_like(cov[..., 0]) if cov.type.shape[-1] != 0 else pt.zeros(cov.shape[:-1])
             for e in self.effects.get(p, ()):
                 name = coefficient_name(p, e)
                 if e.kind == "categorical":
                     j = [columns.index(f"{e.column}[{lvl}]") for lvl in schema.categorical[e.column][1:]]
-                    coef = pri[name].create(name, dims=f"{e.column}_level")
-                    term = term + pkc.log_effect(pt, e, cov[:, j], coef[None, :])
+                    coef = _created(pri, name, dims=f"{e.column}_level")
+                    term = term + pkc.log_effect(pt, e, cov[..., j], coef)
                     continue
-                x = cov[:, columns.index(e.column)]
-                coef = e.exponent if e.kind == "power" and e.exponent is not None else pri[name].create(name)
+                x = cov[..., columns.index(e.column)]
+                coef = e.exponent if e.kind == "power" and e.exponent is not None else _created(pri, name)
                 term = term + pkc.log_effect(pt, e, x, coef)
             terms.append(term)
-        return pt.stack(terms, axis=1)
+        return pt.stack(terms, axis=-1)
 
     def concentration(self, xp, theta: Mapping, t, t_dose, amt, duration, infusion, ii=0.0):
         """Each dose's contribution to the central concentration at ``t`` (broadcast, not summed).

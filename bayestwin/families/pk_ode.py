@@ -43,8 +43,17 @@ import pymc as pm
 import pytensor.tensor as pt
 
 from bayestwin.data.cohort import Schema
+from bayestwin.data.nonmem import occasions
 from bayestwin.families.base import Axis, Design, FamilyError, Prior, import_object, register_family
-from bayestwin.families.pk import ERRORS, Pk, log_ndtr, record_check, refuse_time_varying
+from bayestwin.families.pk import (
+    ERRORS,
+    Pk,
+    _listed,
+    log_ndtr,
+    record_check,
+    refuse_occasions,
+    refuse_time_varying,
+)
 
 ODE_ERRORS = (*ERRORS, "exponential")
 #: Closed-form PK of sequential PK/PD models (:attr:`OdeModel.pk`): (compartments, route).
@@ -151,6 +160,7 @@ def solve_doses(
     solver=None,
     adjoint=None,
     conc=None,
+    t_period=None,
 ):
     """The states at ``t_obs`` of y' = rhs(t, y, p) + inputs, y = ``y0`` before anything happens.
 
@@ -163,8 +173,12 @@ def solve_doses(
     PK/PD model), given to ``rhs`` as ``p["conc"]``; its doses then enter no state (pass
     ``amt`` 0) but still cut the segments. A segment that needs more than ``max_steps`` steps (stiff: e.g. absorption
     a thousand times faster than elimination, which warmup can wander into) makes every value
-    NaN, so a sampler rejects the position instead of paying for it. Returns (len(t_obs),
-    n_states); pure JAX (jit, vmap and grad).
+    NaN, so a sampler rejects the position instead of paying for it. ``t_period``: parameters
+    that change over time (inter-occasion variability, time-varying covariates): each value of
+    ``p`` is then an array over periods, period j holds from ``t_period[j]`` (sorted; the first
+    -inf, padding +inf) until the next one, and ``y0`` is the state before anything happens
+    (computed by the caller from period 0). Returns (len(t_obs), n_states); pure JAX (jit, vmap
+    and grad).
     """
     import diffrax
 
@@ -172,7 +186,10 @@ def solve_doses(
     infusion = duration > 0
     ends = jnp.where(infusion, t_dose + duration, t_dose)
     start = jnp.minimum(jnp.min(t_dose), jnp.min(t_obs))
-    bounds = jnp.sort(jnp.concatenate([start[None], t_dose, ends]))
+    cuts = [start[None], t_dose, ends]
+    if t_period is not None:  # parameter periods cut segments too (a padded +inf start cuts none)
+        cuts.append(jnp.where(jnp.isfinite(t_period), jnp.maximum(t_period, start), start))
+    bounds = jnp.sort(jnp.concatenate(cuts))
     lo_all = bounds
     hi_all = jnp.concatenate([bounds[1:], jnp.maximum(jnp.max(t_obs), bounds[-1])[None]])
     order = jnp.argsort(t_obs)
@@ -192,6 +209,11 @@ def solve_doses(
         lo, hi = lo_all[k], hi_all[k]
         y = y + jnp.where(~infusion & (first == k), amt, 0.0) @ onehot
         running = jnp.where(infusion & (t_dose <= lo) & (lo < ends), rate, 0.0) @ onehot
+        if t_period is None:
+            p_k = p
+        else:  # the period this segment lies in: the last one started at or before it
+            j = jnp.maximum(jnp.sum(t_period <= lo) - 1, 0)
+            p_k = {n: v[j] for n, v in p.items()}
         sol = diffrax.diffeqsolve(
             term,
             solver,
@@ -199,7 +221,7 @@ def solve_doses(
             hi,
             None,
             y,
-            args=(p, running),
+            args=(p_k, running),
             saveat=diffrax.SaveAt(ts=jnp.clip(ts, lo, hi), t1=True),
             stepsize_controller=control,
             max_steps=max_steps,
@@ -217,23 +239,35 @@ def solve_doses(
     return jnp.where(failed, jnp.nan, out[jnp.argsort(order)])
 
 
-def predict_outputs(model: OdeModel, theta, t_dose, amt, state, duration, row_time, idx, row, output, **tol):
+def predict_outputs(
+    model: OdeModel, theta, t_dose, amt, state, duration, row_time, idx, row, output, t_period=None, **tol
+):
     """Each observation row's output (JAX): ``theta`` (subjects, parameters); doses and
     ``row_time`` (subjects, slots): each subject is solved at its own rows' times (vmapped);
-    ``idx``, ``row`` (the row's slot), ``output`` (rows) pick each row's value."""
+    ``idx``, ``row`` (the row's slot), ``output`` (rows) pick each row's value. With
+    ``t_period`` (subjects, periods; see :func:`solve_doses`), ``theta`` is (subjects, periods,
+    parameters) and each row's output uses its own period's parameters."""
     names = model.parameters
 
-    def one(th, td, a, s, d, times):
-        p = {n: th[j] for j, n in enumerate(names)}
+    def one(th, td, a, s, d, times, tp):
+        p = {n: th[..., j] for j, n in enumerate(names)}
+        p0 = p if tp is None else {n: v[0] for n, v in p.items()}
         if model.pk is None:
-            return solve_doses(model.rhs, model.initial(p), p, td, a, s, d, times, **tol)
+            return solve_doses(model.rhs, model.initial(p0), p, td, a, s, d, times, t_period=tp, **tol)
         conc = model.concentration(p, td, a, d)
         y = solve_doses(model.rhs, model.initial(p), p, td, jnp.zeros_like(a), s, d, times, conc=conc, **tol)
         return jnp.concatenate([y, jax.vmap(conc)(times)[:, None]], axis=1)  # conc rides along as a last column
 
-    states = jax.vmap(one)(theta, t_dose, amt, state, duration, row_time)  # (subjects, slots, states)
-    y = states[idx, row]
-    p_rows = {n: theta[idx, j] for j, n in enumerate(names)}
+    if t_period is None:
+        states = jax.vmap(lambda *a: one(*a, None))(theta, t_dose, amt, state, duration, row_time)
+        th_rows = theta[idx]
+    else:
+        states = jax.vmap(one)(theta, t_dose, amt, state, duration, row_time, t_period)
+        t_row = row_time[idx, row]
+        period = jnp.maximum(jnp.sum(t_period[idx] <= t_row[:, None], axis=1) - 1, 0)
+        th_rows = theta[idx, period]
+    y = states[idx, row]  # (subjects, slots, states) -> rows
+    p_rows = {n: th_rows[:, j] for j, n in enumerate(names)}
     if model.pk is not None:
         y, p_rows = y[:, :-1], p_rows | {"conc": y[:, -1]}
     values = jnp.stack([jax.vmap(f)(y, p_rows) for f in model.outputs.values()], axis=1)
@@ -284,8 +318,13 @@ class Ode(Pk):
         # row's position on it (solving every subject at every row's time cost n_subjects x more)
         "row_time": Axis("patient", "row"),
         "obs_row": Axis("obs"),
+        # parameter periods (time-varying covariates, occasions): when each starts (the first
+        # -inf, padding +inf), the covariates in force (the ``cov`` columns) and its occasion
+        "t_period": Axis("patient", "period", fill=np.inf),
+        "cov_period": Axis("patient", "period", fill=1.0),  # a padded period's values: finite in any effect
+        "occ_period": Axis("patient", "period"),
     }
-    extra_inputs = ("dose_state", "output", "row_time", "obs_row")
+    extra_inputs = ("dose_state", "output", "row_time", "obs_row", "t_period", "cov_period", "occ_period")
     #: ODE twins take longer per step; the importance path with its NUTS fallback is the default
     #: for many twins (the settings are the PK family's).
 
@@ -300,6 +339,10 @@ class Ode(Pk):
         correlated: bool | list = True,
         rtol: float = 1e-6,
         max_steps: int = 512,
+        iov: list | tuple | None = None,
+        occasions: str = "OCC",
+        max_occasions: int = 8,
+        time_varying: list | tuple | None = None,
     ):
         self.ode = resolve_model(model)
         # what the card stores; "object:<name>" cannot be rebuilt, so save refuses it before writing
@@ -324,7 +367,38 @@ class Ode(Pk):
         if not (isinstance(max_steps, int) and 16 <= max_steps <= 100_000):
             raise ValueError(f"max_steps must be a whole number in [16, 100000], not {max_steps!r}")
         self.max_steps = max_steps
-        self._structure(priors, covariates, bsv, correlated)
+        self.iov = [] if iov is None else [self._parameter(p, "iov").upper() for p in _listed(iov, "iov")]
+        if len(set(self.iov)) < len(self.iov):
+            raise ValueError(f"a parameter is listed twice in iov={iov!r}")
+        if occasions not in ("OCC", "dose"):
+            raise ValueError(
+                f"occasions must be 'OCC' (the OCC column) or 'dose' (each dose record), not {occasions!r}"
+            )
+        if not (isinstance(max_occasions, int) and 1 <= max_occasions <= 100):
+            raise ValueError(f"max_occasions must be a whole number in [1, 100], not {max_occasions!r}")
+        self.occasions, self.max_occasions = occasions, max_occasions
+        self._structure(priors, covariates, bsv, correlated, extra_priors={"iov_sd"} if self.iov else frozenset())
+        used = self.effect_columns
+        declared = [] if time_varying is None else _listed(time_varying, "time_varying")
+        self.time_varying = [str(c).upper() for c in declared]
+        for c in self.time_varying:
+            if c not in used:
+                raise ValueError(
+                    f"time_varying: {c} is not in the covariate model (covariates= uses {used}): only a "
+                    "covariate that acts on a parameter can vary with time"
+                )
+        if (self.iov or self.time_varying) and self.ode.pk is not None:
+            raise ValueError(
+                f"{self.ode.name} has its PK in closed form with constant parameters: inter-occasion "
+                "variability and time-varying covariates need the full ODE model"
+            )
+        if self.iov:
+            self.patient_vars = ("z", "z_occ")
+
+    @property
+    def periodic(self) -> bool:
+        """Whether parameters may change within a subject (IOV or time-varying covariates)."""
+        return bool(self.iov or self.time_varying)
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -355,12 +429,21 @@ class Ode(Pk):
     # ----------------------------------------------------------------- data
     def check(self, frame: pd.DataFrame, covariates) -> None:
         """Refuse what this family does not model: steady state, resets, doses into a CMT that
-        is not a state, observations of a CMT not in ``observe``, time-varying covariates."""
+        is not a state, observations of a CMT not in ``observe``, covariates that change within
+        an ID but are not declared ``time_varying``, occasions (OCC) without ``iov``."""
         fail = record_check(frame)
         evid = frame["EVID"].to_numpy()
         fail("steady-state doses (SS > 0) are not modelled by the ODE family yet", frame["SS"].to_numpy() > 0, "SS")
         fail("resets (EVID 3 or 4) are not modelled by the ODE family yet", np.isin(evid, [3, 4]), "EVID")
-        refuse_time_varying(frame, covariates, fail)
+        refuse_time_varying(frame, [c for c in covariates if c not in self.time_varying], fail)
+        if not (self.iov and self.occasions == "OCC"):
+            refuse_occasions(
+                frame,
+                fail,
+                "this population has no inter-occasion variability from OCC (iov=[...], occasions='OCC')"
+                if not self.iov
+                else "occasions='dose' ignores OCC (leave the column out, or use occasions='OCC')",
+            )
         cmt = frame["CMT"].to_numpy(int)
         dose, obs = np.isin(evid, [1, 4]), evid == 0
         fail(
@@ -405,12 +488,77 @@ class Ode(Pk):
             "row_time": row_time,
         }
 
+    def design(self, frame: pd.DataFrame, baseline: pd.DataFrame, schema: Schema) -> Design:
+        """:meth:`Pk.design` and each subject's parameter periods (:meth:`period_inputs`)."""
+        design = super().design(frame, baseline, schema)
+        design.data |= self.period_inputs(frame, design.patients, schema)
+        return design
+
+    def period_inputs(self, frame: pd.DataFrame, patients: list, schema: Schema) -> dict:
+        """``t_period``, ``cov_period``, ``occ_period`` (subjects, periods): a subject's first
+        period starts at -inf with its first record's covariates; a new one starts at each
+        record where a ``time_varying`` covariate or (with ``iov``) the occasion changes, and
+        holds until the next (last observation carried forward: a value recorded at t applies
+        from t on, an observation at t included)."""
+        from bayestwin.errors import DataError
+
+        fail = record_check(frame)
+        ids = frame["ID"].to_numpy()
+        new_id = np.r_[True, ids[1:] != ids[:-1]]
+        occ = occasions(frame, self.occasions) if self.iov else np.zeros(len(frame), int)
+        fail(
+            f"this ID has more occasions than max_occasions={self.max_occasions} (raise it when building the family)",
+            occ >= self.max_occasions,
+            "OCC" if self.occasions == "OCC" else "EVID",
+        )
+        starts = new_id | np.r_[False, occ[1:] != occ[:-1]]
+        for c in self.time_varying:
+            values = frame[c]
+            if c in schema.categorical:
+                known = list(schema.categorical[c])
+                fail(f"{c} takes a level not seen at baseline (levels: {known})", ~values.astype(str).isin(known), c)
+            elif any(e.column == c and e.kind == "power" for es in self.effects.values() for e in es):
+                fail(f"a power effect needs {c} > 0 (it is (x / ref) ** exponent)", values.to_numpy(float) <= 0, c)
+            starts |= values.ne(values.shift()).to_numpy(bool)
+        rows = frame[starts]
+        index = {p: i for i, p in enumerate(patients)}
+        who = rows["ID"].map(index).to_numpy()
+        if np.isnan(who.astype(float)).any():
+            raise DataError("the records hold an ID that is not among the subjects", column="ID")
+        k = pd.Series(who).groupby(who).cumcount().to_numpy()
+        P = max(int(k.max()) + 1 if len(k) else 1, 1)
+        n = len(patients)
+        t_period = np.full((n, P), np.inf)
+        t_period[who, k] = np.where(k == 0, -np.inf, rows["TIME"].to_numpy(float))
+        cov = self._cov_matrix(rows, schema)
+        cov_period = np.ones((n, P, cov.shape[1]))  # padding as the Axis fill: finite in any effect's term
+        cov_period[who, k] = cov
+        occ_period = np.zeros((n, P))
+        occ_period[who, k] = occ[starts]
+        return {"t_period": t_period, "cov_period": cov_period, "occ_period": occ_period}
+
+    def covariate_arrays(self, baseline: pd.DataFrame, schema: Schema) -> dict:
+        """:meth:`Pk.covariate_arrays` and one parameter period per subject (virtual subjects'
+        covariates do not change; their occasion is the first)."""
+        out = super().covariate_arrays(baseline, schema)
+        n = len(baseline)
+        out["t_period"] = np.full((n, 1, 1), -np.inf)
+        out["cov_period"] = out["cov"][:, :, None, :]
+        out["occ_period"] = np.zeros((n, 1, 1))
+        return out
+
     def forecast_inputs(self, events, schema: Schema, regimens=None, times=None, start=None, output=None):
-        """:meth:`Pk.forecast_inputs`, of ``output`` (default: the first observed output)."""
+        """:meth:`Pk.forecast_inputs`, of ``output`` (default: the first observed output). The
+        parameters of each subject's last period (its current occasion, its latest covariates)
+        hold over the forecast."""
         self._check_output(output)
         labels, times, data = super().forecast_inputs(events, schema, regimens, times, start)
         if output is not None:
             data["output"] = np.full_like(data["output"], float(list(self.ode.outputs).index(output)))
+        periods = self.period_inputs(events.frame, events.patients, schema)
+        B, S = len(events.patients), len(labels)
+        for name, arr in periods.items():
+            data[name] = np.broadcast_to(arr[:, None, None], (B, S, 1, *arr.shape[1:])).copy()
         return labels, times, data
 
     def _check_output(self, output) -> None:
@@ -432,12 +580,18 @@ class Ode(Pk):
             "row_time": np.broadcast_to(times[None, None, None, :], (B, S, 1, T)).copy(),
         }
 
-    def template_design(self, schema: Schema, n_obs: int, dose: int = 1, row: int | None = None) -> Design:
+    def template_design(
+        self, schema: Schema, n_obs: int, dose: int = 1, row: int | None = None, period: int = 1
+    ) -> Design:
         design = super().template_design(schema, n_obs, dose)
         design.data["dose_state"] = np.zeros((1, dose))
         design.data["output"] = np.zeros(n_obs)
         design.data["obs_row"] = np.arange(n_obs, dtype=float)
         design.data["row_time"] = np.zeros((1, n_obs if row is None else row))
+        n_cov = design.data["cov"].shape[1]
+        design.data["t_period"] = np.r_[-np.inf, np.full(period - 1, np.inf)][None, :]
+        design.data["cov_period"] = np.ones((1, period, n_cov))
+        design.data["occ_period"] = np.zeros((1, period))
         return design
 
     # ---------------------------------------------------------------- model
@@ -458,6 +612,8 @@ class Ode(Pk):
                 if not (e.kind == "power" and e.exponent is not None):
                     pri[coefficient_name(p, e)] = pkc.prior(p, e, schema.numeric.get(e.column, (0.0, 1.0))[1])
         pri |= {"bsv_sd": Prior("Gamma", alpha=2.0, beta=4.0), "bsv_corr_eta": 2.0}
+        if self.iov:
+            pri["iov_sd"] = Prior("HalfNormal", sigma=0.3)
         outputs = list(self.ode.outputs)
         y, which, blq = (np.asarray(design.data[k]) for k in ("y_obs", "output", "blq"))
         for out in self.errors:
@@ -472,14 +628,45 @@ class Ode(Pk):
     def _derived(self, theta: dict) -> dict:
         return theta
 
+    def _dims(self, name: str) -> tuple[str, ...]:
+        return ("patient", "period", "cov_column") if name == "cov_period" else super()._dims(name)
+
+    def _time_terms(self, pri, cov, inputs: dict, schema: Schema) -> dict:
+        """``log_shift`` (subject, period, parameter): each period's log-scale change from the
+        subject's own parameters, by its covariates' change (``time_varying``) and its
+        occasion's deviation (``iov``: ``iov_sd`` times the subject's N(0, 1) offsets ``z_occ``
+        per occasion, a patient variable the twin conditions on)."""
+        if not self.periodic:
+            return {}
+        # no shape arithmetic here: the twin's JAX program traces it, and shapes must stay static
+        cp = inputs["cov_period"]
+        k = len(self.parameters)
+        shift = pt.zeros_like(inputs["t_period"])[:, :, None] * np.zeros(k)  # (subject, period, parameter)
+        if self.time_varying:
+            shift = self._covariate_terms(pri, cp, schema) - self._covariate_terms(pri, cov, schema)[:, None, :]
+        if self.iov:
+            model = pm.modelcontext(None)
+            names = [p.lower() for p in self.iov]
+            model.add_coord("iov_param", names)
+            model.add_coord("occasion", np.arange(self.max_occasions))
+            sd = pri["iov_sd"].create("iov_sd", dims="iov_param")
+            z = pm.Normal("z_occ", 0.0, 1.0, dims=("patient", "occasion", "iov_param"))
+            hot = pt.eq(inputs["occ_period"][:, :, None], np.arange(self.max_occasions))  # (subject, period, occasion)
+            dev = (hot[:, :, :, None] * z[:, None, :, :]).sum(axis=2) * sd  # (subject, period, iov parameter)
+            select = np.zeros((len(names), k))
+            select[np.arange(len(names)), [self.parameters.index(p) for p in names]] = 1.0
+            shift = shift + dev @ select
+        return {"log_shift": shift}
+
     def levels(self, theta: dict, d: dict):
         """Each observation row's output from the ODE solution (a JAX op in the graph)."""
         from pytensor.link.jax.ops import JAXOp
         from pytensor.tensor import TensorType
 
         model, rtol, max_steps = self.ode, self.rtol, self.max_steps
+        periodic = "log_shift" in d
 
-        def fn(th, t_dose, amt, duration, infusion, state, row_time, idx, row, output):
+        def fn(th, t_dose, amt, duration, infusion, state, row_time, idx, row, output, *t_period):
             dur = jnp.where(infusion > 0.5, duration, 0.0)
             values = predict_outputs(
                 model,
@@ -492,6 +679,7 @@ class Ode(Pk):
                 idx,
                 row.astype(int),
                 output,
+                t_period=t_period[0] if t_period else None,
                 rtol=rtol,
                 atol=rtol * 1e-3,
                 max_steps=max_steps,
@@ -500,11 +688,18 @@ class Ode(Pk):
 
         mat, vec = TensorType("float64", shape=(None, None)), TensorType("float64", shape=(None,))
         ivec = TensorType("int64", shape=(None,))
-        op = JAXOp([mat] * 7 + [ivec, vec, vec], [vec], fn, name=f"ode_{model.name}")
         th = pt.stack([theta[p] for p in self.parameters], axis=1)
         args = [d[k] for k in ("t_dose", "amt", "duration", "infusion", "dose_state", "row_time")]
         idx = pt.cast(d["patient_idx"], "int64")
-        return op(th, *[pt.cast(a, "float64") for a in args], idx, d["obs_row"], d["output"])
+        if not periodic:
+            op = JAXOp([mat] * 7 + [ivec, vec, vec], [vec], fn, name=f"ode_{model.name}")
+            return op(th, *[pt.cast(a, "float64") for a in args], idx, d["obs_row"], d["output"])
+        # each period's parameters: the subject's own, moved by the period's covariates and occasion
+        th = pt.exp(pt.log(th)[:, None, :] + d["log_shift"])
+        cube = TensorType("float64", shape=(None, None, None))
+        op = JAXOp([cube] + [mat] * 6 + [ivec, vec, vec, mat], [vec], fn, name=f"ode_{model.name}_periods")
+        t_period = pt.cast(d["t_period"], "float64")
+        return op(th, *[pt.cast(a, "float64") for a in args], idx, d["obs_row"], d["output"], t_period)
 
     def _likelihood(self, pri, conc, blq, y_obs, d: dict) -> None:
         """Each row's residual error by its output's kind; BLQ rows by the M3 method."""

@@ -46,10 +46,12 @@ def _ode():
     from bayestwin.families.pk import simulate
 
     df, _ = simulate(n_subjects=9, seed=3)
+    df["OCC"] = np.where(df.TIME < 6, 1, 2)  # parameter periods in every program: occasions with IOV on CL
     last = df.ID.max()
     events = bt.read_nonmem(df[df.ID != last], key=KEY)
     new = df[(df.ID == last) & ((df.EVID == 1) | (df.TIME <= df.TIME.min() + 4))]
-    return events, bt.Ode("one_compartment"), new, [Regimen(100, 12, doses=2), Regimen(200, 12, doses=2)]
+    family = bt.Ode("one_compartment", iov=["CL"], max_occasions=3)
+    return events, family, new, [Regimen(100, 12, doses=2), Regimen(200, 12, doses=2)]
 
 
 def _survival():

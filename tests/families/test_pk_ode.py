@@ -216,7 +216,7 @@ def test_several_outputs_each_with_its_own_residual_error():
     logp = get_jaxified_graph(inputs=values, outputs=[model.logp()])
     x = [jnp.asarray(point[v.name]) for v in values]
     grads = jax.grad(lambda *a: logp(*a)[0], argnums=tuple(range(len(x))))(*x)
-    assert {v.name for v, g in zip(values, grads) if not np.isfinite(np.asarray(g)).all()} == set()
+    assert {v.name for v, g in zip(values, grads, strict=True) if not np.isfinite(np.asarray(g)).all()} == set()
 
 
 def test_a_user_written_model_by_object_and_by_import_path():
