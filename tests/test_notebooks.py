@@ -24,6 +24,7 @@ CI_PARAMETERS = {
     "04_review.ipynb": {"FOLD_DRAWS": 250},
     "06_event_risk.ipynb": {"DRAWS": 500, "CALIBRATION_DRAWS": 300, "JOINT_PATIENTS": 50, "JOINT_DRAWS": 500},
     "07_your_model.ipynb": {"DRAWS": 500},
+    "08_pkpd_toxicity.ipynb": {"TWIN_DRAWS": 200, "TWIN_TUNE": 300, "TRIAL_PATIENTS": 3},
 }
 
 

@@ -478,8 +478,8 @@ class Ode(Pk):
     def obs_inputs(self, obs: pd.DataFrame, patients: list) -> dict:
         outputs = list(self.ode.outputs)
         index = {p: i for i, p in enumerate(patients)}
-        who = obs["ID"].map(index).to_numpy()
-        row = pd.Series(who).groupby(who).cumcount().to_numpy()
+        who = obs["ID"].map(index).to_numpy(np.int64)  # typed: a subject may have no rows yet
+        row = pd.Series(who).groupby(who).cumcount().to_numpy(np.int64)
         row_time = np.zeros((len(patients), max(int(row.max()) + 1 if len(row) else 0, 1)))
         row_time[who, row] = obs["TIME"].to_numpy(float)
         return {
@@ -522,10 +522,11 @@ class Ode(Pk):
             starts |= values.ne(values.shift()).to_numpy(bool)
         rows = frame[starts]
         index = {p: i for i, p in enumerate(patients)}
-        who = rows["ID"].map(index).to_numpy()
-        if np.isnan(who.astype(float)).any():
+        mapped = rows["ID"].map(index)
+        if mapped.isna().any():
             raise DataError("the records hold an ID that is not among the subjects", column="ID")
-        k = pd.Series(who).groupby(who).cumcount().to_numpy()
+        who = mapped.to_numpy(np.int64)
+        k = pd.Series(who).groupby(who).cumcount().to_numpy(np.int64)
         P = max(int(k.max()) + 1 if len(k) else 1, 1)
         n = len(patients)
         t_period = np.full((n, P), np.inf)
