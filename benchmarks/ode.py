@@ -26,24 +26,13 @@ import warnings
 import numpy as np
 import pandas as pd
 
-CYCLE_DATA = {"conc": (0.5, 1.0, 2.0, 4.0), "anc": (0.0, 168.0, 240.0, 336.0)}
-OBS = {1: "conc", 6: "anc"}
 KEY = b"benchmark-ode-key-000001"
 
 
 def patients(n: int, seed: int = 11):
     from bayestwin.families import pk_ode
 
-    return pk_ode.simulate(
-        "friberg_sequential",
-        n,
-        doses=((0.0, 135.0, 1.0),),
-        schedule=CYCLE_DATA,
-        observations=OBS,
-        error={"conc": ("proportional", 0.15), "anc": ("exponential", 0.2)},
-        seed=seed,
-        id_start=5000,
-    )
+    return pk_ode.simulate_friberg(n, seed=seed, id_start=5000)
 
 
 def peer_model(rows: pd.DataFrame, pop: dict):
@@ -106,17 +95,9 @@ def main() -> None:
     import bayestwin as bt
     from bayestwin.families import pk_ode
 
-    study, _ = pk_ode.simulate(
-        "friberg_sequential",
-        args.subjects,
-        doses=((0.0, 135.0, 1.0),),
-        schedule={"conc": (0.5, 1.0, 2.0, 4.0), "anc": (0.0, 168.0, 240.0, 336.0, 504.0)},
-        observations=OBS,
-        error={"conc": ("proportional", 0.15), "anc": ("exponential", 0.2)},
-        seed=1,
-    )
+    study, _ = pk_ode.simulate_friberg(args.subjects, seed=1)
     family = bt.Ode(
-        "friberg_sequential", observations=OBS, error={"conc": "proportional", "anc": "exponential"}, correlated=False
+        "friberg_sequential", observations=pk_ode.FRIBERG_OBSERVATIONS, error=pk_ode.FRIBERG_ERRORS, correlated=False
     )
     t = time.perf_counter()
     population = bt.fit(

@@ -1036,3 +1036,37 @@ def simulate(
         "parameters": {id_start + i: dict(zip(model.parameters, theta[i].tolist(), strict=True)) for i in range(B)},
     }
     return table.reset_index(drop=True), truth
+
+
+#: A Friberg study's observations (CMT 1: drug levels; CMT 6: neutrophil counts) and error kinds.
+FRIBERG_OBSERVATIONS = {1: "conc", 6: "anc"}
+FRIBERG_ERRORS = {"conc": "proportional", "anc": "exponential"}
+
+
+def simulate_friberg(
+    n_subjects: int = 20,
+    *,
+    cycles: int = 1,
+    dose: float = 135.0,
+    cycle: float = 504.0,
+    seed: int = 0,
+    id_start: int = 1,
+    **kwargs,
+) -> tuple[pd.DataFrame, dict]:
+    """A simulated docetaxel-like study of ``friberg_sequential``: ``dose`` over 1 h at the start
+    of each of ``cycles`` cycles; levels at 0.5, 1, 2, 4 h after the first dose (proportional
+    error 0.15); neutrophil counts on days 0, 7, 10, 14 of each cycle and at the end of the last
+    (log-normal error 0.2); CMT as :data:`FRIBERG_OBSERVATIONS`. ``kwargs`` (``typical``,
+    ``bsv``) go to :func:`simulate`."""
+    anc = [c * cycle + d for c in range(cycles) for d in (0.0, 168.0, 240.0, 336.0)] + [cycles * cycle]
+    return simulate(
+        "friberg_sequential",
+        n_subjects,
+        doses=tuple((c * cycle, dose, 1.0) for c in range(cycles)),
+        schedule={"conc": (0.5, 1.0, 2.0, 4.0), "anc": tuple(anc)},
+        observations=FRIBERG_OBSERVATIONS,
+        error={"conc": ("proportional", 0.15), "anc": ("exponential", 0.2)},
+        seed=seed,
+        id_start=id_start,
+        **kwargs,
+    )

@@ -17,23 +17,14 @@ from bayestwin.trials import toxicity_dosing_trial
 from bayestwin.trials.toxicity import cycle_grid, true_paths
 
 KEY = b"toxicity-trial-test-key"
-OBS = {1: "conc", 6: "anc"}
 CANDIDATES = [60.0, 100.0, 135.0, 160.0]
 
 
 @pytest.fixture(scope="module")
 def trial():
-    table, _ = pk_ode.simulate(
-        "friberg_sequential",
-        6,
-        doses=((0.0, 135.0, 1.0),),
-        schedule={"conc": (0.5, 1.0, 2.0, 4.0), "anc": (0.0, 168.0, 240.0, 336.0, 504.0)},
-        observations=OBS,
-        error={"conc": ("proportional", 0.15), "anc": ("exponential", 0.2)},
-        seed=1,
-    )
+    table, _ = pk_ode.simulate_friberg(6, seed=1)
     fam = bt.Ode(
-        "friberg_sequential", observations=OBS, error={"conc": "proportional", "anc": "exponential"}, correlated=False
+        "friberg_sequential", observations=pk_ode.FRIBERG_OBSERVATIONS, error=pk_ode.FRIBERG_ERRORS, correlated=False
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
