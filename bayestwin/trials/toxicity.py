@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from bayestwin.data.pseudonym import pseudonymise
 from bayestwin.dosing import Outcome, Regimen, outcome_search, outcome_values
 
 
@@ -61,9 +62,8 @@ def cycle_grid(cycle: float, duration: float = 1.0) -> np.ndarray:
 
 
 def true_paths(family, theta: Mapping, doses: np.ndarray, duration: float, times: np.ndarray) -> dict:
-    """Each output's true course (patients, len(times)) under ``doses`` (patients, cycles):
-    one infusion of ``duration`` per column, at the times in ``doses.attrs``-free form
-    ``(t_dose, amt)``: a pair of arrays (patients, cycles)."""
+    """Each output's true course (patients, len(times)) under ``doses`` = ``(t_dose, amt)``, a
+    pair of arrays (patients, doses), each dose an infusion of ``duration``."""
     from bayestwin.families.pk_ode import predict_outputs
 
     model = family.ode
@@ -206,7 +206,7 @@ def toxicity_dosing_trial(
         )
         amount = {r.label: r.amount for r in plans}
         chosen = _choose(table.assign(amount=table["regimen"].map(amount)), f"P({con.label})")
-        arms["twin"].append(chosen.reindex([_pseudo(i, key) for i in ids]).to_numpy())
+        arms["twin"].append(chosen.reindex([pseudonymise(i, key) for i in ids]).to_numpy())
 
     out = []
     for arm, amounts in arms.items():
@@ -259,12 +259,6 @@ def _schedule(amounts: list, cycle: float) -> tuple[np.ndarray, np.ndarray]:
 
 def _by_patient(residual: dict) -> dict:
     return {k: v[:, None] for k, v in residual.items()}
-
-
-def _pseudo(i, key):
-    from bayestwin.data.pseudonym import pseudonymise
-
-    return pseudonymise(i, key)
 
 
 def _choose(table: pd.DataFrame, risk: str) -> pd.Series:
