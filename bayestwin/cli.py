@@ -79,6 +79,8 @@ def _dose(args) -> int:
         raise ValueError(f"--limit must be a positive concentration, not {args.limit:g}")
     if args.start is not None and not np.isfinite(args.start):
         raise ValueError(f"--start must be a finite time, not {args.start:g}")
+    if args.draws < 1:
+        raise ValueError(f"--draws must be >= 1, not {args.draws}")
     table = _read_table(args.data)
     table.columns = [str(c).upper() for c in table.columns]
     if "ID" not in table.columns:
@@ -108,7 +110,7 @@ def _dose(args) -> int:
         f"1. Population: {others}; fitting {family.compartments}-compartment {family.route} PK "
         f"({family.error} error) ..."
     )
-    pop = bt.fit(others, family, seed=args.seed, progressbar=sys.stderr.isatty())
+    pop = bt.fit(others, family, draws=args.draws, tune=args.draws, seed=args.seed, progressbar=sys.stderr.isatty())
     say(f"   population fit: {pop.verdict}")
     n_levels = int((patient.frame["EVID"] == 0).sum())
     say(f"2. Patient {args.patient}: {n_levels} level(s); conditioning the twin ({args.method}) ...")
@@ -336,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     dose.add_argument("--route", choices=["oral", "iv"], default="oral")
     dose.add_argument("--error", choices=["additive", "proportional", "combined"], default="combined")
     dose.add_argument("--method", choices=["importance", "nuts"], default="importance", help="twin sampler")
+    dose.add_argument(
+        "--draws", type=int, default=1000, help="population fit: draws (and tuning steps) per chain (default 1000)"
+    )
     dose.add_argument("--seed", type=int, default=0)
     dose.add_argument("--quiet", action="store_true", help="print nothing; exit status only")
     dose.set_defaults(func=_dose)

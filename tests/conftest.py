@@ -1,4 +1,5 @@
-"""Session fixtures: one simulated cohort and its population fit, shared by the tests.
+"""Session fixtures: one simulated cohort and its population fit, shared by the tests (fitted once
+per run, by whichever worker asks first: :func:`shared_population`).
 
 One persistent XLA compilation cache serves the whole test run: both xdist workers and every
 process they start (notebook kernels, command-line subprocesses, Dask workers) inherit it through
@@ -51,10 +52,31 @@ def simulated():
     return train, held, truth
 
 
+def shared_population(name: str, build, tmp_path_factory) -> bt.Population:
+    """A population fitted once per test run, whichever xdist worker asks first: it fits and saves
+    it (atomically, ``bt.save``) under the run's shared temporary folder, the others wait on a file
+    lock and load it (checksums verified). The folder is new for each run, so nothing outlives it.
+    """
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the workers' common parent
+    folder = root / f"shared-population-{name}"
+    with FileLock(f"{folder}.lock"):
+        if folder.exists():
+            return bt.load(folder)
+        pop = build()
+        bt.save(pop, folder)
+        return pop
+
+
 @pytest.fixture(scope="session")
-def population(simulated):
-    train, _, _ = simulated
-    cohort = bt.Cohort(train, covariates=["age", "sex"], therapies=THERAPIES, key=KEY)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return bt.fit(cohort, draws=1000, tune=1000, seed=1)
+def population(simulated, tmp_path_factory):
+    def build():
+        train, _, _ = simulated
+        cohort = bt.Cohort(train, covariates=["age", "sex"], therapies=THERAPIES, key=KEY)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return bt.fit(cohort, draws=1000, tune=1000, seed=1)
+
+    return shared_population("progression", build, tmp_path_factory)

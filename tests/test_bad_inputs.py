@@ -1226,6 +1226,7 @@ for name, extra, fragment in [
     ("min-target above 1", ["--min-target", "1.5"], "--min-target is a probability"),
     ("negative limit", ["--limit", "-2"], "--limit must be a positive concentration"),
     ("zero doses", ["--doses", "0"], "doses >= 1"),
+    ("zero draws", ["--draws", "0"], "--draws must be >= 1, not 0"),
     ("unknown patient", ["--patient", "99"], "patient '99' not found in the ID column"),
     ("unknown covariate", ["--covariates", "SEX"], "missing required column (column 'SEX')"),
 ]:

@@ -48,7 +48,7 @@ def test_dose_prints_regimen_table_for_one_patient(tmp_path, capsys):
     path = tmp_path / "events.csv"
     pd.concat([cohort, patient]).to_csv(path, index=False, na_rep=".")
     args = ["dose", "--data", str(path), "--patient", "99", "--amounts", "50,100,200", "--interval", "12"]
-    code = main([*args, "--target", "2", "4", "--limit", "8"])
+    code = main([*args, "--target", "2", "4", "--limit", "8", "--draws", "400"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "Regimens for patient 99: trough over the last interval, target [2, 4], toxic if peak > 8" in out

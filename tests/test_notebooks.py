@@ -20,10 +20,12 @@ HERE = ("01_quickstart.ipynb", "04_review.ipynb", "05_from_fhir.ipynb", "07_your
 #: papermill does): the notebook runs top to bottom on the same code, in less time; its saved
 #: outputs come from the full sizes.
 CI_PARAMETERS = {
-    "03_virtual_trial.ipynb": {"TRIALS": 400, "CURVE_TRIALS": 200, "POOL": 200},
-    "04_review.ipynb": {"FOLD_DRAWS": 250},
-    "06_event_risk.ipynb": {"DRAWS": 500, "CALIBRATION_DRAWS": 300, "JOINT_PATIENTS": 50, "JOINT_DRAWS": 500},
-    "07_your_model.ipynb": {"DRAWS": 500},
+    "01_quickstart.ipynb": {"DRAWS": 400, "MANY": 12},
+    "02_precision_dosing.ipynb": {"DRAWS": 400},
+    "03_virtual_trial.ipynb": {"TRIALS": 400, "CURVE_TRIALS": 200, "POOL": 200, "FIT_DRAWS": 400},
+    "04_review.ipynb": {"FOLD_DRAWS": 250, "DRAWS": 400},
+    "06_event_risk.ipynb": {"DRAWS": 300, "CALIBRATION_DRAWS": 200, "JOINT_PATIENTS": 40, "JOINT_DRAWS": 300},
+    "07_your_model.ipynb": {"DRAWS": 300},
     "08_pkpd_toxicity.ipynb": {"TWIN_DRAWS": 200, "TWIN_TUNE": 300, "TRIAL_PATIENTS": 3},
 }
 

@@ -33,7 +33,7 @@ def folds():
         cohort = bt.Cohort(train, patient="Subject", time="Days", outcome="Reaction", therapy=None, key=KEY)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            pop = bt.fit(cohort, seed=k)
+            pop = bt.fit(cohort, draws=500, tune=500, seed=k)  # 4 x 500 pass the gate here
         assert pop.verdict.converged, str(pop.verdict)
         out.append((pop, df[df.Subject.isin(held)], k))
     return out

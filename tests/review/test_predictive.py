@@ -56,8 +56,8 @@ def test_compare_prefers_student_t_residual_with_outliers(simulated):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fits = {
-            "normal": bt.fit(cohort, Progression(), seed=1),
-            "student": bt.fit(cohort, Progression(residual="student"), seed=1),
+            "normal": bt.fit(cohort, Progression(), draws=500, tune=500, seed=1),
+            "student": bt.fit(cohort, Progression(residual="student"), draws=500, tune=500, seed=1),
         }
         table = predictive.compare(fits)
     print(table.to_string())
