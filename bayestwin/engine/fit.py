@@ -160,8 +160,10 @@ def sample_model(
     one = cfg.chains == 1
     start = {n: jnp.asarray(a[0] if one else a) for n, a in zip(names, init, strict=True)}
 
-    # Warmup on its own, watching the log density: a stalled chain is restarted once.
-    watch = ("potential_energy", *(f"~z.{n}" for n in names))
+    # Warmup on its own, watching the log density: a stalled chain is restarted once. It collects
+    # what the draws collect, so that with ``tune == draws`` numpyro's loop is one compiled program
+    # for both phases (its jit cache keys on the collected fields and the loop length).
+    watch = fields
     mcmc.warmup(keys[0][0] if one else keys[0], init_params=start, extra_fields=watch, collect_warmup=True)
     stalls = {}
     if cfg.restart_stalled and cfg.tune >= 20:
