@@ -8,6 +8,9 @@ import warnings as _warnings
 import jax as _jax
 
 _jax.config.update("jax_enable_x64", True)
+from bayestwin import cache as _cache  # noqa: E402
+
+_cache.enable()  # compiled programs kept on disk between sessions (see bayestwin.cache)
 # pytensor warns at import when it finds no optimised BLAS; we compile to JAX, not C.
 _warnings.filterwarnings("ignore", message=".*BLAS.*", module="pytensor")
 

@@ -432,7 +432,34 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier table")
     trial.add_argument("--quiet", action="store_true", help="print nothing; exit status only")
     trial.set_defaults(func=_trial)
+
+    cache = sub.add_parser(
+        "cache",
+        help="show or clear the compiled-program cache (JAX's persistent compilation cache)",
+        description="bayestwin keeps compiled twin and forecast programs on disk so that a new session "
+        "loads them instead of compiling again (see bayestwin.cache). Shows the folder, the number of "
+        "programs and their size; --clear deletes them. BAYESTWIN_CACHE_DIR sets the folder ('off' turns "
+        "the cache off).",
+    )
+    cache.add_argument("--clear", action="store_true", help="delete every cached program")
+    cache.set_defaults(func=_cache_command)
     return parser
+
+
+def _cache_command(args) -> int:
+    from bayestwin import cache
+
+    where = cache.in_use()
+    if where is None:
+        print(f"compiled-program cache: off ({cache.ENV}=off)")
+        return 0
+    if args.clear:
+        n = cache.clear(where)
+        print(f"compiled-program cache: {where}: removed {n} programs")
+        return 0
+    n, size = cache.size(where)
+    print(f"compiled-program cache: {where}: {n} programs, {size / 1e6:.1f} MB")
+    return 0
 
 
 def _trial(args) -> int:

@@ -33,6 +33,8 @@ from arviz_base import from_dict
 from pymc.backends.arviz import coords_and_dims_for_inferencedata, find_constants, find_observations
 from pymc.util import get_default_varnames
 
+from bayestwin.cache import uncached
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from pymc.sampling.jax import _get_batched_jittered_initial_points, get_jaxified_graph
@@ -73,6 +75,7 @@ def stalled_chains(lp: np.ndarray, n_params: int) -> np.ndarray:
     return mean < mean.max() - max(20.0, 10.0 * sd)
 
 
+@uncached  # the fit's program holds the cohort's rows as constants: never written to the disk cache
 def sample_model(
     model: pm.Model,
     population: Sequence[str],

