@@ -57,7 +57,20 @@ def enable() -> Path | None:
     where = folder()
     if where is None:
         return None
-    where.mkdir(parents=True, exist_ok=True)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        if not os.access(where, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as err:  # a cache must never stop the package from importing
+        import warnings
+
+        warnings.warn(
+            f"the compiled-program cache folder {where} cannot be used ({err.strerror or err}): compiled "
+            f"programs are not kept on disk this session (set {ENV} to a writable folder, or to 'off')",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
     jax.config.update("jax_compilation_cache_dir", str(where))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)

@@ -67,6 +67,14 @@ def test_a_configured_jax_cache_is_left_alone_and_off_is_off(tmp_path):
     out = _run(code, {"JAX_COMPILATION_CACHE_DIR": str(mine), "BAYESTWIN_CACHE_DIR": str(tmp_path / "other")})
     assert f"CACHE {mine}" in out and not (tmp_path / "other").exists()
     assert "CACHE None" in _run(code, {"BAYESTWIN_CACHE_DIR": "off"})
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    full = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=full | {"BAYESTWIN_CACHE_DIR": str(blocked)}, capture_output=True, text=True
+    )
+    assert run.returncode == 0 and "CACHE None" in run.stdout  # imports, without the cache
+    assert f"the compiled-program cache folder {blocked} cannot be used (File exists)" in run.stderr
 
 
 def test_cache_command_shows_clears_and_refuses_a_folder_of_other_files(tmp_path):
