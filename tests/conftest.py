@@ -5,7 +5,9 @@ One persistent XLA compilation cache serves the whole test run: both xdist worke
 process they start (notebook kernels, command-line subprocesses, Dask workers) inherit it through
 the environment, so a program compiled once (the same family graph at the same padded shapes) is
 loaded, not compiled again. A fresh clone starts it empty (``.pytest_cache`` is not tracked);
-measured on notebook 04 alone, 92 s with an empty cache and 54 s with a warm one.
+measured on notebook 04 alone, 92 s with an empty cache and 54 s with a warm one (before fits
+stopped writing to the cache: their programs hold the cohort's rows, see ``bayestwin.cache``).
+Setting ``JAX_COMPILATION_CACHE_DIR`` here also keeps the tests out of the user's own cache.
 """
 
 import os
