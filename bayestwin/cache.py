@@ -24,7 +24,6 @@ The folder is the user's, like the artifacts.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 ENV = "BAYESTWIN_CACHE_DIR"
@@ -51,9 +50,8 @@ def enable() -> Path | None:
     or turned off; return the folder in use (JAX's own when it was configured)."""
     import jax
 
-    configured = jax.config.jax_compilation_cache_dir
-    if configured:
-        return Path(configured)
+    if jax.config.jax_compilation_cache_dir:
+        return in_use()
     where = folder()
     if where is None:
         return None
@@ -141,18 +139,14 @@ def clear(path: Path | None = None) -> int:
         raise ValueError(
             f"{path} holds files that are not compiled programs ({', '.join(sorted(foreign)[:3])}): not cleared"
         )
-    n = 0
     for p in entries:
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            n += p.name.endswith("-cache")
-            p.unlink(missing_ok=True)
+        p.unlink(missing_ok=True)
     _forget()
-    return n
+    return sum(p.name.endswith("-cache") for p in entries)
 
 
 def in_use() -> Path | None:
+    """The folder JAX's cache uses now: one configured before bayestwin, else :func:`folder`."""
     import jax
 
     configured = jax.config.jax_compilation_cache_dir

@@ -91,8 +91,9 @@ def evaluate_regimens(
     regimens = list(regimens)
     R = len(regimens)
     # One schedule per (interval, doses, duration): regimens on it differ only in amount.
-    schedules = list(dict.fromkeys(replace(r, amount=1.0) for r in regimens))
-    group = np.array([schedules.index(replace(r, amount=1.0)) for r in regimens])
+    unit = [replace(r, amount=1.0) for r in regimens]
+    schedules = list(dict.fromkeys(unit))
+    group = np.array([schedules.index(u) for u in unit])
     amount = np.array([r.amount for r in regimens])
     m_hist = max((len(h) for h in history if h is not None), default=0)
     m = m_hist + max(r.doses for r in regimens)

@@ -134,7 +134,7 @@ def sample_model(
         chains=cfg.chains,
         initvals=initvals,
         random_seed=seed,
-        logp_fn=jax.jit(lambda x: -logp_fn(*x)[0]),
+        logp_fn=lambda x: potential(dict(zip(names, x, strict=True))),
     )
     if cfg.chains == 1:
         init = [np.asarray(a)[None] for a in init]
@@ -166,8 +166,7 @@ def sample_model(
     # Warmup on its own, watching the log density: a stalled chain is restarted once. It collects
     # what the draws collect, so that with ``tune == draws`` numpyro's loop is one compiled program
     # for both phases (its jit cache keys on the collected fields and the loop length).
-    watch = fields
-    mcmc.warmup(keys[0][0] if one else keys[0], init_params=start, extra_fields=watch, collect_warmup=True)
+    mcmc.warmup(keys[0][0] if one else keys[0], init_params=start, extra_fields=fields, collect_warmup=True)
     stalls = {}
     if cfg.restart_stalled and cfg.tune >= 20:
         lp = -np.asarray(mcmc.get_extra_fields(group_by_chain=True)["potential_energy"])
@@ -184,7 +183,7 @@ def sample_model(
                 "stall_lp": [round(float(m), 1) for m in lp.mean(axis=1)],
             }
             mcmc = new_mcmc()
-            mcmc.warmup(keys[1], init_params=restart, extra_fields=watch, collect_warmup=True)
+            mcmc.warmup(keys[1], init_params=restart, extra_fields=fields, collect_warmup=True)
     mcmc.run(keys[2][0] if one else keys[2], extra_fields=fields)
     raws = [mcmc.get_samples(group_by_chain=True)]
     extras = [mcmc.get_extra_fields(group_by_chain=True)]
