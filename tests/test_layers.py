@@ -21,6 +21,7 @@ LAYERS = {
     "bayestwin.errors": 0,
     "bayestwin._atomic": 0,
     "bayestwin._memory": 0,
+    "bayestwin.cache": 0,  # the compiled-program cache: jax and platformdirs only
     "bayestwin.tomlspec": 0,
     "bayestwin.decision": 0,
     "bayestwin.data": 1,
