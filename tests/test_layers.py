@@ -51,8 +51,10 @@ def _name(path: Path) -> str:
 
 
 def _layer(module: str) -> int:
-    best = max((p for p in LAYERS if module == p or module.startswith(p + ".")), key=len)
-    return LAYERS[best]
+    known = [p for p in LAYERS if module == p or module.startswith(p + ".")]
+    if not known:
+        pytest.fail(f"{module} has no layer: add it to LAYERS in tests/test_layers.py")
+    return LAYERS[max(known, key=len)]
 
 
 MODULES = {_name(p): p for p in ROOT.rglob("*.py")}
