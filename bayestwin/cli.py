@@ -25,7 +25,7 @@ def _demo(args) -> int:
     cohort = bt.Cohort(df, covariates=["age", "sex"], therapies=therapies, key=key)
     say(f"1. Simulated cohort: {cohort}")
     say("2. Fitting the population model (PyMC model, JAX NUTS via numpyro) ...")
-    pop = bt.fit(cohort, draws=args.draws, tune=args.draws, seed=args.seed, progressbar=sys.stderr.isatty())
+    pop = bt.fit(cohort, draws=args.draws, tune=args.draws, seed=args.seed)
     say(f"   population fit: {pop.verdict}")
     say(pop.summary()[["mean", "sd", "eti89_lb", "eti89_ub", "r_hat", "ess_bulk"]].to_string())
 
@@ -110,7 +110,7 @@ def _dose(args) -> int:
         f"1. Population: {others}; fitting {family.compartments}-compartment {family.route} PK "
         f"({family.error} error) ..."
     )
-    pop = bt.fit(others, family, draws=args.draws, tune=args.draws, seed=args.seed, progressbar=sys.stderr.isatty())
+    pop = bt.fit(others, family, draws=args.draws, tune=args.draws, seed=args.seed)
     say(f"   population fit: {pop.verdict}")
     n_levels = int((patient.frame["EVID"] == 0).sum())
     say(f"2. Patient {args.patient}: {n_levels} level(s); conditioning the twin ({args.method}) ...")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -25,6 +24,7 @@ from bayestwin.families import get_family
 from bayestwin.families.base import Design
 from bayestwin.review import advice
 from bayestwin.review.convergence import Thresholds, Verdict, diagnostics, gate
+from bayestwin.settings import progress_enabled
 
 
 @dataclass
@@ -322,8 +322,7 @@ def fit(
     # A family may fit another parameterisation of the same model (e.g. centred random effects)
     # whose raw per-patient variables are left out of the posterior.
     model, hidden = fam.fit_model(design, cohort.schema)
-    if progressbar is None:
-        progressbar = sys.stderr.isatty()
+    progressbar = progress_enabled(progressbar)
     cfg = FitConfig(
         draws=draws,
         tune=tune,

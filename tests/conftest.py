@@ -18,6 +18,7 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax-compilation")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("BAYESTWIN_PROGRESS", "0")  # no bars in test logs, notebook outputs or subprocesses
 
 import pytest
 

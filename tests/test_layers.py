@@ -22,6 +22,7 @@ LAYERS = {
     "bayestwin._atomic": 0,
     "bayestwin._memory": 0,
     "bayestwin.cache": 0,  # the compiled-program cache: jax and platformdirs only
+    "bayestwin.settings": 0,  # options and progress bars: tqdm only
     "bayestwin.tomlspec": 0,
     "bayestwin.decision": 0,
     "bayestwin.data": 1,

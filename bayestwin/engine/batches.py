@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from bayestwin._atomic import OutputError, write_file
+from bayestwin.settings import progress_bar
 
 #: Environment for Dask workers that run JAX, one worker per core: one XLA thread and one host
 #: device each (bayestwin otherwise spreads chunks over one device per core), no nested BLAS
@@ -132,14 +133,15 @@ def map_batches(
         if done:
             say(f"resuming: {done} of {len(bounds)} batches already in {out}")
     if client is None:
-        parts = [_task(fn, lo, hi, out, name) for lo, hi in bounds]
+        shown = progress_bar(bounds, desc=name, show=None if len(bounds) > 1 else False)
+        parts = [_task(fn, lo, hi, out, name) for lo, hi in shown]
     else:
         from distributed import as_completed
 
         [shared] = client.scatter([fn], broadcast=True)  # the job (e.g. a Population) is sent once per worker
         futures = {client.submit(_task, shared, lo, hi, out, name, pure=False): (lo, hi) for lo, hi in bounds}
         results = {}
-        for fut in as_completed(list(futures)):
+        for fut in progress_bar(as_completed(list(futures)), total=len(futures), desc=name):
             results[futures[fut]] = fut.result()
         parts = [results[b] for b in bounds]
     return pd.concat(parts, ignore_index=True)

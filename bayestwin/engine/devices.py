@@ -8,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import numpy as np
 
+from bayestwin.settings import progress_bar
+
 
 def run_chunked(run, data: dict, mask: np.ndarray, seeds: np.ndarray, chunk: int):
     """``run`` over fixed-size chunks of patients; numpy results concatenated along patients.
@@ -20,6 +22,7 @@ def run_chunked(run, data: dict, mask: np.ndarray, seeds: np.ndarray, chunk: int
     devices = local_devices()
     starts = list(range(0, n, chunk))
     result = {}  # leaf path -> preallocated (n, ...) array, filled chunk by chunk in the workers
+    bar = progress_bar(total=n, desc="twins", show=None if len(starts) > 1 else False)
 
     def one(lo):
         idx = np.minimum(np.arange(lo, lo + chunk), n - 1)
@@ -32,11 +35,12 @@ def run_chunked(run, data: dict, mask: np.ndarray, seeds: np.ndarray, chunk: int
             if i not in result:
                 result.setdefault(i, np.empty((n, *a.shape[1:]), a.dtype))
             result[i][lo : lo + keep] = a[:keep]
+        bar.update(keep)
         return treedef
 
     # One thread per device: XLA runs a CPU device's program on the calling thread with the GIL
     # released, so threads let chunks on different cores overlap (and copy out in parallel).
-    with ThreadPoolExecutor(len(devices)) as pool:
+    with bar, ThreadPoolExecutor(len(devices)) as pool:
         treedefs = list(pool.map(one, starts))
     return jax.tree_util.tree_unflatten(treedefs[0], [result[i] for i in range(len(result))])
 

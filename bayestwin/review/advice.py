@@ -25,6 +25,7 @@ import numpy as np
 import xarray as xr
 
 from bayestwin.engine.fit import stalled_chains
+from bayestwin.settings import quiet_pymc
 
 
 def scalars(posterior: xr.Dataset, names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -205,6 +206,6 @@ def prior_draws(model, names: Sequence[str], draws: int = 1000, seed: int = 0) -
     """Prior draws of the population parameters, labelled like :func:`scalars`."""
     import pymc as pm
 
-    with model:
+    with model, quiet_pymc():
         prior = pm.sample_prior_predictive(draws=draws, var_names=list(names), random_seed=seed)
     return scalars(prior.prior.to_dataset(), names)

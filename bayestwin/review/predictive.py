@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from bayestwin.settings import quiet_pymc
+
 UNITS = ("obs", "patient")
 
 
@@ -90,14 +92,18 @@ def predictive_check(population, kind: str = "posterior", draws: int = 500, seed
     name = population.family.observed
     observed = population.idata.observed_data.to_dataset()
     if kind == "prior":
-        out = pm.sample_prior_predictive(draws=draws, model=model, var_names=[name], random_seed=seed)
+        with quiet_pymc():
+            out = pm.sample_prior_predictive(draws=draws, model=model, var_names=[name], random_seed=seed)
         group = "prior_predictive"
         pred = out[group].to_dataset() if isinstance(out, xr.DataTree) else out[group]
     else:
         post = population.idata.posterior.to_dataset()
         n = post.sizes["chain"] * post.sizes["draw"]
         thin = post.isel(draw=slice(None, None, max(1, int(np.ceil(n / draws)))))
-        out = pm.sample_posterior_predictive(thin, model=model, var_names=[name], random_seed=seed, progressbar=False)
+        with quiet_pymc():
+            out = pm.sample_posterior_predictive(
+                thin, model=model, var_names=[name], random_seed=seed, progressbar=False
+            )
         group = "posterior_predictive"
         pred = out[group].to_dataset() if isinstance(out, xr.DataTree) else out[group]
     return xr.DataTree.from_dict({group: pred, "observed_data": observed})

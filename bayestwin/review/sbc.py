@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from bayestwin.settings import progress_bar, quiet_pymc
+
 
 @dataclass
 class SBC:
@@ -165,7 +167,8 @@ def sbc_fit(
         raise ValueError(f"sbc_fit needs data that can take simulated outcomes (with_outcome()); {kind} cannot")
     design = fam.design(cohort.frame, cohort.baseline, cohort.schema)
     model = fam.build_model(design, cohort.schema)
-    draws = pm.sample_prior_predictive(draws=reps, model=model, random_seed=seed)
+    with quiet_pymc():
+        draws = pm.sample_prior_predictive(draws=reps, model=model, random_seed=seed)
     prior = draws.prior.to_dataset() if hasattr(draws.prior, "to_dataset") else draws.prior
     ys = draws.prior_predictive[fam.observed].to_numpy().reshape(reps, -1)  # (reps, obs), the same draws
     if quantities is None:
@@ -173,7 +176,7 @@ def sbc_fit(
     rows, failed = _resume(partial, {"reps": reps, "seed": seed, "L": L, "quantities": list(quantities), **fit_kwargs})
     if rows and say is not None:
         say(f"  resuming after {len(rows)} replicates from {partial}")
-    for r in range(len(rows), reps):
+    for r in progress_bar(range(len(rows), reps), desc="SBC replicates"):
         rng = np.random.default_rng([seed, r])  # per replicate: resumable
         rep = cohort.with_outcome(ys[r])  # design rows are the frame's rows, in order
         with warnings.catch_warnings():
