@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -23,7 +22,7 @@ from bayestwin.engine.nuts import NutsConfig
 from bayestwin.families import get_family
 from bayestwin.families.base import Design
 from bayestwin.review import advice
-from bayestwin.review.convergence import Thresholds, Verdict, diagnostics, gate
+from bayestwin.review.convergence import Thresholds, Verdict, diagnostics, free_quantities, gate
 from bayestwin.settings import progress_enabled
 
 
@@ -64,13 +63,12 @@ class Population:
         return _population_vars(self.posterior)
 
     def summary(self) -> pd.DataFrame:
-        """ArviZ summary of the population-level parameters (constant entries dropped)."""
+        """ArviZ summary of the population-level parameters, one row per element that varies
+        (a correlation matrix's diagonal and repeated upper triangle left out:
+        :func:`bayestwin.review.convergence.free_quantities`)."""
         import arviz_stats as azs
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            table = azs.summary(self.idata, var_names=self.population_vars)
-        return table[table["sd"] > 1e-12]
+        return azs.summary(free_quantities(self.idata, self.population_vars))
 
     def model(self, cohort: Cohort | None = None) -> pm.Model:
         """The PyMC model (for ``cohort``, or a one-patient template) to print, graph or extend."""

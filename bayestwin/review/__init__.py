@@ -4,7 +4,7 @@
 """
 
 from bayestwin.review.calibration import Calibration, forecast_calibration
-from bayestwin.review.convergence import Thresholds, Verdict, diagnostics, gate
+from bayestwin.review.convergence import Thresholds, Verdict, diagnostics, free_quantities, gate
 from bayestwin.review.predictive import compare, loo, pareto_k_table, predictive_check
 from bayestwin.review.report import review
 
@@ -15,6 +15,7 @@ __all__ = [
     "compare",
     "diagnostics",
     "forecast_calibration",
+    "free_quantities",
     "gate",
     "loo",
     "pareto_k_table",

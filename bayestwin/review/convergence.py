@@ -141,3 +141,39 @@ def gate(table: pd.DataFrame, limits: Thresholds = Thresholds(), by: str | None 
 def _names(index, limit: int = 5) -> str:
     names = [str(i) for i in index]
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def free_quantities(idata: xr.DataTree, var_names, group: str = "posterior") -> xr.DataTree:
+    """The draws of ``var_names`` as one scalar variable per element that actually varies.
+
+    Structurally fixed elements (a correlation matrix's unit diagonal, a Cholesky factor's zeros)
+    are constant across draws (up to rounding: 1e-12 relative): their rank plots are empty and
+    their R-hat undefined, so they are left out, and so is an element that repeats an earlier one
+    (a correlation matrix's upper triangle). Elements are named as ArviZ labels them,
+    ``name[i, j]`` with the dims' labels.
+    The result (a DataTree with ``group`` and, when present, ``sample_stats``) goes straight to
+    ``arviz_plots.plot_rank`` or ``arviz_stats.summary``.
+    """
+    from itertools import product
+
+    post = idata[group].to_dataset() if isinstance(idata, xr.DataTree) else idata[group]
+    out = {}
+    for name in var_names:
+        da = post[name]
+        other = [d for d in da.dims if d not in ("chain", "draw")]
+        values = da.transpose("chain", "draw", *other).to_numpy()
+        flat = values.reshape(*values.shape[:2], -1)
+        labels = list(product(*[[str(c) for c in da[d].to_numpy()] for d in other]))
+        seen = []
+        for k, element in enumerate(labels):
+            x = flat[..., k]
+            tol = 1e-12 * max(1.0, float(np.abs(x).max())) if np.isfinite(x).all() else np.nan
+            if not tol > 0 or np.ptp(x) <= tol or any(np.abs(x - s).max() <= tol for s in seen):
+                continue  # not finite, constant up to rounding, or a repeat
+            seen.append(x)
+            key = f"{name}[{', '.join(element)}]" if other else name
+            out[key] = xr.DataArray(x, dims=("chain", "draw"), coords={"chain": da.chain, "draw": da.draw})
+    tree = {group: xr.Dataset(out)}
+    if isinstance(idata, xr.DataTree) and "sample_stats" in idata.children:
+        tree["sample_stats"] = idata["sample_stats"].to_dataset()
+    return xr.DataTree.from_dict(tree)

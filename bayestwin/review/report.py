@@ -27,6 +27,7 @@ import xarray as xr
 
 from bayestwin._atomic import check_target, write_file
 from bayestwin.io import data_fingerprint, package_versions
+from bayestwin.review.convergence import free_quantities
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
@@ -97,8 +98,8 @@ def _population_sections(pop, calibration) -> list[str]:
     out = [_verdict(pop.verdict), _model_card(pop)]
     out.append(_h2("Posterior summary") + _table(pop.summary()))
     out.append(_h2("Convergence diagnostics per variable") + _table(pop.verdict.table))
-    names = pop.population_vars
-    out.append(_h2("Rank plots") + _note(_RANK) + _figure(_arviz("plot_rank", pop.idata, var_names=names)))
+    free = free_quantities(pop.idata, pop.population_vars)
+    out.append(_h2("Rank plots") + _note(_RANK) + _figure(_arviz("plot_rank", free)))
     out.append(_h2("Energy") + _note(_ENERGY) + _figure(_arviz("plot_energy", pop.idata)))
     ppc = predictive.predictive_check(pop, draws=200)
     out.append(_h2("Posterior predictive check") + _note(_PPC) + _figure(_arviz("plot_ppc_dist", ppc)))
@@ -109,17 +110,18 @@ def _population_sections(pop, calibration) -> list[str]:
             "elpd": [loo_o.elpd, loo_p.elpd],
             "se": [loo_o.se, loo_p.se],
             "p": [loo_o.p, loo_p.p],
-            "max Pareto k": [float(loo_o.pareto_k.max()), float(loo_p.pareto_k.max())],
-            "k > 0.7": [int((loo_o.pareto_k > 0.7).sum()), int((loo_p.pareto_k > 0.7).sum())],
+            "max Pareto k̂": [float(loo_o.pareto_k.max()), float(loo_p.pareto_k.max())],
+            "k̂ threshold": [float(loo_o.good_k), float(loo_p.good_k)],
+            "units above it": [int((loo_o.pareto_k > loo_o.good_k).sum()), int((loo_p.pareto_k > loo_p.good_k).sum())],
         },
         index=pd.Index(["leave one observation out", "leave one patient out"], name="PSIS-LOO"),
     )
     khat = predictive.pareto_k_table(pop, by="patient")
     out.append(
         _h2("PSIS-LOO and Pareto k̂")
-        + _note(_LOO)
+        + _note(loo_wording(loo_p.good_k, int(pop.posterior.sizes["chain"] * pop.posterior.sizes["draw"])))
         + _table(totals)
-        + _figure(_khat_plot(khat))
+        + _figure(_khat_plot(khat, float(loo_p.good_k)))
         + "<details><summary>Pareto k̂ per patient</summary>"
         + _table(khat)
         + "</details>"
@@ -127,7 +129,7 @@ def _population_sections(pop, calibration) -> list[str]:
     if calibration is not None:
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), layout="constrained")
         calibration.plot(axes)
         out.append(_h2("Forecast calibration") + _note(repr(calibration)) + _table(calibration.coverage) + _figure(fig))
     out.append(_h2("Patient effects") + _note(_FOREST) + _figure(_forest(pop)))
@@ -164,7 +166,7 @@ def _datatree_sections(dt: xr.DataTree) -> list[str]:
     if "bayestwin_verdict" in dt.attrs:  # what the gate said when the fit was made
         out.append(_note(f"Verdict stored with the fit: {dt.attrs['bayestwin_verdict']}"))
     out += [_h2("Model card") + _kv(card), _h2("Diagnostics") + _table(table)]
-    out.append(_h2("Rank plots") + _figure(_arviz("plot_rank", dt, var_names=names)))
+    out.append(_h2("Rank plots") + _figure(_arviz("plot_rank", free_quantities(dt, names))))
     out.append(_h2("Energy") + _figure(_arviz("plot_energy", dt)))
     if "log_likelihood" in dt.children:
         import arviz_stats as azs
@@ -238,16 +240,31 @@ def _arviz(name: str, data, **kwargs):
     return fig.item() if hasattr(fig, "item") else fig
 
 
-def _khat_plot(table: pd.DataFrame):
+def _khat_plot(table: pd.DataFrame, good_k: float):
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 2.8))
+    fig, ax = plt.subplots(figsize=(8, 3), layout="constrained")
     k = table.sort_index()["pareto_k"].to_numpy()
     ax.plot(np.arange(len(k)), k, "o", ms=4, color="C0")
-    for level, style in ((0.7, "--"), (1.0, ":")):
-        ax.axhline(level, color="C3", ls=style, lw=1)
-    ax.set(xlabel="patient", ylabel="Pareto k̂", title="Leave-one-patient-out Pareto k̂ (0.7: limit of reliability)")
+    ax.axhline(good_k, color="C3", ls="--", lw=1, label=f"threshold {good_k:.2f}")
+    ax.axhline(1.0, color="C3", ls=":", lw=1, label="1 (no finite mean)")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set(xlabel="patient", ylabel="Pareto k̂", title="Leave-one-patient-out Pareto k̂")
     return fig
+
+
+def loo_wording(good_k: float, draws: int) -> str:
+    """What a Pareto k̂ above the threshold means, in the words of the PSIS paper (Vehtari et al.
+    2024): the threshold is min(1 - 1/log10(S), 0.7) for S posterior draws."""
+    return (
+        f"PSIS-LOO (Vehtari, Gelman & Gabry 2017). With S = {draws} draws a unit's Pareto k̂ above "
+        f"{good_k:.2f} = min(1 - 1/log10 S, 0.7) means the importance-sampling estimate of its "
+        "leave-one-out density is unreliable (Vehtari et al. 2024), not that the unit is an outlier. "
+        "Leaving out a whole patient removes all of that patient's rows and the data behind that "
+        "patient's own effects, so high k̂ are common by patient even in a well-specified model; "
+        "for a reliable leave-one-patient-out ELPD refit without those patients (K-fold), and look "
+        "at the patient's fit only if k̂ is also high by observation."
+    )
 
 
 def _forest(pop):
@@ -256,7 +273,9 @@ def _forest(pop):
 
     names = list(pop.family.patient_outputs)
     post = pop.posterior
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 0.16 * post.sizes["patient"] + 1.5))
+    fig, axes = plt.subplots(
+        1, len(names), figsize=(4 * len(names), 0.16 * post.sizes["patient"] + 1.5), layout="constrained"
+    )
     axes = np.atleast_1d(axes)
     for ax, name in zip(axes, names, strict=True):
         da = post[name]
@@ -307,10 +326,6 @@ _ENERGY = (
     "(E-BFMI >= 0.3; Betancourt 2016)."
 )
 _PPC = "Densities of replicated data sets (posterior predictive) against the observed data."
-_LOO = (
-    "PSIS-LOO (Vehtari, Gelman & Gabry 2017); Pareto k̂ > 0.7 marks a patient whose removal changes the "
-    "posterior too much for importance sampling to estimate: that patient is influential."
-)
 _FOREST = (
     "Each patient's posterior mean and 90% interval, ordered; shaded: the population's 90% band of the "
     "same effect. Patients with little data sit close to the population centre (shrinkage)."

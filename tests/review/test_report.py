@@ -77,6 +77,9 @@ def test_population_report_is_complete_and_self_contained(population, population
     assert _fingerprint(population.idata) in text
     assert "numpyro" in text and "pymc" in text
     assert text.count("src='data:image/png;base64,") >= 6
+    draws = population.posterior.sizes["chain"] * population.posterior.sizes["draw"]
+    assert f"With S = {draws} draws" in text and "influential" not in text  # the PSIS paper's wording
+    assert "re_chol_corr[1, 0]" not in text  # the repeated triangle of the correlation matrix
 
 
 def test_twin_report(population, simulated, tmp_path):
