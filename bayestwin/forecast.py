@@ -9,6 +9,7 @@ import pandas as pd
 import xarray as xr
 
 from bayestwin import decision
+from bayestwin.data.pseudonym import own_ids
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -17,7 +18,11 @@ class Forecast:
     """Posterior predictive of twins under candidate therapies.
 
     ``idata.posterior_predictive`` holds ``mean`` (expected trajectory) and ``observation``
-    (a new measurement), dims (chain, draw, patient, therapy, time).
+    (a new measurement), dims (chain, draw, patient, therapy, time). When the twin's own data are
+    known, ``idata.observed_data`` holds its measurements (``value`` by ``obs``, with each row's
+    ``patient`` and ``time``), ``idata.constant_data`` the time each patient's candidate therapy
+    starts (``start`` by ``patient``), and the attributes ``time_label`` / ``outcome_label`` of
+    ``posterior_predictive`` the table's own column names: :meth:`plot` shows all three.
     """
 
     def __init__(self, idata: xr.DataTree, verdict=None):
@@ -28,8 +33,12 @@ class Forecast:
     def draws(self) -> xr.Dataset:
         return self.idata.posterior_predictive.to_dataset()
 
-    def summary(self, quantity: str | None = None) -> pd.DataFrame:
-        """Tidy table: patient, therapy, time, quantity, mean, median and 5/25/75/95 % quantiles."""
+    def summary(self, quantity: str | None = None, *, ids=None) -> pd.DataFrame:
+        """Tidy table: patient, therapy, time, quantity, mean, median and 5/25/75/95 % quantiles.
+
+        ``ids``: a mapping from pseudonym to your own identifier (``bt.reidentify(your_ids, key)``):
+        adds the column ``patient_id`` next to ``patient``.
+        """
         names = [quantity] if quantity else ["mean", "observation"]
         frames = []
         for name in names:
@@ -41,7 +50,10 @@ class Forecast:
                 df[col] = q.sel(quantile=p).transpose("patient", "therapy", "time").to_numpy().ravel()
             df.insert(3, "quantity", name)
             frames.append(df)
-        return pd.concat(frames, ignore_index=True)
+        out = pd.concat(frames, ignore_index=True)
+        if ids is not None:
+            out.insert(1, "patient_id", own_ids(out["patient"].tolist(), ids))
+        return out
 
     def prob_best(self, time: float, direction: str = "lower", quantity: str = "mean") -> pd.DataFrame:
         """P(each therapy is best at ``time``) per patient; see :func:`bayestwin.decision.prob_best`."""
@@ -55,14 +67,26 @@ class Forecast:
         """Expected utility per patient and therapy; see :func:`bayestwin.decision.expected_utility`."""
         return decision.expected_utility(self.draws[quantity], utility, time)
 
-    def plot(self, patient: str | None = None, quantity: str = "observation", ax=None):
-        """Median and 50/90 % bands over time, one colour per therapy (matplotlib)."""
+    def plot(self, patient: str | None = None, quantity: str = "observation", ax=None, *, ids=None):
+        """Median and 50/90 % bands over time, one colour per therapy, with the patient's own
+        measurements and the time the therapy starts (matplotlib).
+
+        ``ids``: a mapping from pseudonym to your own identifier (``bt.reidentify(your_ids, key)``);
+        then ``patient`` may be your identifier, and the title shows it.
+        """
         import matplotlib.pyplot as plt
 
         da = self.draws[quantity]
-        patient = patient or str(da.patient.values[0])
+        pseudonyms = [str(p) for p in da.patient.values]
+        shown = dict(zip(pseudonyms, own_ids(pseudonyms, ids), strict=True)) if ids is not None else {}
+        if patient is not None and patient not in pseudonyms:
+            mine = [p for p, own in shown.items() if str(own) == str(patient)]
+            if not mine:
+                raise KeyError(f"patient {patient!r} is not in this forecast (patients: {pseudonyms[:5]}...)")
+            patient = mine[0]
+        patient = patient or pseudonyms[0]
         da = da.sel(patient=patient)
-        ax = ax or plt.subplots(figsize=(7, 4))[1]
+        ax = ax or plt.subplots(figsize=(7, 4), layout="constrained")[1]
         q = da.quantile([0.05, 0.25, 0.5, 0.75, 0.95], dim=["chain", "draw"])
         t = da.time.values
         for th in da.therapy.values:
@@ -70,11 +94,28 @@ class Forecast:
             (line,) = ax.plot(t, qq[2], label=str(th))
             ax.fill_between(t, qq[1], qq[3], color=line.get_color(), alpha=0.3)
             ax.fill_between(t, qq[0], qq[4], color=line.get_color(), alpha=0.12)
-        ax.set_xlabel("time")
-        ax.set_ylabel(f"outcome ({quantity})")
-        ax.set_title(f"forecast for patient {patient}: median, 50% and 90% bands")
-        ax.legend(title="therapy")
+        seen = self.observed(patient)
+        if len(seen):
+            ax.plot(seen["time"], seen["value"], "o", color="black", ms=4, label="measured", zorder=5)
+        if "constant_data" in self.idata.children and "start" in self.idata.constant_data:
+            start = float(self.idata.constant_data["start"].sel(patient=patient))
+            ax.axvline(start, color="grey", ls="--", lw=1, label=f"therapy from {start:g}")
+        attrs = self.idata.posterior_predictive.attrs
+        ax.set_xlabel(attrs.get("time_label", "time"))
+        ax.set_ylabel(f"{attrs.get('outcome_label', 'outcome')} ({quantity})")
+        ax.set_title(f"forecast for patient {shown.get(patient, patient)}: median, 50% and 90% bands")
+        ax.legend(title="therapy", fontsize=8)
         return ax
+
+    def observed(self, patient: str | None = None) -> pd.DataFrame:
+        """The twin's own measurements (patient, time, value), of one patient or all; empty when
+        the forecast was made without them."""
+        if "observed_data" not in self.idata.children:
+            return pd.DataFrame({"patient": [], "time": [], "value": []})
+        ds = self.idata.observed_data.to_dataset()
+        columns = {"patient": ds["patient"].to_numpy().astype(str), "time": ds["time"].to_numpy()}
+        df = pd.DataFrame(columns | {"value": ds["value"].to_numpy()})
+        return df if patient is None else df[df.patient == patient].reset_index(drop=True)
 
     def __repr__(self) -> str:
         s = self.draws.sizes

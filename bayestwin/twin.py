@@ -14,6 +14,7 @@ import pandas as pd
 import xarray as xr
 
 from bayestwin.data.cohort import PATIENT, Cohort
+from bayestwin.data.pseudonym import own_ids
 from bayestwin.engine import condition as cond
 from bayestwin.engine.importance import ImportanceConfig
 from bayestwin.engine.nuts import NutsConfig
@@ -90,8 +91,12 @@ class Twin:
     def posterior(self) -> xr.Dataset:
         return self.idata.posterior.to_dataset()
 
-    def summary(self, var_names: Sequence[str] | None = None) -> pd.DataFrame:
-        """Posterior mean, SD and 90% interval of each patient-level quantity, one row per patient."""
+    def summary(self, var_names: Sequence[str] | None = None, *, ids=None) -> pd.DataFrame:
+        """Posterior mean, SD and 90% interval of each patient-level quantity, one row per patient.
+
+        ``ids``: a mapping from pseudonym to your own identifier (``bt.reidentify(your_ids, key)``);
+        the rows are then labelled by your identifiers (the twin itself keeps only pseudonyms).
+        """
         names = var_names or list(self.population.family.patient_outputs)
         post = self.posterior[names]
         q = post.quantile([0.05, 0.95], dim=["chain", "draw"])
@@ -104,6 +109,8 @@ class Twin:
         table = pd.DataFrame(out)
         table[("gate", "converged")] = self.verdict.table["converged"]
         table[("gate", "out_of_population")] = self.verdict.table["out_of_population"]
+        if ids is not None:
+            table.index = pd.Index(own_ids(list(table.index), ids), name="patient_id")
         return table
 
     # -------------------------------------------------------------- update
@@ -190,7 +197,23 @@ class Twin:
         ds = xr.Dataset({"mean": (dims, mean), "observation": (dims, obs)}, coords=coords)
         ds["mean"].attrs["description"] = f"expected {output or fam.prediction} (structural prediction)"
         ds["observation"].attrs["description"] = "a new measurement (prediction plus residual error)"
-        return Forecast(xr.DataTree.from_dict({"posterior_predictive": ds}), verdict=self.verdict)
+        tree = {"posterior_predictive": ds}
+        recorded = None if output is not None else _recorded(self.cohort)
+        if recorded is not None:
+            rows, last, (time_label, outcome_label) = recorded
+            ds.attrs |= {"time_label": time_label, "outcome_label": outcome_label}
+            rows = rows[rows.patient.isin(self.patients)]
+            tree["observed_data"] = xr.Dataset(
+                {"value": ("obs", rows["value"].to_numpy(float))},
+                coords={
+                    "patient": ("obs", rows["patient"].to_numpy(str)),
+                    "time": ("obs", rows["time"].to_numpy(float)),
+                },
+            )
+            begins = last.reindex(self.patients).fillna(0.0).to_numpy(float) if start is None else float(start)
+            starts = np.broadcast_to(begins, (len(self.patients),))
+            tree["constant_data"] = xr.Dataset({"start": ("patient", starts)}, coords={"patient": self.patients})
+        return Forecast(xr.DataTree.from_dict(tree), verdict=self.verdict)
 
     def select(self, patients: Sequence[str]) -> Twin:
         """The twins of ``patients`` (pseudonyms) alone, in this twin's order: their rows,
@@ -269,3 +292,21 @@ def _to_datatree(values: dict, stats: dict, patients, family, model=None) -> xr.
     sample_stats["khat"].attrs["description"] = "Pareto k of the importance weights (importance twins only)"
     sample_stats["ess_is"].attrs["description"] = "PSIS effective sample size of the proposals (importance twins)"
     return xr.DataTree.from_dict({"posterior": posterior, "sample_stats": sample_stats})
+
+
+def _recorded(cohort):
+    """A twin's own measurements for its forecast plots: (rows: patient, time, value; each
+    patient's last recorded time, the default start of a candidate therapy; the table's time and
+    outcome column names), or None when the cohort's kind is not known here."""
+    if hasattr(cohort, "observations") and "DV" in getattr(cohort, "frame", {}):  # NONMEM-style events
+        obs = cohort.observations()
+        obs = obs[~obs["BLQ"] & np.isfinite(obs["DV"].to_numpy(float))]
+        rows = pd.DataFrame({"patient": obs["ID"].astype(str), "time": obs["TIME"], "value": obs["DV"]})
+        return rows, cohort.frame.groupby("ID")["TIME"].max(), ("TIME", "DV")
+    columns = getattr(cohort, "columns", None)
+    frame = getattr(cohort, "frame", None)
+    if columns is None or frame is None or "outcome" not in frame:
+        return None
+    seen = frame[np.isfinite(frame["outcome"].to_numpy(float))]
+    rows = pd.DataFrame({"patient": seen["patient"].astype(str), "time": seen["time"], "value": seen["outcome"]})
+    return rows, frame.groupby("patient")["time"].max(), (columns.time, columns.outcome)

@@ -86,6 +86,19 @@ def reidentify(patient_ids: Iterable, key: bytes | str) -> pd.Series:
     return pd.Series(ids, index=[pseudonymise(i, key) for i in ids], name="patient_id")
 
 
+def own_ids(pseudonyms: Iterable[str], ids) -> list:
+    """Your identifiers for ``pseudonyms``, from ``ids`` (a mapping pseudonym -> your id, e.g.
+    ``bt.reidentify(table.patient, key)``); a pseudonym it lacks is an error, not a silent gap."""
+    ids = dict(ids.items()) if hasattr(ids, "items") else dict(ids)
+    missing = [p for p in pseudonyms if p not in ids]
+    if missing:
+        raise KeyError(
+            f"pseudonym {missing[0]} is not among the {len(ids)} ids given: were they pseudonymised "
+            "with this key (bt.reidentify(your_ids, key))?"
+        )
+    return [ids[p] for p in pseudonyms]
+
+
 def _kind(v) -> str:
     if isinstance(v, (bool, np.bool_)):
         return "bool"
