@@ -19,6 +19,12 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("BAYESTWIN_PROGRESS", "0")  # no bars in test logs, notebook outputs or subprocesses
+# Each xdist worker owns one core (two workers on the 2-core CI machine), as a Dask worker would:
+# twins then run on one CPU device. With one device per core, a batch of more than one chunk
+# compiled the same twin program once per device (XLA executables are per device), twice the
+# compile time for no speed-up while the other worker holds the other core. Results do not
+# depend on it (each patient's seed travels with the patient).
+os.environ.setdefault("BAYESTWIN_CPU_DEVICES", "1")
 
 import pytest
 

@@ -54,14 +54,14 @@ class FitConfig(NamedTuple):
     #: At most this many more rounds of ``draws`` per chain when a fit is healthy (no divergences,
     #: E-BFMI fine, R-hat < 1.05) but short of effective draws: see :func:`sample_model`'s ``more``.
     extend: int = 3
-    #: Restart chains that stall during warmup (see :func:`stalled_chains`).
+    #: Restart chains that stall far below the others (see :func:`stalled_chains`).
     restart_stalled: bool = True
 
 
 def stalled_chains(lp: np.ndarray, n_params: int) -> np.ndarray:
-    """Chains whose log density during the end of warmup sits far below the others'.
+    """Chains whose log density over their draws sits far below the others'.
 
-    ``lp`` is (chain, draw): the log density over the last warmup draws. A chain stalls when its
+    ``lp`` is (chain, draw): the log density of each draw. A chain stalls when its
     mean is below the best chain's by more than ``max(20, 10 sd)``, ``sd`` the larger of the
     median within-chain SD and ``sqrt(n_params / 2)`` (the SD of a ``n_params``-dimensional
     Gaussian's log density): chains in one typical set differ by a fraction of that. Seen on
@@ -108,9 +108,9 @@ def sample_model(
         Initial values by variable name (PyMC's ``initvals``: constrained values); PyMC jitters
         each chain's start around them.
 
-    Warmup runs first on its own: a chain whose log density over its last quarter stays far
-    below the others' (:func:`stalled_chains`) is restarted from another chain's position and
-    every chain warms up again, once; the restart is recorded in the posterior's attributes
+    Warmup and draws run as one compiled loop. A chain whose log density over its draws stays far
+    below the others' (:func:`stalled_chains`) is restarted from another chain's last position
+    and every chain warms up and draws again, once; the restart is recorded in the posterior's attributes
     (``stalled_chains``, ``stall_lp``) so that a reviewer sees it. Extra draws are recorded as
     ``draws_per_chain`` and ``extensions``.
     """
@@ -163,28 +163,27 @@ def sample_model(
     one = cfg.chains == 1
     start = {n: jnp.asarray(a[0] if one else a) for n, a in zip(names, init, strict=True)}
 
-    # Warmup on its own, watching the log density: a stalled chain is restarted once. It collects
-    # what the draws collect, so that with ``tune == draws`` numpyro's loop is one compiled program
-    # for both phases (its jit cache keys on the collected fields and the loop length).
-    mcmc.warmup(keys[0][0] if one else keys[0], init_params=start, extra_fields=fields, collect_warmup=True)
+    # Warmup and draws in one run: numpyro compiles one loop per call of ``run``/``warmup`` (its
+    # loop body is a new jitted function each call), so a separate warmup doubled the compile.
+    # A chain stalled far below the others (the log density over its draws) is restarted once
+    # from another chain's last position, and every chain warms up again.
+    mcmc.run(keys[0][0] if one else keys[0], init_params=start, extra_fields=fields)
     stalls = {}
     if cfg.restart_stalled and cfg.tune >= 20:
         lp = -np.asarray(mcmc.get_extra_fields(group_by_chain=True)["potential_energy"])
-        lp = lp[:, -max(cfg.tune // 4, 10) :]
         n_params = sum(int(np.prod(np.shape(a)[1:])) for a in init)
         stalled = stalled_chains(lp, n_params)
         if stalled.any():
             good = np.flatnonzero(~stalled)
             donors = good[np.arange(int(stalled.sum())) % len(good)]
-            z = mcmc.post_warmup_state.z
+            z = mcmc.last_state.z
             restart = {n: jnp.asarray(z[n]).at[np.flatnonzero(stalled)].set(jnp.asarray(z[n])[donors]) for n in names}
             stalls = {
                 "stalled_chains": [int(c) for c in np.flatnonzero(stalled)],
                 "stall_lp": [round(float(m), 1) for m in lp.mean(axis=1)],
             }
             mcmc = new_mcmc()
-            mcmc.warmup(keys[1], init_params=restart, extra_fields=fields, collect_warmup=True)
-    mcmc.run(keys[2][0] if one else keys[2], extra_fields=fields)
+            mcmc.run(keys[1][0] if one else keys[1], init_params=restart, extra_fields=fields)
     raws = [mcmc.get_samples(group_by_chain=True)]
     extras = [mcmc.get_extra_fields(group_by_chain=True)]
 
