@@ -15,7 +15,10 @@ from typing import NamedTuple
 import blackjax
 import jax
 import jax.numpy as jnp
-from blackjax.adaptation.base import get_filter_adapt_info_fn
+import numpy as np
+from blackjax.adaptation.mass_matrix import mass_matrix_adaptation
+from blackjax.adaptation.step_size import dual_averaging_adaptation
+from blackjax.adaptation.window_adaptation import build_schedule
 
 
 class NutsConfig(NamedTuple):
@@ -61,25 +64,59 @@ def make_sampler(logdensity: Callable, cfg: NutsConfig) -> Callable:
     (3, 2, 50, 1)
     """
 
+    kernel = blackjax.nuts.build_kernel()
+    mm_init, mm_update, mm_final = mass_matrix_adaptation(cfg.diagonal)
+    da_init, da_update, da_final = dual_averaging_adaptation(cfg.target_accept)
+    # Stan's windows over the warmup steps, then the draws (stage -1: nothing adapts)
+    schedule = np.asarray(build_schedule(cfg.tune), int).reshape(-1, 2)
+    stage = np.concatenate([schedule[:, 0], np.full(cfg.draws, -1)])
+    window_end = np.concatenate([schedule[:, 1], np.zeros(cfg.draws, int)]).astype(bool)
+    steps = np.arange(cfg.tune + cfg.draws)
+
     def one_chain(key, position, data):
         def ld(x):
             return logdensity(x, data)
 
         warm_key, sample_key = jax.random.split(key)
-        warmup = blackjax.window_adaptation(
-            blackjax.nuts,
-            ld,
-            target_acceptance_rate=cfg.target_accept,
-            adaptation_info_fn=get_filter_adapt_info_fn(),
-            is_mass_matrix_diagonal=cfg.diagonal,
-            max_num_doublings=cfg.max_doublings,
+        keys = jnp.concatenate([jax.random.split(warm_key, cfg.tune), jax.random.split(sample_key, cfg.draws)])
+        imm_state = mm_init(position.shape[-1])
+        start = (
+            blackjax.nuts.init(position, ld),
+            da_init(1.0),
+            imm_state,
+            jnp.asarray(1.0),
+            imm_state.inverse_mass_matrix,
         )
-        (state, params), _ = warmup.run(warm_key, position, num_steps=cfg.tune)
-        step = blackjax.nuts(ld, **params).step  # params carry step size, metric, max doublings
 
-        def one_step(state, k):
-            state, info = step(k, state)
-            return state, (
+        def adapt(i, st, end, new_state, info, ss, imm_state, step_size, imm):
+            """One step of Stan's window adaptation (as blackjax's window_adaptation does it)."""
+            ss = da_update(ss, info.acceptance_rate)
+            imm_state = jax.lax.cond(st == 1, lambda s: mm_update(s, new_state.position), lambda s: s, imm_state)
+            step_size = jnp.exp(ss.log_step_size)
+
+            def close_window(a):
+                ss, imm_state, _, _ = a
+                imm_state = mm_final(imm_state)
+                ss = da_init(da_final(ss))
+                return ss, imm_state, jnp.exp(ss.log_step_size), imm_state.inverse_mass_matrix
+
+            ss, imm_state, step_size, imm = jax.lax.cond(
+                end, close_window, lambda a: a, (ss, imm_state, step_size, imm)
+            )
+            step_size = jnp.where(i == cfg.tune - 1, jnp.exp(ss.log_step_size_avg), step_size)  # the final one
+            return ss, imm_state, step_size, imm
+
+        def one_step(carry, xs):
+            state, ss, imm_state, step_size, imm = carry
+            i, k, st, end = xs
+            state, info = kernel(k, state, ld, step_size, imm, max_num_doublings=cfg.max_doublings)
+            adapted = jax.lax.cond(
+                st >= 0,
+                lambda a: adapt(i, st, end, state, info, *a),
+                lambda a: a,
+                (ss, imm_state, step_size, imm),
+            )
+            return (state, *adapted), (
                 state.position,
                 info.is_divergent,
                 info.acceptance_rate,
@@ -87,8 +124,11 @@ def make_sampler(logdensity: Callable, cfg: NutsConfig) -> Callable:
                 info.energy,
             )
 
-        _, (pos, div, acc, steps, energy) = jax.lax.scan(one_step, state, jax.random.split(sample_key, cfg.draws))
-        return Draws(pos, div, acc, steps, energy, params["step_size"])
+        # One scan over warmup and draws: the NUTS kernel (and the log density in it) is traced
+        # and compiled once, not once for the warmup and again for the draws.
+        last, (pos, div, acc, n, energy) = jax.lax.scan(one_step, start, (steps, keys, stage, window_end))
+        keep = slice(cfg.tune, None)
+        return Draws(pos[keep], div[keep], acc[keep], n[keep], energy[keep], last[3])
 
     per_patient = jax.vmap(one_chain, in_axes=(0, 0, None))
 
