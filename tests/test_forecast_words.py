@@ -26,8 +26,8 @@ def test_the_forecast_carries_the_measurements_their_column_names_and_the_start(
     twin, fc, rows = forecast
     seen = fc.observed()
     ids = bt.reidentify(rows.Subject.unique(), KEY)
-    assert sorted(zip(seen.patient.map(ids), seen.time, seen.value)) == sorted(
-        zip(rows.Subject, rows.Days.astype(float), rows.Reaction)
+    assert sorted(zip(seen.patient.map(ids), seen.time, seen.value, strict=True)) == sorted(
+        zip(rows.Subject, rows.Days.astype(float), rows.Reaction, strict=True)
     )
     assert fc.idata.posterior_predictive.attrs["time_label"] == "Days"
     assert fc.idata.posterior_predictive.attrs["outcome_label"] == "Reaction"
