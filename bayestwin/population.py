@@ -302,10 +302,15 @@ def fit(
         ``0`` never does. The posterior's attributes record ``draws_per_chain`` and ``extensions``.
     initvals
         Initial values by variable name (constrained; PyMC jitters each chain around them).
+    progressbar
+        Show the sampler's progress bar; ``None`` (default) follows :func:`bayestwin.options`.
 
-    A chain that stalls during warmup far below the others' log density (e.g. at random-effect
-    SDs of ~0 with an inflated residual SD) is restarted from another chain's position once
-    (:func:`bayestwin.engine.fit.stalled_chains`); the posterior's attributes say which.
+    Notes
+    -----
+    A chain whose log density over its draws stays far below the others' (e.g. at random-effect
+    SDs of ~0 with an inflated residual SD) is restarted once from another chain's last position,
+    and every chain warms up and draws again (:func:`bayestwin.engine.fit.stalled_chains`); the
+    posterior's attributes say which.
 
     Examples
     --------
