@@ -54,6 +54,7 @@ class Regimen:
 
     @property
     def label(self) -> str:
+        """A readable name of the regimen, e.g. ``"100 every 12 h x6"`` (the forecast's therapy label)."""
         how = f" over {self.duration:g} h" if self.duration > 0 else ""
         return f"{self.amount:g} every {self.interval:g} h{how} x{self.doses}"
 
@@ -428,6 +429,7 @@ class Outcome:
 
     @property
     def label(self) -> str:
+        """A readable statement of the outcome, e.g. ``"auc in [80, 120]"``."""
         what = f"{self.output + ' ' if self.output else ''}{self.metric}"
         if self.low == -np.inf:
             return f"{what} <= {self.high:g}"

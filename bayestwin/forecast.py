@@ -31,6 +31,7 @@ class Forecast:
 
     @property
     def draws(self) -> xr.Dataset:
+        """The posterior predictive draws: ``mean`` and ``observation`` (chain, draw, patient, therapy, time)."""
         return self.idata.posterior_predictive.to_dataset()
 
     def summary(self, quantity: str | None = None, *, ids=None) -> pd.DataFrame:
@@ -146,6 +147,7 @@ class EventForecast:
 
     @classmethod
     def from_cumhaz(cls, cumhaz: np.ndarray, coords: dict, verdict=None, description: str = "") -> EventForecast:
+        """An event forecast from cumulative hazards (chain, draw, patient, therapy, time) and their coordinates."""
         dims = ("chain", "draw", "patient", "therapy", "time")
         ds = xr.Dataset({"cumhaz": (dims, cumhaz), "survival": (dims, np.exp(-cumhaz))}, coords=coords)
         ds["survival"].attrs["description"] = "P(no event from the forecast start to time) " + description
@@ -154,10 +156,12 @@ class EventForecast:
 
     @property
     def draws(self) -> xr.Dataset:
+        """The posterior predictive draws: ``survival`` and ``cumhaz`` (chain, draw, patient, therapy, time)."""
         return self.idata.posterior_predictive.to_dataset()
 
     @property
     def survival(self) -> xr.DataArray:
+        """P(no event from the forecast's start to each time), per draw (chain, draw, patient, therapy, time)."""
         return self.draws["survival"]
 
     def _at(self, time: float) -> xr.DataArray:

@@ -55,6 +55,7 @@ class Population:
 
     @property
     def posterior(self) -> xr.Dataset:
+        """The population posterior draws (an xarray Dataset with chain and draw dims)."""
         return self.idata.posterior.to_dataset()
 
     @property

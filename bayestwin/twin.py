@@ -85,10 +85,12 @@ class Twin:
     # --------------------------------------------------------------- access
     @property
     def patients(self) -> list[str]:
+        """The twins' patients (pseudonyms), in order."""
         return self.cohort.patients
 
     @property
     def posterior(self) -> xr.Dataset:
+        """The twins' posterior draws (an xarray Dataset: chain, draw, patient, ...)."""
         return self.idata.posterior.to_dataset()
 
     def summary(self, var_names: Sequence[str] | None = None, *, ids=None) -> pd.DataFrame:

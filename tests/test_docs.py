@@ -76,3 +76,37 @@ def test_pages_render_in_headless_chromium(site, page, tmp_path):
     # text, navigation and code blocks: many distinct shades, not a blank or unstyled page
     assert len(np.unique((img[..., :3] * 255).astype(int).reshape(-1, 3), axis=0)) > 50
     assert shutil.which(CHROMIUM)
+
+
+def _undocumented() -> list[str]:
+    import inspect
+
+    import bayestwin as bt
+    import bayestwin.review as review
+    import bayestwin.trials as trials
+
+    missing = []
+    for module, prefix in ((bt, "bt"), (review, "bayestwin.review"), (trials, "bayestwin.trials")):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if not inspect.getdoc(obj):
+                missing.append(f"{prefix}.{name}")
+            if not inspect.isclass(obj):
+                continue
+            for member, value in vars(obj).items():
+                if member.startswith("_"):
+                    continue
+                if isinstance(value, property):
+                    docs = [vars(c)[member].__doc__ for c in obj.__mro__ if member in vars(c)]
+                    documented = any((d or "").strip() for d in docs)  # an override keeps its base's words
+                elif isinstance(value, classmethod | staticmethod) or inspect.isfunction(value):
+                    documented = bool(inspect.getdoc(getattr(obj, member)))
+                else:
+                    continue
+                if not documented:
+                    missing.append(f"{prefix}.{name}.{member}")
+    return missing
+
+
+def test_every_public_name_and_member_has_a_docstring():
+    assert _undocumented() == []

@@ -84,6 +84,7 @@ class Schema:
         return pd.DataFrame(out, index=pd.RangeIndex(len(X)))
 
     def to_dict(self) -> dict:
+        """The schema as plain data (for saved artifacts)."""
         return {
             "therapies": list(self.therapies),
             "numeric": {k: list(v) for k, v in self.numeric.items()},
@@ -95,6 +96,7 @@ class Schema:
 
     @classmethod
     def from_dict(cls, d: dict) -> Schema:
+        """The schema back from :meth:`to_dict`."""
         return cls(
             therapies=tuple(d["therapies"]),
             numeric={k: tuple(v) for k, v in d["numeric"].items()},
@@ -226,6 +228,7 @@ class Cohort:
 
     @property
     def n_patients(self) -> int:
+        """Number of patients (pseudonymised) in the cohort."""
         return len(self.baseline)
 
     def rows(self, patient: str) -> pd.DataFrame:

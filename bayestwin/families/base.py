@@ -118,6 +118,7 @@ class Prior:
         return getattr(pm, self.dist).dist(**self.params, **kwargs)
 
     def to_dict(self) -> dict:
+        """The prior as plain data (distribution name and parameters), for model cards and specs."""
         return {"dist": self.dist, **{k: np.asarray(v).tolist() for k, v in self.params.items()}}
 
     def __repr__(self) -> str:

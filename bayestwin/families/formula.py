@@ -148,6 +148,7 @@ class Formula(Model):
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> Formula:
+        """The family back from its saved configuration (``config``), as artifacts store it."""
         return cls(cfg["formula"], cfg["likelihood"], levels=cfg.get("levels"), prediction=cfg.get("prediction"))
 
     @classmethod

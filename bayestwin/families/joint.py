@@ -102,9 +102,12 @@ class Joint(FamilyBase):
         check_prior_names(self.priors, known, self.name)
 
     def cut_points(self, schema: Schema) -> np.ndarray:
+        """The cut points of the piecewise-constant baseline hazard, on the data's time scale."""
         return piecewise_cuts(self.cuts, self.pieces, schema)
 
     def default_priors(self, schema: Schema) -> dict:
+        """Weakly informative priors scaled from the data (the biomarker's as in the progression family, the hazard's
+        from the follow-up); each can be overridden by name."""
         sy, T, ybar = schema.outcome_sd, schema.time_scale, schema.outcome_mean
         return {
             "intercept": Prior("Normal", mu=ybar, sigma=2.5 * sy),
@@ -143,6 +146,7 @@ class Joint(FamilyBase):
         )
 
     def design(self, frame: pd.DataFrame, baseline: pd.DataFrame, schema: Schema) -> Design:
+        """The design of a joint table: biomarker rows, at-risk intervals, covariates and therapies."""
         patients = list(baseline.index)
         index = {p: i for i, p in enumerate(patients)}
         code = {t: k for k, t in enumerate(schema.therapies)}
@@ -161,6 +165,7 @@ class Joint(FamilyBase):
         return Design(patients=patients, data=data)
 
     def template_design(self, schema: Schema, n_obs: int) -> Design:
+        """A one-patient design of ``n_obs`` padded rows, from which twins' programs are compiled."""
         data = {
             "X": np.zeros((1, len(schema.design_columns))),
             "patient_idx": np.zeros(n_obs, np.int64),
@@ -176,6 +181,7 @@ class Joint(FamilyBase):
 
     # ----------------------------------------------------------------- model
     def build_model(self, design: Design, schema: Schema) -> pm.Model:
+        """The joint PyMC model: random intercept and slope of the biomarker, linked to a piecewise hazard."""
         pri = self.default_priors(schema) | self.priors
         d = design.data
         cuts = self.cut_points(schema)
@@ -292,6 +298,7 @@ class Joint(FamilyBase):
         return labels, data
 
     def observe(self, key, mu, params: Mapping) -> jax.Array:
+        """Simulated event indicators: an event with probability 1 - exp(-cumulative hazard)."""
         return (jax.random.uniform(key, mu.shape) < -jax.numpy.expm1(-mu)).astype(float)
 
 

@@ -226,15 +226,18 @@ class Model(FamilyBase):
     # ----------------------------------------------------------- what the graph says
     @property
     def inputs(self) -> dict:
+        """The data the model's graph reads (names and axes): the inputs a design must provide."""
         g = self._graph
         return DATA if g is None else {n: DATA[n] for n in g["data"]}
 
     @property
     def patient_vars(self) -> tuple[str, ...]:
+        """Per-patient random variables of the graph, as its builder declares them."""
         return self._read("patient_vars")
 
     @property
     def patient_outputs(self) -> tuple[str, ...]:
+        """Per-patient quantities reported for each twin (``Twin.summary``), as the builder declares them."""
         return self._read("patient_outputs")
 
     @property
@@ -252,6 +255,7 @@ class Model(FamilyBase):
 
     @property
     def observation_params(self) -> tuple[str, ...]:
+        """Per-observation parameters of the observation law beyond its mean (e.g. a dispersion)."""
         return tuple(f"{self.observed}_param_{i}" for i in range(self._read("n_params")))
 
     def _ensure(self, schema: Schema) -> None:
@@ -268,6 +272,7 @@ class Model(FamilyBase):
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> Model:
+        """The family back from its saved configuration (the builder's import path)."""
         return cls(resolve(cfg["build"]), prediction=cfg.get("prediction"))
 
     # ------------------------------------------------------------------ design
@@ -387,6 +392,7 @@ class Model(FamilyBase):
         return therapies, times, self._scenario_data(data)
 
     def prediction_design(self, rows, times, therapy, start, schema):
+        """Forecast data for one patient under ``therapy`` from ``start`` (the progression family's design)."""
         from bayestwin.families.progression import Progression
 
         return Progression.prediction_design(self, rows, times, therapy, start, schema)

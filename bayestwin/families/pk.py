@@ -380,10 +380,12 @@ class Pk(FamilyBase):
 
     @property
     def patient_outputs(self) -> tuple[str, ...]:
+        """Per-subject PK parameters reported for each twin (``patient_cl``, ``patient_v``, ...)."""
         return tuple(f"patient_{p}" for p in self.parameters)
 
     @property
     def residual_params(self) -> tuple[str, ...]:
+        """Residual-error parameters of the error model (additive, proportional or both)."""
         return {"additive": ("sigma_add",), "proportional": ("sigma_prop",)}.get(
             self.error, ("sigma_add", "sigma_prop")
         )

@@ -137,9 +137,11 @@ class OdeModel:
 
     @property
     def default_state(self) -> int:
+        """Index of the state that receives doses (``dose_state``, else the first state)."""
         return self.states.index(self.dose_state) if self.dose_state else 0
 
     def initial(self, p: Mapping):
+        """The states at time 0 for parameters ``p`` (zeros unless the model gives ``init``)."""
         return jnp.zeros(len(self.states)) if self.init is None else jnp.asarray(self.init(p), float)
 
 
@@ -406,6 +408,7 @@ class Ode(Pk):
 
     @property
     def residual_params(self) -> tuple[str, ...]:
+        """Residual-error parameters, one set per observed output (the primary output's unsuffixed)."""
         names = []
         for out, kind in self.errors.items():
             if out not in self.observations.values():

@@ -193,9 +193,12 @@ class Progression(FamilyBase):
 
     @property
     def residual_params(self) -> tuple[str, ...]:
+        """Residual-error parameters: ``sigma`` (and ``nu`` for a Student-t residual)."""
         return ("sigma", "nu") if self.residual == "student" else ("sigma",)
 
     def default_priors(self, schema: Schema) -> dict:
+        """Weakly informative priors scaled from the data (outcome mean and SD, time scale); each can be overridden by
+        name with ``priors=``."""
         sy, T, ybar = schema.outcome_sd, schema.time_scale, schema.outcome_mean
         return {
             "intercept": Prior("Normal", mu=ybar, sigma=2.5 * sy),

@@ -119,10 +119,12 @@ class Survival(FamilyBase):
 
     @property
     def patient_vars(self) -> tuple[str, ...]:
+        """Per-patient random variables: the frailty's standardised offset ``z`` when ``frailty="patient"``."""
         return ("z",) if self.frailty else ()
 
     @property
     def parameters(self) -> tuple[str, ...]:
+        """Population parameters: the baseline hazard's, log hazard ratios per covariate and therapy, the frailty SD."""
         base = ("log_hazard0", "hazard_steps") if self.baseline == "piecewise" else ("log_scale", "shape")
         return (*base, "beta", "log_hr") + (("frailty_sd",) if self.frailty else ())
 

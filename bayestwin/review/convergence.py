@@ -56,6 +56,8 @@ class Verdict:
         }
 
     def warn(self, what: str) -> None:
+        """Raise one :class:`~bayestwin.errors.ConvergenceWarning` naming ``what`` and the failing checks (with advice),
+        if the gate failed."""
         if not self.converged:
             advice = "".join(f". Advice: {a}" for a in self.advice)
             warnings.warn(

@@ -106,16 +106,20 @@ class TrialDesign:
 
     @property
     def n_treatment(self) -> int:
+        """Patients on the treatment arm (``n_per_arm`` x ``allocation``)."""
         return int(round(self.n_per_arm * self.allocation))
 
     @property
     def n_total(self) -> int:
+        """Patients on both arms."""
         return self.n_per_arm + self.n_treatment
 
     def with_n(self, n_per_arm: int) -> TrialDesign:
+        """The same design with ``n_per_arm`` patients on the control arm."""
         return replace(self, n_per_arm=int(n_per_arm))
 
     def to_dict(self) -> dict:
+        """The design as plain data (arms by their labels), for tables and trial files."""
         d = asdict(self)
         for arm in ("control", "treatment"):
             v = getattr(self, arm)
