@@ -66,10 +66,54 @@ class Population:
     def summary(self) -> pd.DataFrame:
         """ArviZ summary of the population-level parameters, one row per element that varies
         (a correlation matrix's diagonal and repeated upper triangle left out:
-        :func:`bayestwin.review.convergence.free_quantities`)."""
+        :func:`bayestwin.review.convergence.free_quantities`). Covariate effects (``beta_*``) are
+        per cohort SD of a numeric covariate: :meth:`effects` gives them per unit of yours."""
         import arviz_stats as azs
 
         return azs.summary(free_quantities(self.idata, self.population_vars))
+
+    def effects(self, prob: float = 0.9) -> pd.DataFrame:
+        """Covariate effects on your own scale, one row per parameter and design column.
+
+        The models see numeric covariates standardised by the cohort's mean and SD, so a
+        ``beta_*`` in :meth:`summary` is the effect of one cohort SD. Here a numeric covariate's
+        effect is per one unit of your column (the draws divided by its SD; the ``reference``
+        value is the cohort mean, where the model's typical values apply), and a categorical
+        level's is the contrast with the reference level, which is named. Columns: ``parameter``,
+        ``covariate``, ``contrast``, ``reference``, ``mean``, ``sd`` and the central ``prob``
+        interval (``lower``, ``upper``).
+        """
+        schema, post = self.schema, self.posterior
+        lo, hi = (1 - prob) / 2, 1 - (1 - prob) / 2
+        rows = []
+        for name, da in post.data_vars.items():
+            if set(da.dims) != {"chain", "draw", "covariate"}:
+                continue
+            for column in da["covariate"].to_numpy():
+                x = da.sel(covariate=column).to_numpy().ravel()
+                if column in schema.numeric:
+                    centre, scale = schema.numeric[column]
+                    x, covariate = x / scale, column
+                    contrast, reference = f"per 1 unit of {column}", f"{centre:g} (cohort mean)"
+                else:
+                    covariate, level = str(column).split("[", 1)
+                    level = level[:-1]
+                    reference = str(schema.categorical[covariate][0])
+                    contrast = f"{level} vs {reference}"
+                rows.append(
+                    {
+                        "parameter": name,
+                        "covariate": covariate,
+                        "contrast": contrast,
+                        "reference": reference,
+                        "mean": x.mean(),
+                        "sd": x.std(ddof=1),
+                        "lower": np.quantile(x, lo),
+                        "upper": np.quantile(x, hi),
+                    }
+                )
+        columns = ["parameter", "covariate", "contrast", "reference", "mean", "sd", "lower", "upper"]
+        return pd.DataFrame(rows, columns=columns)
 
     def model(self, cohort: Cohort | None = None) -> pm.Model:
         """The PyMC model (for ``cohort``, or a one-patient template) to print, graph or extend."""
