@@ -304,11 +304,9 @@ def dose_search(
         min_target=min_target,
     )
     if table.attrs["notes"]:
-        import warnings
+        from bayestwin.errors import DecisionWarning, warn
 
-        from bayestwin.errors import DecisionWarning
-
-        warnings.warn("\n".join(table.attrs["notes"]), DecisionWarning, stacklevel=2)
+        warn("\n".join(table.attrs["notes"]), DecisionWarning)
     return table
 
 
@@ -540,9 +538,7 @@ def outcome_search(
     )
     table.attrs["notes"] = notes
     if notes:
-        import warnings
+        from bayestwin.errors import DecisionWarning, warn
 
-        from bayestwin.errors import DecisionWarning
-
-        warnings.warn("\n".join(notes), DecisionWarning, stacklevel=2)
+        warn("\n".join(notes), DecisionWarning)
     return table

@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import warnings
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """Warn at the caller's own line: the first frame outside bayestwin, however deep inside the
+    package the warning arises (so that Python's default filter says it once per line of *your*
+    code, and the traceback shows your call, not bayestwin's internals)."""
+    warnings.warn(message, category, skip_file_prefixes=(_PACKAGE,))
+
 
 class BayestwinError(Exception):
     """Base class for every error raised by bayestwin."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ from bayestwin.data.pseudonym import own_ids
 from bayestwin.engine import condition as cond
 from bayestwin.engine.importance import ImportanceConfig
 from bayestwin.engine.nuts import NutsConfig
-from bayestwin.errors import OutOfPopulationWarning
+from bayestwin.errors import OutOfPopulationWarning, warn
 from bayestwin.review.convergence import Thresholds, Verdict, gate
 from bayestwin.review.twins import OUT_OF_POPULATION_LEVEL, out_of_population  # noqa: F401 - re-exported
 
@@ -260,11 +259,10 @@ def _warn_out_of_population(table: pd.DataFrame) -> None:
     if len(out):
         level = f"{OUT_OF_POPULATION_LEVEL:.0%}"
         names = ", ".join(map(str, out[:5])) + (f" and {len(out) - 5} more" if len(out) > 5 else "")
-        warnings.warn(
+        warn(
             f"{len(out)} twin(s) outside the population's {level} predictive region "
             f"(random effects more extreme than the population allows): {names}",
             OutOfPopulationWarning,
-            stacklevel=3,
         )
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -40,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from bayestwin.data.pseudonym import PSEUDONYMISED, pseudonymise
-from bayestwin.errors import DataError
+from bayestwin.errors import DataError, warn
 
 LOINC = "http://loinc.org"
 #: Molar masses (g/mol) of analytes whose LOINC codes come in mass and substance units.
@@ -449,7 +448,7 @@ def read_fhir(
         dose_df = pd.DataFrame(columns=["patient", "time", "drug", "amount", "duration", "route", "entry"])
     if report.unknown_codes and warn_unknown:
         codes = ", ".join(f"{c} ({n}x)" for (_, c), n in report.unknown_codes.most_common(8))
-        warnings.warn(f"FHIR import: Observations with codes no Measure asks for were not used: {codes}", stacklevel=2)
+        warn(f"FHIR import: Observations with codes no Measure asks for were not used: {codes}")
     return FhirData(
         observations=obs_df.reset_index(drop=True),
         baseline=baseline,

@@ -40,15 +40,12 @@ def draw_key_if_missing(key):
     and says so at once: results made with it cannot be mapped back to your ids, and rows of the
     same patients read later (with another key) will not match."""
     if key is None:
-        import warnings
+        from bayestwin.errors import KeyWarning, warn
 
-        from bayestwin.errors import KeyWarning
-
-        warnings.warn(
+        warn(
             "no pseudonymisation key given: a random key was drawn for this table. Pass key= (e.g. "
             "bt.new_key(), kept safe) to map results back to your ids and to add rows of these patients later.",
             KeyWarning,
-            stacklevel=3,
         )
         return new_key()
     if key is not PSEUDONYMISED:

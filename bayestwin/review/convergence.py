@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from bayestwin.errors import ConvergenceWarning
+from bayestwin.errors import ConvergenceWarning, warn
 from bayestwin.review import batched
 
 
@@ -60,9 +60,7 @@ class Verdict:
         if the gate failed."""
         if not self.converged:
             advice = "".join(f". Advice: {a}" for a in self.advice)
-            warnings.warn(
-                f"{what} did not converge: {'; '.join(self.failing)}{advice}", ConvergenceWarning, stacklevel=3
-            )
+            warn(f"{what} did not converge: {'; '.join(self.failing)}{advice}", ConvergenceWarning)
 
 
 def diagnostics(posterior: xr.Dataset, sample_stats: xr.Dataset) -> pd.DataFrame:
