@@ -6,6 +6,8 @@ import warnings
 import numpy as np
 import pytest
 import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bayestwin as bt
 from bayestwin.review import free_quantities, loo
@@ -67,3 +69,28 @@ def test_pareto_wording_follows_the_psis_paper():
     text = loo_wording(0.7, 4000)
     assert "S = 4000 draws" in text and "above 0.70 = min(1 - 1/log10 S, 0.7)" in text
     assert "not that the unit is an outlier" in text and "influential" not in text
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(["vary", "constant", "nan", "repeat"]), min_size=1, max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_only_distinct_varying_finite_elements_survive(kinds, seed):
+    rng = np.random.default_rng(seed)
+    values = np.empty((2, 20, len(kinds)))
+    expected = []
+    for i, kind in enumerate(kinds):
+        if kind == "constant":
+            values[..., i] = rng.normal()
+        elif kind == "nan":
+            values[..., i] = rng.normal(size=(2, 20))
+            values[0, 0, i] = np.nan
+        elif kind == "repeat" and any(k == "vary" for k in kinds[:i]):
+            values[..., i] = values[..., kinds.index("vary")]
+        else:
+            values[..., i] = rng.normal(size=(2, 20))
+            expected.append(f"x[e{i}]")
+    post = xr.Dataset({"x": (("chain", "draw", "e"), values)}, coords={"e": [f"e{i}" for i in range(len(kinds))]})
+    out = free_quantities(xr.DataTree.from_dict({"posterior": post}), ["x"])
+    assert list(out.posterior.data_vars) == expected
