@@ -128,8 +128,15 @@ class Cohort:
     ----------
     data
         Long table: one row per patient and time.
-    patient, time, outcome, therapy
-        Column names. ``therapy=None`` means every patient is on a single (reference) therapy.
+    patient
+        Column of patient identifiers (pseudonymised on reading; never kept).
+    time
+        Column of measurement times (numbers; time 0 is when therapy starts).
+    outcome
+        Column of the measured outcome.
+    therapy
+        Column of the therapy received; ``None`` means every patient is on a single (reference)
+        therapy.
     covariates
         Baseline covariate columns. Numeric unless declared in ``categorical``, of pandas
         ``category`` or ``bool`` dtype, or made of text only; a column that mixes numbers and
