@@ -37,8 +37,10 @@ def test_population_round_trip_conditions_identically(population, simulated, sav
     assert loaded.verdict.converged == population.verdict.converged
     assert loaded.verdict.table.equals(population.verdict.table)
     assert loaded.sampler == population.sampler
-    dropped = set(population.posterior.data_vars) - set(loaded.posterior.data_vars)
-    assert dropped == {"mu"}  # per-observation deterministics are recomputed, not stored
+    # per-observation deterministics are recomputed, not stored; everything else is. (The shared
+    # population may itself come from an artifact, when the other xdist worker fitted it.)
+    assert "mu" not in loaded.posterior
+    assert set(loaded.posterior.data_vars) == set(population.posterior.data_vars) - {"mu"}
     for name in loaded.posterior.data_vars:
         np.testing.assert_array_equal(loaded.posterior[name].to_numpy(), population.posterior[name].to_numpy())
     card = read_card(saved)
