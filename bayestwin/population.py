@@ -332,8 +332,14 @@ def fit(
         A validated table (:class:`Cohort`, or a family's own such as NONMEM ``Events``).
     family
         A family instance or name (``"progression"``, ``"pk"``).
-    draws, tune, chains, target_accept
-        NUTS settings (chains run vectorised in one JAX program).
+    draws
+        Draws per chain kept after warmup (NUTS; chains run vectorised in one JAX program).
+    tune
+        Warmup (adaptation) steps per chain.
+    chains
+        Number of chains.
+    target_accept
+        NUTS's target acceptance rate (higher: smaller steps, fewer divergences, slower).
     mass
         Mass matrix: ``"block"`` (default; dense over the population parameters, diagonal over
         the per-patient ones), ``"diag"`` (what ``pm.sample`` gives) or ``"dense"``.
