@@ -56,7 +56,7 @@ class options:  # noqa: N801 - used like a function, as xarray.set_options and n
         _OPTIONS.update(self._old)
 
     def __repr__(self) -> str:
-        return f"bayestwin.settings(progress={_OPTIONS['progress']!r})"
+        return f"bayestwin.options(progress={_OPTIONS['progress']!r})"
 
 
 def _from_environment() -> bool | None:

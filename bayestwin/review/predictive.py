@@ -65,7 +65,11 @@ def loo(population, by: str = "obs"):
 
 def pareto_k_table(population, by: str = "patient") -> pd.DataFrame:
     """One row per observation or patient: Pareto k̂ and the pointwise ELPD, worst k̂ first."""
-    res = loo(population, by)
+    return khat_table(loo(population, by))
+
+
+def khat_table(res) -> pd.DataFrame:
+    """:func:`pareto_k_table` of a :func:`loo` result already at hand."""
     table = pd.DataFrame({"pareto_k": res.pareto_k.to_series(), "elpd_loo": res.elpd_i.to_series()})
     table["reliable"] = table["pareto_k"] <= res.good_k
     return table.sort_values("pareto_k", ascending=False)

@@ -116,7 +116,7 @@ def _population_sections(pop, calibration) -> list[str]:
         },
         index=pd.Index(["leave one observation out", "leave one patient out"], name="PSIS-LOO"),
     )
-    khat = predictive.pareto_k_table(pop, by="patient")
+    khat = predictive.khat_table(loo_p)  # the leave-one-patient-out result above, not a second LOO
     out.append(
         _h2("PSIS-LOO and Pareto k̂")
         + _note(loo_wording(loo_p.good_k, int(pop.posterior.sizes["chain"] * pop.posterior.sizes["draw"])))
