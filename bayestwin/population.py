@@ -83,6 +83,8 @@ class Population:
         ``covariate``, ``contrast``, ``reference``, ``mean``, ``sd`` and the central ``prob``
         interval (``lower``, ``upper``).
         """
+        if not 0 < prob < 1:
+            raise ValueError(f"prob must be between 0 and 1, not {prob!r}")
         schema, post = self.schema, self.posterior
         lo, hi = (1 - prob) / 2, 1 - (1 - prob) / 2
         rows = []

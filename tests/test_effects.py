@@ -20,3 +20,5 @@ def test_effects_are_per_unit_name_the_reference_and_recover_the_truth(populatio
     assert (sex.contrast, sex.reference) == ("M vs F", "F")
     assert abs(sex["mean"] - 0.3) < 3 * sex["sd"], sex  # M minus F: +0.3
     assert list(population.effects(prob=0.5).columns) == list(eff.columns)
+    with pytest.raises(ValueError, match="prob must be between 0 and 1, not 90"):
+        population.effects(prob=90)

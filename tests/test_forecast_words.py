@@ -58,5 +58,7 @@ def test_tables_take_the_users_ids_and_refuse_ids_of_another_key(forecast):
     wrong = bt.reidentify(rows.Subject.unique(), b"another-key-000000001")
     with pytest.raises(KeyError, match="is not among the 2 ids given: were they pseudonymised with this key"):
         twin.summary(ids=wrong)
+    with pytest.raises(TypeError, match="ids must map pseudonyms to your ids .* not list"):
+        twin.summary(ids=[308, 309])
     with pytest.raises(KeyError, match="patient 999 is not in this forecast"):
         fc.plot(999, ids=ids)

@@ -86,7 +86,11 @@ def reidentify(patient_ids: Iterable, key: bytes | str) -> pd.Series:
 def own_ids(pseudonyms: Iterable[str], ids) -> list:
     """Your identifiers for ``pseudonyms``, from ``ids`` (a mapping pseudonym -> your id, e.g.
     ``bt.reidentify(table.patient, key)``); a pseudonym it lacks is an error, not a silent gap."""
-    ids = dict(ids.items()) if hasattr(ids, "items") else dict(ids)
+    if not hasattr(ids, "items"):
+        raise TypeError(
+            f"ids must map pseudonyms to your ids (e.g. bt.reidentify(your_ids, key)), not {type(ids).__name__}"
+        )
+    ids = dict(ids.items())
     missing = [p for p in pseudonyms if p not in ids]
     if missing:
         raise KeyError(
