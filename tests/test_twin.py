@@ -41,7 +41,7 @@ def test_patient_without_rows_gets_population_predictive(population, simulated):
     pop = population.posterior
     x = population.schema.covariate_matrix(empty.cohort.baseline)[0]
     a = pop["intercept"] + (pop["beta_level"] * x).sum("covariate")
-    pred_sd = np.sqrt(float(a.var()) + float((pop["re_chol_stds"].isel(re_chol_stds_dim_0=0) ** 2).mean()))
+    pred_sd = np.sqrt(float(a.var()) + float((pop["re_chol_stds"].sel(effect="intercept") ** 2).mean()))
     tw = empty.posterior["patient_intercept"]
     assert abs(float(tw.mean()) - float(a.mean())) < 0.1 * pred_sd
     assert 0.9 < float(tw.std()) / pred_sd < 1.1
@@ -178,7 +178,7 @@ def test_out_of_population_flag(population, simulated, twin):
     assert not table["out_of_population"].any()
     assert (table["re_distance2"] < chi2.ppf(0.99, 2)).all()
     pid = held.patient.unique()[0]
-    sd0 = float(population.posterior["re_chol_stds"].isel(re_chol_stds_dim_0=0).mean())
+    sd0 = float(population.posterior["re_chol_stds"].sel(effect="intercept").mean())
     odd = held[held.patient == pid].assign(outcome=lambda d: d.outcome + 10 * sd0)
     with pytest.warns(bt.OutOfPopulationWarning, match=r"1 twin\(s\) outside the population's 99% predictive region"):
         flagged = population.condition(odd, key=KEY, seed=1, method="importance")

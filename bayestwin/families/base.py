@@ -126,6 +126,33 @@ class Prior:
         return f"Prior({self.dist!r}{', ' if args else ''}{args})"
 
 
+def lkj_cholesky(name: str, dim: str, eta, sd_dist, *, stds: bool = True):
+    """A correlated random-effect block with labelled draws: the Cholesky factor of an LKJ
+    covariance over the coordinates of ``dim`` (already in the model), returned for ``z @ L.T``.
+
+    ``pm.LKJCholeskyCov`` with every variable named on the model's labels: the packed factor
+    ``name`` over ``{name}_element`` (its lower triangle row by row: ``"slope, intercept"`` is
+    L[slope, intercept]), the SDs ``{name}_stds`` over ``dim`` and the correlations
+    ``{name}_corr`` over ``(dim, {dim}_bis)`` (``stds=False``: no SDs, for a family that keeps
+    them under another name). (PyMC's own deterministics have unnamed dims,
+    ``re_chol_stds_dim_0``: which index is the intercept, only the source said.)
+    """
+    model = pm.modelcontext(None)
+    labels = [str(x) for x in model.coords[dim]]
+    n = len(labels)
+    rows, cols = np.tril_indices(n)
+    model.add_coord(f"{name}_element", [f"{labels[i]}, {labels[j]}" for i, j in zip(rows, cols, strict=True)])
+    if f"{dim}_bis" not in model.coords:
+        model.add_coord(f"{dim}_bis", labels)
+    chol, corr, sds = pm.LKJCholeskyCov(
+        name, n=n, eta=eta, sd_dist=sd_dist, compute_corr=True, store_in_trace=False, dims=f"{name}_element"
+    )
+    pm.Deterministic(f"{name}_corr", corr, dims=(dim, f"{dim}_bis"))
+    if stds:
+        pm.Deterministic(f"{name}_stds", sds, dims=dim)
+    return chol
+
+
 def check_prior_names(priors: Mapping, known, family: str) -> None:
     """Refuse prior overrides whose name the family does not have (a typo would be ignored)."""
     unknown = set(priors) - set(known)

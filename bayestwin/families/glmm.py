@@ -119,7 +119,8 @@ def linear_growth(data: ModelData) -> pm.Model:
     patient (level, slope) as a *centred* MvNormal around covariate-dependent means, therapy
     effects on the slope through the time spent on each therapy, Gaussian residuals. Twins of it
     match the built-in family's (benchmarks/model_family.py compares them and their speed)."""
-    with pm.Model(coords=data.coords | {"effect": ["intercept", "slope"]}) as model:
+    effects = ["intercept", "slope"]
+    with pm.Model(coords=data.coords | {"effect": effects, "effect_bis": effects}) as model:
         idx = pm.Data("patient_idx", data["patient_idx"], dims="obs")
         X = pm.Data("X", data["X"], dims=("patient", "covariate"))
         t = pm.Data("time", data["time"], dims="obs")
@@ -130,9 +131,17 @@ def linear_growth(data: ModelData) -> pm.Model:
         beta_level = pm.Normal("beta_level", 0.0, 10.0, dims="covariate")
         beta_slope = pm.Normal("beta_slope", 0.0, 1.0, dims="covariate")
         therapy_slope = pm.Normal("therapy_slope", 0.0, 1.0, dims="therapy_effect")
-        chol, _, _ = pm.LKJCholeskyCov(
-            "re_chol", n=2, eta=2.0, sd_dist=pm.Gamma.dist(alpha=2.0, beta=[0.2, 2.0], shape=2), compute_corr=True
+        # PyMC's SD and correlation deterministics have unnamed dims: ours are labelled
+        chol, corr, stds = pm.LKJCholeskyCov(
+            "re_chol",
+            n=2,
+            eta=2.0,
+            sd_dist=pm.Gamma.dist(alpha=2.0, beta=[0.2, 2.0], shape=2),
+            compute_corr=True,
+            store_in_trace=False,
         )
+        pm.Deterministic("re_chol_stds", stds, dims="effect")
+        pm.Deterministic("re_chol_corr", corr, dims=("effect", "effect_bis"))
         mean = pm.math.stack([intercept + X @ beta_level, slope + X @ beta_slope], axis=1)
         theta = pm.MvNormal("theta", mu=mean, chol=chol, dims=("patient", "effect"))
         mu = theta[idx, 0] + theta[idx, 1] * t + E @ therapy_slope

@@ -32,7 +32,7 @@ import pytensor.tensor as pt
 from bayestwin.data.cohort import OUTCOME, PATIENT, THERAPY, TIME, Schema
 from bayestwin.data.joint import KIND
 from bayestwin.data.survival import START
-from bayestwin.families.base import Axis, Design, FamilyBase, Prior, check_prior_names, register_family
+from bayestwin.families.base import Axis, Design, FamilyBase, Prior, check_prior_names, lkj_cholesky, register_family
 from bayestwin.families.survival import Survival, interval_forecast, piecewise_cuts
 
 EFFECTS = ("intercept", "slope")
@@ -208,9 +208,7 @@ class Joint(FamilyBase):
             # biomarker
             intercept = pri["intercept"].create("intercept")
             slope = pri["slope"].create("slope")
-            chol, _, _ = pm.LKJCholeskyCov(
-                "re_chol", n=2, eta=pri["re_corr_eta"], sd_dist=pri["re_sd"].unnamed(shape=2), compute_corr=True
-            )
+            chol = lkj_cholesky("re_chol", "effect", eta=pri["re_corr_eta"], sd_dist=pri["re_sd"].unnamed(shape=2))
             z = pm.Normal("z", 0.0, 1.0, dims=("patient", "effect"))
             u = z @ chol.T
             a, b = intercept + u[:, 0], slope + u[:, 1]
@@ -247,7 +245,9 @@ class Joint(FamilyBase):
             walk = pt.zeros(1)
             if len(cuts):  # a random walk with a fixed step SD: an SD learnt from the few events
                 # per piece of a joint cohort made a funnel (16 divergences in 6,000 draws)
-                steps = pri["hazard_step"].create("hazard_steps", shape=len(cuts))
+                # step k: from piece k-1's log hazard to piece k's
+                pm.modelcontext(None).add_coord("hazard_step", np.arange(1, len(cuts) + 1))
+                steps = pri["hazard_step"].create("hazard_steps", dims="hazard_step")
                 walk = pt.concatenate([walk, pt.cumsum(steps)])
             log_h0 = pm.Deterministic("log_baseline_hazard", a0 + walk, dims="piece")
             lo = np.concatenate([[0.0], cuts])

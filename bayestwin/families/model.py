@@ -368,11 +368,15 @@ class Model(FamilyBase):
             self._graph = _roles(model, _observed(model), self.prediction_name)
         obs = model[self._graph["observed"]]
         params = obs.owner.op.dist_params(obs.owner)
-        with model:  # no dims: a parameter may be a broadcast scalar (not one per observation)
+        # labelled like the observations where one per observation; a parameter may also be a
+        # scalar shared by every observation (no dims), never broadcast: predictions have no y
+        dims = model.named_vars_to_dims.get(obs.name)
+        with model:
             for i, p in enumerate(params):
-                pm.Deterministic(f"{obs.name}_param_{i}", p)
+                pm.Deterministic(f"{obs.name}_param_{i}", p, dims=dims if p.ndim == obs.ndim else None)
             if self.prediction_name is None:
-                pm.Deterministic(f"expected_{obs.name}", LAWS[self._graph["law"]](*params))
+                expected = LAWS[self._graph["law"]](*params)
+                pm.Deterministic(f"expected_{obs.name}", expected, dims=dims if expected.ndim == obs.ndim else None)
         return model
 
     # --------------------------------------------------------------- forecasts

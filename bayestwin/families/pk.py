@@ -40,7 +40,7 @@ from bayestwin.data.cohort import Schema
 from bayestwin.data.nonmem import episodes, expand_doses
 from bayestwin.families import pk_analytic as pka
 from bayestwin.families import pk_covariates as pkc
-from bayestwin.families.base import Axis, Design, FamilyBase, Prior, check_prior_names, register_family
+from bayestwin.families.base import Axis, Design, FamilyBase, Prior, check_prior_names, lkj_cholesky, register_family
 from bayestwin.families.pk_covariates import coefficient_name, effect_from_dict, effect_to_dict
 
 EFFECT_TYPES = tuple(pkc.EFFECTS.values())
@@ -751,9 +751,7 @@ class Pk(FamilyBase):
         n = len(bsv)
         z = pm.Normal("z", 0.0, 1.0, dims=("patient", "pk_param"))
         if self.correlated is True and n > 1:
-            chol, _, _ = pm.LKJCholeskyCov(
-                "re_chol", n=n, eta=pri["bsv_corr_eta"], sd_dist=pri["bsv_sd"].unnamed(shape=n), compute_corr=True
-            )
+            chol = lkj_cholesky("re_chol", "pk_param", eta=pri["bsv_corr_eta"], sd_dist=pri["bsv_sd"].unnamed(shape=n))
             eta = z @ chol.T
         elif not self.correlated or n == 1:
             eta = z * pri["bsv_sd"].create("bsv_sd", dims="pk_param")[None, :]
@@ -768,12 +766,12 @@ class Pk(FamilyBase):
                 L = pt.set_subtensor(L[diag, diag], sd)
             for b, g in enumerate(self.correlated):
                 j = [bsv.index(x.lower()) for x in g]
-                chol, _, _ = pm.LKJCholeskyCov(
+                pm.modelcontext(None).add_coord(f"block_{b}_param", [bsv[i] for i in j])
+                chol = lkj_cholesky(
                     f"re_chol_{b}",
-                    n=len(j),
+                    f"block_{b}_param",
                     eta=pri["bsv_corr_eta"],
                     sd_dist=pri["bsv_sd"].unnamed(shape=len(j)),
-                    compute_corr=True,
                 )
                 L = pt.set_subtensor(L[np.ix_(j, j)], chol)
             eta = z @ L.T

@@ -30,7 +30,7 @@ import pytensor.tensor as pt
 from pytensor.tensor.slinalg import solve_triangular
 
 from bayestwin.data.cohort import OUTCOME, PATIENT, THERAPY, TIME, Schema
-from bayestwin.families.base import Axis, Design, FamilyBase, Prior, check_prior_names, register_family
+from bayestwin.families.base import Axis, Design, FamilyBase, Prior, check_prior_names, lkj_cholesky, register_family
 
 EFFECTS = ("intercept", "slope")
 #: How the population fit parameterises each patient's random effects (twins always condition on
@@ -368,9 +368,7 @@ class Progression(FamilyBase):
 
             intercept = pri["intercept"].create("intercept")
             slope = pri["slope"].create("slope")
-            chol, _, _ = pm.LKJCholeskyCov(
-                "re_chol", n=2, eta=pri["re_corr_eta"], sd_dist=pri["re_sd"].unnamed(shape=2), compute_corr=True
-            )
+            chol = lkj_cholesky("re_chol", "effect", eta=pri["re_corr_eta"], sd_dist=pri["re_sd"].unnamed(shape=2))
             if centred is None:  # non-centred offsets: the graph twins condition on
                 z = pm.Normal("z", 0.0, 1.0, dims=("patient", "effect"))
                 u = z @ chol.T

@@ -220,7 +220,9 @@ class Survival(FamilyBase):
                 # A random walk with a fixed step SD (a prior on how fast the hazard may change
                 # between pieces). A learnt step SD made funnels: non-centred, a GBSG2 chain stuck at
                 # SD 27; centred, divergences on a 150-patient cohort with 8 pieces.
-                steps = pri["hazard_step"].create("hazard_steps", shape=len(cuts))
+                # step k: from piece k-1's log hazard to piece k's
+                pm.modelcontext(None).add_coord("hazard_step", np.arange(1, len(cuts) + 1))
+                steps = pri["hazard_step"].create("hazard_steps", dims="hazard_step")
                 walk = pt.concatenate([pt.zeros(1), pt.cumsum(steps)]) if len(cuts) else pt.zeros(1)
                 log_h0 = pm.Deterministic("log_baseline_hazard", a + walk, dims="piece")
                 lo = np.concatenate([[0.0], cuts])

@@ -132,6 +132,13 @@ def test_static_contract(case):
         standardised(model, v)  # Normal or MvNormal given the population: no error
     for v in family.patient_outputs:
         assert dims[v][0] == "patient", v
+    # every variable a user sees has labelled dims (none of PyMC's unnamed "re_chol_stds_dim_0")
+    shown = [*model.free_RVs, *model.deterministics, *model.observed_RVs]
+    unnamed = [v.name for v in shown if v.ndim and (v.name not in dims or None in dims[v.name])]
+    assert not unnamed, f"variables without named dims: {unnamed}"
+    for var, labels in dims.items():
+        for d in labels:
+            assert len(model.coords[d]) == model[var].shape.eval()[labels.index(d)] or d == "obs", (var, d)
     # scenarios cover every input the prediction needs, with or without a history
     need = {n for n in family.inputs if n not in ("patient_idx", "y_obs")}
     _, _, data = family.forecast_inputs(table, schema, scenarios, None, None)
