@@ -151,7 +151,9 @@ class Population:
     @cached_property
     def approx(self) -> cond.GaussianApprox:
         """Gaussian approximation of p(phi | cohort) in unconstrained space."""
-        prog = self.program(8)
+        # any program will do (the population's blocks do not depend on a patient's shape): the
+        # first patient's, rather than compiling one more just for this
+        prog = next(iter(self._programs.values()), None) or self.program(8)
         return cond.GaussianApprox.from_draws(unconstrained_draws(prog.model, self.posterior, prog.phi))
 
     def cohort(self, rows, *, key=None, baseline=None) -> Cohort:

@@ -1,8 +1,8 @@
 """Vectorised NUTS: many independent posteriors (patients x chains) in one jitted JAX program.
 
 Each chain runs Stan-style window adaptation (step size and diagonal mass matrix) and then NUTS,
-using blackjax's pure kernels. The per-chain program is ``vmap``-ped over chains and then over
-patients; patients' data enter as arguments, so one compiled program serves every batch of the
+using blackjax's pure kernels. The per-chain program is ``vmap``-ped once over every (patient,
+chain) pair; patients' data enter as arguments, so one compiled program serves every batch of the
 same padded shape. Under ``vmap`` a batch advances at the pace of its slowest chain in each NUTS
 step, which is why batches should hold patients of similar size (padding makes them so).
 """
@@ -130,9 +130,16 @@ def make_sampler(logdensity: Callable, cfg: NutsConfig) -> Callable:
         keep = slice(cfg.tune, None)
         return Draws(pos[keep], div[keep], acc[keep], n[keep], energy[keep], last[3])
 
-    per_patient = jax.vmap(one_chain, in_axes=(0, 0, None))
+    def run(keys, init, data):
+        # One vmap over every (patient, chain) pair, each chain given its patient's data: vmap
+        # traces the NUTS loops once per level, so this halves the tracing of nested vmaps
+        # (chains, then patients), most of a first twin's time once XLA's programs are on disk.
+        b, c = keys.shape[:2]
+        per_chain = jax.tree_util.tree_map(lambda a: jnp.repeat(a, c, axis=0), data)
+        out = jax.vmap(one_chain)(keys.reshape(b * c), init.reshape(b * c, *init.shape[2:]), per_chain)
+        return jax.tree_util.tree_map(lambda a: a.reshape(b, c, *a.shape[1:]), out)
 
-    return jax.jit(jax.vmap(per_patient, in_axes=(0, 0, 0)))
+    return jax.jit(run)
 
 
 def chain_keys(seeds: jnp.ndarray, chains: int) -> jax.Array:
