@@ -21,7 +21,12 @@ ka - k (so ka > k: no flip-flop; the likelihood alone cannot tell ka from k).
 ``parameterisation="rate"`` uses (ke, ka, CL) as nlme's ``SSfol`` does, with V = CL/ke, and
 ``correlated=False`` makes the between-subject variability diagonal (nlme's ``pdDiag``).
 ``lag=True`` adds an absorption lag time ``tlag`` (log-normal, with between-subject variability)
-to oral doses: nothing is absorbed before ``t_dose + tlag``.
+to oral doses: nothing is absorbed before ``t_dose + tlag``. ``bioavailability=True`` adds ``f``,
+the fraction of an oral (depot) dose that reaches the circulation (log-normal, with between-subject
+variability unless ``bsv=`` leaves it out): every depot dose enters as ``f * AMT``, doses into the
+central compartment (CMT 2, infusions) as ``AMT``. With IV and oral doses in the data (a crossover
+study) the data determine F; with oral doses only they determine CL/F and V/F, and F rests on its
+prior (give an informative ``priors={"log_f": ...}``, e.g. a published F, to read CL and V as absolute).
 Observations below the LLOQ (BLQ = 1) enter by the M3 method: the likelihood
 is P(y < LLOQ), not a dropped row (:func:`m3_logp`).
 """
@@ -45,7 +50,7 @@ from bayestwin.families.pk_covariates import coefficient_name, effect_from_dict,
 
 EFFECT_TYPES = tuple(pkc.EFFECTS.values())
 #: Fixed allometric exponents of ``weight=`` (clearances 0.75, volumes 1; ke = CL/V: -0.25).
-ALLOMETRY = {"cl": 0.75, "q": 0.75, "v": 1.0, "v1": 1.0, "v2": 1.0, "ke": -0.25, "ka": 0.0, "tlag": 0.0}
+ALLOMETRY = {"cl": 0.75, "q": 0.75, "v": 1.0, "v1": 1.0, "v2": 1.0, "ke": -0.25, "ka": 0.0, "tlag": 0.0, "f": 0.0}
 
 
 def record_check(frame: pd.DataFrame):
@@ -155,6 +160,8 @@ class Pk(FamilyBase):
     ('cl', 'v', 'ka')
     >>> Pk(compartments=2, lag=True).parameters
     ('cl', 'v1', 'q', 'v2', 'ka', 'tlag')
+    >>> Pk(bioavailability=True).parameters
+    ('cl', 'v', 'ka', 'f')
     """
 
     name = "pk"
@@ -201,6 +208,7 @@ class Pk(FamilyBase):
         lag: bool = False,
         covariates: Mapping | None = None,
         bsv: list | tuple | None = None,
+        bioavailability: bool = False,
     ):
         if compartments not in (1, 2):
             raise ValueError(f"compartments must be 1 or 2, not {compartments!r}")
@@ -214,6 +222,11 @@ class Pk(FamilyBase):
             raise ValueError("parameterisation='rate' (ke, ka, cl) is for one compartment")
         if lag and route != "oral":
             raise ValueError("lag=True is an absorption lag time: it needs route='oral'")
+        if not isinstance(bioavailability, bool):
+            raise TypeError(f"bioavailability is True or False, not {bioavailability!r}")
+        if bioavailability and route != "oral":
+            raise ValueError("bioavailability=True is the fraction of an oral dose absorbed: it needs route='oral'")
+        self.bioavailability = bioavailability
         if weight is not None and not isinstance(weight, str):
             raise TypeError(f"weight is the name of the body-weight covariate, not {weight!r}")
         weight = weight.upper() if weight else None  # NONMEM column names are read upper-case
@@ -373,6 +386,7 @@ class Pk(FamilyBase):
     def parameters(self) -> tuple[str, ...]:
         """Log-normal parameters with between-subject variability, in model order."""
         lag = ("tlag",) if self.lag else ()
+        lag += ("f",) if self.bioavailability else ()
         if self.parameterisation == "rate":  # as nlme's SSfol: lKe, lKa, lCl
             return ("ke", "ka", "cl", *lag) if self.route == "oral" else ("ke", "cl")
         base = ("cl", "v") if self.compartments == 1 else ("cl", "v1", "q", "v2")
@@ -409,11 +423,12 @@ class Pk(FamilyBase):
         centres |= {"v2": np.log(2 * v0), "ka": np.log(10.0 / schema.time_scale)}
         if self.lag:
             centres["tlag"] = np.log(schema.time_scale / 48)
+        centres["f"] = np.log(0.7)  # with a prior SD of 0.5 below: F in (0.26, 1.9) with 95%
         # the data's scales are those of its typical subject: the typical value is the reference
         # subject's, so take off what the covariate model gives the typical subject (at the prior)
         shift = self._typical_shift(design, schema)
         pri = {
-            f"log_{p}": Prior("Normal", mu=float(centres[p] - shift[p]), sigma=1.5 if p == "tlag" else 2.0)
+            f"log_{p}": Prior("Normal", mu=float(centres[p] - shift[p]), sigma={"tlag": 1.5, "f": 0.5}.get(p, 2.0))
             for p in self.parameters
         }
         for p, effects in self.effects.items():
@@ -804,7 +819,7 @@ class Pk(FamilyBase):
     def concentration(self, xp, theta: Mapping, t, t_dose, amt, duration, infusion, ii=0.0):
         """Each dose's contribution to the central concentration at ``t`` (broadcast, not summed).
 
-        ``theta`` maps parameter names (``cl``, ``v`` or ``v1``/``q``/``v2``, ``ka``, ``tlag``) to arrays
+        ``theta`` maps parameter names (``cl``, ``v`` or ``v1``/``q``/``v2``, ``ka``, ``tlag``, ``f``) to arrays
         broadcastable against ``t - t_dose``. ``infusion`` codes how each dose enters: 1 an
         infusion over ``duration`` into the central compartment, 2 a bolus into the central
         compartment (CMT 2 of an oral model), 0 the route's own input (oral: first-order
@@ -820,7 +835,8 @@ class Pk(FamilyBase):
             bolus_fn, inf_fn, oral_fn = pka.two_cmt_bolus, pka.two_cmt_infusion, pka.two_cmt_oral
         bolus = bolus_fn(xp, t, t_dose, amt, **struct, ii=ii)
         if self.route == "oral":
-            oral = oral_fn(xp, t, t_dose, amt, ka=theta["ka"], tlag=theta.get("tlag", 0.0), **struct, ii=ii)
+            absorbed = {"ka": theta["ka"], "tlag": theta.get("tlag", 0.0), "f": theta.get("f", 1.0)}
+            oral = oral_fn(xp, t, t_dose, amt, **absorbed, **struct, ii=ii)
             first = xp.where(infusion > 1.5, bolus, oral)
         else:
             first = bolus

@@ -350,6 +350,7 @@ class Ode(Pk):
         # what the card stores; "object:<name>" cannot be rebuilt, so save refuses it before writing
         self.model = model if isinstance(model, str) else (self.ode.path or f"object:{self.ode.name}")
         self.compartments, self.route, self.parameterisation, self.lag, self.weight = None, "ode", "ode", False, None
+        self.bioavailability = False  # (the ODE model routes doses itself)
         outputs = list(self.ode.outputs)
         self.observations = {int(k): v for k, v in (observations or {0: outputs[0]}).items()}
         for cmt, out in self.observations.items():
