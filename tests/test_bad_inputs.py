@@ -666,6 +666,16 @@ FAMILY_CASES = [
         lambda: bt.Pk(priors={"sigma": bt.Prior("HalfNormal", sigma=1)}),
         "unknown prior name(s) ['sigma'] for family 'pk'",
     ),
+    (
+        "Pk prior of F without bioavailability",
+        lambda: bt.Pk(priors={"log_f": bt.Prior("Normal", mu=-0.5, sigma=0.1)}),
+        "a prior for log_f needs bioavailability=True (this model has no f)",
+    ),
+    (
+        "Pk prior of the lag time without lag",
+        lambda: bt.Pk(priors={"log_tlag": bt.Prior("Normal", mu=-0.5, sigma=0.1)}),
+        "a prior for log_tlag needs lag=True (this model has no tlag)",
+    ),
     ("Pk 3 compartments", lambda: bt.Pk(compartments=3), "compartments must be 1 or 2"),
     ("Pk route", lambda: bt.Pk(route="im"), "route must be 'oral' or 'iv'"),
     ("Pk error model", lambda: bt.Pk(error="lognormal"), "error must be one of"),

@@ -243,6 +243,10 @@ class Pk(FamilyBase):
         """Set and check the options every PK-like family shares: priors (names checked),
         covariate model, BSV and its blocks."""
         self.priors = dict(priors or {})
+        options = {"log_tlag": "lag=True", "log_f": "bioavailability=True"}
+        for name, option in options.items():  # a prior of a parameter the model leaves out: say which option adds it
+            if name in self.priors and name.removeprefix("log_") not in self.parameters and self.route != "ode":
+                raise ValueError(f"a prior for {name} needs {option} (this model has no {name.removeprefix('log_')})")
         self.effects = self._effects(covariates)
         self.covariates = (
             None
