@@ -4,8 +4,9 @@ on disk (bayestwin.cache), and once more within that process (warm in memory).
 
     .venv/bin/python benchmarks/latency.py            # about 2 minutes on 2 cores
 
-Families: progression (the shipped sleepstudy population) and PK (the shipped Theoph population,
-with a dose search over 12 amounts). Issue 21's targets: first twin <= 10 s cold and <= 2 s with
+Families: progression (the shipped sleepstudy population), PK (the shipped Theoph population,
+with a dose search over 12 amounts) and survival (a Weibull population of 60 simulated patients,
+fitted and saved first: the zoo has no survival model). Issue 21's targets: first twin <= 10 s cold and <= 2 s with
 the disk cache; update <= 1 s warm; dose search on one twin <= 0.2 s warm.
 """
 
@@ -52,14 +53,43 @@ CHILD = textwrap.dedent(
     timed("PK: dose search again", search)
     timed("PK: update (+1 level)", lambda: ptwin.update(
         pd.DataFrame({"ID": [1], "TIME": [10.0], "AMT": [0.0], "DV": [5.0], "EVID": [0]}), key=KEY))
+
+    import os
+    from bayestwin.families.survival import simulate
+    surv = timed("survival: load", lambda: bt.load(os.environ["LATENCY_SURVIVAL"]))
+    df, _ = simulate(63, seed=3)
+    new = df[df.patient == df.patient.iloc[-1]]
+    stwin = timed("survival: first twin", lambda: surv.condition(new, key=KEY, seed=1))
+    timed("survival: event risk forecast", lambda: stwin.predict(times=[6.0, 12.0]).summary())
+    timed("survival: first twin again", lambda: surv.condition(new, key=KEY, seed=2))
     print("TIMES" + json.dumps(out))
     """
 )
 
 
-def child(cache: str) -> dict:
+def survival_population(folder: str) -> str:
+    """A Weibull survival population (60 simulated patients, age), fitted and saved once: there is
+    no survival model in the zoo. Its fit is not timed (the children time loading it)."""
+    import warnings
+
+    import bayestwin as bt
+    from bayestwin.families.survival import simulate
+
+    df, _ = simulate(63, seed=3)
+    train = df[df.patient.isin(df.patient.unique()[:60])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = bt.read_survival(train, covariates=["age"], key=b"latency-benchmark-key-0123")
+        pop = bt.fit(table, bt.Survival(baseline="weibull"), draws=500, tune=500, seed=1, progressbar=False)
+    path = os.path.join(folder, "survival")
+    bt.save(pop, path)
+    return path
+
+
+def child(cache: str, survival: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     env["BAYESTWIN_CACHE_DIR"] = cache
+    env["LATENCY_SURVIVAL"] = survival
     run = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=False)
     if run.returncode != 0:
         raise SystemExit(run.stderr[-3000:])
@@ -67,9 +97,10 @@ def child(cache: str) -> dict:
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as cache:
-        cold = child(cache)
-        disk = child(cache)
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as models:
+        survival = survival_population(models)
+        cold = child(cache, survival)
+        disk = child(cache, survival)
     print(f"{'step':42s} {'cold s':>8s} {'disk cache s':>13s}")
     for name in cold:
         print(f"{name:42s} {cold[name]:8.2f} {disk[name]:13.2f}")
