@@ -79,8 +79,23 @@ def _dose(args) -> int:
         raise ValueError(f"--limit must be a positive concentration, not {args.limit:g}")
     if args.start is not None and not np.isfinite(args.start):
         raise ValueError(f"--start must be a finite time, not {args.start:g}")
-    if args.draws < 1:
+    fit_options = {"--covariates": args.covariates, "--weight": args.weight, "--compartments": args.compartments}
+    fit_options |= {"--route": args.route, "--error": args.error, "--draws": args.draws}
+    if args.population is not None and (given := [k for k, v in fit_options.items() if v not in (None, "")]):
+        raise ValueError(
+            f"{', '.join(given)} describe(s) a new population fit: with --population the saved population's own "
+            "model is used"
+        )
+    if args.draws is not None and args.draws < 1:
         raise ValueError(f"--draws must be >= 1, not {args.draws}")
+    pop = None
+    if args.population is not None:  # before the table: a wrong name fails first, and fast
+        pop = bt.load(args.population)
+        if not hasattr(pop.family, "concentration"):
+            raise ValueError(
+                f"--population {args.population} is a {pop.family.name!r} population: dose needs a "
+                "pharmacokinetic one (pk or ode)"
+            )
     table = _read_table(args.data)
     table.columns = [str(c).upper() for c in table.columns]
     if "ID" not in table.columns:
@@ -88,30 +103,46 @@ def _dose(args) -> int:
     mine = table["ID"].astype(str) == str(args.patient)
     if not mine.any():
         raise ValueError(f"patient {args.patient!r} not found in the ID column of {args.data}")
-    if mine.all():
-        raise ValueError(f"{args.data} holds only patient {args.patient!r}: the population needs other IDs")
+    if mine.all() and pop is None:
+        raise ValueError(
+            f"{args.data} holds only patient {args.patient!r}: the population needs other IDs "
+            "(or a saved population: --population)"
+        )
     covariates = [c.strip().upper() for c in args.covariates.split(",") if c.strip()] if args.covariates else []
     ignore = [c.strip().upper() for c in args.ignore.split(",") if c.strip()] if args.ignore else []
     weight = args.weight.upper() if args.weight else None
     if weight and weight not in covariates:
         covariates.append(weight)  # the weight column is read as a covariate of the PK model
     key = bt.new_key()  # this run only: nothing is stored, the table shows the ID you gave
-    family = Pk(compartments=args.compartments, route=args.route, error=args.error, weight=weight)
     try:  # this run's key is random: errors name the table's own ID, not a pseudonym
-        others = read_nonmem(table[~mine], covariates=covariates, key=key, ignore=ignore)
-        patient = read_nonmem(table[mine], covariates=covariates, key=key, allow_no_observations=True, ignore=ignore)
-        family.check(others.frame, covariates)
-        family.check(patient.frame, covariates)
+        if pop is None:
+            options = {"compartments": args.compartments or 1, "route": args.route or "oral"}
+            family = Pk(**options, error=args.error or "combined", weight=weight)
+            others = read_nonmem(table[~mine], covariates=covariates, key=key, ignore=ignore)
+            patient = read_nonmem(
+                table[mine], covariates=covariates, key=key, allow_no_observations=True, ignore=ignore
+            )
+            family.check(others.frame, covariates)
+            family.check(patient.frame, covariates)
+        else:  # the patient's rows only, read against the population's own columns
+            missing = [c for c in ignore if c not in table.columns]
+            if missing:
+                raise ValueError(f"--ignore names {missing[0]}, which is not a column of {args.data}")
+            patient = pop.cohort(table[mine].drop(columns=ignore), key=key)
     except bt.DataError as err:
         ids = bt.reidentify(table["ID"].dropna().unique(), key)
         who = f"ID {ids.get(err.patient, err.patient)}" if err.patient is not None else None
         raise bt.DataError(err.problem, patient=who, row=err.row, column=err.column) from None
-    say(
-        f"1. Population: {others}; fitting {family.compartments}-compartment {family.route} PK "
-        f"({family.error} error) ..."
-    )
-    pop = bt.fit(others, family, draws=args.draws, tune=args.draws, seed=args.seed)
-    say(f"   population fit: {pop.verdict}")
+    if pop is None:
+        say(
+            f"1. Population: {others}; fitting {family.compartments}-compartment {family.route} PK "
+            f"({family.error} error) ..."
+        )
+        draws = args.draws or 1000
+        pop = bt.fit(others, family, draws=draws, tune=draws, seed=args.seed)
+        say(f"   population fit: {pop.verdict}")
+    else:
+        say(f"1. Population: {args.population} (saved, checksums verified; not refitted): {pop.verdict}")
     n_levels = int((patient.frame["EVID"] == 0).sum())
     say(f"2. Patient {args.patient}: {n_levels} level(s); conditioning the twin ({args.method}) ...")
     twin = pop.condition(patient, method=args.method, seed=args.seed)
@@ -312,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
         "dose",
         help="fit population PK on a NONMEM-style table, condition one patient, print a regimen table",
         description="Precision dosing from a NONMEM-style event table (CSV; '.' = missing): fit the population "
-        "PK model on every other ID, condition the patient's twin on its own doses and levels, and print for "
+        "PK model on every other ID (or load a saved one: --population), condition the patient's twin on its "
+        "own doses and levels, and print for "
         "each candidate regimen the posterior of the target metric over its last dosing interval, P(target), "
         "P(toxic) and the recommendation (highest P(target) with P(toxic) <= --max-toxic). "
         "Exits 2 if a convergence check fails.",
@@ -332,14 +364,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-target", type=float, default=0.5, help="smallest P(target) a recommended regimen needs (default 0.5)"
     )
     dose.add_argument("--ignore", default="", help="columns of the table to leave out, comma-separated (e.g. DATE,C)")
+    dose.add_argument(
+        "--population",
+        default=None,
+        help="a saved PK population (a zoo name such as theoph, or a folder written by bt.save) to condition on "
+        "instead of fitting one; the table then needs only the patient's rows, and the model options below "
+        "(--covariates to --draws) are refused",
+    )
     dose.add_argument("--covariates", default="", help="covariate columns, comma-separated (e.g. WT,CYP2D6)")
     dose.add_argument("--weight", default=None, help="weight column for allometric scaling (e.g. WT)")
-    dose.add_argument("--compartments", type=int, choices=[1, 2], default=1)
-    dose.add_argument("--route", choices=["oral", "iv"], default="oral")
-    dose.add_argument("--error", choices=["additive", "proportional", "combined"], default="combined")
+    dose.add_argument("--compartments", type=int, choices=[1, 2], default=None, help="1 or 2 (default 1)")
+    dose.add_argument("--route", choices=["oral", "iv"], default=None, help="default oral")
+    errors = ["additive", "proportional", "combined"]
+    dose.add_argument("--error", choices=errors, default=None, help="default combined")
     dose.add_argument("--method", choices=["importance", "nuts"], default="importance", help="twin sampler")
     dose.add_argument(
-        "--draws", type=int, default=1000, help="population fit: draws (and tuning steps) per chain (default 1000)"
+        "--draws", type=int, default=None, help="population fit: draws (and tuning steps) per chain (default 1000)"
     )
     dose.add_argument("--seed", type=int, default=0)
     dose.add_argument("--quiet", action="store_true", help="print nothing; exit status only")

@@ -60,6 +60,44 @@ def test_dose_prints_regimen_table_for_one_patient(tmp_path, capsys):
     assert "bayestwin dose: error: patient '777' not found in the ID column" in capsys.readouterr().err
 
 
+def test_dose_conditions_on_a_saved_population_without_refitting(tmp_path, capsys):
+    """`bayestwin dose --population theoph`: the shipped Theoph population (mg/kg doses), one new
+    subject's rows only; no fit, the regimen table, one recommendation."""
+    path = tmp_path / "patient.csv"
+    path.write_text("ID,TIME,AMT,DV,EVID\n7,0,4.0,.,1\n7,2,0,8.0,0\n7,8,0,6.0,0\n")
+    args = ["dose", "--population", "theoph", "--data", str(path), "--patient", "7", "--amounts", "2,4,6"]
+    code = main([*args, "--interval", "12", "--target", "5", "15", "--limit", "20"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "1. Population: theoph (saved, checksums verified; not refitted)" in out
+    assert "2. Patient 7: 2 level(s)" in out and out.count("<==") == 1
+    assert "Convergence verdict: PASS" in out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--population", "theoph", "--compartments", "2", "--draws", "5"],
+            "--compartments, --draws describe(s) a new population fit: with --population the saved population's "
+            "own model is used",
+        ),
+        (
+            ["--population", "sleepstudy"],
+            "--population sleepstudy is a 'progression' population: dose needs a pharmacokinetic one (pk or ode)",
+        ),
+        (["--population", "theoph", "--ignore", "DATE"], "--ignore names DATE, which is not a column of"),
+        ([], "holds only patient '7': the population needs other IDs (or a saved population: --population)"),
+    ],
+)
+def test_dose_with_a_saved_population_refuses_what_does_not_apply(tmp_path, capsys, extra, message):
+    path = tmp_path / "patient.csv"
+    path.write_text("ID,TIME,AMT,DV,EVID\n7,0,4.0,.,1\n7,2,0,8.0,0\n")
+    args = ["dose", "--data", str(path), "--patient", "7", "--amounts", "2", "--interval", "12", "--target", "5", "15"]
+    assert main([*args, *extra]) == 1
+    assert message in capsys.readouterr().err
+
+
 def test_validate_sbc_wiring(tmp_path, capsys, monkeypatch):
     """The command passes its options on and turns p-values into the exit status (the SBC itself
     is tested in tests/review/test_sbc.py; a real run takes minutes)."""
