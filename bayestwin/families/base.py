@@ -126,15 +126,15 @@ class Prior:
         return f"Prior({self.dist!r}{', ' if args else ''}{args})"
 
 
-def lkj_cholesky(name: str, dim: str, eta, sd_dist, *, stds: bool = True):
+def lkj_cholesky(name: str, dim: str, eta, sd_dist, *, stds_name: str | None = None):
     """A correlated random-effect block with labelled draws: the Cholesky factor of an LKJ
     covariance over the coordinates of ``dim`` (already in the model), returned for ``z @ L.T``.
 
     ``pm.LKJCholeskyCov`` with every variable named on the model's labels: the packed factor
     ``name`` over ``{name}_element`` (its lower triangle row by row: ``"slope, intercept"`` is
     L[slope, intercept]), the SDs ``{name}_stds`` over ``dim`` and the correlations
-    ``{name}_corr`` over ``(dim, {dim}_bis)`` (``stds=False``: no SDs, for a family that keeps
-    them under another name). (PyMC's own deterministics have unnamed dims,
+    ``{name}_corr`` over ``(dim, {dim}_bis)`` (``stds_name``: another name for the SDs, e.g. the
+    formula family's ``patient_sd``). (PyMC's own deterministics have unnamed dims,
     ``re_chol_stds_dim_0``: which index is the intercept, only the source said.)
     """
     model = pm.modelcontext(None)
@@ -148,8 +148,7 @@ def lkj_cholesky(name: str, dim: str, eta, sd_dist, *, stds: bool = True):
         name, n=n, eta=eta, sd_dist=sd_dist, compute_corr=True, store_in_trace=False, dims=f"{name}_element"
     )
     pm.Deterministic(f"{name}_corr", corr, dims=(dim, f"{dim}_bis"))
-    if stds:
-        pm.Deterministic(f"{name}_stds", sds, dims=dim)
+    pm.Deterministic(stds_name or f"{name}_stds", sds, dims=dim)
     return chol
 
 

@@ -259,8 +259,7 @@ class Formula(Model):
             z = pm.Normal("z", 0.0, 1.0, dims=("patient", "patient_effect"))  # non-centred offsets
             prior = pm.Gamma.dist(alpha=2.0, beta=2.0 / gscale, shape=len(gnames))  # zero-avoiding SDs
             if len(gnames) > 1:
-                chol = lkj_cholesky("patient_chol", "patient_effect", eta=2.0, sd_dist=prior, stds=False)
-                pm.Deterministic("patient_sd", pt.sqrt((chol**2).sum(axis=1)), dims="patient_effect")
+                chol = lkj_cholesky("patient_chol", "patient_effect", eta=2.0, sd_dist=prior, stds_name="patient_sd")
                 b = z @ chol.T
             else:
                 b = z * pm.Gamma("patient_sd", alpha=2.0, beta=2.0 / gscale, dims="patient_effect")

@@ -237,16 +237,15 @@ class Pk(FamilyBase):
                 "give weight= (the fixed allometric shortcut) or covariates= (a covariate model per "
                 "parameter, e.g. {'CL': [bt.Power('WT', ref=70, exponent=0.75)]}), not both"
             )
+        for name, option in (("tlag", "lag=True"), ("f", "bioavailability=True")):  # say which option adds it
+            if f"log_{name}" in (priors or {}) and name not in self.parameters:
+                raise ValueError(f"a prior for log_{name} needs {option} (this model has no {name})")
         self._structure(priors, covariates, bsv, correlated, extra_priors={"beta_cl"})
 
     def _structure(self, priors, covariates, bsv, correlated, extra_priors=frozenset()) -> None:
         """Set and check the options every PK-like family shares: priors (names checked),
         covariate model, BSV and its blocks."""
         self.priors = dict(priors or {})
-        options = {"log_tlag": "lag=True", "log_f": "bioavailability=True"}
-        for name, option in options.items():  # a prior of a parameter the model leaves out: say which option adds it
-            if name in self.priors and name.removeprefix("log_") not in self.parameters and self.route != "ode":
-                raise ValueError(f"a prior for {name} needs {option} (this model has no {name.removeprefix('log_')})")
         self.effects = self._effects(covariates)
         self.covariates = (
             None
@@ -389,12 +388,11 @@ class Pk(FamilyBase):
     @property
     def parameters(self) -> tuple[str, ...]:
         """Log-normal parameters with between-subject variability, in model order."""
-        lag = ("tlag",) if self.lag else ()
-        lag += ("f",) if self.bioavailability else ()
+        absorption = ("tlag",) * self.lag + ("f",) * self.bioavailability  # oral only (checked in __init__)
         if self.parameterisation == "rate":  # as nlme's SSfol: lKe, lKa, lCl
-            return ("ke", "ka", "cl", *lag) if self.route == "oral" else ("ke", "cl")
+            return ("ke", "ka", "cl", *absorption) if self.route == "oral" else ("ke", "cl")
         base = ("cl", "v") if self.compartments == 1 else ("cl", "v1", "q", "v2")
-        return base + (("ka", *lag) if self.route == "oral" else ())
+        return base + (("ka", *absorption) if self.route == "oral" else ())
 
     @property
     def patient_outputs(self) -> tuple[str, ...]:
