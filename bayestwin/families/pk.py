@@ -28,7 +28,10 @@ central compartment (CMT 2, infusions) as ``AMT``. With IV and oral doses in the
 study) the data determine F; with oral doses only they determine CL/F and V/F, and F rests on its
 prior (give an informative ``priors={"log_f": ...}``, e.g. a published F, to read CL and V as absolute).
 Observations below the LLOQ (BLQ = 1) enter by the M3 method: the likelihood
-is P(y < LLOQ), not a dropped row (:func:`m3_logp`).
+is P(y < LLOQ), not a dropped row (:func:`m3_logp`). ``centred=`` (parameter names, or True)
+makes the population fit sample those parameters' subject values centred on their covariate
+model, for parameters each subject's data determine well (:meth:`Pk.fit_model`); the posterior,
+its ``z`` and the twins are the same.
 """
 
 from __future__ import annotations
@@ -209,6 +212,7 @@ class Pk(FamilyBase):
         covariates: Mapping | None = None,
         bsv: list | tuple | None = None,
         bioavailability: bool = False,
+        centred: bool | list | tuple = False,
     ):
         if compartments not in (1, 2):
             raise ValueError(f"compartments must be 1 or 2, not {compartments!r}")
@@ -240,11 +244,11 @@ class Pk(FamilyBase):
         for name, option in (("tlag", "lag=True"), ("f", "bioavailability=True")):  # say which option adds it
             if f"log_{name}" in (priors or {}) and name not in self.parameters:
                 raise ValueError(f"a prior for log_{name} needs {option} (this model has no {name})")
-        self._structure(priors, covariates, bsv, correlated, extra_priors={"beta_cl"})
+        self._structure(priors, covariates, bsv, correlated, centred, extra_priors={"beta_cl"})
 
-    def _structure(self, priors, covariates, bsv, correlated, extra_priors=frozenset()) -> None:
+    def _structure(self, priors, covariates, bsv, correlated, centred, extra_priors=frozenset()) -> None:
         """Set and check the options every PK-like family shares: priors (names checked),
-        covariate model, BSV and its blocks."""
+        covariate model, BSV, its blocks and which parameters the fit centres."""
         self.priors = dict(priors or {})
         self.effects = self._effects(covariates)
         self.covariates = (
@@ -256,6 +260,7 @@ class Pk(FamilyBase):
         if self.bsv is not None and len(set(self.bsv)) < len(self.bsv):
             raise ValueError(f"a parameter is listed twice in bsv={bsv!r}")
         self.correlated = self._blocks(correlated)
+        self.centred = self._centring(centred)
         known = {f"log_{p}" for p in self.parameters} | {"bsv_sd", "bsv_corr_eta", *self.residual_params}
         known |= set(extra_priors) | {coefficient_name(p, e) for p, es in self.effects.items() for e in es}
         check_prior_names(self.priors, known, self.name)
@@ -314,6 +319,41 @@ class Pk(FamilyBase):
             seen |= set(names)
             out.append(names)
         return out
+
+    def _centring(self, centred):
+        """``centred`` as given (True, False, or parameter names), checked: each needs BSV, and
+        a correlated block is centred whole or not at all."""
+        if isinstance(centred, bool):
+            return centred
+        if not isinstance(centred, (list, tuple)) or not all(isinstance(x, str) for x in centred):
+            raise TypeError(f"centred is True, False or a list of parameter names, e.g. ['CL', 'V']; not {centred!r}")
+        names = [self._parameter(x, "centred").upper() for x in centred]
+        if len(set(names)) < len(names):
+            raise ValueError(f"a parameter is listed twice in centred={list(centred)!r}")
+        missing = [n for n in names if n.lower() not in self.bsv_parameters]
+        if missing:
+            raise ValueError(f"centred: {missing[0]} has no between-subject variability (bsv=), nothing to centre")
+        blocks = (
+            [[p.upper() for p in self.bsv_parameters]]
+            if self.correlated is True and len(self.bsv_parameters) > 1
+            else (self.correlated or [])
+        )
+        for block in blocks:
+            inside = [n for n in block if n in names]
+            if inside and len(inside) < len(block):
+                raise ValueError(
+                    f"centred: {inside} share a correlated block with {[n for n in block if n not in names]}; "
+                    "a block is centred whole or not at all"
+                )
+        return names
+
+    @property
+    def centred_parameters(self) -> tuple[str, ...]:
+        """Parameters whose subject values the population fit samples centred (``centred=``),
+        in model order; twins and the saved posterior use the non-centred ``z`` either way."""
+        if self.centred is True:
+            return self.bsv_parameters
+        return tuple(p for p in self.bsv_parameters if p.upper() in (self.centred or ()))
 
     @property
     def bsv_parameters(self) -> tuple[str, ...]:
@@ -652,7 +692,41 @@ class Pk(FamilyBase):
 
     # ----------------------------------------------------------------- model
     def build_model(self, design: Design, schema: Schema) -> pm.Model:
-        """The PyMC model for ``design``: print it, graph it, sample it."""
+        """The PyMC model for ``design``: print it, graph it, sample it (the subjects' non-centred
+        offsets ``z``, the form twins condition on)."""
+        return self._model(design, schema, ())
+
+    def fit_model(self, design: Design, schema: Schema) -> tuple[pm.Model, tuple[str, ...]]:
+        """The model the population fit samples, and the raw variables left out of its
+        posterior: with ``centred=``, those parameters' subject values are sampled centred on
+        their covariate model (``log_theta_centred``; the rest as ``z_noncentred``) and ``z`` is
+        kept as a deterministic. The same posterior distribution as :meth:`build_model`'s."""
+        if not self.centred_parameters:
+            return self.build_model(design, schema), ()
+        hidden = ("log_theta_centred",) + (("z_noncentred",) if self._noncentred() else ())
+        return self._model(design, schema, self.centred_parameters), hidden
+
+    def fit_advice(self, design: Design, verdict) -> list[str]:
+        """What to try when a fit failed the gate: the subjects' parameterisation, in words."""
+        diverged = any("divergent" in f for f in verdict.failing)
+        if self.centred_parameters and diverged:
+            names = [p.upper() for p in self.centred_parameters]
+            return [
+                f"divergences with centred subjects ({names}) point to a funnel: centre only the parameters "
+                "each subject's levels determine well (centred=[...] with fewer names, or False)"
+            ]
+        if not self.centred_parameters and not diverged:
+            return [
+                "slow mixing of typical values whose subjects are well determined by their own levels "
+                "(rich sampling) is a ridge of the non-centred form: fit with those parameters centred, "
+                "e.g. centred=['CL', 'V'] (see the pharmacometrician guide)"
+            ]
+        return []
+
+    def _noncentred(self) -> list[str]:
+        return [p for p in self.bsv_parameters if p not in self.centred_parameters]
+
+    def _model(self, design: Design, schema: Schema, centred: tuple[str, ...]) -> pm.Model:
         pri = self.default_priors(schema, design) | self.priors
         d = design.data
         names = self.parameters
@@ -686,15 +760,23 @@ class Pk(FamilyBase):
             dose_episode = pm.Data("dose_episode", d["dose_episode"], dims=("patient", "dose"))
 
             typical = pt.stack([pri[f"log_{p}"].create(f"log_{p}") for p in names])
-            log_theta = typical[None, :] + self._random_effects(pri)
-            if self.effects:
-                log_theta = log_theta + self._covariate_terms(pri, cov, schema)
-            if self.weight is not None:
-                log_theta = log_theta + log_wt[:, None] * np.array([ALLOMETRY[p] for p in names])[None, :]
-            if cov_cols:
-                beta = pri["beta_cl"].create("beta_cl", dims="covariate")
-                j = names.index("cl")
-                log_theta = pt.set_subtensor(log_theta[:, j], log_theta[:, j] + X @ beta)
+
+            def fixed(log_theta):  # the covariate model's terms, added in this order
+                if self.effects:
+                    log_theta = log_theta + self._covariate_terms(pri, cov, schema)
+                if self.weight is not None:
+                    log_theta = log_theta + log_wt[:, None] * np.array([ALLOMETRY[p] for p in names])[None, :]
+                if cov_cols:
+                    beta = pri["beta_cl"].create("beta_cl", dims="covariate")
+                    j = names.index("cl")
+                    log_theta = pt.set_subtensor(log_theta[:, j], log_theta[:, j] + X @ beta)
+                return log_theta
+
+            if centred:  # each subject's centred parameters are free, around their covariate model
+                mean = fixed(pt.zeros((len(design.patients), len(names))) + typical[None, :])
+                log_theta = self._centred_effects(pri, mean, centred)
+            else:  # the non-centred offsets z: the graph twins condition on
+                log_theta = fixed(typical[None, :] + self._random_effects(pri))
             theta = {p: pt.exp(log_theta[:, j]) for j, p in enumerate(names)}
             theta = {p: pm.Deterministic(f"patient_{p}", v, dims="patient") for p, v in self._derived(theta).items()}
             inputs = {
@@ -761,17 +843,64 @@ class Pk(FamilyBase):
 
     def _random_effects(self, pri):
         """Between-subject deviations (patient, parameter) on the log scale: ``L z`` with ``z`` the
-        subject's N(0, I) offsets over :attr:`bsv_parameters` and ``L`` one LKJ block
-        (``correlated=True``), diagonal SDs (``False``) or blocks given as groups, the rest
-        diagonal; zero for a parameter without BSV."""
+        subject's N(0, I) offsets over :attr:`bsv_parameters` and ``L`` (:meth:`_scales`);
+        zero for a parameter without BSV."""
+        z = pm.Normal("z", 0.0, 1.0, dims=("patient", "pk_param"))
+        return self._deviations(z, self._scales(pri))
+
+    def _deviations(self, z, scales):
+        """``L z`` over the BSV parameters, widened to every parameter (zero without BSV)."""
         bsv = list(self.bsv_parameters)
         n = len(bsv)
-        z = pm.Normal("z", 0.0, 1.0, dims=("patient", "pk_param"))
+        eta = z * scales[None, :] if scales.ndim == 1 else z @ scales.T
+        if n == len(self.parameters):
+            return eta
+        select = np.zeros((n, len(self.parameters)))  # parameters without BSV get no deviation
+        select[np.arange(n), [self.parameters.index(p) for p in bsv]] = 1.0
+        return eta @ select
+
+    def _centred_effects(self, pri, mean, centred: tuple[str, ...]):
+        """Log-scale parameters (patient, parameter) with the ``centred`` ones sampled centred:
+        ``log_theta_centred ~ N(mean, Σ)`` over them (their blocks closed, so Σ's Cholesky
+        factor is ``L``'s own rows and columns), the rest from N(0, 1) offsets
+        ``z_noncentred``; ``z`` (what twins condition on) recovered as ``L⁻¹ (θ - mean)``."""
+        from pytensor.tensor.slinalg import solve_triangular
+
+        model = pm.modelcontext(None)
+        bsv = list(self.bsv_parameters)
+        scales = self._scales(pri)
+        c = [bsv.index(p) for p in centred]
+        nc = [j for j in range(len(bsv)) if j not in c]
+        cols = [self.parameters.index(p) for p in centred]
+        m_c = mean[:, cols]
+        model.add_coord("centred_param", list(centred))
+        if scales.ndim == 1:
+            sd = scales[c]
+            w = pm.Normal("log_theta_centred", m_c, sd[None, :], dims=("patient", "centred_param"))
+            z_c = (w - m_c) / sd[None, :]
+        else:
+            L = scales[c][:, c]
+            w = pm.MvNormal("log_theta_centred", mu=m_c, chol=L, dims=("patient", "centred_param"))
+            z_c = solve_triangular(L, (w - m_c).T, lower=True).T
+        z = pt.zeros((mean.shape[0], len(bsv)))
+        z = pt.set_subtensor(z[:, c], z_c)
+        if nc:
+            model.add_coord("noncentred_param", [bsv[j] for j in nc])
+            z = pt.set_subtensor(z[:, nc], pm.Normal("z_noncentred", 0.0, 1.0, dims=("patient", "noncentred_param")))
+        z = pm.Deterministic("z", z, dims=("patient", "pk_param"))
+        log_theta = mean + self._deviations(z, scales)
+        return pt.set_subtensor(log_theta[:, cols], w)  # the centred values themselves, not L (L⁻¹ w)
+
+    def _scales(self, pri):
+        """The BSV's scale on the log scale, creating its variables: a vector of SDs (diagonal,
+        ``correlated=False`` or one parameter) or a lower-triangular ``L`` (one LKJ block,
+        ``correlated=True``; blocks given as groups, the rest diagonal)."""
+        bsv = list(self.bsv_parameters)
+        n = len(bsv)
         if self.correlated is True and n > 1:
-            chol = lkj_cholesky("re_chol", "pk_param", eta=pri["bsv_corr_eta"], sd_dist=pri["bsv_sd"].unnamed(shape=n))
-            eta = z @ chol.T
+            return lkj_cholesky("re_chol", "pk_param", eta=pri["bsv_corr_eta"], sd_dist=pri["bsv_sd"].unnamed(shape=n))
         elif not self.correlated or n == 1:
-            eta = z * pri["bsv_sd"].create("bsv_sd", dims="pk_param")[None, :]
+            return pri["bsv_sd"].create("bsv_sd", dims="pk_param")
         else:
             blocked = [bsv.index(x.lower()) for g in self.correlated for x in g]
             diag = [j for j in range(n) if j not in blocked]
@@ -791,12 +920,7 @@ class Pk(FamilyBase):
                     sd_dist=pri["bsv_sd"].unnamed(shape=len(j)),
                 )
                 L = pt.set_subtensor(L[np.ix_(j, j)], chol)
-            eta = z @ L.T
-        if n == len(self.parameters):
-            return eta
-        select = np.zeros((n, len(self.parameters)))  # parameters without BSV get no deviation
-        select[np.arange(n), [self.parameters.index(p) for p in bsv]] = 1.0
-        return eta @ select
+            return L
 
     def _covariate_terms(self, pri, cov, schema: Schema):
         """The covariate model's log-scale terms (..., parameter) of covariate rows ``cov``

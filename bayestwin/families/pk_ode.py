@@ -345,6 +345,7 @@ class Ode(Pk):
         occasions: str = "OCC",
         max_occasions: int = 8,
         time_varying: list | tuple | None = None,
+        centred: bool | list | tuple = False,
     ):
         self.ode = resolve_model(model)
         # what the card stores; "object:<name>" cannot be rebuilt, so save refuses it before writing
@@ -380,7 +381,9 @@ class Ode(Pk):
         if not (isinstance(max_occasions, int) and 1 <= max_occasions <= 100):
             raise ValueError(f"max_occasions must be a whole number in [1, 100], not {max_occasions!r}")
         self.occasions, self.max_occasions = occasions, max_occasions
-        self._structure(priors, covariates, bsv, correlated, extra_priors={"iov_sd"} if self.iov else frozenset())
+        self._structure(
+            priors, covariates, bsv, correlated, centred, extra_priors={"iov_sd"} if self.iov else frozenset()
+        )
         used = self.effect_columns
         declared = [] if time_varying is None else _listed(time_varying, "time_varying")
         self.time_varying = [str(c).upper() for c in declared]
