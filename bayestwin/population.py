@@ -327,6 +327,8 @@ def fit(
     max_tree_depth: int = 10,
     extend: int = 3,
     initvals: dict | None = None,
+    prewarm: int | None = None,
+    jitter: float | None = None,
 ) -> Population:
     """Fit a family to a cohort by JAX NUTS (numpyro) and return the Population.
 
@@ -357,6 +359,16 @@ def fit(
         ``0`` never does. The posterior's attributes record ``draws_per_chain`` and ``extensions``.
     initvals
         Initial values by variable name (constrained; PyMC jitters each chain around them).
+    prewarm
+        Iterations of a short first warmup (trees of at most 63 steps) that learns a diagonal
+        metric before the main warmup (:func:`bayestwin.engine.fit._prewarm`): for models whose
+        scales differ a hundredfold, where the main warmup's first 75 iterations with the
+        identity metric take the deepest trees. ``None`` (default): the family's
+        ``fit_nuts["prewarm"]`` (the ODE family: 40; the others: 0, none).
+    jitter
+        Chains start at the model's initial point moved by uniform(-jitter, jitter) on the
+        unconstrained scale. ``None`` (default): the family's ``fit_nuts["jitter"]`` (the ODE
+        family: 0.2, away from stiff corners where a chain stalls; the others: 1.0, PyMC's own).
     progressbar
         Show the sampler's progress bar; ``None`` (default) follows :func:`bayestwin.options`.
 
@@ -389,6 +401,8 @@ def fit(
         mass=mass,
         max_tree_depth=max_tree_depth,
         extend=extend,
+        prewarm=fam.fit_nuts.get("prewarm", 0) if prewarm is None else prewarm,
+        jitter=fam.fit_nuts.get("jitter", 1.0) if jitter is None else jitter,
     )
     population = [rv.name for rv in model.free_RVs if rv.name not in (*fam.patient_vars, *hidden)]
 

@@ -285,6 +285,7 @@ class FamilyBase:
     ``observed = "y"``, ``prediction = "mu"``; ``forecast_kind = "value"`` (``"event"``: the
     prediction is a cumulative hazard and forecasts are :class:`~bayestwin.forecast.EventForecast`);
     ``twin_nuts`` and ``twin_importance`` (per-family NUTS and importance settings for twins);
+    ``fit_nuts`` (defaults of the population fit's settings, e.g. ``{"prewarm": 40}``);
     ``table = "cohort"`` (which validated table it reads: ``"cohort"``, ``"events"``,
     ``"survival"``, ``"joint"``).
     """
@@ -296,6 +297,7 @@ class FamilyBase:
     forecast_kind: ClassVar[str] = "value"
     twin_nuts: ClassVar[Mapping[str, Any]] = {}
     twin_importance: ClassVar[Mapping[str, Any]] = {}
+    fit_nuts: ClassVar[Mapping[str, Any]] = {}
     table: ClassVar[str] = "cohort"
 
     def __init_subclass__(cls, **kwargs):

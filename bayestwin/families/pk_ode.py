@@ -326,6 +326,11 @@ class Ode(Pk):
         "cov_period": Axis("patient", "period", fill=1.0),  # a padded period's values: finite in any effect
         "occ_period": Axis("patient", "period"),
     }
+    #: The population fit starts with a short warmup that learns a first diagonal metric (an ODE
+    #: cohort's scales differ a hundredfold: see :func:`bayestwin.engine.fit._prewarm`), from
+    #: chains jittered by 0.2 rather than 1 (PyMC's): a Friberg study's chains started 1 apart
+    #: stalled at trees of 1,023 steps through the main warmup's first window.
+    fit_nuts = {"prewarm": 40, "jitter": 0.2}
     extra_inputs = ("dose_state", "output", "row_time", "obs_row", "t_period", "cov_period", "occ_period")
     #: ODE twins take longer per step; the importance path with its NUTS fallback is the default
     #: for many twins (the settings are the PK family's).
