@@ -342,8 +342,8 @@ class Pk(FamilyBase):
             inside = [n for n in block if n in names]
             if inside and len(inside) < len(block):
                 raise ValueError(
-                    f"centred: {inside} share a correlated block with {[n for n in block if n not in names]}; "
-                    "a block is centred whole or not at all"
+                    f"centred names {inside} but not {[n for n in block if n not in names]} of one correlated "
+                    "block; a block is centred whole or not at all"
                 )
         return names
 

@@ -91,7 +91,7 @@ def test_options_are_checked_and_kept_in_the_card():
         bt.Pk(centred=["Q"])
     with pytest.raises(ValueError, match="centred: KA has no between-subject variability"):
         bt.Pk(bsv=["CL", "V"], centred=["KA"])
-    with pytest.raises(ValueError, match=r"centred: \['CL'\] share a correlated block with \['V', 'KA'\]"):
+    with pytest.raises(ValueError, match=r"centred names \['CL'\] but not \['V', 'KA'\] of one correlated block"):
         bt.Pk(centred=["CL"])  # correlated=True: one block over CL, V, KA
     with pytest.raises(ValueError, match=r"a parameter is listed twice in centred=\['CL', 'cl'\]"):
         bt.Pk(correlated=False, centred=["CL", "cl"])
