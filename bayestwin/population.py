@@ -388,11 +388,6 @@ def fit(
     """
     fam = get_family(family)
     fam.check_table(cohort)
-    design = fam.design(cohort.frame, cohort.baseline, cohort.schema)
-    # A family may fit another parameterisation of the same model (e.g. centred random effects)
-    # whose raw per-patient variables are left out of the posterior.
-    model, hidden = fam.fit_model(design, cohort.schema)
-    progressbar = progress_enabled(progressbar)
     cfg = FitConfig(
         draws=draws,
         tune=tune,
@@ -404,6 +399,12 @@ def fit(
         prewarm=fam.fit_nuts.get("prewarm", 0) if prewarm is None else prewarm,
         jitter=fam.fit_nuts.get("jitter", 1.0) if jitter is None else jitter,
     )
+    cfg.check()  # before the model is built
+    design = fam.design(cohort.frame, cohort.baseline, cohort.schema)
+    # A family may fit another parameterisation of the same model (e.g. centred random effects)
+    # whose raw per-patient variables are left out of the posterior.
+    model, hidden = fam.fit_model(design, cohort.schema)
+    progressbar = progress_enabled(progressbar)
     population = [rv.name for rv in model.free_RVs if rv.name not in (*fam.patient_vars, *hidden)]
 
     def fit_table(idata):

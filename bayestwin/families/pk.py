@@ -703,7 +703,8 @@ class Pk(FamilyBase):
         kept as a deterministic. The same posterior distribution as :meth:`build_model`'s."""
         if not self.centred_parameters:
             return self.build_model(design, schema), ()
-        hidden = ("log_theta_centred",) + (("z_noncentred",) if self._noncentred() else ())
+        partly = len(self.centred_parameters) < len(self.bsv_parameters)  # some subjects' values stay offsets
+        hidden = ("log_theta_centred",) + (("z_noncentred",) if partly else ())
         return self._model(design, schema, self.centred_parameters), hidden
 
     def fit_advice(self, design: Design, verdict) -> list[str]:
@@ -722,9 +723,6 @@ class Pk(FamilyBase):
                 "e.g. centred=['CL', 'V'] (see the pharmacometrician guide)"
             ]
         return []
-
-    def _noncentred(self) -> list[str]:
-        return [p for p in self.bsv_parameters if p not in self.centred_parameters]
 
     def _model(self, design: Design, schema: Schema, centred: tuple[str, ...]) -> pm.Model:
         pri = self.default_priors(schema, design) | self.priors
