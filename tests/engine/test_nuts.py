@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from blackjax.adaptation.base import get_filter_adapt_info_fn
 
-from bayestwin.engine.nuts import NutsConfig, make_sampler
+from bayestwin.engine.nuts import NutsConfig, guarded, make_sampler
 
 A = jnp.array([[2.0, 0.8, 0.0], [0.8, 1.0, 0.3], [0.0, 0.3, 0.5]])
 
@@ -57,3 +57,29 @@ def test_one_scan_equals_window_adaptation_then_nuts(diagonal, tune):
     np.testing.assert_array_equal(out.n_steps, n)
     np.testing.assert_array_equal(out.step_size, step_size)
     assert out.position.shape == (3, 2, 100, 3)
+
+
+def test_a_kinetic_energy_that_overflows_is_a_divergence_not_a_perfect_proposal():
+    """A leapfrog step that met a gradient of 1e221 (a count-model twin's chain at its seed 5,
+    during warmup): blackjax's kinetic energy of that momentum under the adapted dense metric came
+    out -inf, an energy it takes as a perfect proposal, and the chain jumped to |w| ~ 50 and stayed
+    there. The guarded metric makes any non-finite kinetic energy +inf (a divergence) and leaves
+    finite ones bit-identical."""
+    imm = jnp.array(
+        [
+            [0.913, -0.081, -0.03, 0.079, 0.157, -0.07],
+            [-0.081, 0.818, 0.061, -0.116, 0.029, 0.041],
+            [-0.03, 0.061, 0.624, 0.058, 0.004, -0.079],
+            [0.079, -0.116, 0.058, 0.894, 0.038, -0.078],
+            [0.157, 0.029, 0.004, 0.038, 0.819, 0.068],
+            [-0.07, 0.041, -0.079, -0.078, 0.068, 0.235],
+        ]
+    )
+    p = jnp.array([1.428e221, 9.022e220, -8.024e218, 7.762e220, -1.175e222, -5.754e221])
+    plain = blackjax.mcmc.metrics.default_metric(imm).kinetic_energy(p)
+    assert not np.isfinite(plain)  # -inf on this machine; NaN or -inf depending on summation order
+    assert guarded(imm).kinetic_energy(p) == np.inf
+    assert guarded(imm).kinetic_energy(jnp.full(6, np.nan)) == np.inf
+    q = jax.random.normal(jax.random.key(3), (6,))
+    for m in (imm, jnp.diag(imm)):
+        assert guarded(m).kinetic_energy(q) == blackjax.mcmc.metrics.default_metric(m).kinetic_energy(q)
