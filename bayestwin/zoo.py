@@ -110,6 +110,8 @@ SPEC_SCHEMA = {
         "seed": int,
         "max_tree_depth": int,
         "extend": int,
+        "prewarm": int,
+        "jitter": float,
     },
 }
 

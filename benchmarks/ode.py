@@ -3,16 +3,19 @@ with PyMC's own ODE solver (``pm.ode.DifferentialEquation``: scipy's odeint with
 sensitivities; sunode, the faster peer, is not installable on these machines).
 
     .venv/bin/python benchmarks/ode.py [--patients 8] [--peer 2] [--draws 500] [--tune 500]
+    .venv/bin/python benchmarks/ode.py --fit 50 [--fit-draws 250]     # + a population fit
 
-The population (friberg_sequential: one-compartment PK in closed form, five PD states) is
-fitted first on ``--subjects`` simulated subjects with short chains (``--fit-draws``): the
-twins' cost is what is measured, not the population's quality (a well-converged Friberg
-population fit is slow here: deep trees in warmup). Each new patient has one cycle: 135 mg over 1 h, levels at
-0.5-4 h, neutrophil counts on days 0, 7, 10, 14. bayestwin conditions all patients in one
-vectorised NUTS program (population parameters sampled jointly from their Gaussian
-approximation); the peer fits each patient alone with the population fixed at its posterior
-mean (a simpler problem); its time per NUTS iteration, measured on a short chain, is scaled
-to the same work as a bayestwin twin (4 chains x (tune + draws)). Both report the first
+The population is the model zoo's ``docetaxel_friberg`` (friberg_sequential: one-compartment PK
+in closed form, five PD states; 24 simulated subjects). With ``--fit N`` a population fit of N
+simulated subjects (one cycle, levels at 0.5-2 h, counts on days 0-21; CL, V and Circ0 centred as
+in the zoo's spec; 4 chains x (``--fit-draws`` warmup + ``--fit-draws`` draws)) is timed first,
+with its convergence and its recovery of the simulated typical values. Each new patient has
+one cycle: 135 mg over 1 h, levels at 0.5-4 h, neutrophil counts on days 0, 7, 10, 14.
+bayestwin conditions all patients in one vectorised NUTS program (population parameters
+sampled jointly from their Gaussian approximation); the peer fits each patient alone with the
+population fixed at its posterior mean (a simpler problem); its time per NUTS iteration,
+measured on a short chain, is scaled to the same work as a bayestwin twin (4 chains x (tune +
+draws)). Both report the first
 patient's clearance, as a check that they solve the same problem (the peer's short chain is
 only a rough check).
 """
@@ -79,31 +82,67 @@ def peer_model(rows: pd.DataFrame, pop: dict):
     return model
 
 
+def fit_population(n: int, draws: int) -> None:
+    """Time a population fit of ``n`` simulated Friberg subjects; print its convergence and recovery."""
+    import arviz as az
+
+    import bayestwin as bt
+    from bayestwin.families import pk_ode
+
+    study, truth = pk_ode.simulate_friberg(n, levels=(0.5, 1.0, 1.5, 2.0), seed=3)
+    family = bt.Ode(
+        "friberg_sequential",
+        observations=pk_ode.FRIBERG_OBSERVATIONS,
+        error=pk_ode.FRIBERG_ERRORS,
+        correlated=False,
+        centred=["CL", "V", "CIRC0"],
+    )
+    t = time.perf_counter()
+    pop = bt.fit(bt.read_nonmem(study, key=KEY), family, draws=draws, tune=draws, chains=4, extend=0, seed=1)
+    wall = time.perf_counter() - t
+    post, stats = pop.idata.posterior, pop.idata.sample_stats
+    names = [f"log_{p}" for p in family.parameters]
+    summary = az.summary(pop.idata, var_names=[*names, "bsv_sd"], kind="all")
+    rows = []
+    for p in family.parameters:
+        x = post[f"log_{p}"]
+        rows.append(
+            {
+                "parameter": f"log {p}",
+                "truth": np.log(truth["typical"][p]),
+                "mean": float(x.mean()),
+                "sd": float(x.std()),
+                "|error| / sd": abs(float(x.mean()) - np.log(truth["typical"][p])) / float(x.std()),
+            }
+        )
+    print(
+        f"population fit: {n} subjects, one cycle, 4 chains x ({draws} + {draws}): {wall:.0f} s ({wall / 60:.1f} min)"
+    )
+    print(
+        f"  divergences {int(stats['diverging'].sum())}, leapfrog steps per draw {float(stats['n_steps'].mean()):.0f}, "
+        f"max R-hat {summary['r_hat'].max():.3f}, min bulk ESS {summary['ess_bulk'].min():.0f}; verdict: {pop.verdict}"
+    )
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--patients", type=int, default=8, help="new patients conditioned in one bayestwin batch")
     ap.add_argument("--peer", type=int, default=2, help="patients fitted one at a time with pm.sample")
     ap.add_argument("--draws", type=int, default=500)
     ap.add_argument("--tune", type=int, default=500)
-    ap.add_argument("--subjects", type=int, default=8, help="subjects of the population fit")
-    ap.add_argument("--fit-draws", type=int, default=100, help="draws and tuning steps per chain of that fit")
+    ap.add_argument("--fit", type=int, default=0, help="time a population fit of this many subjects first (0: none)")
+    ap.add_argument("--fit-draws", type=int, default=250, help="warmup and draws per chain of that fit")
     ap.add_argument("--peer-iterations", type=int, default=200, help="one chain per peer patient, half warmup")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     import pymc as pm
 
     import bayestwin as bt
-    from bayestwin.families import pk_ode
 
-    study, _ = pk_ode.simulate_friberg(args.subjects, seed=1)
-    family = bt.Ode(
-        "friberg_sequential", observations=pk_ode.FRIBERG_OBSERVATIONS, error=pk_ode.FRIBERG_ERRORS, correlated=False
-    )
-    t = time.perf_counter()
-    population = bt.fit(
-        bt.read_nonmem(study, key=KEY), family, draws=args.fit_draws, tune=args.fit_draws, chains=2, extend=0, seed=1
-    )
-    fit_s = time.perf_counter() - t
+    if args.fit:
+        fit_population(args.fit, args.fit_draws)
+    population = bt.load("docetaxel_friberg")
     table, truth = patients(args.patients)
     post = population.idata.posterior
     pop = {f"log_{p}": float(post[f"log_{p}"].mean()) for p in population.family.parameters}
@@ -156,7 +195,9 @@ def main() -> None:
     peer = per_twin
     out = pd.DataFrame(rows)
     out["vs peer"] = out["twins/s"] / (1.0 / peer)
-    print(f"population fit: {args.subjects} subjects, 2 chains x {args.fit_draws} + {args.fit_draws}: {fit_s:.0f} s")
+    print(
+        f"\ntwins of the zoo's docetaxel_friberg: {args.patients} new patients, 4 chains x ({args.tune} + {args.draws})"
+    )
     print(out.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     print(
         f"\nsame problem? patient {ids[0]}: CL posterior mean bayestwin "

@@ -8,12 +8,13 @@ import pytest
 
 import bayestwin as bt
 from bayestwin.cli import main
+from bayestwin.families import pk_ode
 from bayestwin.io import ArtifactError, draws_digest, read_card
 from bayestwin.zoo import fit_spec, list_models, model_path, read_spec
 
 
 def test_zoo_lists_the_shipped_models():
-    assert {"sleepstudy", "theoph"} <= set(list_models())
+    assert {"sleepstudy", "theoph", "epilepsy", "docetaxel_friberg"} <= set(list_models())
     with pytest.raises(ArtifactError, match="no model 'nope' in the model zoo"):
         bt.load("nope")
 
@@ -42,6 +43,22 @@ def test_theoph_from_the_zoo_matches_nlme():
     got = {"lKe": float(post["log_ke"].mean()), "lKa": float(ka.mean()), "lCl": float(post["log_cl"].mean())}
     for name, ref in {"lKe": -2.433, "lKa": 0.451, "lCl": -3.214}.items():
         assert abs(got[name] - ref) <= 0.1 * abs(ref), (name, got[name], ref)
+
+
+def test_docetaxel_friberg_is_its_simulated_study_and_recovers_the_truth():
+    """The zoo's Friberg PK/PD population: ``data.csv`` is the study its spec names (simulated:
+    no public individual-level data exist), and the fit recovers every typical value it was
+    simulated from (the published docetaxel system parameters) within 3 posterior SDs."""
+    table, truth = pk_ode.simulate_friberg(24, levels=(0.5, 1.0, 1.5, 2.0), seed=2002)
+    shipped = pd.read_csv(model_path("docetaxel_friberg") / "data.csv")
+    pd.testing.assert_frame_equal(shipped, table, check_exact=False, rtol=1e-9)
+    pop = bt.load("docetaxel_friberg")
+    assert pop.verdict.converged, str(pop.verdict)
+    assert pop.family.centred_parameters == ("cl", "v", "circ0")
+    post = pop.posterior
+    for name, value in truth["typical"].items():
+        x = post[f"log_{name}"]
+        assert abs(float(x.mean()) - np.log(value)) < 3 * float(x.std()), (name, float(x.mean()), np.log(value))
 
 
 def test_bayestwin_fit_is_reproducible(tmp_path):

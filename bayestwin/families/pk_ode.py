@@ -1061,21 +1061,27 @@ def simulate_friberg(
     cycles: int = 1,
     dose: float = 135.0,
     cycle: float = 504.0,
+    levels: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0),
     seed: int = 0,
     id_start: int = 1,
     **kwargs,
 ) -> tuple[pd.DataFrame, dict]:
     """A simulated docetaxel-like study of ``friberg_sequential``: ``dose`` over 1 h at the start
-    of each of ``cycles`` cycles; levels at 0.5, 1, 2, 4 h after the first dose (proportional
+    of each of ``cycles`` cycles; levels at ``levels`` hours after the first dose (proportional
     error 0.15); neutrophil counts on days 0, 7, 10, 14 of each cycle and at the end of the last
     (log-normal error 0.2); CMT as :data:`FRIBERG_OBSERVATIONS`. ``kwargs`` (``typical``,
-    ``bsv``) go to :func:`simulate`."""
+    ``bsv``) go to :func:`simulate`.
+
+    The default levels run to 4 h, some fifteen half-lives after the infusion ends (the model's
+    one-compartment PK: CL 36 L/h, V 10 L), near an assay's floor in a real study. Levels during
+    and just after the infusion (e.g. ``levels=(0.5, 1.0, 1.5, 2.0)``, as the zoo's
+    ``docetaxel_friberg`` study has) inform CL and V better."""
     anc = [c * cycle + d for c in range(cycles) for d in (0.0, 168.0, 240.0, 336.0)] + [cycles * cycle]
     return simulate(
         "friberg_sequential",
         n_subjects,
         doses=tuple((c * cycle, dose, 1.0) for c in range(cycles)),
-        schedule={"conc": (0.5, 1.0, 2.0, 4.0), "anc": tuple(anc)},
+        schedule={"conc": tuple(levels), "anc": tuple(anc)},
         observations=FRIBERG_OBSERVATIONS,
         error={"conc": ("proportional", 0.15), "anc": ("exponential", 0.2)},
         seed=seed,
