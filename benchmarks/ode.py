@@ -88,15 +88,10 @@ def fit_population(n: int, draws: int) -> None:
 
     import bayestwin as bt
     from bayestwin.families import pk_ode
+    from bayestwin.zoo import model_path, read_spec, spec_family
 
     study, truth = pk_ode.simulate_friberg(n, levels=(0.5, 1.0, 1.5, 2.0), seed=3)
-    family = bt.Ode(
-        "friberg_sequential",
-        observations=pk_ode.FRIBERG_OBSERVATIONS,
-        error=pk_ode.FRIBERG_ERRORS,
-        correlated=False,
-        centred=["CL", "V", "CIRC0"],
-    )
+    family = spec_family(read_spec(model_path("docetaxel_friberg")))  # the zoo model's family, as its spec says
     t = time.perf_counter()
     pop = bt.fit(bt.read_nonmem(study, key=KEY), family, draws=draws, tune=draws, chains=4, extend=0, seed=1)
     wall = time.perf_counter() - t
