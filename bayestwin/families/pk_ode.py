@@ -32,6 +32,7 @@ PK/PD model, :attr:`OdeModel.pk`).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -1076,6 +1077,10 @@ def simulate_friberg(
     one-compartment PK: CL 36 L/h, V 10 L), near an assay's floor in a real study. Levels during
     and just after the infusion (e.g. ``levels=(0.5, 1.0, 1.5, 2.0)``, as the zoo's
     ``docetaxel_friberg`` study has) inform CL and V better."""
+    if isinstance(levels, (str, bytes)) or not all(
+        isinstance(t, numbers.Real) and not isinstance(t, bool) and 0 <= t <= cycle for t in levels
+    ):
+        raise ValueError(f"levels are hours after the first dose, numbers in [0, {cycle:g}]; not {levels!r}")
     anc = [c * cycle + d for c in range(cycles) for d in (0.0, 168.0, 240.0, 336.0)] + [cycles * cycle]
     return simulate(
         "friberg_sequential",
