@@ -322,6 +322,17 @@ def _cohort_from(part: dict, r: _Reader):
 
 
 # ----------------------------------------------------------------------------- save / load
+def check_target(path) -> Path:
+    """``path`` as a folder an artifact may be written to (absent, empty, or an earlier artifact);
+    an :class:`ArtifactError` otherwise. Called by :func:`save`, and before a long fit."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ArtifactError(f"{folder} exists and is not a folder")
+    if folder.is_dir() and _foreign_files(folder) and not (folder / CARD).is_file():
+        raise ArtifactError(f"{folder} is a non-empty folder without {CARD}: not overwriting something else")
+    return folder
+
+
 def save(obj, path) -> Path:
     """Save a :class:`~bayestwin.Population` or :class:`~bayestwin.Twin` to the folder ``path``, atomically.
 
@@ -345,11 +356,7 @@ def save(obj, path) -> Path:
         raise ArtifactError(f"cannot save: {err}") from None
     if rebuilt.config() != family.config():
         raise ArtifactError(f"cannot save: family {family.name!r} does not rebuild from its config()")
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ArtifactError(f"{folder} exists and is not a folder")
-    if folder.is_dir() and _foreign_files(folder) and not (folder / CARD).is_file():
-        raise ArtifactError(f"{folder} is a non-empty folder without {CARD}: not overwriting something else")
+    folder = check_target(path)
     if folder.is_dir() and (folder / CARD).is_file():
         read_card(folder)  # replace only a readable bayestwin artifact, never another card.json
     folder.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ import pandas as pd
 
 from bayestwin._atomic import write_file
 from bayestwin.errors import SpecError
-from bayestwin.io import ArtifactError, load, read_card, save
+from bayestwin.io import ArtifactError, check_target, load, read_card, save
 from bayestwin.tomlspec import ANY_TABLE, check, check_options, read_toml, require
 
 ENV = "BAYESTWIN_MODELS"
@@ -213,10 +213,10 @@ def fit_spec(path, *, out=None, progressbar: bool | None = None, **overrides):
 
     spec = read_spec(path)
     settings = {**spec["sampler"], **overrides}
+    target = check_target(Path(out) if out is not None else spec["folder"] / "population")  # before the fit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         pop = fit(spec_data(spec), spec_family(spec), progressbar=progressbar, **settings)
-    target = Path(out) if out is not None else spec["folder"] / "population"
     save(pop, target)
     if out is None and not overrides:  # a quick run with other settings leaves the model card alone
         write_model_card(spec, pop, target)

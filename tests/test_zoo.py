@@ -127,3 +127,19 @@ def test_bayestwin_fit_takes_a_survival_spec(tmp_path, capsys):
     twin = pop.condition(df[df.patient == "sv-0001"], key="a-public-test-key-0001")
     risk = twin.predict(times=[6.0, 8.0], start=6.0).risk(8.0)
     assert ((risk["mean"] > 0) & (risk["mean"] < 1)).all()
+
+
+def test_bayestwin_fit_refuses_a_foreign_output_folder_before_fitting(tmp_path, capsys, monkeypatch):
+    """An --out folder holding someone else's files is refused before any sampling (a zoo fit can
+    take half an hour), and nothing in it changes."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("hi")
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted before checking the output folder")
+
+    monkeypatch.setattr("bayestwin.population.fit", no_fit)
+    assert main(["fit", str(model_path("theoph") / "spec.toml"), "--out", str(out), "--quiet"]) != 0
+    assert "is a non-empty folder without card.json: not overwriting something else" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "hi"
