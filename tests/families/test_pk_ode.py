@@ -336,3 +336,24 @@ def test_a_sequential_pkpd_model_equals_its_full_ode():
     assert fam.parameters == bt.Ode("friberg").parameters
     with pytest.raises(FamilyError, match=r"pk='iv1' needs the parameters \['v'\]"):
         bt.OdeModel("m", ("x",), ("cl",), lambda t, y, p: -y, {"x": lambda y, p: y[0]}, {"cl": 1.0}, pk="iv1")
+
+
+def test_a_sequential_model_with_padded_slots_and_a_later_dose_equals_its_full_ode():
+    """The sequential model's single solve (steps ending at dose times and infusion ends) with what
+    a batch pads in: empty dose slots (time 0, amount 0), a dose after the last observation (its
+    jump times beyond the span), and observations only at the start (a span of zero length)."""
+    full, seq = pk_ode.friberg(), pk_ode.friberg_sequential()
+    p = dict(full.centres)
+    theta = jnp.array([[p[k] for k in full.parameters]] * 2)
+    t_dose = jnp.array([[0.0, 504.0, 900.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    amt = jnp.array([[135.0, 100.0, 80.0, 0.0, 0.0], [135.0, 0.0, 0.0, 0.0, 0.0]])
+    duration = jnp.where(amt > 0, 1.0, 0.0)
+    doses = (t_dose, amt, jnp.zeros((2, 5), int), duration)
+    times = jnp.array([[0.5, 2.0, 168.0, 336.0, 504.5, 600.0, 840.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    idx, row = jnp.repeat(jnp.arange(2), 7), jnp.tile(jnp.arange(7), 2)
+    for out in (0, 1):
+        which = jnp.full(14, out)
+        a = pk_ode.predict_outputs(full, theta, *doses, times, idx, row, which, rtol=1e-10, atol=1e-13, max_steps=20000)
+        b = pk_ode.predict_outputs(seq, theta, *doses, times, idx, row, which, rtol=1e-10, atol=1e-13)
+        assert np.isfinite(np.asarray(b)).all()
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9 * float(jnp.max(jnp.abs(a))))
