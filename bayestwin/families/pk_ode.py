@@ -13,8 +13,7 @@ Tsit5 with an adaptive step, vmapped over subjects, chains and twins; gradients 
 differentiating through the solver, diffrax's default). Doses split time into segments: a bolus
 is a jump of its state at its time (an observation at that time sees it, as in NONMEM), an
 infusion a constant input to its state over its duration, so the solver never steps across a
-discontinuity (a sequential PK/PD model, whose doses enter no state, is one solve whose steps
-end at each dose time and infusion end).
+discontinuity.
 
 Data: a dose's CMT names its state (CMT k is the k-th state; CMT 0 or absent:
 ``OdeModel.dose_state``); an observation's CMT names its output through ``observations``
@@ -175,11 +174,9 @@ def solve_doses(
     bolus is added at the start of the first segment at its time, so an observation at a dose's
     own time sees it. ``conc``: a function of time (the closed-form concentration of a sequential
     PK/PD model), given to ``rhs`` as ``p["conc"]``; its doses then enter no state (pass
-    ``amt`` 0), nothing jumps, and the whole span is one solve whose steps end at every dose
-    time and infusion end (diffrax's ``jump_ts``), with a budget of ``max_steps`` per segment
-    the span would otherwise be cut into. A segment that needs more than ``max_steps`` steps
-    (stiff: e.g. absorption a thousand times faster than elimination, which warmup can wander
-    into) makes every value NaN, so a sampler rejects the position instead of paying for it. ``t_period``: parameters
+    ``amt`` 0) but still cut the segments. A segment that needs more than ``max_steps`` steps (stiff: e.g. absorption
+    a thousand times faster than elimination, which warmup can wander into) makes every value
+    NaN, so a sampler rejects the position instead of paying for it. ``t_period``: parameters
     that change over time (inter-occasion variability, time-varying covariates): each value of
     ``p`` is then an array over periods, period j holds from ``t_period[j]`` (sorted; the first
     -inf, padding +inf) until the next one, and ``y0`` is the state before anything happens
@@ -207,32 +204,7 @@ def solve_doses(
         term = diffrax.ODETerm(lambda t, y, a: rhs(t, y, a[0]) + a[1])
     else:
         term = diffrax.ODETerm(lambda t, y, a: rhs(t, y, {**a[0], "conc": conc(t)}) + a[1])
-    solver = solver or diffrax.Tsit5()
-    if conc is not None and t_period is None:
-        # Doses enter no state, so nothing jumps: one solve over the whole span, its steps made to
-        # end at every dose time and infusion end (``jump_ts``, where the concentration has a
-        # kink), instead of one solve per segment. Same accuracy; per gradient, 1.8x faster for
-        # one subject with 2 doses, and padded dose slots add no zero-length solves (measured
-        # 1.1 ms against 2.0 / 5.3 ms with 2 / 8 slots, 4 chains of friberg_sequential over 840 h).
-        # The step budget stays max_steps per segment the span would have been cut into.
-        control = diffrax.PIDController(rtol=rtol, atol=atol, jump_ts=jnp.concatenate([t_dose, ends]))
-        sol = diffrax.diffeqsolve(
-            term,
-            solver,
-            start,
-            jnp.maximum(ts[-1], start),
-            None,
-            y0,
-            args=(p, jnp.zeros(n_state)),
-            saveat=diffrax.SaveAt(ts=jnp.maximum(ts, start)),
-            stepsize_controller=control,
-            max_steps=max_steps * bounds.shape[0],
-            throw=False,
-            **({} if adjoint is None else {"adjoint": adjoint}),
-        )
-        ok = sol.result == diffrax.RESULTS.successful
-        return jnp.where(ok, sol.ys[jnp.argsort(order)], jnp.nan)
-    control = diffrax.PIDController(rtol=rtol, atol=atol)
+    solver, control = solver or diffrax.Tsit5(), diffrax.PIDController(rtol=rtol, atol=atol)
     last = bounds.shape[0] - 1
 
     def segment(carry, k):
