@@ -339,9 +339,9 @@ def test_a_sequential_pkpd_model_equals_its_full_ode():
 
 
 def test_a_sequential_model_with_padded_slots_and_a_later_dose_equals_its_full_ode():
-    """The sequential model's single solve (steps ending at dose times and infusion ends) with what
-    a batch pads in: empty dose slots (time 0, amount 0), a dose after the last observation (its
-    jump times beyond the span), and observations only at the start (a span of zero length)."""
+    """The sequential model (PK in closed form, doses entering no state) with what a batch pads
+    in: empty dose slots (time 0, amount 0), a dose after the last observation, and a subject
+    observed only at the start (a span of zero length), equals the full six-state ODE."""
     full, seq = pk_ode.friberg(), pk_ode.friberg_sequential()
     p = dict(full.centres)
     theta = jnp.array([[p[k] for k in full.parameters]] * 2)
