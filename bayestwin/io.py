@@ -323,13 +323,16 @@ def _cohort_from(part: dict, r: _Reader):
 
 # ----------------------------------------------------------------------------- save / load
 def check_target(path) -> Path:
-    """``path`` as a folder an artifact may be written to (absent, empty, or an earlier artifact);
-    an :class:`ArtifactError` otherwise. Called by :func:`save`, and before a long fit."""
+    """``path`` as a folder an artifact may be written to (absent, empty, or an earlier artifact
+    whose card reads); an :class:`ArtifactError` otherwise. Called by :func:`save`, and before a
+    long fit."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ArtifactError(f"{folder} exists and is not a folder")
     if folder.is_dir() and _foreign_files(folder) and not (folder / CARD).is_file():
         raise ArtifactError(f"{folder} is a non-empty folder without {CARD}: not overwriting something else")
+    if folder.is_dir() and (folder / CARD).is_file():
+        read_card(folder)  # replace only a readable bayestwin artifact, never another card.json
     return folder
 
 
@@ -357,8 +360,6 @@ def save(obj, path) -> Path:
     if rebuilt.config() != family.config():
         raise ArtifactError(f"cannot save: family {family.name!r} does not rebuild from its config()")
     folder = check_target(path)
-    if folder.is_dir() and (folder / CARD).is_file():
-        read_card(folder)  # replace only a readable bayestwin artifact, never another card.json
     folder.mkdir(parents=True, exist_ok=True)
     _check_space(folder, obj)
     with folder_lock(folder, "artifact"):

@@ -1466,7 +1466,7 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["--debug", "review", str(tmp_path / "missing.nc")])
 
 
-@pytest.mark.parametrize("levels", ["0.5", (-1.0,), (0.5, "x"), (0.5, True), (600.0,)])
+@pytest.mark.parametrize("levels", ["0.5", 3.0, None, (-1.0,), (0.5, "x"), (0.5, True), (600.0,)])
 def test_simulate_friberg_refuses_level_times_that_are_not_hours_in_the_cycle(levels):
     from bayestwin.families.pk_ode import simulate_friberg
 

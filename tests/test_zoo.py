@@ -143,3 +143,18 @@ def test_bayestwin_fit_refuses_a_foreign_output_folder_before_fitting(tmp_path, 
     assert main(["fit", str(model_path("theoph") / "spec.toml"), "--out", str(out), "--quiet"]) != 0
     assert "is a non-empty folder without card.json: not overwriting something else" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "hi"
+
+
+def test_bayestwin_fit_refuses_an_output_folder_with_a_foreign_card_before_fitting(tmp_path, capsys, monkeypatch):
+    """A card.json that is not a bayestwin model card is refused before any sampling, untouched."""
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "card.json").write_text('{"x": 1}')
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted before checking the output folder")
+
+    monkeypatch.setattr("bayestwin.population.fit", no_fit)
+    assert main(["fit", str(model_path("theoph") / "spec.toml"), "--out", str(out), "--quiet"]) != 0
+    assert "card.json is not a bayestwin model card" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["card.json"] and (out / "card.json").read_text() == '{"x": 1}'

@@ -1077,7 +1077,7 @@ def simulate_friberg(
     one-compartment PK: CL 36 L/h, V 10 L), near an assay's floor in a real study. Levels during
     and just after the infusion (e.g. ``levels=(0.5, 1.0, 1.5, 2.0)``, as the zoo's
     ``docetaxel_friberg`` study has) inform CL and V better."""
-    if isinstance(levels, (str, bytes)) or not all(
+    if not isinstance(levels, (list, tuple, np.ndarray)) or not all(
         isinstance(t, numbers.Real) and not isinstance(t, bool) and 0 <= t <= cycle for t in levels
     ):
         raise ValueError(f"levels are hours after the first dose, numbers in [0, {cycle:g}]; not {levels!r}")
