@@ -15,9 +15,11 @@ bayestwin turns that on when it is imported, in a per-user cache folder:
   half-written program;
 - cleared by ``bayestwin cache --clear`` (or :func:`clear`); ``bayestwin cache`` shows it.
 
-What is stored: XLA programs, keyed by a hash of the program and of the JAX/XLA versions. A
-program can hold constants, such as a population's posterior summaries; a population fit's
-program holds the cohort's rows, so fits are never written to the cache (:func:`not_cached`).
+What is stored: XLA programs, keyed by a hash of the program and of the JAX/XLA versions. Twin
+programs take the population (its Gaussian approximation) and the patients' rows as arguments,
+so they hold neither, and one program serves every population of the same family and shapes (a
+refit, a cross-validation fold). A population fit's program holds the cohort's rows as constants,
+so fits are never written to the cache (:func:`not_cached`).
 The folder is the user's, like the artifacts.
 """
 

