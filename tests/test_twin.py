@@ -190,3 +190,12 @@ def test_out_of_population_flag(population, simulated, twin):
     base = rows[["patient", "age", "sex"]].drop_duplicates()
     empty = population.condition(rows.iloc[:0].drop(columns=["age", "sex"]), baseline=base, key=KEY, seed=1)
     assert not empty.verdict.table["out_of_population"].any()
+
+
+def test_a_first_twin_compiles_only_its_own_shapes_program():
+    """The population's Gaussian approximation reuses the batch's program (its blocks) instead of
+    compiling one more for a shape no patient has (0.4-0.5 s of a first twin)."""
+    pop = bt.load("sleepstudy")
+    rows = pd.DataFrame({"Subject": 1, "Days": [0.0, 1.0, 2.0], "Reaction": [250.0, 262.0, 270.0]})
+    pop.condition(rows, key=KEY, seed=1, draws=100)
+    assert list(pop._programs) == [(4,)]  # 3 rows, padded to 4: one program, no other

@@ -90,11 +90,17 @@ def padded_batch(design, patients: list[str], family):
     Returns (data, mask, n_rows per patient, n_pad, slots): rows padded to :func:`padded_length`
     of the longest patient, the family's other padded axes (e.g. PK dose slots) likewise.
     """
+    n_rows, n_pad, slots = padded_shape(design, patients, family)
+    data, mask = pad(design.data, patients, n_pad, family, slots)
+    return data, mask, n_rows, n_pad, slots
+
+
+def padded_shape(design, patients: list[str], family):
+    """(n_rows per patient, n_pad, slots) of :func:`padded_batch`, without padding anything."""
     n_rows = np.bincount(design.data["patient_idx"], minlength=len(patients))
     n_pad = padded_length(int(n_rows.max()) if len(n_rows) else 1)
     slots = {k: padded_length(v) for k, v in family.slots(design).items()}
-    data, mask = pad(design.data, patients, n_pad, family, slots)
-    return data, mask, n_rows, n_pad, slots
+    return n_rows, n_pad, slots
 
 
 def padded_length(n: int) -> int:
