@@ -129,32 +129,26 @@ def test_bayestwin_fit_takes_a_survival_spec(tmp_path, capsys):
     assert ((risk["mean"] > 0) & (risk["mean"] < 1)).all()
 
 
-def test_bayestwin_fit_refuses_a_foreign_output_folder_before_fitting(tmp_path, capsys, monkeypatch):
-    """An --out folder holding someone else's files is refused before any sampling (a zoo fit can
-    take half an hour), and nothing in it changes."""
-    out = tmp_path / "mine"
-    out.mkdir()
-    (out / "notes.txt").write_text("hi")
-
-    def no_fit(*args, **kwargs):
-        raise AssertionError("fitted before checking the output folder")
-
-    monkeypatch.setattr("bayestwin.population.fit", no_fit)
-    assert main(["fit", str(model_path("theoph") / "spec.toml"), "--out", str(out), "--quiet"]) != 0
-    assert "is a non-empty folder without card.json: not overwriting something else" in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "hi"
-
-
-def test_bayestwin_fit_refuses_an_output_folder_with_a_foreign_card_before_fitting(tmp_path, capsys, monkeypatch):
-    """A card.json that is not a bayestwin model card is refused before any sampling, untouched."""
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("notes.txt", "hi", "is a non-empty folder without card.json: not overwriting something else"),
+        ("card.json", '{"x": 1}', "card.json is not a bayestwin model card"),
+    ],
+)
+def test_bayestwin_fit_refuses_a_foreign_output_folder_before_fitting(
+    tmp_path, capsys, monkeypatch, name, content, message
+):
+    """An --out folder holding someone else's files (or a card.json that is not a bayestwin model
+    card) is refused before any sampling (a zoo fit can take half an hour), and nothing in it changes."""
     out = tmp_path / "theirs"
     out.mkdir()
-    (out / "card.json").write_text('{"x": 1}')
+    (out / name).write_text(content)
 
     def no_fit(*args, **kwargs):
         raise AssertionError("fitted before checking the output folder")
 
     monkeypatch.setattr("bayestwin.population.fit", no_fit)
     assert main(["fit", str(model_path("theoph") / "spec.toml"), "--out", str(out), "--quiet"]) != 0
-    assert "card.json is not a bayestwin model card" in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == ["card.json"] and (out / "card.json").read_text() == '{"x": 1}'
+    assert message in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == [name] and (out / name).read_text() == content
