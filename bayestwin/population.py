@@ -339,7 +339,8 @@ def fit(
     family
         A family instance or name (``"progression"``, ``"pk"``).
     draws
-        Draws per chain kept after warmup (NUTS; chains run vectorised in one JAX program).
+        Draws per chain kept after warmup (NUTS; chains run vectorised in one JAX program,
+        split over the cores: :func:`bayestwin.engine.fit.sample_model`).
     tune
         Warmup (adaptation) steps per chain.
     chains
@@ -379,6 +380,13 @@ def fit(
     and every chain warms up and draws again (:func:`bayestwin.engine.fit.stalled_chains`); the
     posterior's attributes say which.
 
+    The chains are split into equal groups over the machine's cores (or accelerators), each group
+    vectorised, all in one compiled program; ``population.sampler["devices"]`` records how many.
+    The same seed gives the same draws with the same number of devices; another number gives
+    other draws from the same posterior (XLA's arithmetic over 2 vectorised chains differs from
+    over 4 in the last bits, and NUTS's trees amplify that). ``$BAYESTWIN_CPU_DEVICES=1`` keeps
+    every chain on one core (e.g. where other processes own the other cores).
+
     Examples
     --------
     >>> from bayestwin.families.progression import simulate
@@ -398,6 +406,7 @@ def fit(
         extend=extend,
         prewarm=fam.fit_nuts.get("prewarm", 0) if prewarm is None else prewarm,
         jitter=fam.fit_nuts.get("jitter", 1.0) if jitter is None else jitter,
+        split=fam.fit_nuts.get("split", "shard"),
     )
     cfg.check()  # before the model is built
     design = fam.design(cohort.frame, cohort.baseline, cohort.schema)
@@ -437,7 +446,7 @@ def fit(
     settings = {**cfg._asdict(), "seed": seed, "sampler": "numpyro", "chain_method": "vectorized"}
     # what the sampler did on its own, for the reviewer: draws after continuing, restarted chains
     attrs = idata.posterior.attrs
-    settings |= {"draws_per_chain": int(attrs["draws_per_chain"]), "extensions": int(attrs["extensions"])}
+    settings |= {k: int(attrs[k]) for k in ("draws_per_chain", "extensions", "devices")}
     if "stalled_chains" in attrs:
         settings["restarted_chains"] = json.loads(attrs["stalled_chains"])
     return Population(

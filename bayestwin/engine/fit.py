@@ -19,9 +19,11 @@ statistics under ArviZ's names, and an ArviZ DataTree with ``posterior``, ``samp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
@@ -34,12 +36,14 @@ from pymc.backends.arviz import coords_and_dims_for_inferencedata, find_constant
 from pymc.util import get_default_varnames
 
 from bayestwin.cache import uncached
+from bayestwin.engine.devices import chain_groups
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from pymc.sampling.jax import _get_batched_jittered_initial_points, get_jaxified_graph
 
 MASS = ("block", "diag", "dense")
+SPLITS = ("shard", "threads")
 
 
 class FitConfig(NamedTuple):
@@ -62,6 +66,9 @@ class FitConfig(NamedTuple):
     #: Chains start at PyMC's initial point moved by uniform(-jitter, jitter) on the unconstrained
     #: scale (1.0: PyMC's own jitter; an ODE model's stiff corners want less).
     jitter: float = 1.0
+    #: How chains split over several devices run: ``"shard"`` (one program over all of them) or
+    #: ``"threads"`` (one per device: for log densities ``shard_map`` cannot trace; see :func:`_start`).
+    split: str = "shard"
 
     def check(self) -> None:
         """Refuse settings the driver cannot run (before any model is built)."""
@@ -69,6 +76,8 @@ class FitConfig(NamedTuple):
             raise ValueError(f"mass must be one of {MASS}, not {self.mass!r}")
         if not (isinstance(self.jitter, (int, float)) and 0.0 <= self.jitter <= 2.0):
             raise ValueError(f"jitter must be a number in [0, 2] (the unconstrained scale), not {self.jitter!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, not {self.split!r}")
         if not (isinstance(self.prewarm, int) and (self.prewarm == 0 or self.prewarm >= 20)):
             raise ValueError(f"prewarm must be 0 (none) or a whole number of iterations >= 20, not {self.prewarm!r}")
 
@@ -104,6 +113,10 @@ def sample_model(
 ) -> xr.DataTree:
     """NUTS (numpyro, chains vectorised) on ``model``; returns an ArviZ DataTree.
 
+    The chains are split into equal groups over the local devices (one per core on CPU, at most
+    ``$BAYESTWIN_CPU_DEVICES``; :func:`~bayestwin.engine.devices.chain_groups`), vectorised within
+    each group, in one program: 4 chains on a 2-core machine run 2 and 2 at the same time.
+
     Parameters
     ----------
     model
@@ -127,7 +140,7 @@ def sample_model(
     below the others' (:func:`stalled_chains`) is restarted from another chain's last position
     and every chain warms up and draws again, once; the restart is recorded in the posterior's attributes
     (``stalled_chains``, ``stall_lp``) so that a reviewer sees it. Extra draws are recorded as
-    ``draws_per_chain`` and ``extensions``.
+    ``draws_per_chain`` and ``extensions``, the number of device groups as ``devices``.
     """
     from numpyro.infer import MCMC, NUTS
 
@@ -162,13 +175,15 @@ def sample_model(
     dense = {"diag": False, "dense": True, "block": [block] if block else False}[cfg.mass]
 
     one = cfg.chains == 1
-    start = {n: jnp.asarray(a[0] if one else a) for n, a in zip(names, init, strict=True)}
+    start = {n: jnp.asarray(a) for n, a in zip(names, init, strict=True)}  # (chain, ...) each
     keys = jax.random.split(jax.random.key(seed), 3 * cfg.chains).reshape(3, cfg.chains)
     inverse_mass, step_size = None, 1.0
     if cfg.prewarm > 0:
-        start, inverse_mass, step_size = _prewarm(potential, start, cfg, keys[2][0] if one else keys[2], dense, names)
+        first = {n: a[0] for n, a in start.items()} if one else start
+        start, inverse_mass, step_size = _prewarm(potential, first, cfg, keys[2][0] if one else keys[2], dense, names)
+        start = {n: jnp.asarray(a)[None] for n, a in start.items()} if one else start
 
-    def new_mcmc() -> MCMC:  # a fresh kernel: numpyro's NUTS cannot be initialised twice when vectorised
+    def new_mcmc(chains: int, method, bar: bool) -> MCMC:  # fresh: numpyro's NUTS cannot be initialised twice
         kernel = NUTS(
             potential_fn=potential,
             inverse_mass_matrix=inverse_mass,
@@ -181,56 +196,151 @@ def sample_model(
             kernel,
             num_warmup=cfg.tune,
             num_samples=cfg.draws,
-            num_chains=cfg.chains,
-            chain_method="vectorized",
-            progress_bar=progressbar,
+            num_chains=chains,
+            chain_method=method,
+            progress_bar=bar,
         )
 
-    mcmc = new_mcmc()
     fields = ("num_steps", "potential_energy", "energy", "adapt_state.step_size", "accept_prob", "diverging")
+    groups = chain_groups(cfg.chains)  # the chains split over the cores (or accelerators)
 
     # Warmup and draws in one run: numpyro compiles one loop per call of ``run``/``warmup`` (its
     # loop body is a new jitted function each call), so a separate warmup doubled the compile.
     # A chain stalled far below the others (the log density over its draws) is restarted once
     # from another chain's last position, and every chain warms up again.
-    mcmc.run(keys[0][0] if one else keys[0], init_params=start, extra_fields=fields)
+    runs = _start(groups, new_mcmc, keys[0], start, fields, progressbar, cfg.split)
     stalls = {}
     if cfg.restart_stalled and cfg.tune >= 20:
-        lp = -np.asarray(mcmc.get_extra_fields(group_by_chain=True)["potential_energy"])
+        lp = -_by_chain(runs, lambda m: m.get_extra_fields(group_by_chain=True))["potential_energy"]
         n_params = sum(int(np.prod(np.shape(a)[1:])) for a in init)
         stalled = stalled_chains(lp, n_params)
         if stalled.any():
             good = np.flatnonzero(~stalled)
             donors = good[np.arange(int(stalled.sum())) % len(good)]
-            z = mcmc.last_state.z
+            z = _by_chain(runs, lambda m: {n: _chain_axis(m, a) for n, a in m.last_state.z.items()})
             restart = {n: jnp.asarray(z[n]).at[np.flatnonzero(stalled)].set(jnp.asarray(z[n])[donors]) for n in names}
             stalls = {
                 "stalled_chains": [int(c) for c in np.flatnonzero(stalled)],
                 "stall_lp": [round(float(m), 1) for m in lp.mean(axis=1)],
             }
-            mcmc = new_mcmc()
-            mcmc.run(keys[1][0] if one else keys[1], init_params=restart, extra_fields=fields)
-    raws = [mcmc.get_samples(group_by_chain=True)]
-    extras = [mcmc.get_extra_fields(group_by_chain=True)]
+            runs = _start(groups, new_mcmc, keys[1], restart, fields, progressbar, cfg.split)
+    raws = [_by_chain(runs, lambda m: m.get_samples(group_by_chain=True))]
+    extras = [_by_chain(runs, lambda m: m.get_extra_fields(group_by_chain=True))]
 
     outputs = _outputs(model, values, drop)
     extensions = 0
     while True:
-        raw = {n: np.concatenate([np.asarray(r[n]) for r in raws], axis=1) for n in names}
-        extra = {f: np.concatenate([np.asarray(e[f]) for e in extras], axis=1) for f in fields}
+        raw = {n: np.concatenate([r[n] for r in raws], axis=1) for n in names}
+        extra = {f: np.concatenate([e[f] for e in extras], axis=1) for f in fields}
         idata = _datatree(model, names, outputs, raw, extra, drop, cfg, block)
         if more is None or extensions >= cfg.extend or not more(idata):
             break
-        mcmc.post_warmup_state = mcmc.last_state
-        mcmc.run(mcmc.post_warmup_state.rng_key, extra_fields=fields)
-        raws.append(mcmc.get_samples(group_by_chain=True))
-        extras.append(mcmc.get_extra_fields(group_by_chain=True))
+        _continue(runs, fields)
+        raws.append(_by_chain(runs, lambda m: m.get_samples(group_by_chain=True)))
+        extras.append(_by_chain(runs, lambda m: m.get_extra_fields(group_by_chain=True)))
         extensions += 1
     idata.posterior.attrs.update(
-        {"draws_per_chain": int(raw[names[0]].shape[1]), "extensions": extensions}
+        {"draws_per_chain": int(raw[names[0]].shape[1]), "extensions": extensions, "devices": len(groups)}
         | {k: json.dumps(v) for k, v in stalls.items()}
     )
     return idata
+
+
+def _start(groups: list, new_mcmc, keys, start: dict, fields, progressbar: bool, split: str) -> list:
+    """Warm up and draw every chain (``keys`` (chain,), ``start`` name -> (chain, ...)); returns
+    the runs, each ``(MCMC, device)`` (device ``None``: the MCMC places its own work).
+
+    One group: numpyro's vectorised chains, as ``pm.sample`` would run them. Several groups (the
+    chains split over devices, :func:`~bayestwin.engine.devices.chain_groups`), ``split``:
+
+    - ``"shard"``: one MCMC whose ``chain_method`` (:func:`_across`) shards the chains over the
+      devices and vectorises each group: one compiled program running on every device at once;
+    - ``"threads"``: one vectorised MCMC per group, each on its device in its own thread (XLA
+      runs a CPU device's program on the calling thread with the GIL released): the same
+      chains, at the cost of compiling once per device. For log densities ``shard_map`` cannot
+      trace: diffrax's ODE solves today (equinox's closure conversion refuses the values
+      ``shard_map`` hands it: https://github.com/patrick-kidger/diffrax/issues/765, a fix is
+      proposed in equinox #1261), and a failed trace leaves equinox's caches holding tracers,
+      so the family says so beforehand (``fit_nuts["split"]``) rather than the fit trying.
+    """
+    if len(groups) == 1:
+        if len(keys) == 1:  # numpyro takes one chain's key and start without the chain axis
+            mcmc = new_mcmc(1, "vectorized", progressbar)
+            mcmc.run(keys[0], init_params={n: a[0] for n, a in start.items()}, extra_fields=fields)
+        else:
+            mcmc = new_mcmc(len(keys), "vectorized", progressbar)
+            mcmc.run(keys, init_params=start, extra_fields=fields)
+        return [(mcmc, None)]
+    if split == "shard":
+        mcmc = new_mcmc(len(keys), _across(groups), False)  # numpyro shows no bar for a split
+        mcmc.run(keys, init_params=start, extra_fields=fields)
+        return [(mcmc, None)]
+
+    def one(group):
+        device, idx = group
+        with jax.default_device(device):
+            mcmc = new_mcmc(len(idx), "vectorized", progressbar and idx[0] == 0)
+            place = jax.device_put(
+                (keys[idx[0]], {n: a[idx[0]] for n, a in start.items()})
+                if len(idx) == 1
+                else (keys[idx], {n: a[idx] for n, a in start.items()}),
+                device,
+            )
+            mcmc.run(place[0], init_params=place[1], extra_fields=fields)
+        return mcmc, device
+
+    with ThreadPoolExecutor(len(groups)) as pool:
+        return list(pool.map(one, groups))
+
+
+def _continue(runs: list, fields) -> None:
+    """Continue every run for as many draws again, from where it stopped (same step size and
+    metric, no new warmup); runs on their own devices in their own threads."""
+
+    def one(run):
+        mcmc, device = run
+        with jax.default_device(device) if device is not None else contextlib.nullcontext():
+            mcmc.post_warmup_state = mcmc.last_state
+            mcmc.run(mcmc.post_warmup_state.rng_key, extra_fields=fields)
+
+    if len(runs) == 1:
+        one(runs[0])
+        return
+    with ThreadPoolExecutor(len(runs)) as pool:
+        list(pool.map(one, runs))
+
+
+def _chain_axis(mcmc, a) -> np.ndarray:
+    """``a`` with a leading chain axis (numpyro leaves it out of a one-chain MCMC's state)."""
+    a = np.asarray(a)
+    return a[None] if mcmc.num_chains == 1 else a
+
+
+def _by_chain(runs: list, get) -> dict:
+    """``get(mcmc)`` (name -> (chain, ...)) of each run, joined along chains in order."""
+    parts = [get(mcmc) for mcmc, _ in runs]
+    return {k: np.concatenate([np.asarray(p[k]) for p in parts], axis=0) for k in parts[0]}
+
+
+def _across(groups: list) -> Callable:
+    """numpyro's ``chain_method`` for chains split into equal groups, one group per device:
+    ``shard_map`` over the devices of ``vmap`` over each group's chains. One program, compiled
+    once, runs on every device at the same time (XLA runs each CPU device on its own thread), and
+    each device's loops stop when its own chains are done.
+
+    Chains keep their own keys and starts; the draws equal a one-device fit's in distribution, not
+    bit for bit (XLA's arithmetic over 2 vectorised chains differs in the last bits from over 4).
+    (``jax.pmap`` fails here on diffrax's checkpointed ODE loops: equinox's closure conversion.)
+    """
+    from jax.sharding import Mesh, PartitionSpec
+
+    mesh = Mesh(np.array([d for d, _ in groups]), ("chains",))
+
+    def transform(fn):
+        spec = PartitionSpec("chains")
+        return jax.jit(jax.shard_map(jax.vmap(fn), mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+
+    return transform
 
 
 def _jittered(init: list, scale: float, seed: int, potential) -> list:

@@ -331,7 +331,9 @@ class Ode(Pk):
     #: cohort's scales differ a hundredfold: see :func:`bayestwin.engine.fit._prewarm`), from
     #: chains jittered by 0.2 rather than 1 (PyMC's): a Friberg study's chains started 1 apart
     #: stalled at trees of 1,023 steps through the main warmup's first window.
-    fit_nuts = {"prewarm": 40, "jitter": 0.2}
+    # chains on several devices: one program per device (shard_map cannot trace diffrax's
+    # checkpointed solves yet: bayestwin.engine.fit._start)
+    fit_nuts = {"prewarm": 40, "jitter": 0.2, "split": "threads"}
     extra_inputs = ("dose_state", "output", "row_time", "obs_row", "t_period", "cov_period", "occ_period")
     #: ODE twins take longer per step; the importance path with its NUTS fallback is the default
     #: for many twins (the settings are the PK family's).

@@ -1,11 +1,14 @@
-"""Chunks spread over CPU devices give what one device gives (the test suite itself runs with one
-device per xdist worker: tests/conftest.py)."""
+"""Twin chunks and population-fit chains spread over CPU devices give what one device gives (the
+test suite itself runs with one device per xdist worker: tests/conftest.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pymc as pm
+import pytest
 
-from bayestwin.engine.devices import local_devices, run_chunked
+from bayestwin.engine.devices import chain_groups, local_devices, run_chunked
+from bayestwin.engine.fit import FitConfig, sample_model
 
 
 @jax.jit
@@ -30,3 +33,49 @@ def test_results_do_not_depend_on_the_number_of_devices(monkeypatch):
         out[n] = run_chunked(_run, data, mask, seeds, chunk=4)["x"]
     assert out["1"].shape == (11, 3)
     np.testing.assert_array_equal(out["1"], out["2"])
+
+
+def test_chains_split_into_equal_groups_one_per_device(monkeypatch):
+    monkeypatch.setenv("BAYESTWIN_CPU_DEVICES", "1")
+    assert [g.tolist() for _, g in chain_groups(4)] == [[0, 1, 2, 3]]
+    monkeypatch.setenv("BAYESTWIN_CPU_DEVICES", "2")
+    groups = chain_groups(4)
+    assert [g.tolist() for _, g in groups] == [[0, 1], [2, 3]]
+    assert groups[0][0] != groups[1][0]
+    monkeypatch.setenv("BAYESTWIN_CPU_DEVICES", "3")  # equal groups only: 4 chains as 2 + 2
+    assert [g.tolist() for _, g in chain_groups(4)] == [[0, 1], [2, 3]]
+    assert [g.tolist() for _, g in chain_groups(3)] == [[0], [1], [2]]
+    monkeypatch.setenv("BAYESTWIN_CPU_DEVICES", "2")
+    assert [g.tolist() for _, g in chain_groups(5)] == [[0, 1, 2, 3, 4]]  # 5 chains do not split in two
+
+
+def _normal_model():
+    y = np.random.default_rng(0).normal(3.0, 2.0, size=30)
+    with pm.Model() as model:
+        mu = pm.Normal("mu", 0.0, 10.0)
+        sigma = pm.HalfNormal("sigma", 5.0)
+        pm.Normal("y", mu, sigma, observed=y)
+    return model
+
+
+@pytest.mark.parametrize("split", ["shard", "threads"])
+def test_a_fit_split_over_two_devices_runs_the_same_chains(monkeypatch, split):
+    """Each chain keeps its key and start whichever device runs it: the first draws of a fit on
+    two devices equal a one-device fit's to rounding (later ones drift apart as NUTS's trees
+    amplify the last bits in which 2 vectorised chains differ from 4), and stalls, restarts
+    and extensions still work per chain (tests/engine/test_stalls_and_extension.py runs them)."""
+    cfg = FitConfig(draws=30, tune=60, chains=4, split=split)
+    out = {}
+    for n in ("1", "2"):
+        monkeypatch.setenv("BAYESTWIN_CPU_DEVICES", n)
+        idata = sample_model(_normal_model(), ["mu", "sigma"], cfg, seed=5)
+        assert idata.posterior.attrs["devices"] == int(n)
+        out[n] = idata.posterior["mu"].to_numpy()
+    assert out["2"].shape == (4, 30)
+    np.testing.assert_allclose(out["2"][:, :5], out["1"][:, :5], rtol=1e-6)
+    assert len({float(c[0]) for c in out["2"]}) == 4  # four different chains, not one copied
+
+
+def test_a_split_is_refused_unless_known():
+    with pytest.raises(ValueError, match=r"split must be one of \('shard', 'threads'\), not 'pmap'"):
+        FitConfig(split="pmap").check()

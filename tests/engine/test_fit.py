@@ -25,6 +25,8 @@ def test_datatree_groups_and_sample_stats(population):
     assert idata.posterior.attrs["mass_matrix"] == "block"
     assert "z" not in idata.posterior.attrs["dense_block"] and "intercept" in idata.posterior.attrs["dense_block"]
     assert population.sampler["mass"] == "block" and population.sampler["seed"] == 1
+    # the suite's workers own one core each (tests/conftest.py): every chain on one device
+    assert population.sampler["devices"] == 1 and population.sampler["split"] == "shard"
 
 
 def test_log_likelihood_and_deterministics_equal_the_model(population, simulated):
