@@ -47,6 +47,10 @@ def test_chains_split_into_equal_groups_one_per_device(monkeypatch):
     assert [g.tolist() for _, g in chain_groups(3)] == [[0], [1], [2]]
     monkeypatch.setenv("BAYESTWIN_CPU_DEVICES", "2")
     assert [g.tolist() for _, g in chain_groups(5)] == [[0, 1, 2, 3, 4]]  # 5 chains do not split in two
+    monkeypatch.setenv("BAYESTWIN_CPU_DEVICES", "two")
+    message = r"^\$BAYESTWIN_CPU_DEVICES must be a whole number of CPU devices \(e.g. 1\), not 'two'$"
+    with pytest.raises(ValueError, match=message):
+        chain_groups(4)
 
 
 def _normal_model():
