@@ -64,28 +64,35 @@ class ImportanceDraws(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- mode and curvature
-def hessian(logdensity: Callable, x: jax.Array) -> jax.Array:
-    """Hessian by central differences of the exact gradient (symmetrised).
+def grad_and_hessian(logdensity: Callable, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The gradient at ``x`` and the Hessian by central differences of the exact gradient
+    (symmetrised), from one ``vmap``-ped gradient over x and x ± eps e_i.
 
     Second-order autodiff breaks on some special functions (JAX's ``erfcx`` JVP-of-JVP, used by
     censored likelihoods), and the proposal needs no more accuracy than this (~1e-8 relative).
+    One gradient in the compiled program, not three (the gradient, and the Hessian's at x + e and
+    x - e): each is a copy of the family's log density and its reverse pass, and they made most
+    of a PK twin's first compilation.
     """
     grad = jax.grad(logdensity)
+    d = x.shape[0]
     eps = 1e-5 * jnp.maximum(1.0, jnp.abs(x))
     steps = jnp.diag(eps)
-    rows = jax.vmap(lambda e: grad(x + e) - grad(x - e))(steps) / (2 * eps[:, None])
-    return 0.5 * (rows + rows.T)
+    grads = jax.vmap(lambda e: grad(x + e))(jnp.concatenate([jnp.zeros((1, d), x.dtype), steps, -steps]))
+    rows = (grads[1 : d + 1] - grads[d + 1 :]) / (2 * eps[:, None])
+    return grads[0], 0.5 * (rows + rows.T)
 
 
-def find_mode(logdensity: Callable, x0: jax.Array, steps: int) -> tuple[jax.Array, jax.Array]:
-    """Damped Newton ascent with a backtracking line search; returns (mode, |gradient| there).
+def find_mode(logdensity: Callable, x0: jax.Array, steps: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Damped Newton ascent with a backtracking line search; returns (mode, |gradient| there,
+    Hessian there).
 
     Curvature is taken in absolute value with a floor of 0.1 (saddle-free Newton: in the twin's
     whitened coordinates the prior's curvature is 1, so this is a mild floor), so every step is an
     ascent direction; of the step lengths 1, 1/2, ..., 1/512 the best one is taken, and none if
-    none improves.
+    none improves. Each iteration ends with the gradient and Hessian at its point, which the next
+    one (or the caller) uses: the log density's gradient appears once in the program.
     """
-    grad = jax.grad(logdensity)
     ts = 2.0 ** -jnp.arange(10.0)
 
     def safe(x):
@@ -93,23 +100,29 @@ def find_mode(logdensity: Callable, x0: jax.Array, steps: int) -> tuple[jax.Arra
         return jnp.where(jnp.isfinite(v), v, -jnp.inf)
 
     def body(_, carry):
-        x, fx = carry
-        g, H = grad(x), hessian(logdensity, x)
+        x, fx, g, H = carry
         lam, V = jnp.linalg.eigh(-H)
         step = V @ ((V.T @ g) / jnp.maximum(jnp.abs(lam), 0.1))
         step = jnp.where(jnp.all(jnp.isfinite(step)), step, 0.0)
         vals = jax.vmap(lambda t: safe(x + t * step))(ts)
         best = jnp.argmax(vals)
         better = vals[best] > fx
-        return jnp.where(better, x + ts[best] * step, x), jnp.where(better, vals[best], fx)
+        x = jnp.where(better, x + ts[best] * step, x)
+        return (x, jnp.where(better, vals[best], fx), *grad_and_hessian(logdensity, x))
 
-    x, _ = jax.lax.fori_loop(0, steps, body, (x0, safe(x0)))
-    return x, jnp.linalg.norm(grad(x))
+    # Iteration 0 starts from a zero gradient, so it takes no step: it only evaluates the log
+    # density (fx from -inf) and the derivatives at x0. The loop's body is then the only place the
+    # log density and its gradient are traced; iterations 1..steps are the Newton steps.
+    d = x0.shape[0]
+    first = (x0, -jnp.inf, jnp.zeros(d, x0.dtype), -jnp.eye(d, dtype=x0.dtype))
+    x, _, g, H = jax.lax.fori_loop(0, steps + 1, body, first)
+    return x, jnp.linalg.norm(g), H
 
 
-def laplace_factor(logdensity: Callable, mode: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(A, log|det A|) with A A^T = (-H)^-1 at ``mode``: the Laplace covariance factor."""
-    lam, V = jnp.linalg.eigh(-hessian(logdensity, mode))
+def laplace_factor(H: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(A, log|det A|) with A A^T = (-H)^-1, ``H`` the Hessian at the mode: the Laplace covariance
+    factor."""
+    lam, V = jnp.linalg.eigh(-H)
     lam = jnp.maximum(lam, 1e-8 * jnp.maximum(jnp.max(lam), 1.0))
     return V / jnp.sqrt(lam), -0.5 * jnp.sum(jnp.log(lam))
 
@@ -246,8 +259,8 @@ def make_importance_sampler(logdensity: Callable, dim: int, cfg: ImportanceConfi
         def ld(x):
             return logdensity(x, data)
 
-        mode, gnorm = find_mode(ld, jnp.zeros(dim), cfg.newton_steps)
-        centre, (A, logdet) = mode, laplace_factor(ld, mode)
+        mode, gnorm, H = find_mode(ld, jnp.zeros(dim), cfg.newton_steps)
+        centre, (A, logdet) = mode, laplace_factor(H)
         if cfg.adapt and cfg.adapt_steps:
 
             def adapt(step, proposal):  # a loop, not unrolled: the step is traced and compiled once

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from arviz_stats.base import array_stats
 
-from bayestwin.engine.importance import ImportanceConfig, find_mode, make_importance_sampler, psis
+from bayestwin.engine.importance import ImportanceConfig, find_mode, grad_and_hessian, make_importance_sampler, psis
 
 
 @pytest.mark.parametrize("n, scale, df", [(4000, 0.5, None), (4000, 1.0, 3), (1000, 1.0, 2), (100, 1.0, None)])
@@ -25,9 +25,20 @@ def test_mode_search_escapes_negative_curvature():
     def f(x):
         return -jnp.sum(jnp.log1p((x - 5.0) ** 2))
 
-    mode, gnorm = find_mode(f, jnp.zeros(2), 25)
+    mode, gnorm, H = find_mode(f, jnp.zeros(2), 25)
     np.testing.assert_allclose(np.asarray(mode), 5.0, atol=1e-8)
     assert float(gnorm) < 1e-8
+    np.testing.assert_allclose(np.asarray(H), -2.0 * np.eye(2), atol=1e-6)  # -2 / (1 + 0²) per axis
+
+
+def test_gradient_and_hessian_from_one_vmapped_gradient_equal_autodiff():
+    def f(x):
+        return -jnp.sum(jnp.log1p((x - jnp.array([1.0, -2.0, 0.5])) ** 2)) - 0.3 * x[0] * x[1] * x[2]
+
+    x = jnp.array([0.3, -1.2, 2.0])
+    g, H = grad_and_hessian(f, x)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(jax.grad(f)(x)), rtol=1e-14)
+    np.testing.assert_allclose(np.asarray(H), np.asarray(jax.hessian(f)(x)), rtol=1e-7, atol=1e-9)
 
 
 def _gaussian_batch():
