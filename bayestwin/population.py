@@ -447,6 +447,7 @@ def fit(
     # what the sampler did on its own, for the reviewer: draws after continuing, restarted chains
     attrs = idata.posterior.attrs
     settings |= {k: int(attrs[k]) for k in ("draws_per_chain", "extensions", "devices")}
+    settings["split"] = attrs.get("split", settings["split"])  # threads when a progress bar was shown
     if "stalled_chains" in attrs:
         settings["restarted_chains"] = json.loads(attrs["stalled_chains"])
     return Population(

@@ -140,7 +140,8 @@ def sample_model(
     below the others' (:func:`stalled_chains`) is restarted from another chain's last position
     and every chain warms up and draws again, once; the restart is recorded in the posterior's attributes
     (``stalled_chains``, ``stall_lp``) so that a reviewer sees it. Extra draws are recorded as
-    ``draws_per_chain`` and ``extensions``, the number of device groups as ``devices``.
+    ``draws_per_chain`` and ``extensions``, the number of device groups as ``devices`` (and, with
+    more than one, how they ran as ``split``).
     """
     from numpyro.infer import MCMC, NUTS
 
@@ -203,12 +204,15 @@ def sample_model(
 
     fields = ("num_steps", "potential_energy", "energy", "adapt_state.step_size", "accept_prob", "diverging")
     groups = chain_groups(cfg.chains)  # the chains split over the cores (or accelerators)
+    # numpyro shows no progress bar for a sharded run: with a bar asked for, threads (the first
+    # group's chains show theirs), at the cost of one compilation per device
+    split = "threads" if progressbar and len(groups) > 1 else cfg.split
 
     # Warmup and draws in one run: numpyro compiles one loop per call of ``run``/``warmup`` (its
     # loop body is a new jitted function each call), so a separate warmup doubled the compile.
     # A chain stalled far below the others (the log density over its draws) is restarted once
     # from another chain's last position, and every chain warms up again.
-    runs = _start(groups, new_mcmc, keys[0], start, fields, progressbar, cfg.split)
+    runs = _start(groups, new_mcmc, keys[0], start, fields, progressbar, split)
     stalls = {}
     if cfg.restart_stalled and cfg.tune >= 20:
         lp = -_by_chain(runs, lambda m: m.get_extra_fields(group_by_chain=True))["potential_energy"]
@@ -223,7 +227,7 @@ def sample_model(
                 "stalled_chains": [int(c) for c in np.flatnonzero(stalled)],
                 "stall_lp": [round(float(m), 1) for m in lp.mean(axis=1)],
             }
-            runs = _start(groups, new_mcmc, keys[1], restart, fields, progressbar, cfg.split)
+            runs = _start(groups, new_mcmc, keys[1], restart, fields, progressbar, split)
     raws = [_by_chain(runs, lambda m: m.get_samples(group_by_chain=True))]
     extras = [_by_chain(runs, lambda m: m.get_extra_fields(group_by_chain=True))]
 
@@ -241,6 +245,7 @@ def sample_model(
         extensions += 1
     idata.posterior.attrs.update(
         {"draws_per_chain": int(raw[names[0]].shape[1]), "extensions": extensions, "devices": len(groups)}
+        | ({"split": split} if len(groups) > 1 else {})
         | {k: json.dumps(v) for k, v in stalls.items()}
     )
     return idata

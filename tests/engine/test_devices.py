@@ -80,6 +80,18 @@ def test_a_fit_split_over_two_devices_runs_the_same_chains(monkeypatch, split):
     assert len({float(c[0]) for c in out["2"]}) == 4  # four different chains, not one copied
 
 
+def test_a_fit_with_a_progress_bar_on_two_devices_runs_threads_and_says_so(monkeypatch):
+    """numpyro shows no bar for a sharded run, so a fit asked for one runs a thread per device."""
+    monkeypatch.setenv("BAYESTWIN_CPU_DEVICES", "2")
+    idata = sample_model(_normal_model(), ["mu", "sigma"], FitConfig(draws=30, tune=60), seed=5, progressbar=True)
+    assert (idata.posterior.attrs["devices"], idata.posterior.attrs["split"]) == (2, "threads")
+    monkeypatch.setenv("BAYESTWIN_CPU_DEVICES", "1")
+    one = sample_model(_normal_model(), ["mu", "sigma"], FitConfig(draws=30, tune=60), seed=5)
+    assert "split" not in one.posterior.attrs
+    first = [d.posterior["mu"].to_numpy()[:, :5] for d in (idata, one)]
+    np.testing.assert_allclose(first[0], first[1], rtol=1e-6)
+
+
 def test_a_split_is_refused_unless_known():
     with pytest.raises(ValueError, match=r"split must be one of \('shard', 'threads'\), not 'pmap'"):
         FitConfig(split="pmap").check()
