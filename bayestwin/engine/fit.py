@@ -269,12 +269,9 @@ def _start(groups: list, new_mcmc, keys, start: dict, fields, progressbar: bool,
       so the family says so beforehand (``fit_nuts["split"]``) rather than the fit trying.
     """
     if len(groups) == 1:
-        if len(keys) == 1:  # numpyro takes one chain's key and start without the chain axis
-            mcmc = new_mcmc(1, "vectorized", progressbar)
-            mcmc.run(keys[0], init_params={n: a[0] for n, a in start.items()}, extra_fields=fields)
-        else:
-            mcmc = new_mcmc(len(keys), "vectorized", progressbar)
-            mcmc.run(keys, init_params=start, extra_fields=fields)
+        mcmc = new_mcmc(len(keys), "vectorized", progressbar)
+        key, init = _chains(keys, start, groups[0][1])
+        mcmc.run(key, init_params=init, extra_fields=fields)
         return [(mcmc, None)]
     if split == "shard":
         mcmc = new_mcmc(len(keys), _across(groups), False)  # numpyro shows no bar for a split
@@ -285,17 +282,20 @@ def _start(groups: list, new_mcmc, keys, start: dict, fields, progressbar: bool,
         device, idx = group
         with jax.default_device(device):
             mcmc = new_mcmc(len(idx), "vectorized", progressbar and idx[0] == 0)
-            place = jax.device_put(
-                (keys[idx[0]], {n: a[idx[0]] for n, a in start.items()})
-                if len(idx) == 1
-                else (keys[idx], {n: a[idx] for n, a in start.items()}),
-                device,
-            )
-            mcmc.run(place[0], init_params=place[1], extra_fields=fields)
+            key, init = jax.device_put(_chains(keys, start, idx), device)
+            mcmc.run(key, init_params=init, extra_fields=fields)
         return mcmc, device
 
     with ThreadPoolExecutor(len(groups)) as pool:
         return list(pool.map(one, groups))
+
+
+def _chains(keys, start: dict, idx: np.ndarray) -> tuple:
+    """The keys and starts of chains ``idx`` as numpyro takes them: one chain without the chain
+    axis."""
+    if len(idx) == 1:
+        return keys[idx[0]], {n: a[idx[0]] for n, a in start.items()}
+    return keys[idx], {n: a[idx] for n, a in start.items()}
 
 
 def _continue(runs: list, fields) -> None:
