@@ -55,7 +55,7 @@ def local_devices() -> list:
     devices = jax.local_devices()
     if devices[0].platform == "cpu":  # $BAYESTWIN_CPU_DEVICES caps it, e.g. 1 in a Dask worker owning one core
         given = os.environ.get("BAYESTWIN_CPU_DEVICES", "").strip()
-        if given and not given.isdigit():
+        if given and not (given.isdigit() and int(given) >= 1):
             raise ValueError(f"$BAYESTWIN_CPU_DEVICES must be a whole number of CPU devices (e.g. 1), not {given!r}")
         cores = int(given or os.cpu_count() or 1)
         devices = devices[: max(1, min(len(devices), cores))]

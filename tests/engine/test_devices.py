@@ -51,6 +51,9 @@ def test_chains_split_into_equal_groups_one_per_device(monkeypatch):
     message = r"^\$BAYESTWIN_CPU_DEVICES must be a whole number of CPU devices \(e.g. 1\), not 'two'$"
     with pytest.raises(ValueError, match=message):
         chain_groups(4)
+    monkeypatch.setenv("BAYESTWIN_CPU_DEVICES", "0")
+    with pytest.raises(ValueError, match=message.replace("'two'", "'0'")):
+        chain_groups(4)
 
 
 def _normal_model():
@@ -95,3 +98,12 @@ def test_a_fit_with_a_progress_bar_on_two_devices_runs_threads_and_says_so(monke
 def test_a_split_is_refused_unless_known():
     with pytest.raises(ValueError, match=r"split must be one of \('shard', 'threads'\), not 'pmap'"):
         FitConfig(split="pmap").check()
+
+
+@pytest.mark.parametrize(
+    "field, value", [("chains", 0), ("chains", "4"), ("chains", 2.5), ("chains", True), ("draws", 0), ("tune", -1)]
+)
+def test_chain_counts_that_cannot_run_are_refused_by_name(field, value):
+    least = {"chains": 1, "draws": 1, "tune": 0}[field]
+    with pytest.raises(ValueError, match=rf"^{field} must be a whole number >= {least}, not {value!r}$"):
+        FitConfig(**{field: value}).check()
