@@ -21,7 +21,13 @@ import pandas as pd
 from bayestwin.engine.batches import map_batches
 from bayestwin.trials import analysis as an
 from bayestwin.trials.design import TrialDesign
-from bayestwin.trials.virtual import draw_covariates, population_draws, replicate_keys, simulate_arrays
+from bayestwin.trials.virtual import (
+    draw_covariates,
+    patient_bucket,
+    population_draws,
+    replicate_keys,
+    simulate_arrays,
+)
 
 #: Size of the covariate pool drawn once when covariates are given as distributions.
 POOL = 100_000
@@ -110,7 +116,8 @@ def simulate_batch(population, design: TrialDesign, draws, idx: np.ndarray, pool
     N, nc = design.n_total, design.n_per_arm
     n_pool = len(next(iter(pool.values())))
     keys = replicate_keys(seed + 1, idx)
-    rows = np.asarray(jax.vmap(lambda k: jax.random.randint(k, (N,), 0, n_pool))(keys))
+    slots = patient_bucket(N)  # one program per bucket of trial sizes; the first N draws are the same
+    rows = np.asarray(jax.vmap(lambda k: jax.random.randint(k, (slots,), 0, n_pool))(keys))[:, :N]
     pat = {k: v[rows] for k, v in pool.items()}
     mean, obs = simulate_arrays(population, draws, idx, pat, scenario, seed)  # (B, N, 2, V)
     arm = (np.arange(N) >= nc).astype(int)
@@ -121,7 +128,8 @@ def simulate_batch(population, design: TrialDesign, draws, idx: np.ndarray, pool
     visits = np.asarray(design.visits)
     if design.dropout > 0:
         rate = -np.log1p(-design.dropout) / (visits[-1] - visits[b])
-        u = np.asarray(jax.vmap(lambda k: jax.random.uniform(k, (N,), minval=1e-12))(replicate_keys(seed + 2, idx)))
+        u = jax.vmap(lambda k: jax.random.uniform(k, (slots,), minval=1e-12))(replicate_keys(seed + 2, idx))
+        u = np.asarray(u)[:, :N]
         leave = visits[b] - np.log(u) / rate
         last = (visits[None, None, :] <= leave[..., None]).sum(-1) - 1  # index of the last visit attended
         last = np.maximum(last, b)

@@ -28,6 +28,24 @@ def test_a_replicate_does_not_depend_on_how_many_are_drawn(population):
     np.testing.assert_array_equal(small["observation"].values, again["observation"].values)
 
 
+def test_cohort_sizes_share_a_program_per_bucket_and_padding_changes_no_patient(population):
+    from bayestwin.trials.virtual import _simulator_for, patient_bucket
+
+    assert [patient_bucket(n) for n in (1, 2, 5, 8, 9, 120, 256, 257, 1000)] == [1, 2, 8, 8, 16, 128, 256, 512, 1024]
+    times = [0, 6, 12]
+    five = virtual_cohort(population, 5, times=times, seed=4)  # 8 slots
+    nine = virtual_cohort(population, 9, times=times, seed=4)  # 16 slots
+    # the first five patients are the same patients (covariates, effects, noise) in either bucket
+    np.testing.assert_allclose(five["observation"].values, nine["observation"].values[:, :5], rtol=1e-12)
+    np.testing.assert_array_equal(five["age"].values, nine["age"].values[:, :5])
+    _, scen = population.family.scenario_arrays(None, np.asarray(times, float), population.schema)
+    program = _simulator_for(population, scen)
+    compiled = program._cache_size()
+    for n in (10, 13, 16):  # the 16-slot bucket: no new compilation
+        assert virtual_cohort(population, n, times=times, seed=4)["observation"].shape[1] == n
+    assert program._cache_size() == compiled
+
+
 def test_moments_match_the_model_at_the_posterior_mean(population):
     """At fixed population parameters and covariates, y(T) under standard care is normal with
     mean a + b T and variance Var(u0 + u1 T) + sigma^2 (tolerance: 4 Monte-Carlo SEs)."""
