@@ -26,7 +26,7 @@ CI_PARAMETERS = {
     "04_review.ipynb": {"FOLD_DRAWS": 250, "DRAWS": 400},
     "06_event_risk.ipynb": {"DRAWS": 300, "CALIBRATION_DRAWS": 200, "JOINT_PATIENTS": 40, "JOINT_DRAWS": 300},
     "07_your_model.ipynb": {"DRAWS": 300},
-    "08_pkpd_toxicity.ipynb": {"TWIN_DRAWS": 50, "TWIN_TUNE": 100},
+    "08_pkpd_toxicity.ipynb": {"TWIN_CHAINS": 2, "TWIN_DRAWS": 50, "TWIN_TUNE": 100},
 }
 
 
