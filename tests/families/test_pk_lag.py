@@ -26,8 +26,10 @@ def lag_fits():
     events = read_nonmem(table, key=KEY)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        lag = bt.fit(events, Pk(lag=True), seed=0)  # 4 x 500 draws left ESS(correlations) < 400
-        plain = bt.fit(events, Pk(), seed=0, draws=500, tune=500, extend=0)  # only compared by PSIS-LOO
+        # diagonal BSV: the lag is what is tested, and with correlated BSV 4 x 500 draws left
+        # ESS(correlations) < 400, so that fit took 4 x 1,000 (59 s against 19 s; same recovery)
+        lag = bt.fit(events, Pk(lag=True, correlated=False), seed=0, draws=500, tune=500)
+        plain = bt.fit(events, Pk(correlated=False), seed=0, draws=500, tune=500, extend=0)  # only for PSIS-LOO
     return lag, plain, truth
 
 
