@@ -32,6 +32,10 @@ def test_cohort_sizes_share_a_program_per_bucket_and_padding_changes_no_patient(
     from bayestwin.trials.virtual import _simulator_for, patient_bucket
 
     assert [patient_bucket(n) for n in (1, 2, 5, 8, 9, 120, 256, 257, 1000)] == [1, 2, 8, 8, 16, 128, 256, 512, 1024]
+    sizes = np.arange(1, 5000)
+    buckets = np.array([patient_bucket(n) for n in sizes])
+    assert (buckets >= sizes).all() and (np.diff(buckets) >= 0).all()  # room for every patient, monotone
+    assert (buckets <= np.maximum(2 * sizes - 1, sizes + 255)).all()  # at most 2x the work, 25% above 1,024
     times = [0, 6, 12]
     five = virtual_cohort(population, 5, times=times, seed=4)  # 8 slots
     nine = virtual_cohort(population, 9, times=times, seed=4)  # 16 slots
