@@ -315,7 +315,7 @@ def virtual_cohort(
     if times.ndim != 1 or len(times) == 0 or not np.isfinite(times).all():
         raise ValueError("times must be a non-empty list of finite numbers")
     labels, scenario = population.family.scenario_arrays(therapies, times, schema)
-    cells = float(replicates) * n * len(labels) * len(times)
+    cells = float(replicates) * patient_bucket(n) * len(labels) * len(times)  # as simulated, padded
     _memory.check(
         cells * 8 * 4,
         f"a virtual cohort of {replicates} x {n:,} patients x {len(labels)} scenarios x {len(times)} times",
