@@ -173,8 +173,8 @@ def test_save_load_twin_forecast_virtual_cohort(fitted):
         warnings.simplefilter("ignore")
         # the importance path's Hessian through an ODE solve is slow to compile (163 s against 54 s);
         # the ODE twin's NUTS warmup is short (the family's 1,000 steps at target 0.99 took 64 s)
-        ode = {"method": "nuts", "tune": 150} if name == "ode" else {"method": "importance"}
-        twin = loaded.condition(new, key=KEY, draws=200, seed=1, **ode)
+        ode = {"method": "nuts", "tune": 150, "draws": 100} if name == "ode" else {"method": "importance", "draws": 200}
+        twin = loaded.condition(new, key=KEY, seed=1, **ode)
     assert len(twin.patients) == 1
     for v in loaded.family.patient_outputs:
         x = twin.posterior[v]
