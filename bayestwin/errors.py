@@ -15,6 +15,15 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     warnings.warn(message, category, skip_file_prefixes=(_PACKAGE,))
 
 
+def require_whole(name: str, value, least: int) -> None:
+    """Refuse ``value`` unless it is a whole number (not a bool, not a string) >= ``least``, by name:
+    the check of every count argument (chains, draws, patients, ...)."""
+    import numpy as np
+
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise ValueError(f"{name} must be a whole number >= {least}, not {value!r}")
+
+
 class BayestwinError(Exception):
     """Base class for every error raised by bayestwin."""
 

@@ -37,6 +37,7 @@ from pymc.util import get_default_varnames
 
 from bayestwin.cache import uncached
 from bayestwin.engine.devices import chain_groups
+from bayestwin.errors import require_whole
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -73,9 +74,7 @@ class FitConfig(NamedTuple):
     def check(self) -> None:
         """Refuse settings the driver cannot run (before any model is built)."""
         for name, least in (("chains", 1), ("draws", 1), ("tune", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-                raise ValueError(f"{name} must be a whole number >= {least}, not {value!r}")
+            require_whole(name, getattr(self, name), least)
         if self.mass not in MASS:
             raise ValueError(f"mass must be one of {MASS}, not {self.mass!r}")
         if not (isinstance(self.jitter, (int, float)) and 0.0 <= self.jitter <= 2.0):

@@ -35,6 +35,7 @@ import pandas as pd
 
 from bayestwin._atomic import OutputError, folder_lock
 from bayestwin.engine.batches import batch_bounds, check_store, map_batches, run_fingerprint, write_atomic
+from bayestwin.errors import require_whole
 
 NAME = "twins"
 
@@ -137,8 +138,7 @@ def condition_many(
     patients = sorted(cohort.patients)
     settings = {"method": method, "seed": seed, **condition_kwargs}
     bounds = batch_bounds(len(patients), batch)  # every argument checked before anything is written
-    if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or keep < 1:
-        raise ValueError(f"keep must be a whole number >= 1, not {keep!r}")
+    require_whole("keep", keep, 1)
     job = _ConditionJob(population, cohort, patients, settings, keep)
     fingerprint = {
         "population": _population_digest(population),

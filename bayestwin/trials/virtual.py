@@ -28,6 +28,7 @@ import xarray as xr
 
 from bayestwin import _memory
 from bayestwin.engine.compile import TwinProgram, unconstrained_draws
+from bayestwin.errors import require_whole
 
 
 # ---------------------------------------------------------------- population draws
@@ -209,15 +210,11 @@ def patient_bucket(n: int) -> int:
 
 def pad_patients(arrays: dict, axis: int = 1) -> dict:
     """Arrays with ``n`` patients along ``axis`` widened to :func:`patient_bucket` (n) by repeating
-    the last patient."""
+    the last patient (as :func:`bayestwin.engine.devices.run_chunked` fills its last chunk)."""
     out = {}
     for k, v in arrays.items():
-        v = np.asarray(v)
-        n = v.shape[axis]
-        extra = patient_bucket(n) - n
-        out[k] = (
-            np.concatenate([v, np.repeat(np.take(v, [n - 1], axis=axis), extra, axis=axis)], axis=axis) if extra else v
-        )
+        n = np.shape(v)[axis]
+        out[k] = np.take(v, np.minimum(np.arange(patient_bucket(n)), n - 1), axis=axis)
     return out
 
 
@@ -307,9 +304,8 @@ def virtual_cohort(
     >>> vc = virtual_cohort(pop, 500, times=[0, 6, 12], replicates=20)  # doctest: +SKIP
     >>> vc.observation.sel(time=12).mean(["replicate", "patient"])  # doctest: +SKIP
     """
-    for name, v in (("n", n), ("replicates", replicates)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be a whole number >= 1, not {v!r}")
+    require_whole("n", n, 1)
+    require_whole("replicates", replicates, 1)
     schema = population.schema
     times = np.linspace(0.0, schema.time_scale, 11) if times is None else np.asarray(times, float)
     if times.ndim != 1 or len(times) == 0 or not np.isfinite(times).all():
