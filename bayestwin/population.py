@@ -19,6 +19,7 @@ from bayestwin.engine.compile import TwinProgram, compile_twin, unconstrained_dr
 from bayestwin.engine.fit import FitConfig, sample_model
 from bayestwin.engine.importance import ImportanceConfig
 from bayestwin.engine.nuts import NutsConfig
+from bayestwin.errors import require_whole
 from bayestwin.families import get_family
 from bayestwin.families.base import Design
 from bayestwin.review import advice
@@ -226,6 +227,11 @@ class Population:
         """
         from bayestwin.twin import Twin
 
+        for name, value, least in (("chains", chains, 1), ("draws", draws, 1), ("proposals", proposals, 1)):
+            require_whole(name, value, least)  # before any table is read
+        for name, value, least in (("tune", tune, 0), ("chunk", chunk, 1)):
+            if value is not None:
+                require_whole(name, value, least)
         cohort = self.cohort(rows, key=key, baseline=baseline)
         defaults = {"tune": 500, "target_accept": 0.8} | dict(self.family.twin_nuts)
         tune = defaults["tune"] if tune is None else tune

@@ -1146,6 +1146,25 @@ def _(tmp, pop):
     return lambda: virtual_cohort(pop, 10**9)
 
 
+def _visits():
+    return pd.DataFrame({"Subject": 1, "Days": [0.0, 1.0, 2.0], "Reaction": [250.0, 262.0, 270.0]})
+
+
+@art("condition: chains as a string", ValueError, "chains must be a whole number >= 1, not '2'")
+def _(tmp, pop):
+    return lambda: pop.condition(_visits(), key=b"bad-input-key-0123456", chains="2")
+
+
+@art("condition: draws = 0", ValueError, "draws must be a whole number >= 1, not 0")
+def _(tmp, pop):
+    return lambda: pop.condition(_visits(), key=b"bad-input-key-0123456", draws=0)
+
+
+@art("condition: a negative tune", ValueError, "tune must be a whole number >= 0, not -5")
+def _(tmp, pop):
+    return lambda: pop.condition(_visits(), key=b"bad-input-key-0123456", tune=-5)
+
+
 @art("virtual_cohort: n = 0", ValueError, "n must be a whole number >= 1")
 def _(tmp, pop):
     from bayestwin.trials import virtual_cohort
