@@ -16,14 +16,19 @@ TWIN = textwrap.dedent(
     import warnings
     import pandas as pd
     import bayestwin as bt
-    import jax
+    import hashlib, jax
     warnings.simplefilter("ignore")
+    exports = []  # programs traced and lowered in this process (the rest were read from disk)
+    export = jax.export.export
+    jax.export.export = lambda fn, **kw: exports.append(1) or export(fn, **kw)
     pop = bt.load("sleepstudy")
     rows = pd.DataFrame({"Subject": [1, 1, 1], "Days": [0.0, 1.0, 2.0], "Reaction": [250.0, 262.0, 270.0]})
     twin = pop.condition(rows, key=b"cache-test-key-0123456789", seed=1)
     twin.predict(times=[5.0, 9.0])
     print("CACHE", jax.config.jax_compilation_cache_dir)
     print("INTERCEPT", float(twin.posterior["intercept"].mean()))
+    print("EXPORTED", len(exports))
+    print("DRAWS", hashlib.sha256(twin.posterior["intercept"].to_numpy().tobytes()).hexdigest())
     """
 )
 # Another population of the same family (as a refit gives): its draws moved by 20 ms.
@@ -48,13 +53,20 @@ def test_a_second_process_loads_the_twin_programs_and_fits_are_not_cached(tmp_pa
     assert f"CACHE {where}" in original
     first = sorted(p.name for p in where.iterdir() if p.name.endswith("-cache"))
     assert first, "the first twin wrote no compiled program"
-    _run(TWIN, env)
+    traced = sorted(p.name for p in (where / "traced").iterdir())
+    assert "EXPORTED 1" in original and len(traced) == 1 and traced[0].endswith(".jaxexport")
+    second = _run(TWIN, env)
     again = sorted(p.name for p in where.iterdir() if p.name.endswith("-cache"))
     assert again == first  # every program of the second process came from the cache
+    # ... and the twin's program was not traced again: read from disk, it gives the same draws
+    assert "EXPORTED 0" in second and sorted(p.name for p in (where / "traced").iterdir()) == traced
+    draws = lambda out: out.split("DRAWS")[1].split()[0]  # noqa: E731
+    assert draws(second) == draws(original)
     # The population enters the twin programs as an argument, not as constants: twins of another
     # population of the same family and shapes (a refit, a cross-validation fold) load them too.
     moved = _run(REFIT, env)
     assert sorted(p.name for p in where.iterdir() if p.name.endswith("-cache")) == first
+    assert "EXPORTED 0" in moved
     intercept = {t: float(o.split("INTERCEPT")[1].split()[0]) for t, o in (("a", original), ("b", moved))}
     assert 10.0 < intercept["b"] - intercept["a"] < 30.0, intercept  # it did condition the moved population
     fit = textwrap.dedent(
@@ -95,8 +107,15 @@ def test_cache_command_shows_clears_and_refuses_a_folder_of_other_files(tmp_path
     where.mkdir()
     (where / "jit_go-abc123-cache").write_bytes(b"x" * 1000)
     (where / "jit_go-abc123-atime").write_bytes(b"t")
-    assert cache.size(where) == (1, 1000)
-    assert cache.clear(where) == 1 and list(where.iterdir()) == []
+    (where / "traced").mkdir()
+    (where / "traced" / "0a1b.jaxexport").write_bytes(b"y" * 500)
+    assert cache.size(where) == (2, 1500)
+    assert cache.clear(where) == 2 and list(where.iterdir()) == [where / "traced"]
+    assert list((where / "traced").iterdir()) == []
+    (where / "traced" / "notes.txt").write_bytes(b"mine")
+    with pytest.raises(ValueError, match=r"holds files that are not compiled programs \(traced/notes.txt\)"):
+        cache.clear(where)
+    (where / "traced" / "notes.txt").unlink()
     other = tmp_path / "thesis"
     other.mkdir()
     (other / "chapter1.docx").write_bytes(b"words")

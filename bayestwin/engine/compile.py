@@ -9,6 +9,7 @@ prediction all come from the one PyMC graph.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import pytensor
 import pytensor.tensor as pt
 from pytensor.graph.replace import graph_replace
 
+from bayestwin.engine.stored import program_identity
 from bayestwin.families.base import Design
 
 with warnings.catch_warnings():
@@ -59,7 +61,10 @@ class TwinProgram:
     predict: Callable  # (*values, *prediction data) -> [mu, *observation params]
     predict_data_names: tuple[str, ...]
     predict_names: tuple[str, ...]  # the family's prediction, then its observation_params
-    symbolic: dict  # the pytensor log-density before JAX: {"logp", "values", "data", "mask"}
+    symbolic: Callable  # () -> the pytensor log-density before JAX: {"logp", "values", "data", "mask"}
+    # what the program is built from, as a digest (bayestwin.engine.stored.program_identity):
+    # the key of its traced forms on disk; None when the family names code outside this package
+    identity: str | None = None
 
     def split(self, phi_flat, patient_flat) -> list:
         """Flat vectors -> the list of value arrays in model order."""
@@ -142,24 +147,16 @@ def compile_twin(family, schema, n_obs: int, **slots) -> TwinProgram:
     mask = pt.vector("mask", dtype=pytensor.config.floatX)
 
     # Patient variables: standard-normal offsets as they are, other Normals through theirs.
-    own, swap = [], {}
+    swap = {}
     for n in family.patient_vars:
         std = standardised(model, n)
-        if std is None:
-            own.append(model.logp(vars=[model[n]], sum=True))
-        else:
-            z, theta = std
-            swap[model.rvs_to_values[model[n]]] = (z, theta)
-            own.append(-0.5 * (z**2).sum() - 0.5 * np.log(2 * np.pi) * z.size)
-    [lik] = model.logp(vars=[model[family.observed]], sum=False)
+        if std is not None:
+            swap[model.rvs_to_values[model[n]]] = std
     to_z = {v: theta for v, (z, theta) in swap.items()}
 
     def rewrite(graphs):
         graphs = graph_replace(graphs, to_z, strict=False) if to_z else graphs
         return graph_replace(graphs, replace, strict=False)
-
-    [lik] = rewrite([lik])
-    logp = pt.add(*rewrite(own)) + (lik * mask).sum() if own else (lik * mask).sum()
 
     blocks_phi, blocks_pat = [], []
     # the value variables' shapes (not model.initial_point(): it compiles a function with
@@ -175,16 +172,34 @@ def compile_twin(family, schema, n_obs: int, **slots) -> TwinProgram:
     names += [b.rv for b in blocks_phi if b.rv not in names] + [
         d.name for d in model.deterministics if d.name.startswith("re_chol_")
     ]
-    outs = rewrite(model.replace_rvs_by_values([model[n] for n in names]))
+
+    # The log density and the outputs as pytensor graphs, built on first use: a program read
+    # traced from disk (bayestwin.engine.stored) never needs them, and PyMC's log-probability
+    # rewrites are a good part of building a program (0.3 of 0.9 s for the Theoph model).
+    @functools.cache
+    def graphs() -> dict:
+        own = []
+        for n in family.patient_vars:
+            v = model.rvs_to_values[model[n]]
+            if v in swap:
+                z = swap[v][0]
+                own.append(-0.5 * (z**2).sum() - 0.5 * np.log(2 * np.pi) * z.size)
+            else:
+                own.append(model.logp(vars=[model[n]], sum=True))
+        [lik] = rewrite(model.logp(vars=[model[family.observed]], sum=False))
+        logp = pt.add(*rewrite(own)) + (lik * mask).sum() if own else (lik * mask).sum()
+        outs = rewrite(model.replace_rvs_by_values([model[n] for n in names]))
+        return {"logp": logp, "outputs": outs}
 
     pred_names = tuple(n for n in data_names if n != "y_obs")  # patient_idx is implied
     shown = [family.prediction, *getattr(family, "observation_params", ())]
     pred = rewrite(model.replace_rvs_by_values([model[n] for n in shown]))
 
     data_in = [inputs[n] for n in data_names]
-    logp_fn = get_jaxified_graph(inputs=[*values, *data_in, mask], outputs=[logp])
-    out_fn = get_jaxified_graph(inputs=[*values, *data_in], outputs=outs)
+    logp_fn = _Deferred(lambda: get_jaxified_graph(inputs=[*values, *data_in, mask], outputs=[graphs()["logp"]]))
+    out_fn = _Deferred(lambda: get_jaxified_graph(inputs=[*values, *data_in], outputs=graphs()["outputs"]))
     pred_fn = _Deferred(lambda: get_jaxified_graph(inputs=[*values, *[inputs[n] for n in pred_names]], outputs=pred))
+    symbolic = lambda: {"logp": graphs()["logp"], "values": values, "data": inputs, "mask": mask}  # noqa: E731
     return TwinProgram(
         model=model,
         phi=tuple(blocks_phi),
@@ -197,7 +212,8 @@ def compile_twin(family, schema, n_obs: int, **slots) -> TwinProgram:
         predict=pred_fn,
         predict_data_names=pred_names,
         predict_names=tuple(shown),
-        symbolic={"logp": logp, "values": values, "data": inputs, "mask": mask},
+        symbolic=symbolic,
+        identity=program_identity(family, schema, n_obs, slots),
     )
 
 
@@ -207,8 +223,9 @@ QUICK = "FAST_COMPILE"
 
 
 class _Deferred:
-    """A JAX function built on its first call: a twin needs the prediction only when it forecasts,
-    so its pytensor rewrites (part of a first twin's time) wait until then."""
+    """A JAX function built on its first call: a twin needs the prediction only when it forecasts
+    (and the log density only when its program is traced), so their pytensor rewrites (part of a
+    first twin's time) wait until then."""
 
     def __init__(self, build: Callable):
         self._build, self._fn = build, None
@@ -267,7 +284,7 @@ def twin_pymc_model(program: TwinProgram, mean: np.ndarray, chol: np.ndarray, da
     """
     import pymc as pm
 
-    sym = program.symbolic
+    sym = program.symbolic()
     d_phi = len(mean)
     d_pat = sum(b.size for b in program.patient)
     with pm.Model() as model:

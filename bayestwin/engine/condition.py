@@ -30,6 +30,7 @@ from bayestwin.engine.compile import TwinProgram, as_jax
 from bayestwin.engine.devices import run_chunked
 from bayestwin.engine.importance import ImportanceConfig, make_importance_sampler
 from bayestwin.engine.nuts import NutsConfig, chain_keys, make_sampler
+from bayestwin.engine.stored import Stored
 from bayestwin.review.convergence import Thresholds, gate
 from bayestwin.review.twins import importance_stats, nuts_stats, twin_table
 
@@ -168,7 +169,7 @@ def make_run(program: TwinProgram, approx: GaussianApprox, cfg: NutsConfig, prec
             draws = draws._replace(position=x)
         return draws, outputs(draws.position, arrays, ap)
 
-    return _launcher(go, program, approx)
+    return _launcher(go, program, approx, f"run {cfg!r} preconditioned={preconditioned}")
 
 
 #: Keys of the affine map in the ``data`` of a preconditioned :func:`make_run`.
@@ -191,10 +192,14 @@ def make_importance(program: TwinProgram, approx: GaussianApprox, cfg: Importanc
         draws = sampler(chain_keys(seeds, cfg.chains), (arrays, mask))
         return draws, outputs(draws.position, arrays, ap)
 
-    return _launcher(go, program, approx)
+    return _launcher(go, program, approx, f"importance {cfg!r}")
 
 
-def _launcher(go, program: TwinProgram, approx: GaussianApprox):
+def _launcher(go, program: TwinProgram, approx: GaussianApprox, label: str):
+    # called through its traced form stored on disk (bayestwin.engine.stored): a new process
+    # skips tracing and lowering it
+    go = Stored(go, program.identity, label)
+
     def run(data: dict, mask: np.ndarray, seeds: np.ndarray, device=None):
         # numpy in, one transfer to the device, then the compiled program: nothing here waits
         # for another device's work, so chunks on different devices overlap.
