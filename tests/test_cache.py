@@ -24,11 +24,12 @@ TWIN = textwrap.dedent(
     pop = bt.load("sleepstudy")
     rows = pd.DataFrame({"Subject": [1, 1, 1], "Days": [0.0, 1.0, 2.0], "Reaction": [250.0, 262.0, 270.0]})
     twin = pop.condition(rows, key=b"cache-test-key-0123456789", seed=1)
-    twin.predict(times=[5.0, 9.0])
+    forecast = twin.predict(times=[5.0, 9.0])
     print("CACHE", jax.config.jax_compilation_cache_dir)
     print("INTERCEPT", float(twin.posterior["intercept"].mean()))
     print("EXPORTED", len(exports))
     print("DRAWS", hashlib.sha256(twin.posterior["intercept"].to_numpy().tobytes()).hexdigest())
+    print("FORECAST", hashlib.sha256(forecast.draws["mean"].to_numpy().tobytes()).hexdigest())
     """
 )
 # Another population of the same family (as a refit gives): its draws moved by 20 ms.
@@ -54,14 +55,15 @@ def test_a_second_process_loads_the_twin_programs_and_fits_are_not_cached(tmp_pa
     first = sorted(p.name for p in where.iterdir() if p.name.endswith("-cache"))
     assert first, "the first twin wrote no compiled program"
     traced = sorted(p.name for p in (where / "traced").iterdir())
-    assert "EXPORTED 1" in original and len(traced) == 1 and traced[0].endswith(".jaxexport")
+    # the twin's program and the forecast's, each stored traced
+    assert "EXPORTED 2" in original and len(traced) == 2 and all(t.endswith(".jaxexport") for t in traced)
     second = _run(TWIN, env)
     again = sorted(p.name for p in where.iterdir() if p.name.endswith("-cache"))
     assert again == first  # every program of the second process came from the cache
-    # ... and the twin's program was not traced again: read from disk, it gives the same draws
+    # ... and neither was traced again: read from disk, they give the same draws
     assert "EXPORTED 0" in second and sorted(p.name for p in (where / "traced").iterdir()) == traced
-    draws = lambda out: out.split("DRAWS")[1].split()[0]  # noqa: E731
-    assert draws(second) == draws(original)
+    for what in ("DRAWS", "FORECAST"):
+        assert second.split(what)[1].split()[0] == original.split(what)[1].split()[0], what
     # The population enters the twin programs as an argument, not as constants: twins of another
     # population of the same family and shapes (a refit, a cross-validation fold) load them too.
     moved = _run(REFIT, env)

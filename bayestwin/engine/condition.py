@@ -247,6 +247,7 @@ def make_prior_draws(program: TwinProgram, approx: GaussianApprox):
         x = jax.random.normal(key, (arrays[0].shape[0], 1, 1, d))
         return outputs(x, arrays, ap)
 
+    draw = Stored(draw, program.identity, "prior draws")
     return lambda key, arrays: draw(approx, key, arrays)
 
 
@@ -264,7 +265,8 @@ def make_predict(program: TwinProgram, approx: GaussianApprox):
     f = jax.vmap(one, in_axes=(0, None, None))  # draws
     f = jax.vmap(f, in_axes=(0, None, None))  # chains
     f = jax.vmap(f, in_axes=(None, 0, None))  # scenarios
-    jitted = jax.jit(jax.vmap(f, in_axes=(0, 0, None)))  # patients
+    # patients; called through its traced form on disk when there is one (bayestwin.engine.stored)
+    jitted = Stored(jax.jit(jax.vmap(f, in_axes=(0, 0, None))), program.identity, "predict")
 
     def predict(position, pred_data: dict):
         arrays = tuple(as_jax(pred_data[n]) for n in program.predict_data_names)

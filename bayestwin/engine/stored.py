@@ -119,7 +119,8 @@ def folder() -> Path | None:
 
 def _signature(args) -> str:
     leaves, tree = jax.tree_util.tree_flatten(args)
-    return json.dumps([str(tree), [[list(np.shape(a)), str(np.asarray(a).dtype)] for a in leaves]])
+    dtype = lambda a: str(a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype)  # noqa: E731 - no copy of arrays
+    return json.dumps([str(tree), [[list(np.shape(a)), dtype(a)] for a in leaves]])
 
 
 class Stored:
