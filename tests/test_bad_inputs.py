@@ -938,6 +938,34 @@ def _(tmp):
     return lambda: evaluate_regimens(bt.Pk(), theta, regimens, start=0.0)
 
 
+@case("TrialDesign: 2.7 patients per arm", ValueError, "n_per_arm must be a whole number >= 2, not 2.7")
+def _(tmp):
+    from bayestwin.trials import TrialDesign
+
+    return lambda: TrialDesign("standard", "drug_a", n_per_arm=2.7)
+
+
+@case("TrialDesign: one patient per arm", ValueError, "n_per_arm must be a whole number >= 2, not 1")
+def _(tmp):
+    from bayestwin.trials import TrialDesign
+
+    return lambda: TrialDesign("standard", "drug_a", n_per_arm=30).with_n(1)
+
+
+@case("TrialDesign: no allocation", ValueError, "allocation must be > 0, not 0")
+def _(tmp):
+    from bayestwin.trials import TrialDesign
+
+    return lambda: TrialDesign("standard", "drug_a", n_per_arm=30, allocation=0)
+
+
+@case("sample_size: a fractional n_min", ValueError, "n_min must be a whole number >= 2, not 4.5")
+def _(tmp):
+    from bayestwin.trials import TrialDesign, sample_size
+
+    return lambda: sample_size(None, TrialDesign("standard", "drug_a", n_per_arm=30), n_min=4.5)
+
+
 # ----------------------------------------------------------------------------- artifacts
 @pytest.fixture(scope="module")
 def zoo_population():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import tomllib
 from dataclasses import asdict, dataclass, field, replace
 
+from bayestwin.errors import require_whole
+
 ENDPOINTS = ("change", "responder", "exposure")
 ANALYSES = ("ancova", "ttest")
 METRICS = ("auc", "cmax", "ctrough")
@@ -83,8 +85,9 @@ class TrialDesign:
             raise ValueError(f"missing must be 'complete' or 'locf', not {self.missing!r}")
         if self.decision not in ("frequentist", "bayesian"):
             raise ValueError(f"decision must be 'frequentist' or 'bayesian', not {self.decision!r}")
-        if int(self.n_per_arm) < 2 or self.allocation <= 0:
-            raise ValueError(f"n_per_arm must be >= 2 and allocation > 0, not {self.n_per_arm}, {self.allocation}")
+        require_whole("n_per_arm", self.n_per_arm, 2)  # 2.7 patients is refused, not read as 2
+        if not self.allocation > 0:
+            raise ValueError(f"allocation must be > 0, not {self.allocation}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
         if not 0 < self.alpha < 1 or not 0 < self.threshold < 1:
@@ -116,7 +119,7 @@ class TrialDesign:
 
     def with_n(self, n_per_arm: int) -> TrialDesign:
         """The same design with ``n_per_arm`` patients on the control arm."""
-        return replace(self, n_per_arm=int(n_per_arm))
+        return replace(self, n_per_arm=n_per_arm)
 
     def to_dict(self) -> dict:
         """The design as plain data (arms by their labels), for tables and trial files."""

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from bayestwin.engine.batches import map_batches
+from bayestwin.errors import require_whole
 from bayestwin.trials import analysis as an
 from bayestwin.trials.design import TrialDesign
 from bayestwin.trials.virtual import (
@@ -268,6 +269,8 @@ def sample_size(
     the same seed (common random numbers), so the power curve is smooth in n. Returns (n, the
     table of every n evaluated with its power and MC SE). Raises if ``n_max`` is not enough.
     """
+    require_whole("n_min", n_min, 2)
+    require_whole("n_max", n_max, n_min)
     seen: dict[int, tuple[float, float]] = {}
 
     def at(n: int) -> float:
