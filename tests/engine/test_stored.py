@@ -128,3 +128,30 @@ def test_identity_follows_the_family_schema_and_shapes_and_refuses_outside_code(
     assert stored._names_outside_code({"build": "__main__:build", "priors": {}})
     assert stored._names_outside_code({"model": "object:Friberg"})
     assert not stored._names_outside_code({"model": "friberg", "build": "bayestwin.zoo:x", "x": [1.0, "WT"]})
+
+
+CONCURRENT = """
+import sys, numpy as np, jax, jax.numpy as jnp
+from pathlib import Path
+from bayestwin.engine import stored
+stored.folder = lambda: Path(sys.argv[1])
+go = jax.jit(lambda a: {"y": jnp.cumsum(a) * 3.0})
+for _ in range(20):  # the same key, written and read by both processes at once
+    out = stored.Stored(go, "shared", "s")(np.arange(6.0))
+    assert np.array_equal(out["y"], np.cumsum(np.arange(6.0)) * 3.0)
+print("OK")
+"""
+
+
+def test_processes_sharing_the_folder_never_read_a_partial_program(tmp_path):
+    import subprocess
+    import sys
+
+    where = tmp_path / "traced"
+    runs = [
+        subprocess.Popen([sys.executable, "-c", CONCURRENT, str(where)], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    assert [r.communicate(timeout=300)[0].strip() for r in runs] == ["OK"] * 3
+    files = list(where.iterdir())
+    assert len(files) == 1 and stored.read(files[0]) is not None  # one program, whole; no temporary left
