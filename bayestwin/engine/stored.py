@@ -84,6 +84,13 @@ def _names_outside_code(value) -> bool:
     return False
 
 
+def _plain(value):
+    """numpy scalars and arrays as plain data; anything else is refused (TypeError)."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"not plain data: {type(value).__name__}")
+
+
 def program_identity(family, schema, n_obs: int, slots: dict) -> str | None:
     """What a one-patient program is built from, as a digest; ``None`` when that cannot be told
     from this package's source alone (the family names code outside it)."""
@@ -99,10 +106,10 @@ def program_identity(family, schema, n_obs: int, slots: dict) -> str | None:
                 "shape": [int(n_obs), {k: int(v) for k, v in sorted(slots.items())}],
             },
             sort_keys=True,
-            default=repr,
+            default=_plain,
         )
-    except (AttributeError, TypeError, ValueError):  # a configuration that is not plain data
-        return None
+    except (AttributeError, TypeError, ValueError):  # a configuration that is not plain data: its
+        return None  # repr might not show everything the graph depends on
     if _names_outside_code(config):
         return None
     return hashlib.sha256(text.encode()).hexdigest()

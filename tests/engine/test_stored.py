@@ -125,6 +125,12 @@ def test_identity_follows_the_family_schema_and_shapes_and_refuses_outside_code(
         pass
 
     assert stored.program_identity(Mine(), schema, 8, {}) is None
+    opaque = bt.Progression()
+    opaque.config = lambda: {"family": "progression", "priors": {"sigma": object()}}  # a repr hides its content
+    assert stored.program_identity(opaque, schema, 8, {}) is None
+    numpy_valued = bt.Progression()
+    numpy_valued.config = lambda: {"family": "progression", "pieces": np.int64(3), "cuts": np.array([1.0, 2.0])}
+    assert stored.program_identity(numpy_valued, schema, 8, {}) is not None
     assert stored._names_outside_code({"build": "__main__:build", "priors": {}})
     assert stored._names_outside_code({"model": "object:Friberg"})
     assert not stored._names_outside_code({"model": "friberg", "build": "bayestwin.zoo:x", "x": [1.0, "WT"]})
