@@ -40,6 +40,7 @@ LAYERS = {
     "bayestwin.review": 5,
     "bayestwin.trials": 5,
     "bayestwin.engine.many": 5,  # twins at scale sit above Population
+    "bayestwin.federated": 5,  # fits across sites: above Population (ep.py itself is pure maths)
     "bayestwin.zoo": 6,
     "bayestwin.trials.cli": 7,
     "bayestwin.cli": 7,

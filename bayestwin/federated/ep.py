@@ -1,0 +1,174 @@
+"""Expectation propagation over sites: the maths of a federated population fit (pure functions).
+
+Each site (hospital) k holds rows y_k that may not leave it. The population posterior factorises
+over sites given the population parameters phi (patients, hence sites, are independent given
+phi):
+
+    p(phi | y_1..y_K) ∝ p(phi) ∏_k l_k(phi),   l_k(phi) = ∫ p(y_k, patients_k | phi) d patients_k.
+
+Expectation propagation (Vehtari et al. 2020, "Expectation propagation as a way of life", JMLR
+21(17), algorithm 1) approximates each l_k by a Gaussian factor g_k in the unconstrained space
+of phi, so the global approximation g = p0 ∏_k g_k is Gaussian (p0: the prior, or a Gaussian fit
+of it). One site step:
+
+1. cavity g_-k = g / g_k (natural parameters subtract);
+2. the site samples its *tilted* distribution g_-k(phi) l_k(phi) with its own rows (NUTS, on
+   the site's machine) and returns the draws' mean and covariance;
+3. the site's new factor is the tilted moments divided by the cavity (:func:`site_update`),
+   damped: g_k <- g_k^(1-delta) g_new^delta.
+
+What crosses the wire is a site factor: a d x d precision and a d-vector, never a row or a
+patient's draw. Everything here works in natural parameters (precision Q, shift r = Q m), where
+products and quotients of Gaussians are sums and differences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from bayestwin.errors import BayestwinError
+
+
+class SiteError(BayestwinError, ValueError):
+    """A site's summary that cannot be used (malformed, out of range, or an improper cavity)."""
+
+
+class Gaussian(NamedTuple):
+    """A Gaussian factor in natural parameters: ``precision`` Q (d, d), ``shift`` r = Q m (d,).
+
+    A site factor may be improper (Q not positive definite); a global approximation may not.
+    """
+
+    precision: np.ndarray
+    shift: np.ndarray
+
+    @classmethod
+    def from_moments(cls, mean, cov) -> Gaussian:
+        q = np.linalg.inv(np.asarray(cov, float))
+        q = 0.5 * (q + q.T)
+        return cls(q, q @ np.asarray(mean, float))
+
+    @classmethod
+    def flat(cls, d: int) -> Gaussian:
+        """The factor 1 (zero precision): a site's factor before its first update."""
+        return cls(np.zeros((d, d)), np.zeros(d))
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, covariance); the precision must be positive definite."""
+        cov = np.linalg.inv(self.precision)
+        return cov @ self.shift, 0.5 * (cov + cov.T)
+
+    def times(self, other: Gaussian) -> Gaussian:
+        return Gaussian(self.precision + other.precision, self.shift + other.shift)
+
+    def over(self, other: Gaussian) -> Gaussian:
+        return Gaussian(self.precision - other.precision, self.shift - other.shift)
+
+
+def check_factor(factor: Gaussian, d: int, site: str) -> Gaussian:
+    """A site's factor as received: shapes (d, d) and (d,), finite, symmetric; else :class:`SiteError`."""
+    try:
+        q = np.asarray(factor.precision, float)
+        r = np.asarray(factor.shift, float)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise SiteError(f"site {site!r} sent a summary that is not a Gaussian factor ({err})") from None
+    if q.shape != (d, d) or r.shape != (d,):
+        raise SiteError(f"site {site!r} sent a factor of shapes {q.shape} and {r.shape}, not ({d}, {d}) and ({d},)")
+    if not (np.isfinite(q).all() and np.isfinite(r).all()):
+        raise SiteError(f"site {site!r} sent a factor with values that are not finite")
+    if not np.allclose(q, q.T, rtol=1e-8, atol=1e-10 * max(1.0, float(np.abs(q).max()))):
+        raise SiteError(f"site {site!r} sent a precision matrix that is not symmetric")
+    return Gaussian(0.5 * (q + q.T), r)
+
+
+def cavity(approx: Gaussian, site_factor: Gaussian, site: str) -> Gaussian:
+    """g / g_k, which must be a proper Gaussian (positive-definite precision); else :class:`SiteError`."""
+    out = approx.over(site_factor)
+    try:
+        np.linalg.cholesky(out.precision)
+    except np.linalg.LinAlgError:
+        raise SiteError(
+            f"the cavity of site {site!r} is not a proper Gaussian (its precision is not positive definite): "
+            "damp the updates more"
+        ) from None
+    return out
+
+
+def tilted_precision(cov, draws: int | None) -> np.ndarray:
+    """The precision of the tilted distribution from its covariance.
+
+    From ``draws`` independent draws of a Gaussian the inverse of the sample covariance is biased
+    upwards (its mean is that of an inverse Wishart, (n - 1) / (n - d - 2) times the precision);
+    the factor (n - d - 2) / (n - 1) removes the bias. ``None``: exact moments.
+    """
+    q = np.linalg.inv(np.asarray(cov, float))
+    q = 0.5 * (q + q.T)
+    if draws is None:
+        return q
+    d = len(q)
+    if draws <= d + 2:
+        raise ValueError(f"{draws} draws cannot estimate a {d}-dimensional precision (need more than {d + 2})")
+    return q * (draws - d - 2) / (draws - 1)
+
+
+def site_update(old: Gaussian, cav: Gaussian, mean, cov, *, draws: int | None = None, damping: float = 0.5) -> Gaussian:
+    """The site's new factor: tilted moments (``mean``, ``cov``) over the cavity, damped.
+
+    ``damping`` delta in (0, 1]: g_k <- (1 - delta) g_k + delta g_new in natural parameters
+    (1: no damping). ``draws``: how many independent draws estimated the moments (their effective
+    number), for the unbiased precision of :func:`tilted_precision`.
+    """
+    if not 0.0 < damping <= 1.0:
+        raise ValueError(f"damping must be in (0, 1], not {damping!r}")
+    q = tilted_precision(cov, draws)
+    new = Gaussian(q - cav.precision, q @ np.asarray(mean, float) - cav.shift)
+    return Gaussian(
+        (1.0 - damping) * old.precision + damping * new.precision,
+        (1.0 - damping) * old.shift + damping * new.shift,
+    )
+
+
+class EPResult(NamedTuple):
+    approx: Gaussian  # the global approximation p0 ∏ g_k
+    sites: tuple[Gaussian, ...]  # each site's factor
+    history: list  # per iteration: the global mean and covariance
+
+
+#: ``tilted(site_index, cavity) -> (mean, cov, draws)``: a site's tilted moments (draws None: exact).
+Tilted = Callable[[int, Gaussian], tuple]
+
+
+def expectation_propagation(
+    prior: Gaussian, tilted: Tilted, n_sites: int, *, iterations: int = 6, damping: float = 0.5
+) -> EPResult:
+    """Run EP over ``n_sites`` sites in parallel sweeps (every site updates from the same global
+    approximation, as sites running at the same time do), each site's tilted moments from
+    ``tilted``. Returns the global approximation and the site factors.
+    """
+    d = len(prior.shift)
+    sites = [Gaussian.flat(d) for _ in range(n_sites)]
+    approx = prior
+    history = []
+    for _ in range(iterations):
+        updated = []
+        for k in range(n_sites):
+            cav = cavity(approx, sites[k], str(k))
+            mean, cov, draws = tilted(k, cav)
+            updated.append(check_factor(site_update(sites[k], cav, mean, cov, draws=draws, damping=damping), d, str(k)))
+        sites = updated
+        approx = prior
+        for g in sites:
+            approx = approx.times(g)
+        history.append(approx.moments())
+    return EPResult(approx, tuple(sites), history)
+
+
+def product(factors: Sequence[Gaussian]) -> Gaussian:
+    """The product of Gaussian factors (sum of natural parameters)."""
+    out = factors[0]
+    for g in factors[1:]:
+        out = out.times(g)
+    return out
