@@ -21,7 +21,7 @@ so they hold neither, and one program serves every population of the same family
 refit, a cross-validation fold). A population fit's program holds the cohort's rows as constants,
 so fits are never written to the cache (:func:`not_cached`). Twin programs are also kept
 traced and lowered, in the folder's ``traced/`` (:mod:`bayestwin.engine.stored`): a new process
-then skips tracing them too (a cached first Theoph twin 2.9 -> 1.7 s).
+then skips tracing them too (a cached first Theoph twin 2.9 -> 0.9-1.0 s).
 The folder is the user's, like the artifacts.
 """
 
