@@ -125,7 +125,7 @@ def size(path: Path | None = None) -> tuple[int, int]:
         return 0, 0
     files = [p for p in path.iterdir() if p.is_file() and p.name.endswith("-cache")]
     if (path / TRACED).is_dir():
-        files += [p for p in (path / TRACED).iterdir() if p.is_file() and p.name.endswith(".jaxexport")]
+        files += [p for p in (path / TRACED).iterdir() if p.is_file() and p.name.endswith(TRACED_SUFFIX)]
     return len(files), sum(p.stat().st_size for p in files)
 
 
@@ -151,11 +151,12 @@ def clear(path: Path | None = None) -> int:
     for p in [*inner, *(p for p in entries if p != traced)]:
         p.unlink(missing_ok=True)
     _forget()
-    return sum(p.name.endswith("-cache") for p in entries) + sum(p.name.endswith(".jaxexport") for p in inner)
+    return sum(p.name.endswith("-cache") for p in entries) + sum(p.name.endswith(TRACED_SUFFIX) for p in inner)
 
 
-#: The folder of traced programs (bayestwin.engine.stored.FOLDER) inside the cache folder.
+#: The folder of traced programs (bayestwin.engine.stored) inside the cache folder, and their files' suffix.
 TRACED = "traced"
+TRACED_SUFFIX = ".jaxexport"
 
 
 def _compiled(p: Path) -> bool:
@@ -163,7 +164,7 @@ def _compiled(p: Path) -> bool:
 
 
 def _traced(p: Path) -> bool:  # a stored program, or a write of one cut short
-    return p.is_file() and (p.name.endswith(".jaxexport") or (p.name.startswith(".") and p.name.endswith(".tmp")))
+    return p.is_file() and (p.name.endswith(TRACED_SUFFIX) or (p.name.startswith(".") and p.name.endswith(".tmp")))
 
 
 def in_use() -> Path | None:

@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import threading
-import warnings
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -39,8 +38,9 @@ import jax
 import numpy as np
 
 from bayestwin.cache import TRACED as FOLDER  # the folder in the compiled-program cache
+from bayestwin.cache import TRACED_SUFFIX as SUFFIX
+from bayestwin.errors import warn
 
-SUFFIX = ".jaxexport"
 _MAGIC = b"bayestwin-traced-program 1\n"
 #: Largest total size of the stored programs before the least recently used are removed.
 MAX_BYTES = 256 * 1024**2
@@ -145,16 +145,16 @@ class Stored:
         self._lock = threading.Lock()
 
     def __call__(self, *args):
-        where = folder() if self.identity is not None else None
-        if where is None:
+        if self.identity is None:
             return self.go(*args)
         sig = _signature(args)
         call = self._calls.get(sig)
         if call is None:
             with self._lock:
                 call = self._calls.get(sig)
-                if call is None:
-                    exported = self._exported(where, sig, args)
+                if call is None:  # looked up once per signature: the folder, then the file
+                    where = folder()
+                    exported = None if where is None else self._exported(where, sig, args)
                     call = self.go if exported is None else jax.jit(exported.call)
                     self._calls[sig] = call
         return call(*args)
@@ -250,7 +250,7 @@ def _digest(payload: bytes) -> str:
 
 @functools.cache
 def _warn_once(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    warn(message, RuntimeWarning)
 
 
 @functools.cache

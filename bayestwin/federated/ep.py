@@ -46,12 +46,6 @@ class Gaussian(NamedTuple):
     shift: np.ndarray
 
     @classmethod
-    def from_moments(cls, mean, cov) -> Gaussian:
-        q = np.linalg.inv(np.asarray(cov, float))
-        q = 0.5 * (q + q.T)
-        return cls(q, q @ np.asarray(mean, float))
-
-    @classmethod
     def flat(cls, d: int) -> Gaussian:
         """The factor 1 (zero precision): a site's factor before its first update."""
         return cls(np.zeros((d, d)), np.zeros(d))
@@ -159,9 +153,7 @@ def expectation_propagation(
             mean, cov, draws = tilted(k, cav)
             updated.append(check_factor(site_update(sites[k], cav, mean, cov, draws=draws, damping=damping), d, str(k)))
         sites = updated
-        approx = prior
-        for g in sites:
-            approx = approx.times(g)
+        approx = product([prior, *sites])
         history.append(approx.moments())
     return EPResult(approx, tuple(sites), history)
 
