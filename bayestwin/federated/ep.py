@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bayestwin.errors import BayestwinError
+from bayestwin.errors import BayestwinError, require_whole
 
 
 class SiteError(BayestwinError, ValueError):
@@ -142,6 +142,10 @@ def expectation_propagation(
     approximation, as sites running at the same time do), each site's tilted moments from
     ``tilted``. Returns the global approximation and the site factors.
     """
+    require_whole("n_sites", n_sites, 1)  # no sites or no sweep would return the prior as if fitted
+    require_whole("iterations", iterations, 1)
+    if not 0.0 < damping <= 1.0:
+        raise ValueError(f"damping must be in (0, 1], not {damping!r}")
     d = len(prior.shift)
     sites = [Gaussian.flat(d) for _ in range(n_sites)]
     approx = prior

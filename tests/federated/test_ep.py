@@ -134,3 +134,12 @@ def test_a_malformed_summary_or_an_improper_cavity_is_refused_by_site():
         cavity(good, Gaussian(2.0 * np.eye(D), np.zeros(D)), "south")
     with pytest.raises(ValueError, match=r"damping must be in \(0, 1\], not 0"):
         site_update(good, good, np.zeros(D), np.eye(D), damping=0)
+    exact = _exact_tilted(_sites())
+    for kw, message in (
+        ({"n_sites": 0}, "n_sites must be a whole number >= 1, not 0"),
+        ({"n_sites": "4"}, "n_sites must be a whole number >= 1, not '4'"),
+        ({"n_sites": 4, "iterations": 0}, "iterations must be a whole number >= 1, not 0"),
+        ({"n_sites": 4, "damping": 1.5}, r"damping must be in \(0, 1\], not 1.5"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            expectation_propagation(PRIOR, exact, **kw)
