@@ -194,6 +194,7 @@ class Cohort:
     ):
         if not isinstance(data, pd.DataFrame):
             raise TypeError(f"data must be a pandas DataFrame, not {type(data).__name__}")
+        data = named_rows(data)
         if therapy is not None and therapy not in data.columns and therapies is None and schema is None:
             therapy = None  # no therapy column at all: single-therapy cohort
         covariates = _unique_names(covariates, "covariates")
@@ -335,6 +336,14 @@ def covariate_scales(base: pd.DataFrame, covariates) -> tuple[dict, dict]:
             sd = float(x.std()) if len(x) > 1 and x.std() > 0 else 1.0
             numeric[c] = (float(x.mean()), sd)
     return numeric, categorical
+
+
+def named_rows(data: pd.DataFrame) -> pd.DataFrame:
+    """``data`` with rows that can each be named: its own index when no label repeats, else the
+    rows' positions (0, 1, ...). A table joined with ``pd.concat`` repeats its parts' labels;
+    kept, two rows would share a name in an error message, and rows looked up by label would
+    multiply (a PK or survival table failed with a NumPy broadcast error)."""
+    return data if data.index.is_unique else data.reset_index(drop=True)
 
 
 def _is_categorical(s: pd.Series) -> bool:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from bayestwin.data.cohort import typed_covariate
+from bayestwin.data.cohort import named_rows, typed_covariate
 from bayestwin.data.pseudonym import check_id_types, draw_key_if_missing, pseudonymise
 from bayestwin.errors import DataError
 
@@ -231,7 +231,7 @@ def expand_doses(frame: pd.DataFrame) -> pd.DataFrame:
     f = frame[is_dose]
     episode = episodes(frame)[is_dose]  # by position: an extended frame may repeat index labels
     reps = f["ADDL"].to_numpy(int) + 1
-    out = f.loc[f.index.repeat(reps), ["ID", "TIME", "AMT", "CMT", "RATE"]].reset_index(drop=True)
+    out = f.iloc[np.repeat(np.arange(len(f)), reps)][["ID", "TIME", "AMT", "CMT", "RATE"]].reset_index(drop=True)
     k = np.concatenate([np.arange(r) for r in reps]) if len(reps) else np.zeros(0)
     out["TIME"] = out["TIME"].to_numpy(float) + k * np.repeat(f["II"].to_numpy(float), reps)
     rate = out["RATE"].to_numpy(float)
@@ -287,6 +287,7 @@ def read_nonmem(
             raise DataError(f"not a readable CSV table: {type(err).__name__}: {str(err).splitlines()[0]}") from None
     if not isinstance(data, pd.DataFrame):
         raise TypeError(f"data must be a pandas DataFrame or a CSV path, not {type(data).__name__}")
+    data = named_rows(data)  # rows named by position when the index repeats a label
     key = draw_key_if_missing(key)
     upper = {c: str(c).upper() for c in data.columns}
     seen: dict[str, object] = {}

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from bayestwin.data.cohort import PATIENT, TIME, Cohort, Columns, Schema
+from bayestwin.data.cohort import PATIENT, TIME, Cohort, Columns, Schema, named_rows
 from bayestwin.data.pseudonym import draw_key_if_missing, pseudonymise
 from bayestwin.errors import DataError
 
@@ -64,6 +64,7 @@ def read_survival(
     """
     if not isinstance(data, pd.DataFrame):
         raise TypeError(f"data must be a pandas DataFrame, not {type(data).__name__}")
+    data = named_rows(data)  # rows named by position when the index repeats a label
     key = draw_key_if_missing(key)
     for c in [event] + ([start] if start else []):
         if c not in data.columns:

@@ -60,6 +60,37 @@ def test_addl_and_infusions_expand_to_single_doses():
     np.testing.assert_allclose(doses["DURATION"], 2.0)
 
 
+def test_a_table_joined_with_repeated_index_labels_reads_as_with_fresh_ones():
+    """pd.concat of per-patient tables repeats index labels (0, 1, 2, 0, 1, 2): the readers name
+    rows by position then; before, the PK and survival readers failed with a NumPy broadcast
+    error (rows looked up by label multiplied)."""
+    from bayestwin.families.pk import Pk
+
+    base = events().assign(WT=[70.0] * 4 + [80.0] * 3)  # weight fixed within each ID
+    one, two = base.iloc[:4], base.iloc[4:].reset_index(drop=True)
+    joined = pd.concat([one, two])  # labels 0 1 2 3 0 1 2
+    assert not joined.index.is_unique
+    fresh = joined.reset_index(drop=True)
+    a, b = (read_nonmem(t, key=KEY, covariates=["WT"]) for t in (joined, fresh))
+    pd.testing.assert_frame_equal(a.frame, b.frame)
+    pd.testing.assert_frame_equal(a.doses(), b.doses())
+    design_a = Pk(weight="WT").design(a.frame, a.baseline, a.schema)
+    design_b = Pk(weight="WT").design(b.frame, b.baseline, b.schema)
+    for name in design_b.data:
+        np.testing.assert_array_equal(np.asarray(design_a.data[name]), np.asarray(design_b.data[name]), err_msg=name)
+    # an error names the row by its position in such a table
+    bad = pd.concat([one, two.assign(TIME=[0.0, -2.0, 12.0])])
+    with pytest.raises(bt.DataError) as err:
+        read_nonmem(bad, key=KEY, covariates=["WT"])
+    assert (err.value.row, err.value.column) == (5, "TIME")
+
+    surv = pd.DataFrame({"patient": [1, 1], "start": [0.0, 2.0], "time": [2.0, 5.0], "event": [1, 0], "therapy": "a"})
+    joined = pd.concat([surv, surv.assign(patient=2, start=[0.0, 1.0], time=[1.0, 7.0], event=[1, 1])])
+    kw = dict(start="start", key=KEY, therapies=["a"])
+    got, want = bt.read_survival(joined, **kw), bt.read_survival(joined.reset_index(drop=True), **kw)
+    pd.testing.assert_frame_equal(got.frame, want.frame)
+
+
 def test_reset_may_restart_time_and_ends_the_doses_before_it():
     df = events()
     df.loc[4:, "ID"] = 1
