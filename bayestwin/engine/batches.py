@@ -34,9 +34,16 @@ from bayestwin.settings import progress_bar
 
 #: Environment for Dask workers that run JAX, one worker per core: one XLA thread and one host
 #: device each (bayestwin otherwise spreads chunks over one device per core), no nested BLAS
-#: threads, and no preallocation of a shared GPU's memory by each worker.
+#: threads, and no preallocation of a shared GPU's memory by each worker. An XLA optimisation
+#: level set in this process's XLA_FLAGS (when bayestwin is imported) is passed on, so that the
+#: workers compile as this process does: the same draws from a worker as from here.
 WORKER_ENV = {
-    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+    "XLA_FLAGS": " ".join(
+        [
+            *(f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_backend_optimization_level=")),
+            "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+        ]
+    ),
     "BAYESTWIN_CPU_DEVICES": "1",
     "OMP_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",

@@ -33,9 +33,10 @@ def folds():
         cohort = bt.Cohort(train, patient="Subject", time="Days", outcome="Reaction", therapy=None, key=KEY)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            # 12 subjects: the correlation of the random effects can reach a funnel near +-1 (a
-            # divergence there in one fold); smaller steps, as the gate's advice says
-            pop = bt.fit(cohort, draws=500, tune=500, seed=k, target_accept=0.95)
+            # 12 subjects: the correlation of the random effects can reach a funnel near +-1, and
+            # small values of the intercept SD another (a divergence or two in one fold at 0.95,
+            # with some compilers' last bits); smaller steps, as the gate's advice says
+            pop = bt.fit(cohort, draws=500, tune=500, seed=k, target_accept=0.99)
         assert pop.verdict.converged, str(pop.verdict)
         out.append((pop, df[df.Subject.isin(held)], k))
     return out
