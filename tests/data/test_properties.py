@@ -31,6 +31,17 @@ MESSY = st.one_of(
 )
 
 
+def labels(draw, n: int) -> list:
+    """Index labels for a table of n rows: 0..n-1, repeated ones (a table joined with pd.concat),
+    or shuffled text; the readers name rows by label, or by position when a label repeats."""
+    kind = draw(st.sampled_from(["range", "repeated", "text"]))
+    if kind == "repeated":
+        return [i % 2 for i in range(n)]
+    if kind == "text":
+        return [f"r{i}" for i in draw(st.permutations(range(n)))]
+    return list(range(n))
+
+
 def column(n, clean):
     """A column of n values: mostly a clean draw (so valid tables occur), sometimes messy."""
     return st.one_of(st.lists(clean, min_size=n, max_size=n), st.lists(MESSY, min_size=n, max_size=n))
@@ -47,7 +58,8 @@ def long_tables(draw):
             "arm": draw(column(n, st.sampled_from(["ctl", "drug"]))),
             "age": draw(column(n, st.floats(20, 80, allow_nan=False))),
             "sex": draw(column(n, st.sampled_from(["F", "M"]))),
-        }
+        },
+        index=labels(draw, n),
     )
 
 
@@ -67,7 +79,7 @@ def test_cohort_is_valid_or_a_data_error(df, declare):
         )
     except DataError:
         return
-    assert len(c.frame) == len(df) and c.n_patients >= 1
+    assert len(c.frame) == len(df) and c.frame.index.is_unique and c.n_patients >= 1
     assert np.isfinite(c.frame["time"].to_numpy(float)).all()
     assert np.isfinite(c.frame["outcome"].to_numpy(float)).all()
     assert not c.frame.duplicated(["patient", "time"]).any()
@@ -99,7 +111,7 @@ def event_tables(draw):
             cols[extra] = draw(column(n, st.sampled_from(values)))
     if draw(st.booleans()):
         cols["WT"] = draw(column(n, st.floats(40, 120, allow_nan=False)))
-    return pd.DataFrame(cols)
+    return pd.DataFrame(cols, index=labels(draw, n))
 
 
 @given(event_tables(), st.booleans())
@@ -117,7 +129,7 @@ def test_read_nonmem_is_valid_or_a_data_error(df, lenient):
     except DataError:
         return
     f = ev.frame
-    assert len(f) == len(df)
+    assert len(f) == len(df) and f.index.is_unique
     assert set(f["EVID"]).issubset({0, 1, 2, 3, 4})
     obs = f[f["EVID"] == 0]
     assert (obs["MDV"] == 0).all() and ((obs["DV"] >= 0) | obs["BLQ"].astype(bool)).all()
@@ -141,7 +153,8 @@ def survival_tables(draw):
             "start": draw(column(n, st.floats(0, 5, allow_nan=False))),
             "stop": draw(column(n, st.floats(0, 10, allow_nan=False))),
             "event": draw(column(n, st.sampled_from([0, 1]))),
-        }
+        },
+        index=labels(draw, n),
     )
 
 
@@ -155,6 +168,7 @@ def test_read_survival_is_valid_or_a_data_error(df, with_start):
     except DataError:
         return
     f = c.frame
+    assert len(f) == len(df) and f.index.is_unique
     assert (f["time"].to_numpy(float) > f["start"].to_numpy(float)).all()
     assert set(f["outcome"]) <= {0.0, 1.0}
 
