@@ -28,9 +28,10 @@ os.environ.setdefault("BAYESTWIN_CPU_DEVICES", "1")
 # XLA's CPU backend at optimisation level 1 (LLVM's -O1, not -O2) for the test run: compilation is
 # most of the suite's time (1,177 of 2,776 s the workers spent outside the notebooks, profiled on
 # 1 December 2026) and -O1 compiles faster at about the same speed of the compiled programs.
-# Measured on fresh caches, idle 2 cores: the suite 23 min 26 s -> 20 min 27 s (user 43 -> 35
-# min). The programs compute the same quantities; their last bits differ from -O2's, as they
-# differ between 1 and 2 devices (above). Users' sessions keep XLA's default.
+# Fresh clones, idle 2 cores: the suite 23-24 min before (user 43-45 min), 17 min 18 s and 17 min
+# 50 s after (e03804c, bd0a224; user 32 min). The programs compute the same quantities; their
+# last bits differ from -O2's, as they differ between 1 and 2 devices (above). Users' sessions
+# keep XLA's default.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=1".strip()
 
