@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from bayestwin.data.cohort import PATIENT, THERAPY, TIME, Cohort, Columns, Schema
+from bayestwin.data.cohort import PATIENT, THERAPY, TIME, Cohort, Columns, Schema, named_rows
 from bayestwin.data.pseudonym import draw_key_if_missing, pseudonymise
 from bayestwin.data.survival import START
 from bayestwin.errors import DataError
@@ -76,6 +76,7 @@ def read_joint(
     """
     if not isinstance(data, pd.DataFrame):
         raise TypeError(f"data must be a pandas DataFrame, not {type(data).__name__}")
+    data = named_rows(data)  # rows named by position when the index repeats a label
     for c in (marker, event):
         if c not in data.columns:
             raise DataError("missing required column", column=c)

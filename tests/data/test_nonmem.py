@@ -90,6 +90,15 @@ def test_a_table_joined_with_repeated_index_labels_reads_as_with_fresh_ones():
     got, want = bt.read_survival(joined, **kw), bt.read_survival(joined.reset_index(drop=True), **kw)
     pd.testing.assert_frame_equal(got.frame, want.frame)
 
+    # the joint reader names the row of the whole table, not of its marker or event part
+    marks = pd.DataFrame({"patient": 1, "time": [0.0, 1.0, 2.0, 3.0], "marker": [1.0, 1.2, 1.4, np.nan]})
+    marks = marks.assign(event=[np.nan, np.nan, np.nan, 1.0], therapy="a")
+    late = marks.assign(patient=2, time=[0.0, 1.0, 5.0, 3.0], event=[np.nan, np.nan, np.nan, 0.0])
+    for table in (pd.concat([marks, late]), pd.concat([marks, late], ignore_index=True)):
+        with pytest.raises(bt.DataError, match="follow-up ends before the patient's last measurement") as err:
+            bt.read_joint(table, key=KEY, therapies=["a"])
+        assert (err.value.row, err.value.column) == (7, "time")
+
 
 def test_reset_may_restart_time_and_ends_the_doses_before_it():
     df = events()
