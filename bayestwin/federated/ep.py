@@ -108,6 +108,11 @@ def tilted_precision(cov, draws: int | None) -> np.ndarray:
     return q * (draws - d - 2) / (draws - 1)
 
 
+def _check_damping(damping) -> None:
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < damping <= 1.0:
+        raise ValueError(f"damping must be in (0, 1], not {damping!r}")
+
+
 def site_update(old: Gaussian, cav: Gaussian, mean, cov, *, draws: int | None = None, damping: float = 0.5) -> Gaussian:
     """The site's new factor: tilted moments (``mean``, ``cov``) over the cavity, damped.
 
@@ -115,8 +120,7 @@ def site_update(old: Gaussian, cav: Gaussian, mean, cov, *, draws: int | None = 
     (1: no damping). ``draws``: how many independent draws estimated the moments (their effective
     number), for the unbiased precision of :func:`tilted_precision`.
     """
-    if not 0.0 < damping <= 1.0:
-        raise ValueError(f"damping must be in (0, 1], not {damping!r}")
+    _check_damping(damping)
     q = tilted_precision(cov, draws)
     new = Gaussian(q - cav.precision, q @ np.asarray(mean, float) - cav.shift)
     return Gaussian(
@@ -144,8 +148,7 @@ def expectation_propagation(
     """
     require_whole("n_sites", n_sites, 1)  # no sites or no sweep would return the prior as if fitted
     require_whole("iterations", iterations, 1)
-    if not 0.0 < damping <= 1.0:
-        raise ValueError(f"damping must be in (0, 1], not {damping!r}")
+    _check_damping(damping)
     d = len(prior.shift)
     sites = [Gaussian.flat(d) for _ in range(n_sites)]
     approx = prior

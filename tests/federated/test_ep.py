@@ -140,6 +140,7 @@ def test_a_malformed_summary_or_an_improper_cavity_is_refused_by_site():
         ({"n_sites": "4"}, "n_sites must be a whole number >= 1, not '4'"),
         ({"n_sites": 4, "iterations": 0}, "iterations must be a whole number >= 1, not 0"),
         ({"n_sites": 4, "damping": 1.5}, r"damping must be in \(0, 1\], not 1.5"),
+        ({"n_sites": 4, "damping": "0.5"}, r"damping must be in \(0, 1\], not '0.5'"),
     ):
         with pytest.raises(ValueError, match=message):
             expectation_propagation(PRIOR, exact, **kw)
