@@ -82,11 +82,18 @@ def _undocumented() -> list[str]:
     import inspect
 
     import bayestwin as bt
+    import bayestwin.federated as federated
     import bayestwin.review as review
     import bayestwin.trials as trials
 
     missing = []
-    for module, prefix in ((bt, "bt"), (review, "bayestwin.review"), (trials, "bayestwin.trials")):
+    modules = (
+        (bt, "bt"),
+        (review, "bayestwin.review"),
+        (trials, "bayestwin.trials"),
+        (federated, "bayestwin.federated"),
+    )
+    for module, prefix in modules:
         for name in module.__all__:
             obj = getattr(module, name)
             if not inspect.getdoc(obj):

@@ -254,17 +254,32 @@ def unconstrained_draws(model, posterior, blocks: tuple[Block, ...]) -> np.ndarr
     return np.concatenate(cols, axis=1)
 
 
-def _forward(transform, rv, x: np.ndarray) -> np.ndarray:
-    """``transform.forward`` of every draw in ``x`` (draws first). PyMC's transforms act on the
-    last axes (``x[..., i]``), so one call over all draws is tried first (a Python loop over 4,000
-    draws took 0.3-0.5 s of a first twin) and kept only if its first and last draws equal those of
-    the draw-by-draw call; otherwise draw by draw."""
-    sym = pt.tensor("x", dtype=rv.dtype, shape=(None,) * rv.ndim)
+def constrained_draws(model, flat: np.ndarray, blocks: tuple[Block, ...]) -> dict[str, np.ndarray]:
+    """The inverse of :func:`unconstrained_draws`: flat unconstrained draws (S, d) -> each block's
+    random variable's constrained draws (S, *shape), by its PyMC transform's ``backward``."""
+    out, i = {}, 0
+    for b in blocks:
+        x = np.asarray(flat[:, i : i + b.size]).reshape(len(flat), *b.shape)
+        i += b.size
+        rv = model[b.rv]
+        transform = model.rvs_to_transforms.get(rv)
+        out[b.rv] = x if transform is None else _forward(transform, rv, x, inverse=True)
+    return out
+
+
+def _forward(transform, rv, x: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """``transform.forward`` (``backward`` if ``inverse``) of every draw in ``x`` (draws first).
+    PyMC's transforms act on the last axes (``x[..., i]``), so one call over all draws is tried
+    first (a Python loop over 4,000 draws took 0.3-0.5 s of a first twin) and kept only if its
+    first and last draws equal those of the draw-by-draw call; otherwise draw by draw."""
+    fn = transform.backward if inverse else transform.forward
+    ndim = x.ndim - 1
+    sym = pt.tensor("x", dtype=rv.dtype, shape=(None,) * ndim)
     compiled = lambda i, o: pytensor.function(i, o, on_unused_input="ignore", mode=QUICK)  # noqa: E731
-    one = compiled([sym], transform.forward(sym, *rv.owner.inputs))
+    one = compiled([sym], fn(sym, *rv.owner.inputs))
     try:
-        many = pt.tensor("xs", dtype=rv.dtype, shape=(None,) * (rv.ndim + 1))
-        out = compiled([many], transform.forward(many, *rv.owner.inputs))(x)
+        many = pt.tensor("xs", dtype=rv.dtype, shape=(None,) * (ndim + 1))
+        out = compiled([many], fn(many, *rv.owner.inputs))(x)
         ok = out.shape[0] == len(x) and all(np.allclose(out[i], one(x[i]), rtol=1e-12, atol=0) for i in (0, -1))
     except Exception:  # noqa: BLE001 - a transform that cannot take a batch: draw by draw
         ok = False

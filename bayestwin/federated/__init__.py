@@ -1,5 +1,14 @@
 """Learning across sites without moving patient rows (issue 22; in progress).
 
-:mod:`bayestwin.federated.ep`: expectation propagation over sites, the maths of a federated
-population fit. Not yet wired to the population fit or to a federation framework.
+:func:`federated_fit`: a population fitted across sites (hospitals) that keep their rows, by
+expectation propagation over sites (:mod:`bayestwin.federated.ep`, the maths; each site's side in
+:mod:`bayestwin.federated.site`); :class:`Coordinator`, the same step by step; :class:`Ledger`,
+every message that crossed the wire. The local (one-process) path; a federation framework and
+differentially private virtual cohorts are not yet built.
 """
+
+from bayestwin.federated.ep import Gaussian, SiteError
+from bayestwin.federated.fit import Coordinator, Ledger, federated_fit
+from bayestwin.federated.site import schema_summary, shared_schema
+
+__all__ = ["Coordinator", "Gaussian", "Ledger", "SiteError", "federated_fit", "schema_summary", "shared_schema"]

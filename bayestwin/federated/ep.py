@@ -56,9 +56,11 @@ class Gaussian(NamedTuple):
         return cov @ self.shift, 0.5 * (cov + cov.T)
 
     def times(self, other: Gaussian) -> Gaussian:
+        """The product of two Gaussian factors (natural parameters add)."""
         return Gaussian(self.precision + other.precision, self.shift + other.shift)
 
     def over(self, other: Gaussian) -> Gaussian:
+        """The quotient of two Gaussian factors (natural parameters subtract), e.g. a cavity."""
         return Gaussian(self.precision - other.precision, self.shift - other.shift)
 
 
@@ -76,6 +78,31 @@ def check_factor(factor: Gaussian, d: int, site: str) -> Gaussian:
     if not np.allclose(q, q.T, rtol=1e-8, atol=1e-10 * max(1.0, float(np.abs(q).max()))):
         raise SiteError(f"site {site!r} sent a precision matrix that is not symmetric")
     return Gaussian(0.5 * (q + q.T), r)
+
+
+def check_moments(mean, cov, draws, d: int, site: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """A site's tilted moments as received: a finite (d,) mean, a finite symmetric positive-
+    definite (d, d) covariance, and a whole number of draws above d + 2; else :class:`SiteError`."""
+    try:
+        m = np.asarray(mean, float)
+        c = np.asarray(cov, float)
+    except (TypeError, ValueError) as err:
+        raise SiteError(f"site {site!r} sent moments that are not arrays of numbers ({err})") from None
+    if m.shape != (d,) or c.shape != (d, d):
+        raise SiteError(f"site {site!r} sent moments of shapes {m.shape} and {c.shape}, not ({d},) and ({d}, {d})")
+    if not (np.isfinite(m).all() and np.isfinite(c).all()):
+        raise SiteError(f"site {site!r} sent moments with values that are not finite")
+    if not np.allclose(c, c.T, rtol=1e-8, atol=1e-12 * max(1.0, float(np.abs(c).max()))):
+        raise SiteError(f"site {site!r} sent a covariance matrix that is not symmetric")
+    try:
+        np.linalg.cholesky(0.5 * (c + c.T))
+    except np.linalg.LinAlgError:
+        raise SiteError(f"site {site!r} sent a covariance matrix that is not positive definite") from None
+    if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or draws <= d + 2:
+        raise SiteError(
+            f"site {site!r} sent draws={draws!r}: a whole number above {d + 2} is needed for {d} dimensions"
+        )
+    return m, 0.5 * (c + c.T), int(draws)
 
 
 def cavity(approx: Gaussian, site_factor: Gaussian, site: str) -> Gaussian:
@@ -139,30 +166,60 @@ class EPResult(NamedTuple):
 Tilted = Callable[[int, Gaussian], tuple]
 
 
+def sweep(prior: Gaussian, sites: Sequence[Gaussian], tilted: Tilted, *, damping: float = 0.5, names=None):
+    """One parallel EP sweep: every site updates from the same global approximation, as sites
+    running at the same time do. Returns ``(sites, approx)``, new objects: if a site fails (its
+    ``tilted`` raises, or it sends a malformed factor) the exception propagates and the caller's
+    state is untouched."""
+    _check_damping(damping)
+    d = len(prior.shift)
+    names = [str(k) for k in range(len(sites))] if names is None else [str(n) for n in names]
+    approx = product([prior, *sites])
+    updated = []
+    for k, old in enumerate(sites):
+        cav = cavity(approx, old, names[k])
+        mean, cov, draws = tilted(k, cav)
+        updated.append(check_factor(site_update(old, cav, mean, cov, draws=draws, damping=damping), d, names[k]))
+    new = product([prior, *updated])
+    try:
+        np.linalg.cholesky(new.precision)
+    except np.linalg.LinAlgError:
+        raise SiteError("the sites' factors make an improper global approximation: damp the updates more") from None
+    return tuple(updated), new
+
+
+def shift_in_sds(before: Gaussian, after: Gaussian) -> float:
+    """How far the global approximation moved: the largest change of a mean in posterior SDs and
+    of a log SD, over the coordinates (the stopping rule of :func:`expectation_propagation`)."""
+    m0, c0 = before.moments()
+    m1, c1 = after.moments()
+    s0, s1 = np.sqrt(np.diag(c0)), np.sqrt(np.diag(c1))
+    return float(max(np.max(np.abs(m1 - m0) / s1), np.max(np.abs(np.log(s1 / s0)))))
+
+
 def expectation_propagation(
-    prior: Gaussian, tilted: Tilted, n_sites: int, *, iterations: int = 6, damping: float = 0.5
+    prior: Gaussian, tilted: Tilted, n_sites: int, *, iterations: int = 6, damping: float = 0.5, tol: float = 0.0
 ) -> EPResult:
-    """Run EP over ``n_sites`` sites in parallel sweeps (every site updates from the same global
-    approximation, as sites running at the same time do), each site's tilted moments from
-    ``tilted``. Returns the global approximation and the site factors.
+    """Run EP over ``n_sites`` sites in parallel sweeps (:func:`sweep`), each site's tilted
+    moments from ``tilted``, for ``iterations`` sweeps or until a sweep moves the global
+    approximation by less than ``tol`` (:func:`shift_in_sds`). Returns the global approximation
+    and the site factors.
     """
     require_whole("n_sites", n_sites, 1)  # no sites or no sweep would return the prior as if fitted
     require_whole("iterations", iterations, 1)
     _check_damping(damping)
     d = len(prior.shift)
-    sites = [Gaussian.flat(d) for _ in range(n_sites)]
+    sites = tuple(Gaussian.flat(d) for _ in range(n_sites))
     approx = prior
     history = []
-    for _ in range(iterations):
-        updated = []
-        for k in range(n_sites):
-            cav = cavity(approx, sites[k], str(k))
-            mean, cov, draws = tilted(k, cav)
-            updated.append(check_factor(site_update(sites[k], cav, mean, cov, draws=draws, damping=damping), d, str(k)))
-        sites = updated
-        approx = product([prior, *sites])
+    for i in range(iterations):
+        sites, new = sweep(prior, sites, tilted, damping=damping)
+        moved = shift_in_sds(approx, new) if i else np.inf
+        approx = new
         history.append(approx.moments())
-    return EPResult(approx, tuple(sites), history)
+        if moved < tol:
+            break
+    return EPResult(approx, sites, history)
 
 
 def product(factors: Sequence[Gaussian]) -> Gaussian:

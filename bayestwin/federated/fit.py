@@ -1,0 +1,372 @@
+"""A federated population fit: sites keep their rows; a coordinator runs expectation propagation.
+
+:func:`federated_fit` is the local (one-process) path: each site's work runs here in turn, and
+everything the sites and the coordinator exchange goes through a :class:`Ledger` that records
+each message (who sent it, what it holds, its size), so that a reviewer can check that no row
+or pseudonym left a site. The result is a :class:`~bayestwin.population.Population` whose
+population posterior is EP's Gaussian in the twins' unconstrained space, the same form a pooled
+fit's twins condition on (:attr:`Population.approx`), so twins are conditioned exactly as from
+a pooled fit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from bayestwin.data.cohort import Cohort
+from bayestwin.engine import condition as cond
+from bayestwin.engine.compile import compile_twin, constrained_draws
+from bayestwin.engine.fit import FitConfig
+from bayestwin.errors import require_whole
+from bayestwin.families import get_family
+from bayestwin.federated import ep
+from bayestwin.federated.site import (
+    check_cohort,
+    on_schema,
+    prior_gaussian,
+    schema_summary,
+    shared_schema,
+    tilted_moments,
+)
+from bayestwin.review.convergence import Thresholds, Verdict
+
+
+@dataclass
+class Ledger:
+    """Every message between the coordinator and the sites, in order: what crossed the wire."""
+
+    messages: list[dict] = field(default_factory=list)
+
+    def record(self, round_: int, site: str, direction: str, kind: str, payload: dict) -> dict:
+        """Log one message (its JSON form is what would be sent) and return the payload."""
+        body = json.dumps(payload, sort_keys=True)
+        self.messages.append(
+            {
+                "round": round_,
+                "site": site,
+                "direction": direction,
+                "kind": kind,
+                "bytes": len(body.encode()),
+                "body": body,
+            }
+        )
+        return payload
+
+    def table(self) -> pd.DataFrame:
+        """One row per message: round, site, direction (``to site``/``from site``), kind, bytes."""
+        cols = ["round", "site", "direction", "kind", "bytes"]
+        return pd.DataFrame([{k: m[k] for k in cols} for m in self.messages], columns=cols)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of every message's JSON body, in total (what the sites and coordinator sent)."""
+        return sum(m["bytes"] for m in self.messages)
+
+
+def _gaussian_message(g: ep.Gaussian) -> dict:
+    return {"precision": np.asarray(g.precision).tolist(), "shift": np.asarray(g.shift).tolist()}
+
+
+class Coordinator:
+    """The coordinator of a federated fit: the shared schema, EP's state, and the sweeps.
+
+    Its state (the site factors, the global approximation, the history) changes only when a
+    whole sweep has come back: a site that fails or drops out mid-sweep raises a
+    :class:`~bayestwin.federated.ep.SiteError` naming it, and the coordinator keeps the state of
+    the last complete sweep (call :meth:`run` again to go on). In this local path each site's
+    work runs in this process (:meth:`ask`); a federation framework replaces :meth:`ask` with
+    a message to the site's machine.
+    """
+
+    def __init__(
+        self,
+        sites: Mapping[str, Cohort],
+        family="progression",
+        *,
+        therapies=None,
+        draws: int = 1000,
+        tune: int = 1000,
+        chains: int = 4,
+        target_accept: float = 0.9,
+        seed: int = 0,
+        ledger: Ledger | None = None,
+    ):
+        if not isinstance(sites, Mapping) or not sites:
+            raise ValueError("sites must be a non-empty mapping of site name -> that site's bt.Cohort")
+        self.names = [str(k) for k in sites]
+        if len(set(self.names)) < len(self.names):
+            raise ValueError(f"site names must be distinct, not {self.names}")
+        self.family = get_family(family)
+        cohorts = {str(k): check_cohort(c, str(k)) for k, c in sites.items()}
+        self.ledger = Ledger() if ledger is None else ledger
+        summaries = {
+            k: self.ledger.record(0, k, "from site", "schema summary", schema_summary(c)) for k, c in cohorts.items()
+        }
+        self.schema = shared_schema(summaries, therapies)
+        self.ledger.record(0, "*", "to site", "shared schema", _schema_message(self.schema))
+        self._cohorts = {k: on_schema(c, self.schema, k) for k, c in cohorts.items()}
+        self.columns = next(iter(cohorts.values())).columns
+        self.program = compile_twin(self.family, self.schema, cond.padded_length(1))
+        self.prior = prior_gaussian(self.program.model, self.program.phi, seed=seed)
+        fam = self.family
+        self.cfg = FitConfig(
+            draws=draws,
+            tune=tune,
+            chains=chains,
+            target_accept=target_accept,
+            mass="block",
+            max_tree_depth=10,
+            extend=0,
+            prewarm=fam.fit_nuts.get("prewarm", 0),
+            jitter=fam.fit_nuts.get("jitter", 1.0),
+            split=fam.fit_nuts.get("split", "shard"),
+        )
+        self.cfg.check()
+        self.seed = seed
+        self.sites = tuple(ep.Gaussian.flat(len(self.prior.shift)) for _ in self.names)
+        self.approx = self._previous = self.prior
+        self.tol = self.damping = None
+        self.history: list[dict] = []
+        self.reports: dict[str, dict] = {}
+
+    def ask(self, site: str, cavity: ep.Gaussian, sweep: int) -> dict:
+        """Send ``site`` its cavity; its tilted moments come back (the local path: computed here)."""
+        self.ledger.record(sweep, site, "to site", "cavity", _gaussian_message(cavity))
+        k = self.names.index(site)
+        got = tilted_moments(
+            self.family,
+            self._cohorts[site],
+            self.program.phi,
+            cavity,
+            self.prior,
+            len(self.names),
+            self.cfg,
+            seed=self.seed + 1000 * sweep + k,
+        )
+        return self.ledger.record(sweep, site, "from site", "tilted moments", got.to_message())
+
+    def run(self, iterations: int = 6, *, damping: float = 1.0, tol: float = 0.1) -> Coordinator:
+        """Run EP sweeps until one moves the approximation by less than ``tol`` (means in
+        posterior SDs, SDs relatively: :func:`~bayestwin.federated.ep.shift_in_sds`), at most
+        ``iterations``. The first sweep is undamped (the site factors start flat), later ones
+        damped by ``damping`` (default 1, none).
+
+        Why undamped: damping by delta leaves (1 - delta) of the distance to EP's fixed point
+        after each sweep, so a sweep that moved the approximation by ``tol`` leaves about
+        tol (1 - delta) / delta still to go; measured on 40 simulated patients in three sites
+        split by age, damping 0.5 stopped (at tol 0.1) 0.13 pooled SDs from the pooled mean,
+        undamped sweeps settle in 2-3 sweeps to within the sites' Monte-Carlo noise, which
+        :attr:`estimate` then halves by averaging the last two sweeps."""
+        require_whole("iterations", iterations, 1)
+        ep._check_damping(damping)
+        self.tol, self.damping = tol, damping
+        for _ in range(iterations):
+            sweep = len(self.history) + 1
+            reports = {}
+
+            def tilted(k: int, cav: ep.Gaussian, sweep=sweep, reports=reports):
+                site = self.names[k]
+                try:
+                    msg = self.ask(site, cav, sweep)
+                except ep.SiteError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - a site that fails or drops out is named
+                    raise ep.SiteError(
+                        f"site {site!r} did not answer sweep {sweep} ({type(err).__name__}: {err}); "
+                        f"the coordinator keeps the state of sweep {sweep - 1}"
+                    ) from err
+                if not isinstance(msg, Mapping) or not {"mean", "cov", "draws", "diagnostics"} <= set(msg):
+                    raise ep.SiteError(f"site {site!r} sent a message without mean, cov, draws and diagnostics")
+                mean, cov, draws = ep.check_moments(msg["mean"], msg["cov"], msg["draws"], len(cav.shift), site)
+                reports[site] = msg["diagnostics"]
+                return mean, cov, draws
+
+            sites, new = ep.sweep(
+                self.prior, self.sites, tilted, damping=1.0 if sweep == 1 else damping, names=self.names
+            )
+            moved = ep.shift_in_sds(self.approx, new) if sweep > 1 else float("inf")
+            # the sweep came back whole: only now does the state change
+            self._previous = self.approx
+            self.sites, self.approx, self.reports = sites, new, reports
+            mean, cov = new.moments()
+            self.history.append(
+                {"sweep": sweep, "mean": mean.tolist(), "sd": np.sqrt(np.diag(cov)).tolist(), "moved": moved}
+            )
+            if moved < tol:
+                break
+        return self
+
+    @property
+    def estimate(self) -> ep.Gaussian:
+        """The population posterior: the global approximation averaged (in natural parameters)
+        over the last two sweeps once EP has settled (the last moved less than ``tol``), which
+        averages the sites' independent Monte-Carlo noise; otherwise the last sweep's."""
+        if len(self.history) >= 2 and self.history[-1]["moved"] < self.tol:
+            a, b = self._previous, self.approx
+            return ep.Gaussian(0.5 * (a.precision + b.precision), 0.5 * (a.shift + b.shift))
+        return self.approx
+
+    def population(self, thresholds: Thresholds = Thresholds()):
+        """The federated population: EP's Gaussian as its posterior (whitened draws), its verdict
+        from the sites' last NUTS runs and EP's convergence; ``sampler`` records the sweeps."""
+        if not self.history:
+            raise ValueError("no sweep has run: call run() first")
+        from bayestwin.population import Population
+
+        cfg = self.cfg
+        idata = _ep_datatree(self.program.model, self.program.phi, self.estimate, cfg.chains, cfg.draws, self.seed)
+        moved = self.history[-1]["moved"]
+        verdict = _verdict(self.reports, moved, self.tol, thresholds)
+        verdict.warn("The federated population fit")
+        idata.attrs.update(verdict.to_attrs())
+        sampler = {
+            "method": "ep",
+            "sites": list(self.names),
+            "sweeps": len(self.history),
+            "damping": self.damping,
+            "tol": self.tol,
+            "history": self.history,
+            "bytes_sent": self.ledger.nbytes,
+            "messages": len(self.ledger.messages),
+            **{k: v for k, v in cfg._asdict().items() if k in ("draws", "tune", "chains", "target_accept")},
+            "seed": self.seed,
+        }
+        return Population(
+            family=self.family, schema=self.schema, columns=self.columns, idata=idata, verdict=verdict, sampler=sampler
+        )
+
+
+def federated_fit(
+    sites: Mapping[str, Cohort],
+    family="progression",
+    *,
+    therapies=None,
+    iterations: int = 6,
+    damping: float = 1.0,
+    tol: float = 0.1,
+    draws: int = 1000,
+    tune: int = 1000,
+    chains: int = 4,
+    target_accept: float = 0.9,
+    seed: int = 0,
+    thresholds: Thresholds = Thresholds(),
+    ledger: Ledger | None = None,
+):
+    """Fit a population across sites that keep their rows: expectation propagation over sites.
+
+    Parameters
+    ----------
+    sites
+        Site name -> that site's :class:`Cohort` (in a real federation each lives on its own
+        machine; here each site's work runs in this process, through the same messages).
+    family
+        A family instance or name; its population parameters are what the sites learn together.
+    therapies
+        The therapies, reference first (default: the sorted union of the sites').
+    iterations, damping, tol
+        EP sweeps (at most), the damping of each site's update after the first sweep (1: none;
+        see :meth:`Coordinator.run`), and the stopping rule: a sweep that moves every population mean by less than ``tol``
+        posterior SDs (and every SD by less than ``tol`` relatively) ends the fit.
+    draws, tune, chains, target_accept
+        Each site's NUTS run on its tilted distribution, each sweep.
+    ledger
+        Where to log the messages (default: a new :class:`Ledger`).
+
+    Returns
+    -------
+    Population
+        Its posterior holds draws of EP's Gaussian over the population parameters (whitened, so
+        that their mean and covariance are the Gaussian's: twins condition on exactly it);
+        ``population.sampler`` has ``"method": "ep"``, the sweeps, their history and the bytes
+        sent. Its verdict is the sites' NUTS diagnostics of the last sweep (worst over sites)
+        and EP's own: a last sweep that moved the approximation by ``tol`` or more fails it.
+
+    Notes
+    -----
+    See :class:`Coordinator` (the same fit, step by step, keeping its state when a site drops
+    out) and :mod:`bayestwin.federated.site` (what a site computes and sends). The shared schema
+    is agreed first from each site's counts, means, sums of squares, levels and largest time.
+    """
+    coord = Coordinator(
+        sites,
+        family,
+        therapies=therapies,
+        draws=draws,
+        tune=tune,
+        chains=chains,
+        target_accept=target_accept,
+        seed=seed,
+        ledger=ledger,
+    )
+    return coord.run(iterations, damping=damping, tol=tol).population(thresholds)
+
+
+def _schema_message(schema) -> dict:
+    return {
+        "therapies": list(schema.therapies),
+        "numeric": {k: list(v) for k, v in schema.numeric.items()},
+        "categorical": {k: list(v) for k, v in schema.categorical.items()},
+        "time_scale": schema.time_scale,
+        "outcome_mean": schema.outcome_mean,
+        "outcome_sd": schema.outcome_sd,
+    }
+
+
+def _ep_datatree(model, blocks, approx: ep.Gaussian, chains: int, draws: int, seed: int) -> xr.DataTree:
+    """Draws of the Gaussian ``approx`` as a posterior (chain, draw, ...): standard normal draws
+    whitened so that their mean is 0 and covariance the identity exactly, then moved to the
+    Gaussian and mapped to each variable's constrained space."""
+    mean, cov = approx.moments()
+    n, d = chains * draws, len(mean)
+    z = np.random.default_rng(seed).standard_normal((n, d))
+    z -= z.mean(0)
+    z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T
+    flat = mean + z @ np.linalg.cholesky(cov).T
+    values = constrained_draws(model, flat, tuple(blocks))
+    post = {}
+    for b in blocks:
+        x = values[b.rv].reshape(chains, draws, *values[b.rv].shape[1:])
+        dims = ["chain", "draw", *(f"{b.rv}_dim_{j}" for j in range(x.ndim - 2))]
+        named = model.named_vars_to_dims.get(b.rv)
+        if named and len(named) == x.ndim - 2:
+            dims = ["chain", "draw", *named]
+        post[b.rv] = (dims, x)
+    coords = {"chain": np.arange(chains), "draw": np.arange(draws)}
+    for name, values_ in model.coords.items():
+        if any(name in v[0] for v in post.values()):
+            coords[name] = list(values_)
+    ds = xr.Dataset(post, coords=coords)
+    ds.attrs["method"] = "expectation propagation over sites (Gaussian in the unconstrained space)"
+    return xr.DataTree.from_dict({"posterior": ds})
+
+
+def _verdict(reports: Mapping[str, dict], moved: float, tol: float, limits: Thresholds) -> Verdict:
+    """The fit's verdict: each site's last NUTS run against ``limits`` (worst over sites, per
+    population variable), and EP's convergence (the last sweep moved less than ``tol``)."""
+    rows: dict[str, dict] = {}
+    for rep in reports.values():
+        for var, r in rep["table"].items():
+            row = rows.setdefault(var, {"rhat": -np.inf, "ess_bulk": np.inf, "ess_tail": np.inf})
+            row["rhat"] = max(row["rhat"], r["rhat"])
+            row["ess_bulk"] = min(row["ess_bulk"], r["ess_bulk"])
+            row["ess_tail"] = min(row["ess_tail"], r["ess_tail"])
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.attrs.update(
+        divergences=int(sum(r["divergences"] for r in reports.values())),
+        bfmi_min=float(min(r["bfmi_min"] for r in reports.values())),
+    )
+    from bayestwin.review.convergence import gate
+
+    verdict = gate(table, limits)
+    if not moved < tol:
+        verdict.failing.append(
+            f"EP did not settle: the last sweep moved the population posterior by {moved:.3g} SD (tol {tol})"
+        )
+        verdict.converged = False
+    return verdict

@@ -1,0 +1,304 @@
+"""A site's side of a federated population fit: what it shares, and its tilted distribution.
+
+A site (hospital) keeps its rows. It sends two things, both aggregates:
+
+1. a :func:`schema_summary` of its table (counts, means and sums of squares of the outcome and
+   of each numeric covariate, the levels it has seen, its longest time), from which the
+   coordinator builds the one :class:`~bayestwin.data.cohort.Schema` every site fits with
+   (:func:`shared_schema`: the same standardisation and data-scaled priors a pooled table would
+   give);
+2. each round, the mean and covariance of its *tilted distribution* over the population
+   parameters phi (unconstrained, flattened as the twin programs' ``phi`` blocks): the site's
+   own model of its rows, sampled by the engine's NUTS, with the population prior replaced by
+   the EP cavity (:func:`tilted_model`, :func:`tilted_moments`).
+
+The tilted target of site k of K, in the sampler's unconstrained space (Vehtari et al. 2020,
+JMLR 21(17), section 3 on the prior): with p0 the population prior, p0g a Gaussian fitted to
+its draws and g_-k the cavity (which includes p0g, so it is proper from the first round),
+
+    log g_-k(phi) + log p(y_k, theta_k | phi) + (1/K) [log p0(phi) - log p0g(phi)].
+
+The product of the K sites' true factors times p0g is then p0 ∏ p(y_k | phi): the pooled
+posterior. The site model's own log density holds log p0 (with its Jacobian) once; a
+``pm.Potential`` takes (1 - 1/K) of it away and adds the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import pymc as pm
+import pytensor.tensor as pt
+
+from bayestwin.data.cohort import OUTCOME, TIME, Cohort, Schema
+from bayestwin.engine.compile import Block, unconstrained_draws
+from bayestwin.engine.fit import FitConfig, sample_model
+from bayestwin.federated.ep import Gaussian, SiteError
+from bayestwin.review.convergence import diagnostics
+from bayestwin.settings import quiet_pymc
+
+
+# ------------------------------------------------------------------------- the shared schema
+def _moments(x: np.ndarray) -> dict:
+    """Count, mean and sum of squared deviations (combined exactly by :func:`_pool`)."""
+    x = np.asarray(x, float)
+    n = len(x)
+    mean = float(x.mean()) if n else 0.0
+    return {"n": n, "mean": mean, "m2": float(((x - mean) ** 2).sum()) if n else 0.0}
+
+
+def _pool(parts: Sequence[dict]) -> tuple[int, float, float]:
+    """(n, mean, population SD) of the union of samples summarised by :func:`_moments` (Chan et al.)."""
+    n, mean, m2 = 0, 0.0, 0.0
+    for p in parts:
+        nb = p["n"]
+        if nb == 0:
+            continue
+        delta = p["mean"] - mean
+        total = n + nb
+        mean += delta * nb / total
+        m2 += p["m2"] + delta**2 * n * nb / total
+        n = total
+    return n, mean, float(np.sqrt(m2 / n)) if n else 0.0
+
+
+def check_cohort(cohort, site: str) -> Cohort:
+    """The federated fit takes :class:`Cohort` tables (progression, formula and user models)."""
+    if type(cohort) is not Cohort:
+        raise TypeError(
+            f"site {site!r}: a federated fit takes a bt.Cohort of the site's rows, not {type(cohort).__name__} "
+            "(PK events, survival and joint tables are not yet supported across sites)"
+        )
+    return cohort
+
+
+def schema_summary(cohort: Cohort) -> dict:
+    """What a site shares so that every site fits with one schema: aggregates, no row.
+
+    Counts, means and sums of squared deviations of the outcome and of each numeric covariate
+    (over patients), the levels of each categorical covariate and the therapies seen, and the
+    largest absolute time (the time scale of the default priors). A JSON-able dict.
+    """
+    check_cohort(cohort, "?")
+    schema, base, frame = cohort.schema, cohort.baseline, cohort.frame
+    t = np.abs(frame[TIME].to_numpy(float))
+    return {
+        "therapies": sorted({str(x) for x in frame["therapy"]}) if "therapy" in frame else list(schema.therapies),
+        "numeric": {c: _moments(base[c].to_numpy(float)) for c in schema.numeric},
+        "categorical": {c: sorted({str(x) for x in base[c]}) for c in schema.categorical},
+        "time_max": float(t.max()) if len(t) else 0.0,
+        "outcome": _moments(frame[OUTCOME].to_numpy(float)),
+        "patients": int(cohort.n_patients),
+    }
+
+
+def check_summary(summary, site: str) -> dict:
+    """A site's :func:`schema_summary` as received: its fields, whole non-negative counts, finite
+    means and spreads, lists of levels; else :class:`SiteError` naming the site and field."""
+    fields = {"therapies", "numeric", "categorical", "time_max", "outcome", "patients"}
+    if not isinstance(summary, Mapping) or set(summary) != fields:
+        got = sorted(summary) if isinstance(summary, Mapping) else type(summary).__name__
+        raise SiteError(f"site {site!r} sent a schema summary with fields {got}, not {sorted(fields)}")
+
+    def moments(m, what):
+        ok = isinstance(m, Mapping) and set(m) == {"n", "mean", "m2"}
+        ok = ok and isinstance(m["n"], int) and not isinstance(m["n"], bool) and m["n"] >= 0
+        ok = ok and all(isinstance(m[k], (int, float)) and np.isfinite(m[k]) for k in ("mean", "m2")) and m["m2"] >= 0
+        if not ok:
+            raise SiteError(f"site {site!r} sent {what} that is not a count, a finite mean and a sum of squares >= 0")
+
+    moments(summary["outcome"], "an outcome summary")
+    if not isinstance(summary["numeric"], Mapping) or not isinstance(summary["categorical"], Mapping):
+        raise SiteError(f"site {site!r} sent covariates that are not name -> summary mappings")
+    for c, m in summary["numeric"].items():
+        moments(m, f"a summary of {c!r}")
+    for c, levels in {"therapies": summary["therapies"], **summary["categorical"]}.items():
+        if not isinstance(levels, (list, tuple)) or not all(isinstance(x, str) for x in levels):
+            raise SiteError(f"site {site!r} sent levels of {c!r} that are not a list of labels")
+    t = summary["time_max"]
+    if not isinstance(t, (int, float)) or not np.isfinite(t) or t < 0:
+        raise SiteError(f"site {site!r} sent a largest time {t!r}, not a finite number >= 0")
+    n = summary["patients"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise SiteError(f"site {site!r} sent patients={n!r}: a site needs at least one patient")
+    return summary
+
+
+def shared_schema(summaries: Mapping[str, dict], therapies: Sequence[str] | None = None) -> Schema:
+    """The schema of the pooled table, from each site's :func:`schema_summary`.
+
+    Numeric covariates are standardised by the pooled mean and SD, levels are the sorted union
+    (a site may lack one), the therapies are ``therapies`` (reference first) or the sorted union,
+    the time scale the largest, the outcome's mean and SD pooled: what ``Cohort`` derives from
+    all rows together. Sites that disagree on the covariates are refused by name.
+    """
+    if not summaries:
+        raise ValueError("no sites: a federated fit needs at least one site's summary")
+    names = [str(k) for k in summaries]
+    summaries = {str(k): check_summary(s, str(k)) for k, s in summaries.items()}
+    first = summaries[names[0]]
+    for name in names[1:]:
+        s = summaries[name]
+        for kind in ("numeric", "categorical"):
+            if sorted(s[kind]) != sorted(first[kind]):
+                raise SiteError(
+                    f"site {name!r} has {kind} covariates {sorted(s[kind])}, site {names[0]!r} has "
+                    f"{sorted(first[kind])}: every site must read the same columns the same way"
+                )
+    numeric = {}
+    for c in first["numeric"]:
+        n, mean, sd = _pool([summaries[k]["numeric"][c] for k in names])
+        numeric[c] = (mean, sd if n > 1 and sd > 0 else 1.0)
+    categorical = {
+        c: tuple(sorted(set().union(*(summaries[k]["categorical"][c] for k in names)))) for c in first["categorical"]
+    }
+    seen = sorted(set().union(*(summaries[k]["therapies"] for k in names)))
+    if therapies is None:
+        therapies = seen
+    else:
+        therapies = [str(t) for t in therapies]
+        unknown = sorted(set(seen) - set(therapies))
+        if unknown:
+            raise SiteError(f"therapy {unknown[0]!r} is given at a site but not in therapies={therapies}")
+    n, mean, sd = _pool([summaries[k]["outcome"] for k in names])
+    t_max = max(summaries[k]["time_max"] for k in names)
+    return Schema(
+        therapies=tuple(therapies),
+        numeric=numeric,
+        categorical=categorical,
+        time_scale=t_max if t_max > 0 else 1.0,
+        outcome_mean=mean if n else 0.0,
+        outcome_sd=sd if n > 1 and sd > 0 else 1.0,
+    )
+
+
+def on_schema(cohort: Cohort, schema: Schema, site: str) -> Cohort:
+    """The site's cohort read with the shared ``schema`` (its rows unchanged)."""
+    check_cohort(cohort, site)
+    therapies = set(cohort.frame["therapy"].astype(str)) if "therapy" in cohort.frame else set()
+    if therapies - set(schema.therapies):
+        raise SiteError(
+            f"site {site!r} has therapy {sorted(therapies - set(schema.therapies))[0]!r}, not in the shared schema"
+        )
+    for c, levels in schema.categorical.items():
+        extra = set(cohort.baseline[c].astype(str)) - set(levels)
+        if extra:
+            raise SiteError(f"site {site!r} has level {sorted(extra)[0]!r} of {c!r}, not in the shared schema")
+    out = object.__new__(Cohort)
+    out.__dict__.update(cohort.__dict__)
+    out.schema = schema
+    return out
+
+
+# ------------------------------------------------------------------- the tilted distribution
+def _flat(model: pm.Model, blocks: Sequence[Block]):
+    """The model's unconstrained population values as one flat vector, in the blocks' order."""
+    parts = []
+    for b in blocks:
+        value = model.rvs_to_values[model[b.rv]]
+        parts.append(pt.flatten(value))
+    return pt.concatenate(parts)
+
+
+def prior_gaussian(model: pm.Model, blocks: Sequence[Block], *, draws: int = 4000, seed: int = 0) -> Gaussian:
+    """A Gaussian fitted to the population prior's draws in the unconstrained space of ``blocks``.
+
+    The EP approximation starts from it; the sites correct for the difference between it and
+    the true prior (see the module docstring), so it need only be proper and roughly right.
+    """
+    names = sorted({b.rv for b in blocks})
+    with model, quiet_pymc():
+        prior = pm.sample_prior_predictive(draws=draws, var_names=names, random_seed=seed)
+    x = unconstrained_draws(model, prior.prior.to_dataset(), tuple(blocks))
+    if not np.isfinite(x).all():
+        raise ValueError("the population prior gave draws that are not finite in the unconstrained space")
+    cov = np.atleast_2d(np.cov(x, rowvar=False))
+    q = np.linalg.inv(cov)
+    q = 0.5 * (q + q.T)
+    return Gaussian(q, q @ x.mean(0))
+
+
+def _gauss_logpdf(phi, g: Gaussian):
+    """log N(phi; g) up to a constant (natural parameters)."""
+    q, r = pt.as_tensor(np.asarray(g.precision, float)), pt.as_tensor(np.asarray(g.shift, float))
+    return -0.5 * phi @ q @ phi + r @ phi
+
+
+def tilted_model(
+    model: pm.Model, population: Sequence[str], blocks: Sequence[Block], cavity: Gaussian, prior: Gaussian, n_sites: int
+) -> pm.Model:
+    """``model`` (the site's fit model) turned into its tilted distribution (module docstring),
+    by one ``pm.Potential``. ``population``: the free population variables; every one must be
+    among ``blocks`` (the twin programs' phi), so that the tilted space is the twins' space."""
+    names = {b.rv for b in blocks}
+    if set(population) != names:
+        raise ValueError(f"the fit's population variables {sorted(population)} are not the twins' {sorted(names)}")
+    with model:
+        phi = _flat(model, blocks)
+        log_prior = model.logp(vars=[model[n] for n in sorted(names)], jacobian=True)
+        pm.Potential(
+            "ep_tilt",
+            -(1.0 - 1.0 / n_sites) * log_prior - _gauss_logpdf(phi, prior) / n_sites + _gauss_logpdf(phi, cavity),
+        )
+    return model
+
+
+class TiltedMoments(NamedTuple):
+    """What a site returns each round: the tilted moments and how well they were estimated."""
+
+    mean: np.ndarray  # (d,)
+    cov: np.ndarray  # (d, d)
+    draws: int  # the smallest bulk ESS over the coordinates (the moments' effective sample size)
+    diagnostics: dict  # max R-hat, min ESS, divergences, E-BFMI of the site's NUTS run
+
+    def to_message(self) -> dict:
+        """The message as it crosses the wire (lists of numbers): mean, covariance, draws, diagnostics."""
+        return {
+            "mean": self.mean.tolist(),
+            "cov": self.cov.tolist(),
+            "draws": int(self.draws),
+            "diagnostics": self.diagnostics,
+        }
+
+    def nbytes(self) -> int:
+        return len(json.dumps(self.to_message()).encode())
+
+
+def tilted_moments(
+    family,
+    cohort: Cohort,
+    blocks: Sequence[Block],
+    cavity: Gaussian,
+    prior: Gaussian,
+    n_sites: int,
+    cfg: FitConfig,
+    *,
+    seed: int = 0,
+) -> TiltedMoments:
+    """Sample a site's tilted distribution by the engine's NUTS on its own rows; return its
+    moments over the unconstrained population parameters (never a row or a patient's draw)."""
+    design = family.design(cohort.frame, cohort.baseline, cohort.schema)
+    model, hidden = family.fit_model(design, cohort.schema)
+    population = [rv.name for rv in model.free_RVs if rv.name not in (*family.patient_vars, *hidden)]
+    model = tilted_model(model, population, blocks, cavity, prior, n_sites)
+    idata = sample_model(model, population, cfg, seed=seed, drop=hidden)
+    post = idata.posterior.to_dataset()
+    x = unconstrained_draws(model, post, tuple(blocks))
+    table = diagnostics(post[population], idata.sample_stats.to_dataset())
+    chains, n = post.sizes["chain"], post.sizes["draw"]
+    from bayestwin.review import batched
+
+    ess = batched.diagnose(np.moveaxis(x.reshape(chains, n, -1), -1, 0))[1]
+    report = {
+        "rhat_max": float(np.nanmax(table["rhat"])),
+        "ess_bulk_min": float(np.nanmin(table["ess_bulk"])),
+        "ess_tail_min": float(np.nanmin(table["ess_tail"])),
+        "divergences": int(table.attrs["divergences"]),
+        "bfmi_min": float(table.attrs["bfmi_min"]),
+        "table": {k: {c: float(v) for c, v in row.items()} for k, row in table.iterrows()},
+    }
+    cov = np.atleast_2d(np.cov(x, rowvar=False))
+    return TiltedMoments(x.mean(0), 0.5 * (cov + cov.T), int(np.floor(np.nanmin(ess))), report)
