@@ -271,8 +271,9 @@ def federated_fit(
         The therapies, reference first (default: the sorted union of the sites').
     iterations, damping, tol
         EP sweeps (at most), the damping of each site's update after the first sweep (1: none;
-        see :meth:`Coordinator.run`), and the stopping rule: a sweep that moves every population mean by less than ``tol``
-        posterior SDs (and every SD by less than ``tol`` relatively) ends the fit.
+        see :meth:`Coordinator.run`), and the stopping rule: a sweep that moves every
+        population mean by less than ``tol`` posterior SDs (and every SD by less than ``tol``
+        relatively) ends the fit.
     draws, tune, chains, target_accept
         Each site's NUTS run on its tilted distribution, each sweep.
     ledger
