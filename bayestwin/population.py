@@ -402,7 +402,10 @@ def fit(
     """
     fam = get_family(family)
     fam.check_table(cohort)
-    cfg = FitConfig(
+    cfg = FitConfig.for_family(
+        fam,
+        prewarm=prewarm,
+        jitter=jitter,
         draws=draws,
         tune=tune,
         chains=chains,
@@ -410,9 +413,6 @@ def fit(
         mass=mass,
         max_tree_depth=max_tree_depth,
         extend=extend,
-        prewarm=fam.fit_nuts.get("prewarm", 0) if prewarm is None else prewarm,
-        jitter=fam.fit_nuts.get("jitter", 1.0) if jitter is None else jitter,
-        split=fam.fit_nuts.get("split", "shard"),
     )
     cfg.check()  # before the model is built
     design = fam.design(cohort.frame, cohort.baseline, cohort.schema)

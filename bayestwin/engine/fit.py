@@ -71,6 +71,18 @@ class FitConfig(NamedTuple):
     #: ``"threads"`` (one per device: for log densities ``shard_map`` cannot trace; see :func:`_start`).
     split: str = "shard"
 
+    @classmethod
+    def for_family(cls, family, *, prewarm: int | None = None, jitter: float | None = None, **settings) -> FitConfig:
+        """Settings for a fit of ``family``: ``prewarm``, ``jitter`` (when ``None``) and ``split``
+        from its ``fit_nuts`` (the ODE family's own start), the rest from ``settings``."""
+        own = family.fit_nuts
+        return cls(
+            prewarm=own.get("prewarm", 0) if prewarm is None else prewarm,
+            jitter=own.get("jitter", 1.0) if jitter is None else jitter,
+            split=own.get("split", "shard"),
+            **settings,
+        )
+
     def check(self) -> None:
         """Refuse settings the driver cannot run (before any model is built)."""
         for name, least in (("chains", 1), ("draws", 1), ("tune", 0)):

@@ -106,26 +106,16 @@ class Coordinator:
         cohorts = {str(k): check_cohort(c, str(k)) for k, c in sites.items()}
         self.ledger = Ledger() if ledger is None else ledger
         summaries = {
-            k: self.ledger.record(0, k, "from site", "schema summary", schema_summary(c)) for k, c in cohorts.items()
+            k: self.ledger.record(0, k, "from site", "schema summary", schema_summary(c, k)) for k, c in cohorts.items()
         }
         self.schema = shared_schema(summaries, therapies)
-        self.ledger.record(0, "*", "to site", "shared schema", _schema_message(self.schema))
+        self.ledger.record(0, "*", "to site", "shared schema", self.schema.to_dict())
         self._cohorts = {k: on_schema(c, self.schema, k) for k, c in cohorts.items()}
         self.columns = next(iter(cohorts.values())).columns
         self.program = compile_twin(self.family, self.schema, cond.padded_length(1))
         self.prior = prior_gaussian(self.program.model, self.program.phi, seed=seed)
-        fam = self.family
-        self.cfg = FitConfig(
-            draws=draws,
-            tune=tune,
-            chains=chains,
-            target_accept=target_accept,
-            mass="block",
-            max_tree_depth=10,
-            extend=0,
-            prewarm=fam.fit_nuts.get("prewarm", 0),
-            jitter=fam.fit_nuts.get("jitter", 1.0),
-            split=fam.fit_nuts.get("split", "shard"),
+        self.cfg = FitConfig.for_family(
+            self.family, draws=draws, tune=tune, chains=chains, target_accept=target_accept, extend=0
         )
         self.cfg.check()
         self.seed = seed
@@ -306,17 +296,6 @@ def federated_fit(
         ledger=ledger,
     )
     return coord.run(iterations, damping=damping, tol=tol).population(thresholds)
-
-
-def _schema_message(schema) -> dict:
-    return {
-        "therapies": list(schema.therapies),
-        "numeric": {k: list(v) for k, v in schema.numeric.items()},
-        "categorical": {k: list(v) for k, v in schema.categorical.items()},
-        "time_scale": schema.time_scale,
-        "outcome_mean": schema.outcome_mean,
-        "outcome_sd": schema.outcome_sd,
-    }
 
 
 def _ep_datatree(model, blocks, approx: ep.Gaussian, chains: int, draws: int, seed: int) -> xr.DataTree:

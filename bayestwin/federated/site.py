@@ -33,7 +33,7 @@ import numpy as np
 import pymc as pm
 import pytensor.tensor as pt
 
-from bayestwin.data.cohort import OUTCOME, TIME, Cohort, Schema
+from bayestwin.data.cohort import OUTCOME, THERAPY, TIME, Cohort, Schema
 from bayestwin.engine.compile import Block, unconstrained_draws
 from bayestwin.engine.fit import FitConfig, sample_model
 from bayestwin.federated.ep import Gaussian, SiteError
@@ -75,18 +75,18 @@ def check_cohort(cohort, site: str) -> Cohort:
     return cohort
 
 
-def schema_summary(cohort: Cohort) -> dict:
+def schema_summary(cohort: Cohort, site: str = "this site") -> dict:
     """What a site shares so that every site fits with one schema: aggregates, no row.
 
     Counts, means and sums of squared deviations of the outcome and of each numeric covariate
     (over patients), the levels of each categorical covariate and the therapies seen, and the
     largest absolute time (the time scale of the default priors). A JSON-able dict.
     """
-    check_cohort(cohort, "?")
+    check_cohort(cohort, site)
     schema, base, frame = cohort.schema, cohort.baseline, cohort.frame
     t = np.abs(frame[TIME].to_numpy(float))
     return {
-        "therapies": sorted({str(x) for x in frame["therapy"]}) if "therapy" in frame else list(schema.therapies),
+        "therapies": sorted({str(x) for x in frame[THERAPY]}) if THERAPY in frame else list(schema.therapies),
         "numeric": {c: _moments(base[c].to_numpy(float)) for c in schema.numeric},
         "categorical": {c: sorted({str(x) for x in base[c]}) for c in schema.categorical},
         "time_max": float(t.max()) if len(t) else 0.0,
@@ -178,7 +178,7 @@ def shared_schema(summaries: Mapping[str, dict], therapies: Sequence[str] | None
 def on_schema(cohort: Cohort, schema: Schema, site: str) -> Cohort:
     """The site's cohort read with the shared ``schema`` (its rows unchanged)."""
     check_cohort(cohort, site)
-    therapies = set(cohort.frame["therapy"].astype(str)) if "therapy" in cohort.frame else set()
+    therapies = set(cohort.frame[THERAPY].astype(str)) if THERAPY in cohort.frame else set()
     if therapies - set(schema.therapies):
         raise SiteError(
             f"site {site!r} has therapy {sorted(therapies - set(schema.therapies))[0]!r}, not in the shared schema"
