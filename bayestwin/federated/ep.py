@@ -100,7 +100,8 @@ def check_moments(mean, cov, draws, d: int, site: str) -> tuple[np.ndarray, np.n
         raise SiteError(f"site {site!r} sent a covariance matrix that is not positive definite") from None
     if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or draws <= d + 2:
         raise SiteError(
-            f"site {site!r} sent draws={draws!r}: a whole number above {d + 2} is needed for {d} dimensions"
+            f"site {site!r} sent draws={draws!r} (the effective draws behind its moments): a whole number above "
+            f"{d + 2} is needed for {d} dimensions; run the sites' samplers longer"
         )
     return m, 0.5 * (c + c.T), int(draws)
 

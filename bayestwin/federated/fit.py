@@ -155,6 +155,8 @@ class Coordinator:
         :attr:`estimate` then halves by averaging the last two sweeps."""
         require_whole("iterations", iterations, 1)
         ep._check_damping(damping)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+            raise ValueError(f"tol must be a number >= 0 (posterior SDs), not {tol!r}")
         self.tol, self.damping = tol, damping
         for _ in range(iterations):
             sweep = len(self.history) + 1
