@@ -265,8 +265,8 @@ def _population_part(pop, w: _Writer, prefix: str = "population") -> dict:
         "verdict": _verdict_dict(pop.verdict),
         "data_fingerprint": data_fingerprint(pop.idata),
         "draws_sha256": draws_digest(pop.idata),
-        "patients_in_fit": int(pop.idata.constant_data.sizes.get("patient", 0)),
-        "observations_in_fit": int(pop.idata.observed_data.sizes.get("obs", 0)),
+        "patients_in_fit": pop.n_patients,
+        "observations_in_fit": pop.n_observations,
     }
 
 

@@ -124,11 +124,48 @@ class Population:
             return self.family.build_model(self.family.template_design(self.schema, 1), self.schema)
         return self.family.build_model(self.family.design(cohort.frame, cohort.baseline, self.schema), self.schema)
 
+    @property
+    def federated(self) -> bool:
+        """Whether the population was fitted across sites that kept their rows
+        (:func:`bayestwin.federated.federated_fit`): it then holds no patient row."""
+        return self.sampler.get("method") == "ep"
+
+    @property
+    def n_patients(self) -> int:
+        """Patients in the fit (a federated fit: the sum of the counts its sites reported)."""
+        if self.federated:
+            return int(sum(self.sampler.get("patients", {}).values()))
+        return int(self.fitted_data("counting its patients").sizes.get("patient", 0))
+
+    @property
+    def n_observations(self) -> int:
+        """Observation rows in the fit (a federated fit: the sum of the counts its sites reported)."""
+        if self.federated:
+            return int(sum(self.sampler.get("observations", {}).values()))
+        return int(self.idata.observed_data.sizes.get("obs", 0)) if "observed_data" in self.idata.children else 0
+
+    def fitted_data(self, purpose: str) -> xr.Dataset:
+        """The fit's constant data (the cohort's arrays), needed for ``purpose``. A federated
+        population holds none (its rows stayed at the sites): a ``ValueError`` says so."""
+        if "constant_data" not in self.idata.children:
+            where = f"across the sites {', '.join(map(str, self.sampler.get('sites', [])))}" if self.federated else ""
+            raise ValueError(
+                f"{purpose} needs the fitting cohort's rows, and this population holds none: it was fitted "
+                f"{where or 'without them'} and its rows stayed there"
+            )
+        return self.idata.constant_data.to_dataset()
+
+    def cohort_covariates(self) -> pd.DataFrame:
+        """The fitting cohort's patients' baseline covariates, one row per patient (what virtual
+        cohorts and simulated trials resample when not given covariates)."""
+        const = self.fitted_data("resampling the fitting cohort's covariates (give covariates= instead)")
+        return self.family.reference_baseline({k: const[k].to_numpy() for k in const.data_vars}, self.schema)
+
     def fitted_model(self) -> pm.Model:
         """The PyMC model of the fit itself, rebuilt from the DataTree's constant and observed data
         (the cohort's table is not kept): for predictive checks and extensions of this fit."""
+        const = self.fitted_data("the fitted model (predictive checks, PSIS-LOO by patient)")
         self.family.template_design(self.schema, 1)  # a family that reads its graph (bt.Model) reads it here
-        const = self.idata.constant_data.to_dataset()
         data = {name: const[name].to_numpy() for name in const.data_vars}
         data.setdefault("y_obs", self.idata.observed_data[self.family.observed].to_numpy())
         design = Design(patients=list(const["patient"].to_numpy()), data=data)

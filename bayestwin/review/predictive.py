@@ -31,10 +31,12 @@ def log_likelihood(population, by: str = "obs") -> xr.DataTree:
     if by not in UNITS:
         raise ValueError(f"by must be one of {UNITS}, not {by!r}")
     name = population.family.observed
+    if "log_likelihood" not in population.idata.children:
+        population.fitted_data("the pointwise log-likelihood (PSIS-LOO)")
     ll = population.idata.log_likelihood[name]
     if by == "patient":
-        idx = population.idata.constant_data["patient_idx"].to_numpy()
-        patients = population.idata.constant_data["patient"].to_numpy()
+        const = population.fitted_data("the log-likelihood by patient")
+        idx, patients = const["patient_idx"].to_numpy(), const["patient"].to_numpy()
         per = np.zeros((ll.sizes["chain"], ll.sizes["draw"], len(patients)))
         np.add.at(per, (slice(None), slice(None), idx), ll.transpose("chain", "draw", "obs").to_numpy())
         ll = xr.DataArray(

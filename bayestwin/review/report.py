@@ -98,6 +98,8 @@ def _population_sections(pop, calibration) -> list[str]:
     out = [_verdict(pop.verdict), _model_card(pop)]
     out.append(_h2("Posterior summary") + _table(pop.summary()))
     out.append(_h2("Convergence diagnostics per variable") + _table(pop.verdict.table))
+    if pop.federated:
+        return out + _federated_sections(pop)
     free = free_quantities(pop.idata, pop.population_vars)
     out.append(_h2("Rank plots") + _note(_RANK) + _figure(_arviz("plot_rank", free)))
     out.append(_h2("Energy") + _note(_ENERGY) + _figure(_arviz("plot_energy", pop.idata)))
@@ -134,6 +136,26 @@ def _population_sections(pop, calibration) -> list[str]:
         out.append(_h2("Forecast calibration") + _note(repr(calibration)) + _table(calibration.coverage) + _figure(fig))
     out.append(_h2("Patient effects") + _note(_FOREST) + _figure(_forest(pop)))
     return out
+
+
+def _federated_sections(pop) -> list[str]:
+    """A federated fit (EP over sites): how EP settled and what each site sent; the sections
+    that need the rows (predictive check, PSIS-LOO, patient effects) are left out, and say why."""
+    s = pop.sampler
+    sweeps = pd.DataFrame(
+        {"sweep": [h["sweep"] for h in s["history"]], "moved (posterior SDs)": [h["moved"] for h in s["history"]]}
+    ).set_index("sweep")
+    sites = pd.DataFrame({"patients": s.get("patients", {}), "observations": s.get("observations", {})}).rename_axis(
+        "site"
+    )
+    note = (
+        f"Fitted by expectation propagation over {len(s['sites'])} sites (tol {s['tol']} posterior SDs); "
+        f"{s['messages']} messages, {s['bytes_sent']:,} bytes in all. The diagnostics above are the sites' "
+        "last NUTS runs on their tilted distributions (worst over sites). The rows stayed at the sites, so "
+        "this report has no predictive check, PSIS-LOO or patient effects: each site can review its own "
+        "twins, and a pooled refit where rows may be pooled is the check of the federation itself."
+    )
+    return [_h2("Expectation propagation over sites") + _note(note) + _table(sweeps) + _table(sites)]
 
 
 def _twin_sections(twin) -> list[str]:
@@ -186,8 +208,8 @@ def _model_card(pop, twin=None) -> str:
     card = {
         "family": pop.family.name,
         "family settings": json.dumps(pop.family.config(), default=str),
-        "patients in the fit": len(pop.idata.constant_data["patient"]),
-        "observations in the fit": pop.idata.observed_data.sizes.get("obs", 0),
+        "patients in the fit": pop.n_patients,
+        "observations in the fit": pop.n_observations,
         "data fingerprint (SHA-256 of the fitted data)": data_fingerprint(pop.idata),
         "sampler": json.dumps(pop.sampler, default=str),
         "thresholds": json.dumps(pop.verdict.thresholds.__dict__),

@@ -90,8 +90,7 @@ def adaptive_dosing_trial(
     cycle_len = cycle_doses * tau
     first = pd.DataFrame({"ID": ids, "TIME": 0.0, "AMT": standard.amount, "DV": np.nan, "EVID": 1})
     if covariates is None:
-        const = population.idata.constant_data.to_dataset()
-        covariates = fam.reference_baseline({k: const[k].to_numpy() for k in const.data_vars}, population.schema)
+        covariates = population.cohort_covariates()
     cov = (
         covariates.iloc[rng.integers(0, len(covariates), n)].reset_index(drop=True) if len(covariates.columns) else None
     )

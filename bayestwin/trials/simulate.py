@@ -38,10 +38,7 @@ def covariate_pool(population, covariates, seed: int) -> tuple[pd.DataFrame, dic
     """The covariate table trials resample from, and the family's arrays for it: the fitting
     cohort (default), a given table, or ``POOL`` draws from given distributions."""
     if covariates is None:
-        const = population.idata.constant_data.to_dataset()
-        covariates = population.family.reference_baseline(
-            {k: const[k].to_numpy() for k in const.data_vars}, population.schema
-        )
+        covariates = population.cohort_covariates()
     if isinstance(covariates, pd.DataFrame):
         draw_covariates(population, 1, covariates, rng=np.random.default_rng(0))  # validates the table
         table = covariates[population.schema.covariates].reset_index(drop=True)

@@ -122,9 +122,7 @@ def draw_covariates(population, n: int, covariates=None, *, rng: np.random.Gener
     schema = population.schema
     needed = schema.covariates
     if covariates is None:
-        const = population.idata.constant_data.to_dataset()
-        reference = population.family.reference_baseline({k: const[k].to_numpy() for k in const.data_vars}, schema)
-        covariates = reference
+        covariates = population.cohort_covariates()
     if isinstance(covariates, pd.DataFrame):
         missing = [c for c in needed if c not in covariates.columns]
         if missing:

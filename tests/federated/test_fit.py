@@ -101,6 +101,52 @@ def test_no_row_or_pseudonym_leaves_a_site(federated):
     assert fed.sampler["bytes_sent"] == sum(len(b.encode()) for b in bodies)
 
 
+def test_a_federated_population_saves_loads_and_holds_no_row(federated, simulated, tmp_path):
+    """Saved and loaded like a pooled one (checksums verified), with its sites' counts in the card;
+    its twins are the in-memory population's; the artifact holds no pseudonym, no outcome value
+    and no data group; what needs the rows says so, and what does not still works."""
+    from bayestwin.review import loo, review
+    from bayestwin.trials import virtual_cohort
+
+    fed, sites, _ = federated
+    bt.save(fed, tmp_path / "fed")
+    back = bt.load(tmp_path / "fed")
+    n_patients = sum(c.n_patients for c in sites.values())
+    n_rows = sum(len(c.frame) for c in sites.values())
+    card = json.loads((tmp_path / "fed" / "card.json").read_text())["population"]
+    assert (card["patients_in_fit"], card["observations_in_fit"]) == (n_patients, n_rows) == (40, 200)
+    assert back.federated and (back.n_patients, back.n_observations) == (40, 200)
+    assert back.sampler["patients"] == {k: c.n_patients for k, c in sites.items()}
+    assert set(back.idata.children) == {"posterior"}
+
+    _, held, _ = simulated
+    one = held[held.patient == held.patient.unique()[1]]
+    a, b = fed.condition(one, key=KEY, seed=6), back.condition(one, key=KEY, seed=6)
+    for name in ("patient_intercept", "patient_slope"):
+        np.testing.assert_array_equal(a.posterior[name].to_numpy(), b.posterior[name].to_numpy())
+
+    stored = b"".join(f.read_bytes() for f in (tmp_path / "fed").rglob("*") if f.is_file())
+    for cohort in sites.values():
+        for pseudonym in cohort.patients:
+            assert pseudonym.encode() not in stored
+        for y in cohort.frame["outcome"].to_numpy():
+            assert json.dumps(float(y)).encode() not in stored
+
+    rows_stayed = "this population holds none: it was fitted across the sites hospital_0, hospital_1, hospital_2"
+    model = r"^the fitted model \(predictive checks, PSIS-LOO by patient\) needs"
+    with pytest.raises(ValueError, match=rf"{model} .*{rows_stayed}"):
+        back.fitted_model()
+    with pytest.raises(ValueError, match=rf"^the pointwise log-likelihood \(PSIS-LOO\) needs .*{rows_stayed}"):
+        loo(back, by="patient")
+    with pytest.raises(ValueError, match=r"^resampling the fitting cohort's covariates \(give covariates= instead\)"):
+        virtual_cohort(back, 4)
+    cohort = virtual_cohort(back, 4, covariates={"age": [45.0, 60.0], "sex": ["F", "M"]}, seed=1)
+    assert cohort["mean"].shape == (1, 4, 3, 11) and np.isfinite(cohort["mean"]).all()
+    page = review(back, tmp_path / "fed.html").read_text()
+    assert "Expectation propagation over sites" in page and "hospital_2" in page
+    assert "Posterior predictive check" not in page
+
+
 class _GaussianSites(Coordinator):
     """Sites whose tilted moments are exact (each site's factor a fixed Gaussian, no NUTS): the
     coordinator's own logic, quickly. ``answers`` replaces a site's message in a sweep."""
