@@ -3,8 +3,9 @@
 :func:`federated_fit`: a population fitted across sites (hospitals) that keep their rows, by
 expectation propagation over sites (:mod:`bayestwin.federated.ep`, the maths; each site's side in
 :mod:`bayestwin.federated.site`); :class:`Coordinator`, the same step by step; :class:`Ledger`,
-every message that crossed the wire. The local (one-process) path; a federation framework and
-differentially private virtual cohorts are not yet built.
+every message that crossed the wire. A federated population saves and loads like any other and
+holds no row (what needs rows says so). The local (one-process) path; a federation framework and
+differentially private virtual cohorts are not yet built. Guide: ``docs/pages/guides/across-sites.md``.
 """
 
 from bayestwin.federated.ep import Gaussian, SiteError
