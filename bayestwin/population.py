@@ -148,11 +148,9 @@ class Population:
         """The fit's constant data (the cohort's arrays), needed for ``purpose``. A federated
         population holds none (its rows stayed at the sites): a ``ValueError`` says so."""
         if "constant_data" not in self.idata.children:
-            where = f"across the sites {', '.join(map(str, self.sampler.get('sites', [])))}" if self.federated else ""
-            raise ValueError(
-                f"{purpose} needs the fitting cohort's rows, and this population holds none: it was fitted "
-                f"{where or 'without them'} and its rows stayed there"
-            )
+            sites = ", ".join(map(str, self.sampler.get("sites", [])))
+            why = f": it was fitted across the sites {sites} and its rows stayed there" if self.federated else ""
+            raise ValueError(f"{purpose} needs the fitting cohort's rows, and this population holds none{why}")
         return self.idata.constant_data.to_dataset()
 
     def cohort_covariates(self) -> pd.DataFrame:
