@@ -342,13 +342,16 @@ class Population:
         n = self.idata.posterior.sizes
         restarted = self.sampler.get("restarted_chains")
         note = f", chains {restarted} restarted after stalling in warmup" if restarted else ""
+        if self.federated:
+            note += f", fitted across {len(self.sampler.get('sites', []))} sites (holds no row)"
         return (
             f"Population(family={self.family.name!r}, therapies={list(self.schema.therapies)}, "
             f"covariates={self.schema.covariates}, draws={n['chain']}x{n['draw']}{note}, verdict: {self.verdict})"
         )
 
     def _repr_html_(self) -> str:
-        return f"<b>Population</b> ({self.family.name}) — <i>{self.verdict}</i>" + self.summary().to_html(
+        where = f", fitted across {len(self.sampler.get('sites', []))} sites" if self.federated else ""
+        return f"<b>Population</b> ({self.family.name}{where}) — <i>{self.verdict}</i>" + self.summary().to_html(
             float_format=lambda x: f"{x:.3g}"
         )
 

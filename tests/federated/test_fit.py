@@ -118,6 +118,7 @@ def test_a_federated_population_saves_loads_and_holds_no_row(federated, simulate
     assert back.federated and (back.n_patients, back.n_observations) == (40, 200)
     assert back.sampler["patients"] == {k: c.n_patients for k, c in sites.items()}
     assert set(back.idata.children) == {"posterior"}
+    assert "fitted across 3 sites (holds no row)" in repr(back) and "fitted across 3 sites" in back._repr_html_()
 
     _, held, _ = simulated
     one = held[held.patient == held.patient.unique()[1]]
