@@ -106,7 +106,10 @@ def main() -> None:
         t = time.perf_counter()
         fed = federated_fit(split(df, args.sites), draws=args.draws, tune=args.draws, seed=3)
         t_fed = time.perf_counter() - t
-    table = pd.concat([compare(pooled, fed), unconstrained(pooled, fed).rename(columns={"coordinate": "parameter"})])
+    table = compare(pooled, fed)
+    coords = unconstrained(pooled, fed)
+    coords = coords[~coords["coordinate"].isin(table["parameter"])].rename(columns={"coordinate": "parameter"})
+    table = pd.concat([table, coords])
     s = fed.sampler
     print(f"sleepstudy, {args.sites} sites split by day-0 reaction time, {args.draws} + {args.draws} draws x 4 chains")
     print(f"pooled fit (peer): {t_pooled:.1f} s, verdict: {pooled.verdict}")

@@ -110,7 +110,10 @@ class Coordinator:
         }
         self.schema = shared_schema(summaries, therapies)
         # what each site reported of its size (counts only): the population's patients and rows
-        self.counts = {k: (int(m["patients"]), int(m["outcome"]["n"])) for k, m in summaries.items()}
+        self.sizes = {
+            "patients": {k: int(m["patients"]) for k, m in summaries.items()},
+            "observations": {k: int(m["outcome"]["n"]) for k, m in summaries.items()},
+        }
         self.ledger.record(0, "*", "to site", "shared schema", self.schema.to_dict())
         self._cohorts = {k: on_schema(c, self.schema, k) for k, c in cohorts.items()}
         self.columns = next(iter(cohorts.values())).columns
@@ -228,8 +231,7 @@ class Coordinator:
             "history": self.history,
             "bytes_sent": self.ledger.nbytes,
             "messages": len(self.ledger.messages),
-            "patients": {k: n for k, (n, _) in self.counts.items()},
-            "observations": {k: n for k, (_, n) in self.counts.items()},
+            **self.sizes,
             **{k: v for k, v in cfg._asdict().items() if k in ("draws", "tune", "chains", "target_accept")},
             "seed": self.seed,
         }
