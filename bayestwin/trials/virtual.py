@@ -133,6 +133,9 @@ def draw_covariates(population, n: int, covariates=None, *, rng: np.random.Gener
         return covariates[needed].iloc[rows].reset_index(drop=True)
     if not isinstance(covariates, Mapping):
         raise TypeError(f"covariates must be None, a DataFrame or a mapping, not {type(covariates).__name__}")
+    unknown = [c for c in covariates if c not in needed]
+    if unknown:
+        raise ValueError(f"unknown covariate(s) {unknown}: the population model uses {list(needed)}")
     missing = [c for c in needed if c not in covariates]
     if missing:
         raise ValueError(f"no distribution given for covariate(s) {missing} the population model uses")

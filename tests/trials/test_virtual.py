@@ -90,6 +90,9 @@ def test_covariate_specs(population):
     assert abs(float((vc["sex"] == "F").mean()) - 0.25) < 4 * np.sqrt(0.25 * 0.75 / 4000)
     with pytest.raises(ValueError, match=r"no distribution given for covariate\(s\) \['sex'\]"):
         virtual_cohort(population, 5, covariates={"age": 60.0})
+    uses = r"the population model uses \['age', 'sex'\]$"
+    with pytest.raises(ValueError, match=rf"^unknown covariate\(s\) \['sexx'\]: {uses}"):
+        virtual_cohort(population, 5, covariates={"age": 60.0, "sexx": "F"})
     with pytest.raises(ValueError, match=r"covariate 'sex': probabilities \[0.5, 0.6\] must be >= 0 and sum to 1"):
         virtual_cohort(population, 5, covariates={"age": 60.0, "sex": {"F": 0.5, "M": 0.6}})
     with pytest.raises(ValueError, match=r"therapy 'drug_z' not in the population's therapies"):
