@@ -10,7 +10,7 @@ difference of the means in pooled posterior SDs (goal <= 0.1), the ratio of the 
 10%), EP's sweeps, messages and bytes sent, the wall times; then one held-out-style twin (a subject's
 first 5 days) from each population, compared in the twin's posterior SDs.
 
-    .venv/bin/python benchmarks/federated.py            # about 4 minutes on 2 cores (measured 3.7)
+    .venv/bin/python benchmarks/federated.py            # about 3.5 minutes on 2 cores (fits 3.3-3.6 min, measured)
 """
 
 from __future__ import annotations
