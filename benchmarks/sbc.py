@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/sbc.py                  # 200 fit replicates, 1,000 virtual twins
     .venv/bin/python benchmarks/sbc.py --reps 20        # a shorter run
     .venv/bin/python benchmarks/sbc.py --family pk      # one family (default: progression, then pk)
+    .venv/bin/python benchmarks/sbc.py --family pk --seed 1   # an independent run (design, data, fits)
 
 Writes the rank histograms (sbc_fit.png, sbc_twins.png) and the table (sbc.csv) per family into
-benchmarks/results/sbc/FAMILY/ and prints the table with the wall time. The same code as
-``bayestwin validate sbc`` (:func:`bayestwin.review.sbc.run_sbc`).
+benchmarks/results/sbc/FAMILY/ (sbc-seedN/FAMILY/ with --seed N) and prints the table with the
+wall time. The same code as ``bayestwin validate sbc`` (:func:`bayestwin.review.sbc.run_sbc`).
 """
 
 from __future__ import annotations
@@ -30,12 +31,18 @@ def main() -> None:
     ap.add_argument(
         "--draws", type=int, default=None, help="draws (and tuning steps) per chain of each fit (500; pk 1000)"
     )
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sbc"))
+    ap.add_argument("--seed", type=int, default=0, help="seed of the design, the replicates and the fits (0)")
+    ap.add_argument("--out", default=None, help="folder of the results (benchmarks/results/sbc, or sbc-seedN)")
     args = ap.parse_args()
     for family in args.family or ["progression", "pk"]:
         t0 = time.perf_counter()
         draws = args.draws or DRAWS[family]
-        res = run_sbc(family, reps=args.reps, twins=args.twins, out=Path(args.out) / family, draws=draws)
+        out = (
+            Path(args.out)
+            if args.out
+            else Path(__file__).parent / "results" / ("sbc" + (f"-seed{args.seed}" if args.seed else ""))
+        )
+        res = run_sbc(family, reps=args.reps, twins=args.twins, out=out / family, draws=draws, seed=args.seed)
         print(
             f"\n{family}: wall {time.perf_counter() - t0:.0f} s; smallest p-value "
             f"{min(float(r.table['p_value'].min()) for r in res.values()):.4f}\n",
