@@ -34,14 +34,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the design, the replicates and the fits (0)")
     ap.add_argument("--out", default=None, help="folder of the results (benchmarks/results/sbc, or sbc-seedN)")
     args = ap.parse_args()
+    out = Path(args.out or Path(__file__).parent / "results" / ("sbc" + (f"-seed{args.seed}" if args.seed else "")))
     for family in args.family or ["progression", "pk"]:
         t0 = time.perf_counter()
         draws = args.draws or DRAWS[family]
-        out = (
-            Path(args.out)
-            if args.out
-            else Path(__file__).parent / "results" / ("sbc" + (f"-seed{args.seed}" if args.seed else ""))
-        )
         res = run_sbc(family, reps=args.reps, twins=args.twins, out=out / family, draws=draws, seed=args.seed)
         print(
             f"\n{family}: wall {time.perf_counter() - t0:.0f} s; smallest p-value "

@@ -12,7 +12,7 @@ rank of 0.56 implies would be about 0.2 SD on average.
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 import warnings
 
@@ -48,4 +48,10 @@ def main(reps: list[int], seed: int = 0, n: int = 200) -> None:
 
 
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:]] or [0, 1, 2])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("reps", type=int, nargs="*", default=[0, 1, 2], help="replicate indices, 0-199 (0 1 2)")
+    args = ap.parse_args()
+    bad = [r for r in args.reps if not 0 <= r < 200]
+    if bad:
+        ap.error(f"replicate indices must lie in 0-199 (the SBC run's 200 replicates); got {bad}")
+    main(args.reps)
