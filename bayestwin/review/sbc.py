@@ -147,7 +147,7 @@ def sbc_fit(
     Each replicate draws the population parameters and the outcomes from the family's priors
     (``pm.sample_prior_predictive`` on the model of ``cohort``), refits with
     :func:`bayestwin.fit` (``fit_kwargs``, e.g. ``draws=500``), and ranks the true values of
-    ``quantities`` (default: the scalar population parameters) among the posterior draws.
+    ``quantities`` (default: the scalar population parameters, by name) among the posterior draws.
     Replicates whose fit fails the convergence gate are kept and counted in ``SBC.ranks.attrs``.
     ``partial``: a CSV path that receives the ranks so far after every replicate (written
     atomically, with a JSON of the run's settings beside it). A later call with the same settings
@@ -172,7 +172,7 @@ def sbc_fit(
     prior = draws.prior.to_dataset() if hasattr(draws.prior, "to_dataset") else draws.prior
     ys = draws.prior_predictive[fam.observed].to_numpy().reshape(reps, -1)  # (reps, obs), the same draws
     if quantities is None:
-        quantities = [n for n, v in prior.data_vars.items() if set(v.dims) == {"chain", "draw"}]
+        quantities = scalar_quantities(prior)
     rows, failed = _resume(partial, {"reps": reps, "seed": seed, "L": L, "quantities": list(quantities), **fit_kwargs})
     if rows and say is not None:
         say(f"  resuming after {len(rows)} replicates from {partial}")
@@ -195,6 +195,16 @@ def sbc_fit(
     ranks = pd.DataFrame(rows, columns=[*quantities, "converged"])
     ranks.attrs["not_converged"] = int((~ranks.pop("converged").astype(bool)).sum())
     return SBC(ranks, L, bins)
+
+
+def scalar_quantities(prior) -> list[str]:
+    """The scalar parameters of a prior draw (dims chain and draw only), sorted by name.
+
+    Sorted because PyMC's prior group orders its variables by set iteration, which follows
+    PYTHONHASHSEED: unsorted, the per-replicate rank draws (and a resumed run's partial file)
+    would depend on the process, not only on ``seed``."""
+
+    return sorted(n for n, v in prior.data_vars.items() if set(v.dims) == {"chain", "draw"})
 
 
 def _partial_path(out):

@@ -6,7 +6,7 @@ import pytest
 
 import bayestwin as bt
 from bayestwin.families.progression import simulate
-from bayestwin.review.sbc import SBC, ranks_of, sbc_fit, sbc_twins
+from bayestwin.review.sbc import SBC, _resume, ranks_of, sbc_fit, sbc_twins, scalar_quantities
 from tests.conftest import KEY, THERAPIES
 
 
@@ -67,6 +67,33 @@ def test_population_fit_sbc_small_run(tmp_path):
     assert ((sbc.ranks >= 0) & (sbc.ranks <= 99)).all().all()
     assert (table["p_value"] > 1e-4).all()
     assert sbc.ranks.attrs["not_converged"] <= 1  # prior draws make some hard data sets; the gate says which
+
+
+def test_fit_sbc_quantities_and_resume_do_not_depend_on_the_process(tmp_path):
+    """PyMC orders a prior group's variables by set iteration (PYTHONHASHSEED): the default
+    quantities are sorted, so a partial file written by one process resumes in another (an
+    unsorted list once discarded a run's finished replicates)."""
+    import xarray as xr
+
+    draw = np.zeros((1, 3))
+    prior = xr.Dataset(
+        {
+            "sigma": (("chain", "draw"), draw),
+            "z": (("chain", "draw", "p"), draw[..., None]),
+            "alpha": (("chain", "draw"), draw),
+        }
+    )
+    assert scalar_quantities(prior) == ["alpha", "sigma"]
+    part = tmp_path / "partial.csv"
+    settings = {"reps": 3, "seed": 1, "L": 99, "quantities": ["alpha", "sigma"], "draws": 500}
+    assert _resume(part, settings) == ([], 0)  # nothing yet: writes the settings beside it
+    pd.DataFrame({"alpha": [3, 50], "sigma": [7, 99], "converged": [True, False]}).to_csv(part, index=False)
+    assert _resume(part, dict(settings)) == (
+        [{"alpha": 3, "sigma": 7, "converged": True}, {"alpha": 50, "sigma": 99, "converged": False}],
+        1,
+    )
+    assert _resume(part, {**settings, "seed": 2}) == ([], 0)  # other settings: start again
+    assert not part.exists()
 
 
 def test_frozen_pk_priors_do_not_follow_the_data():
