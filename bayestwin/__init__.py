@@ -37,6 +37,7 @@ from bayestwin.families.pk_covariates import Categorical, Exponential, Linear, P
 from bayestwin.forecast import EventForecast, Forecast  # noqa: E402
 from bayestwin.io import ArtifactError, save  # noqa: E402
 from bayestwin.population import Population, fit  # noqa: E402
+from bayestwin.privacy import DP, private_fit  # noqa: E402
 from bayestwin.settings import options  # noqa: E402
 from bayestwin.twin import Twin  # noqa: E402
 from bayestwin.zoo import load_any as load  # noqa: E402
@@ -73,6 +74,8 @@ __all__ = [
     "read_joint",
     "Regimen",
     "Schema",
+    "DP",
+    "private_fit",
     "Twin",
     "dose_search",
     "outcome_search",

@@ -131,15 +131,27 @@ class Population:
         return self.sampler.get("method") == "ep"
 
     @property
-    def n_patients(self) -> int:
-        """Patients in the fit (a federated fit: the sum of the counts its sites reported)."""
+    def private(self) -> bool:
+        """Whether the population is a differentially private release
+        (:func:`bayestwin.privacy.private_fit`): it holds no row and no count of patients."""
+        return self.sampler.get("method") == "dp-sample-and-aggregate"
+
+    @property
+    def n_patients(self) -> int | None:
+        """Patients in the fit (a federated fit: the sum of the counts its sites reported; a
+        differentially private release: None, the count is not released)."""
+        if self.private:
+            return None
         if self.federated:
             return int(sum(self.sampler.get("patients", {}).values()))
         return int(self.fitted_data("counting its patients").sizes.get("patient", 0))
 
     @property
-    def n_observations(self) -> int:
-        """Observation rows in the fit (a federated fit: the sum of the counts its sites reported)."""
+    def n_observations(self) -> int | None:
+        """Observation rows in the fit (a federated fit: the sum of the counts its sites reported;
+        a differentially private release: None)."""
+        if self.private:
+            return None
         if self.federated:
             return int(sum(self.sampler.get("observations", {}).values()))
         return int(self.idata.observed_data.sizes.get("obs", 0)) if "observed_data" in self.idata.children else 0
@@ -150,6 +162,9 @@ class Population:
         if "constant_data" not in self.idata.children:
             sites = ", ".join(map(str, self.sampler.get("sites", [])))
             why = f": it was fitted across the sites {sites} and its rows stayed there" if self.federated else ""
+            if self.private:
+                eps, delta = self.sampler["epsilon"], self.sampler["delta"]
+                why = f": it is a differentially private release (epsilon {eps:g}, delta {delta:g}) and keeps no row"
             raise ValueError(f"{purpose} needs the fitting cohort's rows, and this population holds none{why}")
         return self.idata.constant_data.to_dataset()
 
@@ -344,14 +359,25 @@ class Population:
         note = f", chains {restarted} restarted after stalling in warmup" if restarted else ""
         if self.federated:
             note += f", fitted across {len(self.sampler.get('sites', []))} sites (holds no row)"
+        if self.private:
+            eps, delta = self.sampler["epsilon"], self.sampler["delta"]
+            note += f", released under ({eps:g}, {delta:g})-differential privacy (holds no row; no fit diagnostics)"
         return (
             f"Population(family={self.family.name!r}, therapies={list(self.schema.therapies)}, "
-            f"covariates={self.schema.covariates}, draws={n['chain']}x{n['draw']}{note}, verdict: {self.verdict})"
+            f"covariates={self.schema.covariates}, draws={n['chain']}x{n['draw']}{note}, verdict: {self._verdict_text})"
         )
+
+    @property
+    def _verdict_text(self) -> str:
+        if self.private:
+            return "none (a differentially private release: its group fits' diagnostics are not released)"
+        return str(self.verdict)
 
     def _repr_html_(self) -> str:
         where = f", fitted across {len(self.sampler.get('sites', []))} sites" if self.federated else ""
-        return f"<b>Population</b> ({self.family.name}{where}) — <i>{self.verdict}</i>" + self.summary().to_html(
+        if self.private:
+            where = f", released under ({self.sampler['epsilon']:g}, {self.sampler['delta']:g})-DP"
+        return f"<b>Population</b> ({self.family.name}{where}) — <i>{self._verdict_text}</i>" + self.summary().to_html(
             float_format=lambda x: f"{x:.3g}"
         )
 

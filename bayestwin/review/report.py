@@ -95,6 +95,12 @@ def review(result, path=None, *, calibration=None, title: str | None = None, ove
 def _population_sections(pop, calibration) -> list[str]:
     from bayestwin.review import predictive
 
+    if pop.private:  # no fit to diagnose: the release and its noise
+        return [
+            _h2("Differential privacy") + _note(_private_note(pop)),
+            _model_card(pop),
+            _h2("Released parameters (with the noise's spread)") + _table(pop.summary()),
+        ]
     out = [_verdict(pop.verdict), _model_card(pop)]
     out.append(_h2("Posterior summary") + _table(pop.summary()))
     out.append(_h2("Convergence diagnostics per variable") + _table(pop.verdict.table))
@@ -156,6 +162,25 @@ def _federated_sections(pop) -> list[str]:
         "twins, and a pooled refit where rows may be pooled is the check of the federation itself."
     )
     return [_h2("Expectation propagation over sites") + _note(note) + _table(sweeps) + _table(sites)]
+
+
+def _private_note(pop) -> str:
+    """What a differentially private release (:func:`bayestwin.privacy.private_fit`) is and holds."""
+    s = pop.sampler
+    return (
+        f"Released under ({s['epsilon']:g}, {s['delta']:g})-differential privacy (the accountant's epsilon "
+        f"{s['epsilon_accountant']:.4g}) by sample-and-aggregate over {s['groups']} groups: each group's "
+        "posterior mean clipped to a box fixed before the data"
+        + (f" (public bounds for {', '.join(sorted(s['bounds']))}; " if s.get("bounds") else " (")
+        + f"the prior's mean ± {s.get('clip_sds', 2.0):g} prior SDs"
+        + (" otherwise" if s.get("bounds") else "")
+        + "), averaged, and Gaussian noise of SD "
+        f"{s['noise_multiplier'] * s['sensitivity_in_box_widths']:.3g} box widths added to each coordinate. "
+        "The posterior above is that "
+        "noise around the released parameters, not a fit's posterior: the groups' fits, their diagnostics, "
+        "the rows and the number of patients are not released, so this report has no convergence diagnostics, "
+        "predictive check or PSIS-LOO."
+    )
 
 
 def _twin_sections(twin) -> list[str]:

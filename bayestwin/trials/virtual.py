@@ -270,6 +270,7 @@ def virtual_cohort(
     uncertainty: str = "posterior",
     parameters: Mapping | None = None,
     seed: int = 0,
+    privacy=None,
 ) -> xr.Dataset:
     """Virtual patients from a fitted population model, each under every therapy.
 
@@ -293,6 +294,11 @@ def virtual_cohort(
         posterior mean; ``parameters`` overrides named ones, e.g. a therapy effect of 0).
     seed
         Same seed, same cohort (per replicate, whatever the batching).
+    privacy
+        A :class:`~bayestwin.privacy.DP` budget: the cohort must then come from a population
+        released under exactly that budget (:func:`bayestwin.privacy.private_fit`), and
+        ``covariates`` must be given (public distributions, not the patients' own). The cohort
+        is post-processing of the release and keeps its guarantee; its attributes record it.
 
     Returns
     -------
@@ -307,6 +313,7 @@ def virtual_cohort(
     """
     require_whole("n", n, 1)
     require_whole("replicates", replicates, 1)
+    _check_privacy(population, privacy, covariates)
     schema = population.schema
     times = np.linspace(0.0, schema.time_scale, 11) if times is None else np.asarray(times, float)
     if times.ndim != 1 or len(times) == 0 or not np.isfinite(times).all():
@@ -336,4 +343,33 @@ def virtual_cohort(
     ds.attrs.update(
         family=population.family.name, uncertainty=uncertainty, seed=seed, parameters=repr(dict(parameters or {}))
     )
+    if population.private:
+        ds.attrs.update(dp_epsilon=population.sampler["epsilon"], dp_delta=population.sampler["delta"])
     return ds
+
+
+def _check_privacy(population, privacy, covariates) -> None:
+    """``privacy=`` asks for a cohort from a release under exactly that budget, with public covariates."""
+    from bayestwin.privacy import DP
+
+    if privacy is None:
+        return
+    if not isinstance(privacy, DP):
+        raise TypeError(f"privacy must be a bt.DP(epsilon, delta), not {type(privacy).__name__}")
+    if not population.private:
+        raise ValueError(
+            "virtual_cohort(privacy=...) needs a population released under differential privacy: "
+            "bt.private_fit(cohort, family, schema=..., privacy=bt.DP(...)); this one is an ordinary fit, "
+            "which carries its cohort's information without a guarantee"
+        )
+    got = (population.sampler["epsilon"], population.sampler["delta"])
+    if got != (float(privacy.epsilon), float(privacy.delta)):
+        raise ValueError(
+            f"this population was released under epsilon {got[0]:g}, delta {got[1]:g}, not the "
+            f"epsilon {privacy.epsilon:g}, delta {privacy.delta:g} asked for"
+        )
+    if covariates is None:
+        raise ValueError(
+            "a differentially private virtual cohort needs covariates= (public distributions or a public "
+            "table): the release holds none of its patients' covariates"
+        )
