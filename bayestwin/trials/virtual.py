@@ -155,8 +155,19 @@ def _draw_one(name: str, spec, n: int, rng: np.random.Generator) -> np.ndarray:
         if (p < 0).any() or not np.isclose(p.sum(), 1.0):
             raise ValueError(f"covariate {name!r}: probabilities {p.tolist()} must be >= 0 and sum to 1")
         return np.asarray(levels, dtype=object)[rng.choice(len(levels), n, p=p)]
-    if isinstance(spec, list | tuple):
-        return np.asarray(spec, dtype=object)[rng.integers(0, len(spec), n)]
+    if isinstance(spec, list | tuple | np.ndarray | pd.Series | pd.Index):
+        values = np.asarray(spec, dtype=object)
+        if values.ndim != 1 or len(values) == 0:
+            raise ValueError(
+                f"covariate {name!r}: a list of values to draw from must be one-dimensional and not empty, "
+                f"not of shape {values.shape}"
+            )
+        return values[rng.integers(0, len(values), n)]
+    if not isinstance(spec, str | int | float | np.number):
+        raise ValueError(
+            f"covariate {name!r}: give a constant, a list of values, a {{level: probability}} mapping, a "
+            f"distribution with .rvs or a callable f(rng, n), not {type(spec).__name__}"
+        )
     return np.full(n, spec, dtype=object if isinstance(spec, str) else float)
 
 

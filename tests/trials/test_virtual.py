@@ -97,3 +97,13 @@ def test_covariate_specs(population):
         virtual_cohort(population, 5, covariates={"age": 60.0, "sex": {"F": 0.5, "M": 0.6}})
     with pytest.raises(ValueError, match=r"therapy 'drug_z' not in the population's therapies"):
         virtual_cohort(population, 5, therapies=["drug_z"])
+    # an array or Series of values is drawn from like a list (it was read as one constant and failed)
+    vc = virtual_cohort(population, 3000, times=[0, 1], covariates={"age": np.array([50, 70]), "sex": "F"}, seed=2)
+    assert set(np.unique(vc["age"].values)) == {50.0, 70.0}
+    assert abs(float((vc["age"] == 50).mean()) - 0.5) < 4 * np.sqrt(0.25 / 3000)
+    with pytest.raises(
+        ValueError, match=r"^covariate 'age': a list of values to draw from must be one-dimensional and not"
+    ):
+        virtual_cohort(population, 5, covariates={"age": [], "sex": "F"})
+    with pytest.raises(ValueError, match=r"^covariate 'age': give a constant, a list of values, .* not set$"):
+        virtual_cohort(population, 5, covariates={"age": {50, 70}, "sex": "F"})
