@@ -241,7 +241,7 @@ def test_one_patient_in_or_out_moves_one_group_and_an_attack_stays_within_the_bo
 def test_a_release_holds_the_noised_parameters_and_nothing_of_the_rows(released, population, tmp_path):
     from bayestwin.engine.compile import unconstrained_draws
     from bayestwin.review import review
-    from bayestwin.trials.virtual import _slots
+    from bayestwin.trials.virtual import _slots, population_draws
 
     cohort, pop = released.cohort, released.pop
     s = pop.sampler
@@ -278,6 +278,14 @@ def test_a_release_holds_the_noised_parameters_and_nothing_of_the_rows(released,
         got, at = float(pop.posterior[name].mean()), s["parameters"].index(name)
         want, sd = float(pooled[name].mean()), float(pooled[name].std())
         assert abs(got - want) <= 4 * math.hypot(math.sqrt(3) * sd, s["noise_sd"][at])
+
+    # trials and cohorts at uncertainty="mean" use the release itself (not the noise draws' mean,
+    # which for a log-scale parameter is inflated by the noise)
+    point = population_draws(pop, 2, uncertainty="mean").values
+    at = s["parameters"].index("sigma_log__")
+    np.testing.assert_allclose(point["sigma"], math.exp(s["released_phi"][at]), rtol=1e-9)
+    at = s["parameters"].index("intercept")
+    np.testing.assert_allclose(point["intercept"], s["released_phi"][at], rtol=1e-9)
 
     # the reviewer's report says what the release is and shows no fit diagnostics it does not have
     page = review(pop, tmp_path / "dp.html").read_text()

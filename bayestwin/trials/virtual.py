@@ -27,7 +27,7 @@ import pandas as pd
 import xarray as xr
 
 from bayestwin import _memory
-from bayestwin.engine.compile import TwinProgram, unconstrained_draws
+from bayestwin.engine.compile import TwinProgram, constrained_draws, unconstrained_draws
 from bayestwin.errors import require_whole
 
 
@@ -54,7 +54,8 @@ def population_draws(
     """Draw the population parameters of ``replicates`` replicates.
 
     ``uncertainty="posterior"``: a posterior draw per replicate (with replacement);
-    ``"mean"``: the posterior mean of every parameter in every replicate. ``parameters`` fixes
+    ``"mean"``: the posterior mean of every parameter in every replicate (a differentially private
+    release: the released parameters themselves). ``parameters`` fixes
     named population parameters in every replicate, e.g. ``{"therapy_slope": {"drug_a": 0.0}}``
     (a null scenario) or ``{"sigma": 3.0}``; a scalar sets every element of the variable.
     """
@@ -65,6 +66,15 @@ def population_draws(
     free = [b.rv for b in prog.phi]
     if uncertainty == "mean":
         point = post[list(dict.fromkeys(free + _residual_names(population)))].mean(("chain", "draw"))
+        if population.private:  # the release itself (the draws only spread it by its noise)
+            released = np.asarray(population.sampler["released_phi"], float)[None, :]
+            values = constrained_draws(prog.model, released, prog.phi)
+            point = point.copy(
+                data={
+                    n: np.reshape(values[n][0], point[n].shape) if n in values else point[n].values
+                    for n in point.data_vars
+                }
+            )
         ds = point.expand_dims(replicate=replicates).copy(deep=True)
     else:
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED]))
