@@ -373,7 +373,6 @@ def private_fit(
     """
     from bayestwin.data.cohort import Cohort, Schema
     from bayestwin.families import get_family
-    from bayestwin.federated.site import on_schema
 
     if not isinstance(privacy, DP):
         raise TypeError(f"privacy must be a bt.DP(epsilon, delta), not {type(privacy).__name__}")
@@ -387,8 +386,8 @@ def private_fit(
     require_whole("groups", groups, 2)
     require_whole("min_patients", min_patients, 1)
     fam = get_family(family)
+    cohort = _on_public_schema(cohort, schema)
     box = clipping_box(fam, schema, clip_sds=clip_sds, bounds=bounds, seed=seed)
-    cohort = on_schema(cohort, schema, "the cohort")
     estimates, failed = group_estimates(
         cohort,
         fam,
@@ -417,6 +416,31 @@ def private_fit(
     return release(
         estimates, box, privacy, rng, family=fam, schema=schema, columns=cohort.columns, seed=seed, extra=extra
     )
+
+
+def _on_public_schema(cohort, schema):
+    """The cohort read with the public ``schema``, refused where the two disagree: a covariate
+    of the cohort the schema lacks would be dropped silently, one the cohort lacks cannot be
+    modelled, and a therapy or level outside the schema has no parameter."""
+    from bayestwin.federated.ep import SiteError
+    from bayestwin.federated.site import on_schema
+
+    mine = {**{c: "numeric" for c in cohort.schema.numeric}, **{c: "categorical" for c in cohort.schema.categorical}}
+    public = {**{c: "numeric" for c in schema.numeric}, **{c: "categorical" for c in schema.categorical}}
+    if mine != public:
+        raise ValueError(
+            f"the cohort's covariates {mine} differ from the public schema's {public}: every covariate of the "
+            "cohort must be in the schema, as the same kind (a covariate the schema lacks would be dropped "
+            "silently), and the schema can model only covariates the cohort has"
+        )
+    try:
+        return on_schema(cohort, schema, "the cohort")
+    except SiteError as err:
+        raise ValueError(
+            str(err)
+            .replace("site 'the cohort' has", "the cohort has")
+            .replace("the shared schema", "the public schema")
+        ) from None
 
 
 def coordinates(blocks) -> list[str]:

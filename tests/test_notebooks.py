@@ -27,6 +27,14 @@ CI_PARAMETERS = {
     "06_event_risk.ipynb": {"DRAWS": 300, "CALIBRATION_DRAWS": 200, "JOINT_PATIENTS": 40, "JOINT_DRAWS": 300},
     "07_your_model.ipynb": {"DRAWS": 300},
     "08_pkpd_toxicity.ipynb": {"TWIN_CHAINS": 2, "TWIN_DRAWS": 50, "TWIN_TUNE": 100},
+    "09_across_sites.ipynb": {
+        "DRAWS": 300,
+        "REGISTRY": 160,
+        "GROUPS": 4,
+        "GROUP_DRAWS": 200,
+        "RELEASES": 1,
+        "TRIALS": 100,
+    },
 }
 
 

@@ -3,7 +3,9 @@ calibration, the mechanism's privacy loss measured on its own outputs, a members
 attack against the bound, and a release from real group fits that virtual cohorts draw from."""
 
 import math
+import re
 import warnings
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -329,6 +331,21 @@ def test_private_fit_refuses_a_schema_derived_from_nothing_public(simulated):
         bt.private_fit(cohort, schema=None, privacy=DP(1.0, 1e-5))
     with pytest.raises(TypeError, match=r"^privacy must be a bt.DP\(epsilon, delta\), not tuple$"):
         bt.private_fit(cohort, schema=PUBLIC, privacy=(1.0, 1e-5))
+    with pytest.raises(ValueError, match="^the cohort has therapy 'drug_b', not in the public schema$"):
+        bt.private_fit(cohort, schema=replace(PUBLIC, therapies=THERAPIES[:2]), privacy=DP(1.0, 1e-5))
+    with pytest.raises(ValueError, match="^the cohort has level 'M' of 'sex', not in the public schema$"):
+        bt.private_fit(cohort, schema=replace(PUBLIC, categorical={"sex": ("F",)}), privacy=DP(1.0, 1e-5))
+    differ = re.escape(
+        "the cohort's covariates {'age': 'numeric', 'sex': 'categorical'} differ from the public schema's"
+    )
+    with pytest.raises(ValueError, match=f"^{differ} {{'sex': 'categorical'}}: every covariate"):
+        bt.private_fit(cohort, schema=replace(PUBLIC, numeric={}), privacy=DP(1.0, 1e-5))
+    with pytest.raises(ValueError, match=f"^{differ} {{'age': 'categorical', 'sex': 'categorical'}}"):
+        bt.private_fit(
+            cohort,
+            schema=replace(PUBLIC, numeric={}, categorical={"age": ("60",), "sex": ("F", "M")}),
+            privacy=DP(1.0, 1e-5),
+        )
     with pytest.raises(ValueError, match="^groups must be"):
         bt.private_fit(cohort, schema=PUBLIC, privacy=DP(1.0, 1e-5), groups=1)
 

@@ -165,7 +165,7 @@ def _draw_one(name: str, spec, n: int, rng: np.random.Generator) -> np.ndarray:
         if (p < 0).any() or not np.isclose(p.sum(), 1.0):
             raise ValueError(f"covariate {name!r}: probabilities {p.tolist()} must be >= 0 and sum to 1")
         return np.asarray(levels, dtype=object)[rng.choice(len(levels), n, p=p)]
-    if isinstance(spec, list | tuple | np.ndarray | pd.Series | pd.Index):
+    if isinstance(spec, list | tuple | range | np.ndarray | pd.Series | pd.Index):
         values = np.asarray(spec, dtype=object)
         if values.ndim != 1 or len(values) == 0:
             raise ValueError(

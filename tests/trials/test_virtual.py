@@ -101,6 +101,8 @@ def test_covariate_specs(population):
     vc = virtual_cohort(population, 3000, times=[0, 1], covariates={"age": np.array([50, 70]), "sex": "F"}, seed=2)
     assert set(np.unique(vc["age"].values)) == {50.0, 70.0}
     assert abs(float((vc["age"] == 50).mean()) - 0.5) < 4 * np.sqrt(0.25 / 3000)
+    vc = virtual_cohort(population, 50, times=[0, 1], covariates={"age": range(40, 81), "sex": "F"}, seed=2)
+    assert set(np.unique(vc["age"].values)) <= set(range(40, 81))
     with pytest.raises(
         ValueError, match=r"^covariate 'age': a list of values to draw from must be one-dimensional and not"
     ):
