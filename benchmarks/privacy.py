@@ -16,7 +16,7 @@ population (drug_a vs standard, 40 per arm, 3 months, ANCOVA, 400 trials): the m
 treatment effect and the power, against the same from the pooled population. The noise-free
 row (the groups' clipped mean, no noise) separates the aggregation's own bias from the noise.
 
-    .venv/bin/python benchmarks/privacy.py            # about 12 minutes on 2 cores
+    .venv/bin/python benchmarks/privacy.py            # about 25 minutes on 2 cores (fits 1,504 s, measured)
     .venv/bin/python benchmarks/privacy.py --patients 600 --groups 30 --releases 5   # shorter
 """
 
