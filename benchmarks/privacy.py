@@ -138,7 +138,7 @@ def main() -> None:
                 estimates,
                 box,
                 privacy,
-                np.random.default_rng(1000 + r),
+                np.random.default_rng([round(epsilon * 1000), r]),  # fresh noise per budget and release
                 family=fam,
                 schema=PUBLIC,
                 columns=cohort.columns,
