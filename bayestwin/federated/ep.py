@@ -167,26 +167,50 @@ class EPResult(NamedTuple):
 Tilted = Callable[[int, Gaussian], tuple]
 
 
+#: The smallest damping :func:`sweep` halves down to before it gives up on a sweep.
+MIN_DAMPING = 1 / 64
+
+
+def _proper(g: Gaussian) -> bool:
+    try:
+        np.linalg.cholesky(g.precision)
+    except np.linalg.LinAlgError:
+        return False
+    return True
+
+
 def sweep(prior: Gaussian, sites: Sequence[Gaussian], tilted: Tilted, *, damping: float = 0.5, names=None):
     """One parallel EP sweep: every site updates from the same global approximation, as sites
-    running at the same time do. Returns ``(sites, approx)``, new objects: if a site fails (its
-    ``tilted`` raises, or it sends a malformed factor) the exception propagates and the caller's
-    state is untouched."""
+    running at the same time do. Returns ``(sites, approx, damping)``, new objects and the
+    damping used: if the updates at ``damping`` would make the global approximation or a site's
+    next cavity improper (noisy moments from small sites can), the same answers are applied
+    again with half the damping, down to :data:`MIN_DAMPING` (damping moves EP's path, not its
+    fixed points: Minka 2001; Vehtari et al. 2020, sec. 5.1). If a site fails (its ``tilted``
+    raises, or it sends a malformed factor), or no damping helps, the exception propagates and
+    the caller's state is untouched."""
     _check_damping(damping)
     d = len(prior.shift)
     names = [str(k) for k in range(len(sites))] if names is None else [str(n) for n in names]
     approx = product([prior, *sites])
-    updated = []
+    answers = []
     for k, old in enumerate(sites):
         cav = cavity(approx, old, names[k])
-        mean, cov, draws = tilted(k, cav)
-        updated.append(check_factor(site_update(old, cav, mean, cov, draws=draws, damping=damping), d, names[k]))
-    new = product([prior, *updated])
-    try:
-        np.linalg.cholesky(new.precision)
-    except np.linalg.LinAlgError:
-        raise SiteError("the sites' factors make an improper global approximation: damp the updates more") from None
-    return tuple(updated), new
+        answers.append((cav, *tilted(k, cav)))
+    delta = float(damping)
+    while True:
+        updated = [
+            check_factor(site_update(old, cav, mean, cov, draws=draws, damping=delta), d, names[k])
+            for k, (old, (cav, mean, cov, draws)) in enumerate(zip(sites, answers, strict=True))
+        ]
+        new = product([prior, *updated])
+        if _proper(new) and all(_proper(new.over(u)) for u in updated):
+            return tuple(updated), new, delta
+        if delta / 2 < MIN_DAMPING:
+            raise SiteError(
+                f"the sites' factors make an improper global approximation or cavity even damped to {delta:g}: "
+                "the sites' moments are too noisy for their size (run their samplers longer)"
+            )
+        delta /= 2
 
 
 def shift_in_sds(before: Gaussian, after: Gaussian) -> float:
@@ -214,7 +238,7 @@ def expectation_propagation(
     approx = prior
     history = []
     for i in range(iterations):
-        sites, new = sweep(prior, sites, tilted, damping=damping)
+        sites, new, _ = sweep(prior, sites, tilted, damping=damping)
         moved = shift_in_sds(approx, new) if i else np.inf
         approx = new
         history.append(approx.moments())

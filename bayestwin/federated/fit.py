@@ -150,7 +150,10 @@ class Coordinator:
         """Run EP sweeps until one moves the approximation by less than ``tol`` (means in
         posterior SDs, SDs relatively: :func:`~bayestwin.federated.ep.shift_in_sds`), at most
         ``iterations``. The first sweep is undamped (the site factors start flat), later ones
-        damped by ``damping`` (default 1, none).
+        damped by ``damping`` (default 1, none); a sweep whose updates would leave the global
+        approximation or a site's next cavity improper (noisy moments from small sites) is
+        damped further, halving until they do not (:func:`~bayestwin.federated.ep.sweep`), and
+        its move is scaled back to the damping asked for before the stopping rule sees it.
 
         Why undamped: damping by delta leaves (1 - delta) of the distance to EP's fixed point
         after each sweep, so a sweep that moved the approximation by ``tol`` leaves about
@@ -184,16 +187,25 @@ class Coordinator:
                 reports[site] = msg["diagnostics"]
                 return mean, cov, draws
 
-            sites, new = ep.sweep(
+            sites, new, used = ep.sweep(
                 self.prior, self.sites, tilted, damping=1.0 if sweep == 1 else damping, names=self.names
             )
-            moved = ep.shift_in_sds(self.approx, new) if sweep > 1 else float("inf")
+            asked = 1.0 if sweep == 1 else damping
+            # a sweep the coordinator had to damp further moved less than a full step would have:
+            # its move, scaled to the damping asked for, is what the stopping rule compares
+            moved = ep.shift_in_sds(self.approx, new) * asked / used if sweep > 1 else float("inf")
             # the sweep came back whole: only now does the state change
             self._previous = self.approx
             self.sites, self.approx, self.reports = sites, new, reports
             mean, cov = new.moments()
             self.history.append(
-                {"sweep": sweep, "mean": mean.tolist(), "sd": np.sqrt(np.diag(cov)).tolist(), "moved": moved}
+                {
+                    "sweep": sweep,
+                    "mean": mean.tolist(),
+                    "sd": np.sqrt(np.diag(cov)).tolist(),
+                    "moved": moved,
+                    "damping": used,
+                }
             )
             if moved < tol:
                 break

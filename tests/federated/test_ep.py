@@ -144,3 +144,28 @@ def test_a_malformed_summary_or_an_improper_cavity_is_refused_by_site():
     ):
         with pytest.raises(ValueError, match=message):
             expectation_propagation(PRIOR, exact, **kw)
+
+
+def test_a_sweep_that_would_leave_an_improper_cavity_is_damped_until_it_does_not():
+    """Noisy moments from small sites: one site's tilted distribution much narrower than its
+    cavity, two much wider. Undamped, the next cavity of the first site would be improper (the
+    prior's precision 1 minus 0.9 twice); the sweep halves the damping (0.5 suffices here), and
+    applies the same answers again rather than asking the sites anew."""
+    from bayestwin.federated.ep import sweep
+
+    prior = Gaussian(np.eye(D), np.zeros(D))
+    flat = Gaussian(np.zeros((D, D)), np.zeros(D))
+    asked = []
+
+    def tilted(k, cav):
+        asked.append(k)
+        return np.zeros(D), (0.01 if k == 0 else 10.0) * np.eye(D), None
+
+    sites, approx, used = sweep(prior, [flat, flat, flat], tilted, damping=1.0)
+    assert used == 0.5 and asked == [0, 1, 2]
+    for site in sites:
+        assert np.linalg.eigvalsh(approx.over(site).precision).min() > 0
+    np.testing.assert_allclose(sites[0].precision, 0.5 * 99 * np.eye(D))
+    # a well-behaved sweep keeps the damping asked for
+    _, _, used = sweep(prior, [flat, flat, flat], lambda k, cav: (np.zeros(D), 0.5 * np.eye(D), None), damping=1.0)
+    assert used == 1.0
