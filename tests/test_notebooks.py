@@ -28,9 +28,10 @@ CI_PARAMETERS = {
     "07_your_model.ipynb": {"DRAWS": 300},
     "08_pkpd_toxicity.ipynb": {"TWIN_CHAINS": 2, "TWIN_DRAWS": 50, "TWIN_TUNE": 100},
     "09_across_sites.ipynb": {
-        "DRAWS": 300,
-        "REGISTRY": 160,
-        "GROUPS": 4,
+        "DRAWS": 400,
+        "SWEEPS": 2,
+        "REGISTRY": 120,
+        "GROUPS": 3,
         "GROUP_DRAWS": 200,
         "RELEASES": 1,
         "TRIALS": 100,
