@@ -134,7 +134,17 @@ class Population:
     def private(self) -> bool:
         """Whether the population is a differentially private release
         (:func:`bayestwin.privacy.private_fit`): it holds no row and no count of patients."""
-        return self.sampler.get("method") == "dp-sample-and-aggregate"
+        from bayestwin.privacy import METHOD
+
+        return self.sampler.get("method") == METHOD
+
+    @property
+    def privacy(self):
+        """The :class:`~bayestwin.privacy.DP` budget a private release was made under (None for
+        any other population)."""
+        from bayestwin.privacy import DP
+
+        return DP(self.sampler["epsilon"], self.sampler["delta"]) if self.private else None
 
     @property
     def n_patients(self) -> int | None:
@@ -163,8 +173,11 @@ class Population:
             sites = ", ".join(map(str, self.sampler.get("sites", [])))
             why = f": it was fitted across the sites {sites} and its rows stayed there" if self.federated else ""
             if self.private:
-                eps, delta = self.sampler["epsilon"], self.sampler["delta"]
-                why = f": it is a differentially private release (epsilon {eps:g}, delta {delta:g}) and keeps no row"
+                dp = self.privacy
+                why = (
+                    f": it is a differentially private release (epsilon {dp.epsilon:g}, delta {dp.delta:g}) "
+                    "and keeps no row"
+                )
             raise ValueError(f"{purpose} needs the fitting cohort's rows, and this population holds none{why}")
         return self.idata.constant_data.to_dataset()
 
@@ -360,8 +373,11 @@ class Population:
         if self.federated:
             note += f", fitted across {len(self.sampler.get('sites', []))} sites (holds no row)"
         if self.private:
-            eps, delta = self.sampler["epsilon"], self.sampler["delta"]
-            note += f", released under ({eps:g}, {delta:g})-differential privacy (holds no row; no fit diagnostics)"
+            dp = self.privacy
+            note += (
+                f", released under ({dp.epsilon:g}, {dp.delta:g})-differential privacy (holds no row; "
+                "no fit diagnostics)"
+            )
         return (
             f"Population(family={self.family.name!r}, therapies={list(self.schema.therapies)}, "
             f"covariates={self.schema.covariates}, draws={n['chain']}x{n['draw']}{note}, verdict: {self._verdict_text})"
@@ -376,7 +392,7 @@ class Population:
     def _repr_html_(self) -> str:
         where = f", fitted across {len(self.sampler.get('sites', []))} sites" if self.federated else ""
         if self.private:
-            where = f", released under ({self.sampler['epsilon']:g}, {self.sampler['delta']:g})-DP"
+            where = f", released under ({self.privacy.epsilon:g}, {self.privacy.delta:g})-DP"
         return f"<b>Population</b> ({self.family.name}{where}) — <i>{self._verdict_text}</i>" + self.summary().to_html(
             float_format=lambda x: f"{x:.3g}"
         )

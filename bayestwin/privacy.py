@@ -49,6 +49,7 @@ import hmac
 import math
 import secrets
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -101,6 +102,7 @@ def noise_multiplier(epsilon: float, delta: float) -> float:
     )
 
 
+@lru_cache(maxsize=64)
 def spent(sigma_over_sensitivity: float, delta: float) -> float:
     """The epsilon a Gaussian mechanism of noise SD ``sigma_over_sensitivity`` x sensitivity
     spends at ``delta`` (the accountant's own figure, stored with a release)."""
@@ -209,7 +211,9 @@ def clipping_box(family, schema, *, clip_sds: float = 2.0, bounds=None, seed: in
     for b in program.phi:
         offsets[b.rv] = (b, slice(at, at + b.size))
         at += b.size
-    for name, pair in dict(bounds or {}).items():
+    if bounds is not None and not isinstance(bounds, Mapping):
+        raise TypeError(f"bounds must be a mapping {{parameter: (lower, upper)}}, not {type(bounds).__name__}")
+    for name, pair in (bounds or {}).items():
         if name not in offsets:
             raise ValueError(f"bounds: unknown parameter {name!r}; the population's parameters are {sorted(offsets)}")
         block, where = offsets[name]
@@ -427,7 +431,6 @@ def _on_public_schema(cohort, schema):
     """The cohort read with the public ``schema``, refused where the two disagree: a covariate
     of the cohort the schema lacks would be dropped silently, one the cohort lacks cannot be
     modelled, and a therapy or level outside the schema has no parameter."""
-    from bayestwin.federated.ep import SiteError
     from bayestwin.federated.site import on_schema
 
     mine = {**{c: "numeric" for c in cohort.schema.numeric}, **{c: "categorical" for c in cohort.schema.categorical}}
@@ -438,14 +441,7 @@ def _on_public_schema(cohort, schema):
             "cohort must be in the schema, as the same kind (a covariate the schema lacks would be dropped "
             "silently), and the schema can model only covariates the cohort has"
         )
-    try:
-        return on_schema(cohort, schema, "the cohort")
-    except SiteError as err:
-        raise ValueError(
-            str(err)
-            .replace("site 'the cohort' has", "the cohort has")
-            .replace("the shared schema", "the public schema")
-        ) from None
+    return on_schema(cohort, schema, "the cohort", subject="the cohort", against="the public schema")
 
 
 def coordinates(blocks) -> list[str]:

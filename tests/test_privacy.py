@@ -385,3 +385,10 @@ def test_the_box_takes_public_bounds_on_the_parameters_own_scale():
     i = at["intercept"]
     assert default.centre[i] == pytest.approx(50.0, abs=1.5)
     assert default.widths[i] / 4 == pytest.approx(25.0, rel=0.05)
+
+
+def test_bounds_that_are_not_a_mapping_are_refused():
+    from bayestwin.privacy import clipping_box
+
+    with pytest.raises(TypeError, match=r"^bounds must be a mapping \{parameter: \(lower, upper\)\}, not list$"):
+        clipping_box("progression", PUBLIC, bounds=["slope"])

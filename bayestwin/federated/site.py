@@ -175,18 +175,19 @@ def shared_schema(summaries: Mapping[str, dict], therapies: Sequence[str] | None
     )
 
 
-def on_schema(cohort: Cohort, schema: Schema, site: str) -> Cohort:
-    """The site's cohort read with the shared ``schema`` (its rows unchanged)."""
+def on_schema(cohort: Cohort, schema: Schema, site: str, *, subject: str | None = None, against="the shared schema"):
+    """The site's cohort read with the shared ``schema`` (its rows unchanged). ``subject`` and
+    ``against`` name the cohort and the schema in errors (default: ``site 'name'``, the shared
+    schema; a private release: the cohort, the public schema)."""
     check_cohort(cohort, site)
+    subject = f"site {site!r}" if subject is None else subject
     therapies = set(cohort.frame[THERAPY].astype(str)) if THERAPY in cohort.frame else set()
     if therapies - set(schema.therapies):
-        raise SiteError(
-            f"site {site!r} has therapy {sorted(therapies - set(schema.therapies))[0]!r}, not in the shared schema"
-        )
+        raise SiteError(f"{subject} has therapy {sorted(therapies - set(schema.therapies))[0]!r}, not in {against}")
     for c, levels in schema.categorical.items():
         extra = set(cohort.baseline[c].astype(str)) - set(levels)
         if extra:
-            raise SiteError(f"site {site!r} has level {sorted(extra)[0]!r} of {c!r}, not in the shared schema")
+            raise SiteError(f"{subject} has level {sorted(extra)[0]!r} of {c!r}, not in {against}")
     out = object.__new__(Cohort)
     out.__dict__.update(cohort.__dict__)
     out.schema = schema

@@ -365,7 +365,7 @@ def virtual_cohort(
         family=population.family.name, uncertainty=uncertainty, seed=seed, parameters=repr(dict(parameters or {}))
     )
     if population.private:
-        ds.attrs.update(dp_epsilon=population.sampler["epsilon"], dp_delta=population.sampler["delta"])
+        ds.attrs.update(dp_epsilon=population.privacy.epsilon, dp_delta=population.privacy.delta)
     return ds
 
 
@@ -383,10 +383,10 @@ def _check_privacy(population, privacy, covariates) -> None:
             "bt.private_fit(cohort, family, schema=..., privacy=bt.DP(...)); this one is an ordinary fit, "
             "which carries its cohort's information without a guarantee"
         )
-    got = (population.sampler["epsilon"], population.sampler["delta"])
-    if got != (float(privacy.epsilon), float(privacy.delta)):
+    got = population.privacy
+    if got != privacy:
         raise ValueError(
-            f"this population was released under epsilon {got[0]:g}, delta {got[1]:g}, not the "
+            f"this population was released under epsilon {got.epsilon:g}, delta {got.delta:g}, not the "
             f"epsilon {privacy.epsilon:g}, delta {privacy.delta:g} asked for"
         )
     if covariates is None:
