@@ -41,6 +41,7 @@ LAYERS = {
     "bayestwin.trials": 5,
     "bayestwin.engine.many": 5,  # twins at scale sit above Population
     "bayestwin.federated": 5,  # fits across sites: above Population (ep.py itself is pure maths)
+    "bayestwin.privacy": 5,  # private_fit builds a Population; module level: errors only
     "bayestwin.zoo": 6,
     "bayestwin.trials.cli": 7,
     "bayestwin.cli": 7,
