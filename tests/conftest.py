@@ -35,6 +35,17 @@ os.environ.setdefault("BAYESTWIN_CPU_DEVICES", "1")
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=1".strip()
 
+# One thread per worker for XLA's CPU kernels and for BLAS/OpenMP: the two xdist workers share 2
+# cores, and a worker whose thread pools also reach for the other core slows both (measured on
+# 2 December 2026, two test modules run side by side: test_precision_dosing 229 -> 173 s,
+# federated/test_fit 246 -> 239 s). A single-threaded reduction sums in another order: results
+# differ in the last bits, as between 1 and 2 devices above.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+if "xla_cpu_multi_thread_eigen" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} --xla_cpu_multi_thread_eigen=false"
+
 import pytest
 
 import bayestwin as bt
