@@ -29,7 +29,7 @@ CI_PARAMETERS = {
     "08_pkpd_toxicity.ipynb": {"TWIN_CHAINS": 2, "TWIN_DRAWS": 50, "TWIN_TUNE": 100},
     "09_across_sites.ipynb": {
         "DRAWS": 400,
-        "SWEEPS": 2,
+        "SWEEPS": 1,
         "REGISTRY": 120,
         "GROUPS": 3,
         "GROUP_DRAWS": 200,
