@@ -280,7 +280,9 @@ def _validate(args) -> int:
         raise ValueError(
             f"--reps and --twins must be >= 1 and --alpha in (0, 1): {args.reps}, {args.twins}, {args.alpha}"
         )
-    res = run_sbc(args.family, reps=args.reps, twins=args.twins, out=args.out, seed=args.seed, say=say)
+    res = run_sbc(
+        args.family, reps=args.reps, twins=args.twins, out=args.out, seed=args.seed, say=say, overwrite=args.force
+    )
     worst = min(float(r.table["p_value"].min()) for r in res.values())
     verdict = "PASS" if worst > args.alpha else "FAIL"
     say(f"Rank uniformity: {verdict} (smallest χ² p-value {worst:.4f}, alpha {args.alpha})")
@@ -453,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     sbc.add_argument("--reps", type=int, default=20, help="population-fit replicates (default 20; 200 for a full run)")
     sbc.add_argument("--twins", type=int, default=200, help="virtual patients for the twin step (default 200)")
     sbc.add_argument("--out", default=None, help="folder for the rank plots and the table (CSV)")
+    sbc.add_argument(
+        "--force", action="store_true", help="replace files of the outputs' names in --out that no SBC run wrote"
+    )
     sbc.add_argument("--alpha", type=float, default=0.001, help="smallest acceptable p-value (default 0.001)")
     sbc.add_argument("--seed", type=int, default=0)
     sbc.add_argument("--quiet", action="store_true", help="print nothing; exit status only")

@@ -7,7 +7,10 @@
 
 Writes the rank histograms (sbc_fit.png, sbc_twins.png) and the table (sbc.csv) per family into
 benchmarks/results/sbc/FAMILY/ (sbc-seedN/FAMILY/ with --seed N) and prints the table with the
-wall time. The same code as ``bayestwin validate sbc`` (:func:`bayestwin.review.sbc.run_sbc`).
+wall time. A stopped run resumes from sbc_fit_partial.csv there. Only an earlier SBC run's files
+are replaced (plots are recognised by their PNG title, which plots written before 3 December
+2026 lack: --force replaces those, or any file of the outputs' names). The same code as
+``bayestwin validate sbc`` (:func:`bayestwin.review.sbc.run_sbc`).
 """
 
 from __future__ import annotations
@@ -33,12 +36,21 @@ def main() -> None:
     )
     ap.add_argument("--seed", type=int, default=0, help="seed of the design, the replicates and the fits (0)")
     ap.add_argument("--out", default=None, help="folder of the results (benchmarks/results/sbc, or sbc-seedN)")
+    ap.add_argument("--force", action="store_true", help="replace files in the folder that no SBC run wrote")
     args = ap.parse_args()
     out = Path(args.out or Path(__file__).parent / "results" / ("sbc" + (f"-seed{args.seed}" if args.seed else "")))
     for family in args.family or ["progression", "pk"]:
         t0 = time.perf_counter()
         draws = args.draws or DRAWS[family]
-        res = run_sbc(family, reps=args.reps, twins=args.twins, out=out / family, draws=draws, seed=args.seed)
+        res = run_sbc(
+            family,
+            reps=args.reps,
+            twins=args.twins,
+            out=out / family,
+            draws=draws,
+            seed=args.seed,
+            overwrite=args.force,
+        )
         print(
             f"\n{family}: wall {time.perf_counter() - t0:.0f} s; smallest p-value "
             f"{min(float(r.table['p_value'].min()) for r in res.values()):.4f}\n",

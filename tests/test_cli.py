@@ -108,16 +108,24 @@ def test_validate_sbc_wiring(tmp_path, capsys, monkeypatch):
 
     calls = {}
 
-    def fake(family, *, reps, twins, out, seed, say):
-        calls.update(family=family, reps=reps, twins=twins, out=out, seed=seed)
+    def fake(family, *, reps, twins, out, seed, say, overwrite):
+        calls.update(family=family, reps=reps, twins=twins, out=out, seed=seed, overwrite=overwrite)
         ranks = np.tile(np.arange(0, 100, 10), 10) if calls["reps"] == 3 else np.zeros(100, int)
         return {"fit": sbc.SBC(pd.DataFrame({"slope": ranks}), L=99)}
 
     monkeypatch.setattr(sbc, "run_sbc", fake)
     assert main(["validate", "sbc", "--reps", "3", "--twins", "60", "--out", str(tmp_path), "--seed", "4"]) == 0
-    assert calls == {"family": "progression", "reps": 3, "twins": 60, "out": str(tmp_path), "seed": 4}
+    assert calls == {
+        "family": "progression",
+        "reps": 3,
+        "twins": 60,
+        "out": str(tmp_path),
+        "seed": 4,
+        "overwrite": False,
+    }
     assert "Rank uniformity: PASS (smallest χ² p-value 1.0000, alpha 0.001)" in capsys.readouterr().out
-    assert main(["validate", "sbc", "--reps", "5"]) == 2  # every rank 0: a miscalibrated sampler
+    assert main(["validate", "sbc", "--reps", "5", "--force"]) == 2  # every rank 0: a miscalibrated sampler
+    assert calls["overwrite"] is True
     assert "Rank uniformity: FAIL" in capsys.readouterr().out
     monkeypatch.undo()
     assert main(["validate", "sbc", "--family", "emax", "--quiet"]) == 1

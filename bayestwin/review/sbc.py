@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from bayestwin._atomic import check_target, folder_lock, write_file
 from bayestwin.settings import progress_bar, quiet_pymc
 
 
@@ -173,7 +174,9 @@ def sbc_fit(
     ys = draws.prior_predictive[fam.observed].to_numpy().reshape(reps, -1)  # (reps, obs), the same draws
     if quantities is None:
         quantities = scalar_quantities(prior)
-    rows, failed = _resume(partial, {"reps": reps, "seed": seed, "L": L, "quantities": list(quantities), **fit_kwargs})
+    rows, failed = _resume(
+        partial, {"reps": reps, "seed": seed, "L": L, "quantities": list(quantities), **fit_kwargs}, say
+    )
     if rows and say is not None:
         say(f"  resuming after {len(rows)} replicates from {partial}")
     for r in progress_bar(range(len(rows), reps), desc="SBC replicates"):
@@ -213,19 +216,16 @@ def _partial_path(out):
     if out is None:
         return None
     Path(out).mkdir(parents=True, exist_ok=True)
-    return Path(out) / "sbc_fit_partial.csv"
+    return Path(out) / PARTIAL
 
 
 def _atomic_csv(frame: pd.DataFrame, path) -> None:
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
+    write_file(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
-def _resume(partial, settings: dict) -> tuple[list[dict], int]:
-    """The replicates already in ``partial`` (and how many failed the gate) when its settings match."""
+def _resume(partial, settings: dict, say=None) -> tuple[list[dict], int]:
+    """The replicates already in ``partial`` (and how many failed the gate) when its settings
+    match; otherwise they are discarded (said through ``say``) and the settings written beside it."""
     import json
 
     if partial is None:
@@ -238,11 +238,68 @@ def _resume(partial, settings: dict) -> tuple[list[dict], int]:
         if list(done.columns) == [*settings["quantities"], "converged"] and len(done) <= settings["reps"]:
             rows = done.to_dict("records")
             return rows, int((~done["converged"].astype(bool)).sum())
-    tmp = meta.with_name(meta.name + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=1))
-    tmp.replace(meta)
+    if partial.exists() and say is not None:
+        say(f"  discarding {partial}: written with other settings than {settings}")
+    write_file(meta, json.dumps(settings, indent=1))
     partial.unlink(missing_ok=True)
     return [], 0
+
+
+#: What ``run_sbc`` writes into its ``out`` folder, each with how an earlier one is recognised:
+#: only those files are replaced (``overwrite=True`` / ``--force`` replaces any).
+PARTIAL = "sbc_fit_partial.csv"
+PNG_TITLE = "bayestwin SBC rank histograms"
+
+
+def _first_line(path) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().rstrip("\n")
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _is_partial_settings(path) -> bool:
+    import json
+
+    try:
+        got = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(got, dict) and {"reps", "seed", "L", "quantities"} <= set(got)
+
+
+def _is_rank_plot(path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and PNG_TITLE.encode() in head
+
+
+OUTPUTS = {
+    "sbc.csv": lambda p: _first_line(p).startswith("step,quantity,"),
+    "sbc_fit.png": _is_rank_plot,
+    "sbc_twins.png": _is_rank_plot,
+    PARTIAL: lambda p: _first_line(p).endswith(",converged"),
+    "sbc_fit_partial.json": _is_partial_settings,
+}
+
+
+def check_outputs(out, overwrite: bool = False) -> Path:
+    """Refuse (:class:`~bayestwin._atomic.OutputError`), before anything is computed, an ``out``
+    folder holding a file of an SBC output's name that an SBC run did not write (or anything not
+    a regular file there); make the folder. Returns it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        from bayestwin._atomic import OutputError
+
+        raise OutputError(f"{out} exists and is not a folder: not writing the SBC outputs there")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, ours in OUTPUTS.items():
+        check_target(out / name, is_ours=ours, force=overwrite, what=f"SBC output ({name})")
+    return out
 
 
 def run_sbc(
@@ -254,6 +311,7 @@ def run_sbc(
     seed: int = 0,
     draws: int = 500,
     say=print,
+    overwrite: bool = False,
 ) -> dict[str, SBC]:
     """The SBC of ``bayestwin validate sbc``: the population fit (``reps`` replicates) and the
     twin conditioning step (``twins`` virtual patients), on a simulated design.
@@ -261,17 +319,28 @@ def run_sbc(
     Design: 16 simulated patients with visits at 0, 3, 6 and 9 on two therapies (fit SBC); the
     twins' population is fitted to 40 simulated patients and each virtual patient has 3 visits.
     ``family="pk"``: 12 simulated subjects under frozen priors (see :func:`_run_sbc_pk`). Writes ``sbc_fit.png`` and
-    ``sbc_twins.png`` (rank histograms) and ``sbc.csv`` (the tables) into ``out`` when given.
+    ``sbc_twins.png`` (rank histograms) and ``sbc.csv`` (the tables) into ``out`` when given,
+    with ``sbc_fit_partial.csv`` (and its settings, ``.json``) after each fit replicate, from which
+    a stopped run resumes. Files of those names that no SBC run wrote are refused before anything
+    is computed (``overwrite=True`` replaces them), and one run at a time writes a folder.
     Returns {"fit": SBC, "twins": SBC} (no "fit" when ``reps`` is 0).
     """
+    if family not in ("progression", "pk"):
+        raise ValueError(f"SBC is implemented for the families 'progression' and 'pk', not {family!r}")
+    if out is None:
+        return _run_sbc(family, reps=reps, twins=twins, out=None, seed=seed, draws=draws, say=say)
+    out = check_outputs(out, overwrite)
+    with folder_lock(out, "SBC output folder"):
+        return _run_sbc(family, reps=reps, twins=twins, out=out, seed=seed, draws=draws, say=say)
+
+
+def _run_sbc(family: str, *, reps: int, twins: int, out, seed: int, draws: int, say) -> dict[str, SBC]:
     import warnings
 
     from bayestwin.data.cohort import Cohort
     from bayestwin.families.progression import simulate
     from bayestwin.population import fit
 
-    if family not in ("progression", "pk"):
-        raise ValueError(f"SBC is implemented for the families 'progression' and 'pk', not {family!r}")
     key = b"sbc-design-key-" + str(seed).encode()
     if family == "pk":
         return _run_sbc_pk(reps=reps, twins=twins, out=out, seed=seed, key=key, draws=draws, say=say)
@@ -365,8 +434,13 @@ def _write(results: dict, out, say) -> None:
         for name, res in results.items():
             axes = res.plot()
             axes[0].figure.suptitle(f"SBC ranks, {name} ({len(res.ranks)} replicates; band: 99% for uniform)")
-            axes[0].figure.tight_layout()
-            axes[0].figure.savefig(out / f"sbc_{name}.png", dpi=100)
-            plt.close(axes[0].figure)
-        pd.concat({k: v.table for k, v in results.items()}, names=["step", "quantity"]).to_csv(out / "sbc.csv")
+            fig = axes[0].figure
+            fig.tight_layout()
+            write_file(
+                out / f"sbc_{name}.png",
+                lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=100, metadata={"Title": PNG_TITLE}),
+            )
+            plt.close(fig)
+        table = pd.concat({k: v.table for k, v in results.items()}, names=["step", "quantity"])
+        write_file(out / "sbc.csv", lambda tmp: table.to_csv(tmp))
         say(f"wrote {', '.join(str(out / f'sbc_{k}.png') for k in results)} and {out / 'sbc.csv'}")

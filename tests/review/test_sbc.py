@@ -115,3 +115,55 @@ def test_frozen_pk_priors_do_not_follow_the_data():
     default = bt.families.pk.Pk().default_priors(events.schema, design)
     assert default["log_v"].params["mu"] == fam.priors["log_v"].params["mu"]
     assert fam.priors["log_v"].params["sigma"] == 0.5 and default["log_v"].params["sigma"] == 2.0
+
+
+def test_sbc_outputs_replace_only_earlier_sbc_outputs(tmp_path):
+    """``run_sbc(out=...)`` refuses, before any fit, a folder holding a file of an output's name
+    that no SBC run wrote (nothing there is changed); it accepts its own earlier outputs, and
+    ``overwrite=True`` any; a second run cannot write a folder one is writing."""
+    from bayestwin._atomic import OutputError, folder_lock
+    from bayestwin.review.sbc import _write, check_outputs, run_sbc
+
+    out = tmp_path / "sbc"
+    out.mkdir()
+    mine = out / "sbc.csv"
+    mine.write_text("my,own,table\n1,2,3\n")
+    with pytest.raises(
+        OutputError, match=rf"{mine} exists and is not an earlier SBC output \(sbc.csv\): not overwriting"
+    ):
+        run_sbc(reps=1, twins=1, out=out)
+    assert mine.read_text() == "my,own,table\n1,2,3\n" and sorted(p.name for p in out.iterdir()) == ["sbc.csv"]
+    mine.unlink()
+    plot = out / "sbc_twins.png"
+    plot.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # someone's figure of that name
+    with pytest.raises(OutputError, match="is not an earlier SBC output \\(sbc_twins.png\\)"):
+        check_outputs(out)
+    assert check_outputs(out, overwrite=True) == out
+    plot.unlink()
+    (out / "sbc_fit.png").mkdir()
+    with pytest.raises(OutputError, match="exists and is not a regular file"):
+        check_outputs(out, overwrite=True)
+    (out / "sbc_fit.png").rmdir()
+
+    # an SBC run's own outputs are replaced by the next run's
+    ranks = SBC(pd.DataFrame({"slope": np.tile(np.arange(0, 100, 10), 3)}), L=99)
+    said = []
+    _write({"fit": ranks, "twins": ranks}, out, said.append)
+    part = out / "sbc_fit_partial.csv"
+    settings = {"reps": 3, "seed": 1, "L": 99, "quantities": ["slope"]}
+    _resume(part, settings)
+    pd.DataFrame({"slope": [3], "converged": [True]}).to_csv(part, index=False)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "sbc.csv",
+        "sbc_fit.png",
+        "sbc_fit_partial.csv",
+        "sbc_fit_partial.json",
+        "sbc_twins.png",
+    ]
+    assert check_outputs(out) == out
+    # a partial file of other settings is discarded, and said so
+    assert _resume(part, {**settings, "seed": 2}, said.append) == ([], 0)
+    assert said[-1].startswith(f"  discarding {part}: written with other settings than")
+    with folder_lock(out, "SBC output folder"):
+        with pytest.raises(OutputError, match="another process is writing the SBC output folder"):
+            run_sbc(reps=1, twins=1, out=out)
