@@ -1,7 +1,7 @@
 """ODE twins are right: a twin matches a full refit, and population fits recover the truth.
 
     .venv/bin/python benchmarks/ode_refit.py                 # both parts
-    .venv/bin/python benchmarks/ode_refit.py --part refit    # or --part recovery [--reps 8]
+    .venv/bin/python benchmarks/ode_refit.py --part refit    # or --part recovery [--reps 8] [--first 8]
 
 The model is the ODE family's ``one_compartment`` (oral, first-order absorption, proportional
 error, diagonal between-subject variability; fits at target_accept 0.95), solved by diffrax
@@ -83,7 +83,7 @@ def refit(draws: int, tune: int) -> pd.DataFrame:
     return table
 
 
-def recovery(reps: int, draws: int) -> pd.DataFrame:
+def recovery(reps: int, draws: int, first: int = 0) -> pd.DataFrame:
     import bayestwin as bt
     from bayestwin.families.pk import simulate
 
@@ -96,7 +96,7 @@ def recovery(reps: int, draws: int) -> pd.DataFrame:
         "bsv_sd[ka]": TRUTH["bsv"][2],
     }
     rows = []
-    for r in range(reps):
+    for r in range(first, first + reps):
         df, _ = simulate(16, seed=100 + r, times=(0.5, 1.0, 2.0, 4.0, 6.0, 8.0, 12.0))
         t = time.perf_counter()
         pop = bt.fit(
@@ -114,7 +114,9 @@ def recovery(reps: int, draws: int) -> pd.DataFrame:
             rows.append(
                 {"replicate": r, "parameter": name, "truth": true, "q05": lo, "q95": hi, "covered": lo <= true <= hi}
             )
+        mine = pd.DataFrame(rows[-len(truth) :])
         print(f"replicate {r}: {wall:.0f} s, {pop.verdict}", flush=True)
+        print(f"  covered: {dict(zip(mine['parameter'], mine['covered'], strict=True))}", flush=True)
     table = pd.DataFrame(rows)
     per = table.groupby("parameter", sort=False)["covered"].mean()
     print(per.to_string(float_format=lambda x: f"{x:.2f}"))
@@ -130,6 +132,7 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=2500, help="refit part: draws per chain")
     ap.add_argument("--tune", type=int, default=1000, help="refit part: warmup steps per chain")
     ap.add_argument("--reps", type=int, default=8, help="recovery part: simulated studies")
+    ap.add_argument("--first", type=int, default=0, help="recovery part: the first study's index (seed 100 + index)")
     ap.add_argument("--fit-draws", type=int, default=400, help="recovery part: warmup and draws per chain")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -138,7 +141,7 @@ def main() -> None:
         if part == "refit":
             refit(args.draws, args.tune)
         else:
-            recovery(args.reps, args.fit_draws)
+            recovery(args.reps, args.fit_draws, args.first)
         print(f"[{part}: {time.perf_counter() - t:.0f} s]\n", flush=True)
 
 
