@@ -17,23 +17,17 @@ import time
 import warnings
 
 import jax
-import pymc as pm
 
-from bayestwin.data.nonmem import read_nonmem
-from bayestwin.families.pk import simulate
 from bayestwin.population import fit
-from bayestwin.review.sbc import frozen_pk_family
+from bayestwin.review.sbc import frozen_pk_family, pk_design, prior_replicates
 
 
 def main(reps: list[int], seed: int = 0, n: int = 200) -> None:
     warnings.simplefilter("ignore")
-    rows, _ = simulate(12, seed=seed, times=(0.5, 1, 2, 4, 8, 12, 24))
-    design = read_nonmem(rows, key=b"sbc-design-key-" + str(seed).encode())
+    design = pk_design(seed)  # the SBC run's design, frozen priors and data sets (review/sbc.py)
     fam = frozen_pk_family(design)
-    model = fam.build_model(fam.design(design.frame, design.baseline, design.schema), design.schema)
-    draws = pm.sample_prior_predictive(draws=n, model=model, random_seed=seed)
-    truth = draws.prior["log_ka"].to_numpy().ravel()
-    ys = draws.prior_predictive["y"].to_numpy().reshape(n, -1)
+    prior, ys = prior_replicates(design, fam, n, seed)
+    truth = prior["log_ka"].to_numpy().ravel()
     print(f"{'rep':>4} {'truth':>7} {'mean':>7} {'sd':>6} {'gold mean':>9} {'gold sd':>7} {'shift/SD':>8} {'s':>5}")
     for r in reps:
         rep = design.with_outcome(ys[r])

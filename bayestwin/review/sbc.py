@@ -157,8 +157,6 @@ def sbc_fit(
     """
     import warnings
 
-    import pymc as pm
-
     from bayestwin.families import get_family
     from bayestwin.population import fit
 
@@ -166,12 +164,7 @@ def sbc_fit(
     if not callable(getattr(cohort, "with_outcome", None)):
         kind = type(cohort).__name__
         raise ValueError(f"sbc_fit needs data that can take simulated outcomes (with_outcome()); {kind} cannot")
-    design = fam.design(cohort.frame, cohort.baseline, cohort.schema)
-    model = fam.build_model(design, cohort.schema)
-    with quiet_pymc():
-        draws = pm.sample_prior_predictive(draws=reps, model=model, random_seed=seed)
-    prior = draws.prior.to_dataset() if hasattr(draws.prior, "to_dataset") else draws.prior
-    ys = draws.prior_predictive[fam.observed].to_numpy().reshape(reps, -1)  # (reps, obs), the same draws
+    prior, ys = prior_replicates(cohort, fam, reps, seed)
     if quantities is None:
         quantities = scalar_quantities(prior)
     rows, failed = _resume(
@@ -198,6 +191,36 @@ def sbc_fit(
     ranks = pd.DataFrame(rows, columns=[*quantities, "converged"])
     ranks.attrs["not_converged"] = int((~ranks.pop("converged").astype(bool)).sum())
     return SBC(ranks, L, bins)
+
+
+def prior_replicates(cohort, family, reps: int, seed: int = 0):
+    """The fit SBC's replicates: ``reps`` draws of every parameter and of the outcomes from the
+    prior predictive of ``family``'s model on ``cohort``'s design (``seed``). Returns the prior
+    draws (an xarray Dataset, dims chain and draw) and the outcomes, (reps, rows) in the design's
+    row order, as ``cohort.with_outcome`` takes them."""
+    import pymc as pm
+
+    design = family.design(cohort.frame, cohort.baseline, cohort.schema)
+    model = family.build_model(design, cohort.schema)
+    with quiet_pymc():
+        draws = pm.sample_prior_predictive(draws=reps, model=model, random_seed=seed)
+    prior = draws.prior.to_dataset() if hasattr(draws.prior, "to_dataset") else draws.prior
+    return prior, draws.prior_predictive[family.observed].to_numpy().reshape(reps, -1)
+
+
+def pk_design(seed: int = 0):
+    """The PK fit SBC's design: 12 simulated subjects, one 100 mg oral dose, levels at 0.5, 1, 2,
+    4, 8, 12 and 24 h (``seed``), read with the SBC's key."""
+    from bayestwin.data.nonmem import read_nonmem
+    from bayestwin.families.pk import simulate
+
+    rows, _ = simulate(12, seed=seed, times=(0.5, 1, 2, 4, 8, 12, 24))
+    return read_nonmem(rows, key=design_key(seed))
+
+
+def design_key(seed: int) -> bytes:
+    """The pseudonymisation key of the SBC designs (fixed per ``seed``: results are reproducible)."""
+    return b"sbc-design-key-" + str(seed).encode()
 
 
 def scalar_quantities(prior) -> list[str]:
@@ -341,7 +364,7 @@ def _run_sbc(family: str, *, reps: int, twins: int, out, seed: int, draws: int, 
     from bayestwin.families.progression import simulate
     from bayestwin.population import fit
 
-    key = b"sbc-design-key-" + str(seed).encode()
+    key = design_key(seed)
     if family == "pk":
         return _run_sbc_pk(reps=reps, twins=twins, out=out, seed=seed, key=key, draws=draws, say=say)
     arms = ("standard", "drug_a")
@@ -403,8 +426,7 @@ def _run_sbc_pk(*, reps: int, twins: int, out, seed: int, key: bytes, draws: int
 
     results = {}
     if reps:
-        rows, _ = simulate(12, seed=seed, times=(0.5, 1, 2, 4, 8, 12, 24))
-        design = read_nonmem(rows, key=key)
+        design = pk_design(seed)
         fam = frozen_pk_family(design)
         say(f"SBC of the PK population fit: {reps} replicates on {design} (priors frozen) ...")
         part = _partial_path(out)
