@@ -67,6 +67,22 @@ def test_short_of_draws_says_how_many():
     assert advice.short_of_draws(t, 0, 1000, Thresholds()) is None
 
 
+def test_an_rhat_short_of_its_limit_with_enough_ess_asks_for_more_draws_not_fewer():
+    """Seen on an ODE fit of 400 draws: R-hat 1.014 on log_ka failed the gate, every ESS >= 592;
+    the advice read the ESS and said "about draws=300 would pass", fewer than were drawn."""
+    t = pd.DataFrame(
+        {"rhat": [1.014, 1.003], "ess_bulk": [650.0, 900.0], "ess_tail": [592.0, 800.0]}, index=["log_ka", "bsv_sd"]
+    )
+    t.attrs.update(divergences=0, bfmi_min=0.9)
+    msg = advice.short_of_draws(t, extensions=0, drawn=400, limits=Thresholds())
+    assert msg.startswith("the chains are healthy but do not yet agree on log_ka (R-hat 1.014, limit 1.01): ")
+    assert "about draws=600 would pass" in msg  # 400 x 0.014 / 0.01 = 560, to the hundred
+    t["rhat"] = [1.004, 1.003]
+    assert advice.short_of_draws(t, 0, 400, Thresholds()) is None  # nothing to advise: it passes
+    t["ess_tail"] = [250.0, 800.0]  # short of ESS as well: the ESS decides, never below the draws run
+    assert "about draws=700 would pass" in advice.short_of_draws(t, 0, 400, Thresholds())
+
+
 def test_scalars_label_entries_and_skip_constants():
     import xarray as xr
 
