@@ -364,7 +364,10 @@ def _verdict(reports: Mapping[str, dict], moved: float, tol: float, limits: Thre
     from bayestwin.review.convergence import gate
 
     verdict = gate(table, limits)
-    if not moved < tol:
+    if not np.isfinite(moved):  # one sweep: the first moves from the prior, with nothing to compare
+        verdict.failing.append("EP ran a single sweep: whether it settled shows only in a second one (iterations >= 2)")
+        verdict.converged = False
+    elif not moved < tol:
         verdict.failing.append(
             f"EP did not settle: the last sweep moved the population posterior by {moved:.3g} SD (tol {tol})"
         )

@@ -169,3 +169,21 @@ def test_a_sweep_that_would_leave_an_improper_cavity_is_damped_until_it_does_not
     # a well-behaved sweep keeps the damping asked for
     _, _, used = sweep(prior, [flat, flat, flat], lambda k, cav: (np.zeros(D), 0.5 * np.eye(D), None), damping=1.0)
     assert used == 1.0
+
+
+def test_the_verdict_says_ep_has_not_settled_and_why():
+    """The federated verdict: the sites' NUTS runs gated as a fit, and EP's own convergence: one
+    sweep cannot show it (a second is needed), a last sweep that moved by tol or more failed it."""
+    from bayestwin.federated.fit import _verdict
+    from bayestwin.review.convergence import Thresholds
+
+    good = {"rhat": 1.002, "ess_bulk": 900.0, "ess_tail": 800.0}
+    reports = {s: {"table": {"slope": good}, "divergences": 0, "bfmi_min": 0.9} for s in ("a", "b")}
+    assert _verdict(reports, 0.05, 0.1, Thresholds()).converged
+    one = _verdict(reports, float("inf"), 0.1, Thresholds())
+    assert not one.converged
+    assert one.failing == ["EP ran a single sweep: whether it settled shows only in a second one (iterations >= 2)"]
+    moved = _verdict(reports, 0.25, 0.1, Thresholds())
+    assert moved.failing == ["EP did not settle: the last sweep moved the population posterior by 0.25 SD (tol 0.1)"]
+    reports["b"]["divergences"] = 3  # a site's run that fails the gate fails the population
+    assert not _verdict(reports, 0.05, 0.1, Thresholds()).converged
