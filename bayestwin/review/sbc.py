@@ -255,6 +255,9 @@ def _resume(partial, settings: dict, say=None) -> tuple[list[dict], int]:
         return [], 0
     partial = Path(partial)
     meta = partial.with_suffix(".json")
+    # only an earlier run's partial file and settings are read, replaced or discarded
+    check_target(partial, is_ours=OUTPUTS[PARTIAL], what="SBC partial file")
+    check_target(meta, is_ours=_is_partial_settings, what="SBC partial file's settings")
     settings = json.loads(json.dumps(settings, default=str))
     if partial.exists() and meta.exists() and json.loads(meta.read_text()) == settings:
         done = pd.read_csv(partial)
@@ -268,8 +271,6 @@ def _resume(partial, settings: dict, say=None) -> tuple[list[dict], int]:
     return [], 0
 
 
-#: What ``run_sbc`` writes into its ``out`` folder, each with how an earlier one is recognised:
-#: only those files are replaced (``overwrite=True`` / ``--force`` replaces any).
 PARTIAL = "sbc_fit_partial.csv"
 PNG_TITLE = "bayestwin SBC rank histograms"
 
@@ -301,6 +302,8 @@ def _is_rank_plot(path) -> bool:
     return head.startswith(b"\x89PNG\r\n\x1a\n") and PNG_TITLE.encode() in head
 
 
+#: What ``run_sbc`` writes into its ``out`` folder, each with how an earlier one is recognised:
+#: only those files are replaced (``overwrite=True`` / ``--force`` replaces any).
 OUTPUTS = {
     "sbc.csv": lambda p: _first_line(p).startswith("step,quantity,"),
     "sbc_fit.png": _is_rank_plot,

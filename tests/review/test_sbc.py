@@ -164,6 +164,12 @@ def test_sbc_outputs_replace_only_earlier_sbc_outputs(tmp_path):
     # a partial file of other settings is discarded, and said so
     assert _resume(part, {**settings, "seed": 2}, said.append) == ([], 0)
     assert said[-1].startswith(f"  discarding {part}: written with other settings than")
+    # sbc_fit(partial=...) given someone else's file: refused, not read, replaced or deleted
+    theirs = tmp_path / "results.csv"
+    theirs.write_text("patient,value\n1,2\n")
+    with pytest.raises(OutputError, match=rf"{theirs} exists and is not an earlier SBC partial file"):
+        _resume(theirs, settings, said.append)
+    assert theirs.read_text() == "patient,value\n1,2\n"
     with folder_lock(out, "SBC output folder"):
         with pytest.raises(OutputError, match="another process is writing the SBC output folder"):
             run_sbc(reps=1, twins=1, out=out)
