@@ -84,6 +84,8 @@ def refit(draws: int, tune: int) -> pd.DataFrame:
 
 
 def recovery(reps: int, draws: int, first: int = 0) -> pd.DataFrame:
+    import jax
+
     import bayestwin as bt
     from bayestwin.families.pk import simulate
 
@@ -103,6 +105,9 @@ def recovery(reps: int, draws: int, first: int = 0) -> pd.DataFrame:
             bt.read_nonmem(df, key=KEY), family(), draws=draws, tune=draws, seed=r, extend=0, target_accept=0.95
         )
         wall = time.perf_counter() - t
+        # each fit compiles its own programs and JAX keeps them: the 9th study of one run died in
+        # LLVM ("Cannot allocate memory") on 3 December 2026; drop them, as benchmarks/sbc.py does
+        jax.clear_caches()
         post = pop.posterior
         for name, true in truth.items():
             if "[" in name:
