@@ -54,6 +54,16 @@ def check_target(path, *, is_ours: Callable[[Path], bool] | None = None, force: 
         )
 
 
+def file_head(path, size: int = 4096) -> bytes:
+    """The first ``size`` bytes of ``path`` (empty when it cannot be read): what the ``is_ours``
+    recognisers of :func:`check_target` look at (a header, a generator mark, a PNG title)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return b""
+
+
 def write_file(path, content: bytes | str | Callable[[Path], None]) -> Path:
     """Write ``path`` atomically: ``content`` as bytes/text, or a function that writes the given
     temporary path. Raises :class:`OutputError` (temporary file removed, target untouched) when

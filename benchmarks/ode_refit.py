@@ -119,9 +119,8 @@ def recovery(reps: int, draws: int, first: int = 0) -> pd.DataFrame:
             rows.append(
                 {"replicate": r, "parameter": name, "truth": true, "q05": lo, "q95": hi, "covered": lo <= true <= hi}
             )
-        mine = pd.DataFrame(rows[-len(truth) :])
         print(f"replicate {r}: {wall:.0f} s, {pop.verdict}", flush=True)
-        print(f"  covered: {dict(zip(mine['parameter'], mine['covered'], strict=True))}", flush=True)
+        print(f"  covered: { {row['parameter']: row['covered'] for row in rows[-len(truth) :]} }", flush=True)
     table = pd.DataFrame(rows)
     per = table.groupby("parameter", sort=False)["covered"].mean()
     print(per.to_string(float_format=lambda x: f"{x:.2f}"))

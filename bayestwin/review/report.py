@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from bayestwin._atomic import check_target, write_file
+from bayestwin._atomic import check_target, file_head, write_file
 from bayestwin.io import data_fingerprint, package_versions
 from bayestwin.review.convergence import free_quantities
 
@@ -46,11 +46,7 @@ GENERATOR = "<meta name='generator' content='bayestwin review'>"
 
 def _is_report(path: Path) -> bool:
     """An earlier reviewer report (the only file :func:`review` replaces without ``overwrite``)."""
-    try:
-        with open(path, "rb") as f:
-            return GENERATOR.encode() in f.read(4096)
-    except OSError:
-        return False
+    return GENERATOR.encode() in file_head(path)
 
 
 def review(result, path=None, *, calibration=None, title: str | None = None, overwrite: bool = False) -> Path:

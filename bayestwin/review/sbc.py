@@ -20,6 +20,8 @@ uniform counts).
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from bayestwin._atomic import check_target, folder_lock, write_file
+from bayestwin._atomic import OutputError, check_target, file_head, folder_lock, write_file
+from bayestwin.errors import require_whole
 from bayestwin.settings import progress_bar, quiet_pymc
 
 
@@ -185,7 +188,7 @@ def sbc_fit(
         ranks = {q: int(ranks_of(true[q], post[q].to_numpy().reshape(1, -1), L, rng)[0]) for q in quantities}
         rows.append({**ranks, "converged": bool(pop.verdict.converged)})
         if partial is not None:
-            _atomic_csv(pd.DataFrame(rows), partial)
+            write_file(partial, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
         if say is not None and ((r + 1) % 10 == 0 or r + 1 == reps):
             say(f"  fit replicate {r + 1}/{reps} ({failed} not converged so far)")
     ranks = pd.DataFrame(rows, columns=[*quantities, "converged"])
@@ -234,23 +237,13 @@ def scalar_quantities(prior) -> list[str]:
 
 
 def _partial_path(out):
-    """``out``/sbc_fit_partial.csv (the folder made), or None."""
-
-    if out is None:
-        return None
-    Path(out).mkdir(parents=True, exist_ok=True)
-    return Path(out) / PARTIAL
-
-
-def _atomic_csv(frame: pd.DataFrame, path) -> None:
-    write_file(path, lambda tmp: frame.to_csv(tmp, index=False))
+    """``out``/sbc_fit_partial.csv (``out`` made by :func:`check_outputs`), or None."""
+    return None if out is None else Path(out) / PARTIAL
 
 
 def _resume(partial, settings: dict, say=None) -> tuple[list[dict], int]:
     """The replicates already in ``partial`` (and how many failed the gate) when its settings
     match; otherwise they are discarded (said through ``say``) and the settings written beside it."""
-    import json
-
     if partial is None:
         return [], 0
     partial = Path(partial)
@@ -275,40 +268,30 @@ PARTIAL = "sbc_fit_partial.csv"
 PNG_TITLE = "bayestwin SBC rank histograms"
 
 
-def _first_line(path) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.readline().rstrip("\n")
-    except (OSError, UnicodeDecodeError):
-        return ""
+def _first_line(path) -> bytes:
+    return file_head(path).split(b"\n", 1)[0].rstrip(b"\r")
 
 
 def _is_partial_settings(path) -> bool:
-    import json
-
     try:
-        got = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        got = json.loads(file_head(path, 1 << 20))
+    except ValueError:
         return False
     return isinstance(got, dict) and {"reps", "seed", "L", "quantities"} <= set(got)
 
 
 def _is_rank_plot(path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return False
+    head = file_head(path)
     return head.startswith(b"\x89PNG\r\n\x1a\n") and PNG_TITLE.encode() in head
 
 
 #: What ``run_sbc`` writes into its ``out`` folder, each with how an earlier one is recognised:
 #: only those files are replaced (``overwrite=True`` / ``--force`` replaces any).
 OUTPUTS = {
-    "sbc.csv": lambda p: _first_line(p).startswith("step,quantity,"),
+    "sbc.csv": lambda p: _first_line(p).startswith(b"step,quantity,"),
     "sbc_fit.png": _is_rank_plot,
     "sbc_twins.png": _is_rank_plot,
-    PARTIAL: lambda p: _first_line(p).endswith(",converged"),
+    PARTIAL: lambda p: _first_line(p).endswith(b",converged"),
     "sbc_fit_partial.json": _is_partial_settings,
 }
 
@@ -319,8 +302,6 @@ def check_outputs(out, overwrite: bool = False) -> Path:
     a regular file there); make the folder. Returns it."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        from bayestwin._atomic import OutputError
-
         raise OutputError(f"{out} exists and is not a folder: not writing the SBC outputs there")
     out.mkdir(parents=True, exist_ok=True)
     for name, ours in OUTPUTS.items():
@@ -353,6 +334,10 @@ def run_sbc(
     """
     if family not in ("progression", "pk"):
         raise ValueError(f"SBC is implemented for the families 'progression' and 'pk', not {family!r}")
+    for name, value, least in (("reps", reps, 0), ("twins", twins, 1), ("draws", draws, 1), ("seed", seed, 0)):
+        require_whole(name, value, least)
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"out must be a folder path (str or Path), not {type(out).__name__}")
     if out is None:
         return _run_sbc(family, reps=reps, twins=twins, out=None, seed=seed, draws=draws, say=say)
     out = check_outputs(out, overwrite)

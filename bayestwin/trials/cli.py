@@ -7,7 +7,7 @@ import warnings
 
 import pandas as pd
 
-from bayestwin._atomic import check_target, write_file
+from bayestwin._atomic import check_target, file_head, write_file
 
 #: The trial file ``bayestwin trial`` runs when none is given (``bayestwin trial --example`` prints it).
 EXAMPLE = """\
@@ -105,11 +105,7 @@ def population_from_spec(spec: dict, say=print):
 
 def _is_oc_table(path) -> bool:
     """An earlier operating-characteristics table (its header), the only file --out replaces."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.readline().startswith("measure,scenario,")
-    except (OSError, UnicodeDecodeError):
-        return False
+    return file_head(path).startswith(b"measure,scenario,")
 
 
 def run(args) -> int:

@@ -124,6 +124,10 @@ def test_sbc_outputs_replace_only_earlier_sbc_outputs(tmp_path):
     from bayestwin._atomic import OutputError, folder_lock
     from bayestwin.review.sbc import _write, check_outputs, run_sbc
 
+    with pytest.raises(TypeError, match="out must be a folder path \\(str or Path\\), not int"):
+        run_sbc(reps=1, twins=1, out=5)
+    with pytest.raises(ValueError, match="reps must be a whole number >= 0, not '3'"):
+        run_sbc(reps="3", twins=1)
     out = tmp_path / "sbc"
     out.mkdir()
     mine = out / "sbc.csv"
