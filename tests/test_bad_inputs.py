@@ -302,6 +302,27 @@ PK_CASES = [
         "weight='BW' is not a covariate of these events",
         {"column": "BW"},
     ),
+    (
+        "ODE: SS=2 (superposition)",
+        nm({(3, "SS"): 2, (3, "II"): 12.0}),
+        bt.Ode("one_compartment", covariates={"CL": [bt.Power("WT", ref=70.0)]}),
+        "SS=2 (a steady state added to what is there) assumes superposition",
+        {"row": 3, "column": "SS", "patient": P(2)},
+    ),
+    (
+        "ODE: SS=1 without steady_state=True",
+        nm({(3, "SS"): 1, (3, "II"): 12.0}),
+        bt.Ode("one_compartment", covariates={"CL": [bt.Power("WT", ref=70.0)]}),
+        "a steady-state dose (SS=1) needs Ode(..., steady_state=True)",
+        {"row": 3, "column": "SS", "patient": P(2)},
+    ),
+    (
+        "ODE: TIME restarted at a reset",
+        nm(EVID=[1, 0, 4, 1, 0, 0], TIME=[0.0, 8.0, 0.0, 0.0, 2.0, 12.0], AMT=[100.0, 0, 90.0, 120.0, 0, 0]),
+        bt.Ode("one_compartment", covariates={"CL": [bt.Power("WT", ref=70.0)]}),
+        "TIME goes back at this reset: the ODE family solves one clock per ID",
+        {"row": 2, "column": "TIME", "patient": P(1)},
+    ),
 ]
 for name, df, fam, fragment, where in PK_CASES:
     CASES.append(

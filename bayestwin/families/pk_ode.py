@@ -35,6 +35,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -127,14 +128,21 @@ class OdeModel:
         compartments, route = PK_FORMS[self.pk]
         return Pk(compartments=compartments, route=route)
 
-    def concentration(self, p: Mapping, t_dose, amt, duration) -> Callable:
-        """The closed-form concentration t -> C(t) of a sequential model's PK, for one subject's
-        doses (infusions where ``duration`` > 0; the others the route's own input)."""
+    def concentration(self, p: Mapping, t_dose, amt, duration, ii=None, episode=None) -> Callable:
+        """The closed-form concentration ``(t, e) -> C(t)`` of a sequential model's PK, for one
+        subject's doses (infusions where ``duration`` > 0; the others the route's own input;
+        steady-state doses where ``ii`` > 0), in episode ``e`` (with ``episode``, each dose's:
+        doses of other episodes count for nothing)."""
         fam = self._pk_family()
         theta = {q: p[q] for q in fam.parameters}
         code = (duration > 0).astype(float)
         dur = jnp.where(duration > 0, duration, 1.0)
-        return lambda t: fam.concentration(jnp, theta, t, t_dose, amt, dur, code).sum()
+
+        def conc(t, e=0.0):
+            each = fam.concentration(jnp, theta, t, t_dose, amt, dur, code, ii=0.0 if ii is None else ii)
+            return (each if episode is None else jnp.where(episode == e, each, 0.0)).sum()
+
+        return conc
 
     @property
     def default_state(self) -> int:
@@ -164,6 +172,10 @@ def solve_doses(
     adjoint=None,
     conc=None,
     t_period=None,
+    episode=None,
+    obs_episode=None,
+    y_reset=None,
+    ss_ii=None,
 ):
     """The states at ``t_obs`` of y' = rhs(t, y, p) + inputs, y = ``y0`` before anything happens.
 
@@ -180,8 +192,15 @@ def solve_doses(
     that change over time (inter-occasion variability, time-varying covariates): each value of
     ``p`` is then an array over periods, period j holds from ``t_period[j]`` (sorted; the first
     -inf, padding +inf) until the next one, and ``y0`` is the state before anything happens
-    (computed by the caller from period 0). Returns (len(t_obs), n_states); pure JAX (jit, vmap
-    and grad).
+    (computed by the caller from period 0). Resets (NONMEM EVID 3/4 and SS=1): ``episode`` (per
+    dose slot, sorted by episode as the family lays them out) and ``obs_episode`` (per time);
+    the first dose of each later episode, and every dose with ``ss_ii`` > 0, resets the state to
+    its row of ``y_reset`` (dose slots, n_states: the initial state, or a steady state's state just
+    before its dose) before it is given; a dose acts only within its own episode (a running
+    infusion stops at a reset, ADDL copies due after it are cancelled) and an observation reads
+    its own episode's state (a level recorded at a reset's time but before it sees the state
+    before it). ``conc`` is then called with the segment's episode. Returns (len(t_obs),
+    n_states); pure JAX (jit, vmap and grad).
     """
     import diffrax
 
@@ -202,16 +221,32 @@ def solve_doses(
     first = jnp.searchsorted(bounds, t_dose, side="left")  # each bolus: the first segment at its time
     if conc is None:
         term = diffrax.ODETerm(lambda t, y, a: rhs(t, y, a[0]) + a[1])
-    else:
-        term = diffrax.ODETerm(lambda t, y, a: rhs(t, y, {**a[0], "conc": conc(t)}) + a[1])
+    else:  # the closed-form concentration of the segment's episode
+        term = diffrax.ODETerm(lambda t, y, a: rhs(t, y, {**a[0], "conc": conc(t, a[2])}) + a[1])
     solver, control = solver or diffrax.Tsit5(), diffrax.PIDController(rtol=rtol, atol=atol)
     last = bounds.shape[0] - 1
+    resets = episode is not None or ss_ii is not None
+    ep = jnp.zeros_like(t_dose) if episode is None else episode
+    ep_obs = (jnp.zeros_like(t_obs) if obs_episode is None else obs_episode)[order]
+    reset = ep > jnp.concatenate([jnp.zeros(1), ep[:-1]])  # the first dose slot of a later episode
+    if ss_ii is not None:
+        reset = reset | (ss_ii > 0)
+    if resets and y_reset is None:
+        y_reset = jnp.broadcast_to(y0, (t_dose.shape[0], n_state))
 
     def segment(carry, k):
         y, out, failed = carry
         lo, hi = lo_all[k], hi_all[k]
-        y = y + jnp.where(~infusion & (first == k), amt, 0.0) @ onehot
-        running = jnp.where(infusion & (t_dose <= lo) & (lo < ends), rate, 0.0) @ onehot
+        if resets:
+            hit = reset & (first == k)
+            current = jnp.max(jnp.where(reset & (first <= k), ep, 0.0))  # the episode this segment is in
+            latest = jnp.argmax(jnp.where(hit, ep, -1.0))  # two resets at one time: the later record's
+            y = jnp.where(jnp.any(hit), y_reset[latest], y)
+            mine = ep == current
+        else:
+            current, mine = 0.0, True
+        y = y + jnp.where(~infusion & (first == k) & mine, amt, 0.0) @ onehot
+        running = jnp.where(infusion & (t_dose <= lo) & (lo < ends) & mine, rate, 0.0) @ onehot
         if t_period is None:
             p_k = p
         else:  # the period this segment lies in: the last one started at or before it
@@ -224,14 +259,16 @@ def solve_doses(
             hi,
             None,
             y,
-            args=(p_k, running),
+            args=(p_k, running, current),
             saveat=diffrax.SaveAt(ts=jnp.clip(ts, lo, hi), t1=True),
             stepsize_controller=control,
             max_steps=max_steps,
             throw=False,
             **({} if adjoint is None else {"adjoint": adjoint}),
         )
-        inside = (ts >= lo) & ((ts < hi) | (k == last))
+        # a time on the boundary of two segments is read from the later one (it sees a dose given
+        # then), unless that one belongs to a later episode than the observation
+        inside = (ts >= lo) & ((ts <= hi) | (k == last)) & (ep_obs == current)
         ok = sol.result == diffrax.RESULTS.successful
         return (sol.ys[-1], jnp.where(inside[:, None], sol.ys[:-1], out), failed | ~ok), None
 
@@ -242,30 +279,154 @@ def solve_doses(
     return jnp.where(failed, jnp.nan, out[jnp.argsort(order)])
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _periodic_state(step, y0, args, tol):
+    return _newton(step, y0, args, tol)
+
+
+def _newton(step, y0, args, tol, iterations: int = 30):
+    """The fixed point of ``y -> step(y, args)`` by Newton's method from ``y0``; converged when
+    the residual is below ``tol`` of the state's largest amount, NaN if not within
+    ``iterations`` (the sampler then rejects the position)."""
+
+    n = y0.shape[0]
+
+    def go(c):
+        y, i, _ = c
+        m = step(y, args)
+        r = m - y
+        done = jnp.max(jnp.abs(r)) <= tol * jnp.max(jnp.abs(y))
+        # the Jacobian by forward differences, each state moved by 1e-4 of its own size (of the
+        # largest amount, for a state near 0); only the fixed point has to be exact, not the path
+        h = 1e-4 * jnp.maximum(jnp.abs(y), 1e-3 * jnp.maximum(jnp.max(jnp.abs(y)), jnp.max(jnp.abs(m))) + 1e-300)
+        moved = jax.vmap(lambda z: step(z, args))(y[None] + jnp.diag(h))
+        jac = (moved - m).T / h[None, :] - jnp.eye(n)
+        return jnp.where(done, y, y - jnp.linalg.solve(jac, r)), i + 1, done
+
+    y, _, done = jax.lax.while_loop(lambda c: (c[1] < iterations) & ~c[2], go, (y0, 0, jnp.array(False)))
+    return jnp.where(done, y, jnp.nan)
+
+
+def _periodic_fwd(step, y0, args, tol):
+    y = _newton(step, y0, args, tol)
+    return y, (y, args)
+
+
+def _periodic_bwd(step, tol, res, ct):
+    """Implicit function theorem: y = step(y, a) gives dy/da = (I - dstep/dy)^-1 dstep/da; one
+    linearisation of ``step`` gives both the transposed Jacobian and the cotangent of ``a``."""
+    y, args = res
+    pullback = jax.vjp(step, y, args)[1]
+    eye = jnp.eye(y.shape[0])
+    jac = jax.vmap(lambda e: pullback(e)[0])(eye)  # row j: e_j^T dstep/dy
+    w = jnp.linalg.solve((eye - jac).T, ct)
+    return jnp.zeros_like(y), pullback(w)[1]
+
+
+_periodic_state.defvjp(_periodic_fwd, _periodic_bwd)
+
+
+def steady_state(model: OdeModel, p: Mapping, amt, state, duration, ii, **tol):
+    """The state just before a steady-state dose (NONMEM SS=1): the periodic state of the
+    infinite train of the dose (``amt`` into ``state``, a bolus, or an infusion over
+    ``duration`` < ``ii``) given every ``ii``, i.e. the fixed point y = M(y) of the map M from
+    one dose to the next (state plus dose, then the ODE over ``ii``), found by Newton's method
+    and differentiated by the implicit function theorem (no long train of doses is solved, and
+    a nonlinear model's steady state is exact to the solver's tolerance). A sequential model
+    (:attr:`OdeModel.pk`) has its drug's train in closed form and its PD states periodic."""
+
+    if model.pk is None:
+
+        def step(y, a):
+            q, amount, into, dur, interval = a
+            one = jnp.zeros(1)
+            return solve_doses(
+                model.rhs, y, q, one, amount[None], into[None].astype(int), dur[None], interval[None], **tol
+            )[0]
+    else:
+
+        def step(y, a):
+            q, amount, into, dur, interval = a
+            one = jnp.zeros(1)
+            conc = model.concentration(q, one, amount[None], dur[None], ii=interval[None])
+            return solve_doses(
+                model.rhs, y, q, one, one, into[None].astype(int), dur[None], interval[None], conc=conc, **tol
+            )[0]
+
+    dose = (jnp.asarray(v, float) for v in (amt, state, duration, ii))
+    args = ({n: jnp.asarray(v, float) for n, v in p.items()}, *dose)
+    return _periodic_state(step, model.initial(p), args, max(float(tol.get("rtol", 1e-6)), 1e-9))
+
+
 def predict_outputs(
-    model: OdeModel, theta, t_dose, amt, state, duration, row_time, idx, row, output, t_period=None, **tol
+    model: OdeModel,
+    theta,
+    t_dose,
+    amt,
+    state,
+    duration,
+    row_time,
+    idx,
+    row,
+    output,
+    t_period=None,
+    *,
+    ss_ii=None,
+    dose_episode=None,
+    episode=None,
+    **tol,
 ):
     """Each observation row's output (JAX): ``theta`` (subjects, parameters); doses and
     ``row_time`` (subjects, slots): each subject is solved at its own rows' times (vmapped);
     ``idx``, ``row`` (the row's slot), ``output`` (rows) pick each row's value. With
     ``t_period`` (subjects, periods; see :func:`solve_doses`), ``theta`` is (subjects, periods,
-    parameters) and each row's output uses its own period's parameters."""
+    parameters) and each row's output uses its own period's parameters. Resets and steady
+    state (:func:`solve_doses`): ``dose_episode`` and ``ss_ii`` (subjects, dose slots; a dose
+    with ``ss_ii`` > 0 starts from :func:`steady_state`, with the parameters in force at its
+    time), ``episode`` (rows)."""
     names = model.parameters
+    resets, steady = dose_episode is not None or ss_ii is not None, ss_ii is not None
+    extra = (None, None, None)
+    if resets:
+        dose_episode = jnp.zeros_like(t_dose) if dose_episode is None else dose_episode
+        rows = jnp.zeros(idx.shape[0]) if episode is None else episode
+        extra = (ss_ii, dose_episode, jnp.zeros_like(row_time).at[idx, row].set(rows))  # each row slot's episode
 
-    def one(th, td, a, s, d, times, tp):
+    def one(th, td, a, s, d, times, tp, ii, dep, oep):
         p = {n: th[..., j] for j, n in enumerate(names)}
         p0 = p if tp is None else {n: v[0] for n, v in p.items()}
+        kw = {}
+        if resets:
+
+            def at(t):  # the parameters in force at time t
+                if tp is None:
+                    return p
+                j = jnp.maximum(jnp.sum(tp <= t) - 1, 0)
+                return {n: v[j] for n, v in p.items()}
+
+            p_dose = jax.vmap(at)(td)
+            y_reset = jax.vmap(model.initial)(p_dose)
+            if steady:
+                on = ii > 0  # other slots solve a harmless train (no drug, interval 1) and are not used
+                y_ss = jax.vmap(lambda q, *x: steady_state(model, q, *x, **tol))(
+                    p_dose, jnp.where(on, a, 0.0), s, jnp.where(on, d, 0.0), jnp.where(on, ii, 1.0)
+                )
+                y_reset = jnp.where(on[:, None], y_ss, y_reset)
+            kw = {"episode": dep, "obs_episode": oep, "y_reset": y_reset, "ss_ii": ii}
         if model.pk is None:
-            return solve_doses(model.rhs, model.initial(p0), p, td, a, s, d, times, t_period=tp, **tol)
-        conc = model.concentration(p, td, a, d)
-        y = solve_doses(model.rhs, model.initial(p), p, td, jnp.zeros_like(a), s, d, times, conc=conc, **tol)
-        return jnp.concatenate([y, jax.vmap(conc)(times)[:, None]], axis=1)  # conc rides along as a last column
+            return solve_doses(model.rhs, model.initial(p0), p, td, a, s, d, times, t_period=tp, **kw, **tol)
+        conc = model.concentration(p, td, a, d, ii=kw.get("ss_ii"), episode=kw.get("episode"))
+        y = solve_doses(model.rhs, model.initial(p), p, td, jnp.zeros_like(a), s, d, times, conc=conc, **kw, **tol)
+        c = jax.vmap(conc)(times, oep) if resets else jax.vmap(conc)(times)
+        return jnp.concatenate([y, c[:, None]], axis=1)  # conc rides along as a last column
 
     if t_period is None:
-        states = jax.vmap(lambda *a: one(*a, None))(theta, t_dose, amt, state, duration, row_time)
+        states = jax.vmap(lambda th, *a: one(th, *a[:5], None, *a[5:]))(
+            theta, t_dose, amt, state, duration, row_time, *extra
+        )
         th_rows = theta[idx]
     else:
-        states = jax.vmap(one)(theta, t_dose, amt, state, duration, row_time, t_period)
+        states = jax.vmap(one)(theta, t_dose, amt, state, duration, row_time, t_period, *extra)
         t_row = row_time[idx, row]
         period = jnp.maximum(jnp.sum(t_period[idx] <= t_row[:, None], axis=1) - 1, 0)
         th_rows = theta[idx, period]
@@ -354,6 +515,7 @@ class Ode(Pk):
         max_occasions: int = 8,
         time_varying: list | tuple | None = None,
         centred: bool | list | tuple = False,
+        steady_state: bool = False,
     ):
         self.ode = resolve_model(model)
         # what the card stores; "object:<name>" cannot be rebuilt, so save refuses it before writing
@@ -379,6 +541,9 @@ class Ode(Pk):
         if not (isinstance(max_steps, int) and 16 <= max_steps <= 100_000):
             raise ValueError(f"max_steps must be a whole number in [16, 100000], not {max_steps!r}")
         self.max_steps = max_steps
+        if not isinstance(steady_state, bool):
+            raise TypeError(f"steady_state must be True or False, not {steady_state!r}")
+        self.steady_state = steady_state
         self.iov = [] if iov is None else [self._parameter(p, "iov").upper() for p in _listed(iov, "iov")]
         if len(set(self.iov)) < len(self.iov):
             raise ValueError(f"a parameter is listed twice in iov={iov!r}")
@@ -443,13 +608,44 @@ class Ode(Pk):
 
     # ----------------------------------------------------------------- data
     def check(self, frame: pd.DataFrame, covariates) -> None:
-        """Refuse what this family does not model: steady state, resets, doses into a CMT that
-        is not a state, observations of a CMT not in ``observe``, covariates that change within
-        an ID but are not declared ``time_varying``, occasions (OCC) without ``iov``."""
+        """Refuse what this family does not model: SS=2 (a steady state added to the current
+        state: superposition, which a nonlinear model does not have), SS=1 unless the family was
+        built with ``steady_state=True``, a steady-state infusion longer than its interval, TIME
+        that goes back at a reset (one clock per subject), doses into a CMT that is not a state,
+        observations of a CMT not in ``observe``, covariates that change within an ID but are
+        not declared ``time_varying``, occasions (OCC) without ``iov``."""
         fail = record_check(frame)
         evid = frame["EVID"].to_numpy()
-        fail("steady-state doses (SS > 0) are not modelled by the ODE family yet", frame["SS"].to_numpy() > 0, "SS")
-        fail("resets (EVID 3 or 4) are not modelled by the ODE family yet", np.isin(evid, [3, 4]), "EVID")
+        ss = frame["SS"].to_numpy() if "SS" in frame else np.zeros(len(frame))
+        fail(
+            "SS=2 (a steady state added to what is there) assumes superposition, which holds for linear "
+            "models only: the ODE family models SS=1 (give the earlier doses, or use the closed-form PK family)",
+            ss == 2,
+            "SS",
+        )
+        fail(
+            "a steady-state dose (SS=1) needs Ode(..., steady_state=True), which solves each dose's "
+            "steady state in the program",
+            (ss == 1) & (not self.steady_state),
+            "SS",
+        )
+        if "RATE" in frame:
+            rate = frame["RATE"].to_numpy(float)
+            duration = np.where(rate > 0, frame["AMT"].to_numpy(float) / np.where(rate > 0, rate, 1.0), 0.0)
+            fail(
+                "a steady-state infusion (SS > 0) that lasts longer than its interval II is not modelled "
+                "(its infusions would overlap)",
+                (ss > 0) & (duration > frame["II"].to_numpy(float)),
+                "RATE",
+            )
+        ids, time = frame["ID"].to_numpy(), frame["TIME"].to_numpy(float)
+        back = np.r_[False, (ids[1:] == ids[:-1]) & (time[1:] < time[:-1])]
+        fail(
+            "TIME goes back at this reset: the ODE family solves one clock per ID (keep TIME "
+            "non-decreasing through resets)",
+            back,
+            "TIME",
+        )
         refuse_time_varying(frame, [c for c in covariates if c not in self.time_varying], fail)
         if not (self.iov and self.occasions == "OCC"):
             refuse_occasions(
@@ -479,9 +675,16 @@ class Ode(Pk):
         return np.ones(len(frame), bool)
 
     def routed_doses(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Every dose (ADDL expanded) with INPUT (1 infusion, 0 bolus) and STATE (its state index)."""
+        """Every dose (ADDL expanded) with INPUT (1 infusion, 0 bolus) and STATE (its state index),
+        and a dose of 0 at each EVID 3 reset: each later episode then starts with a dose slot, the
+        one :func:`solve_doses` resets the state at."""
         from bayestwin.data.nonmem import expand_doses
 
+        if "EVID" in frame and (frame["EVID"] == 3).any():
+            frame = frame.copy()
+            reset = (frame["EVID"] == 3).to_numpy()
+            frame.loc[reset, "EVID"] = 4  # a reset and a dose, of nothing
+            frame.loc[reset, [c for c in ("AMT", "RATE", "SS", "II", "ADDL") if c in frame]] = 0
         doses = expand_doses(frame)
         cmt = doses["CMT"].to_numpy(int)
         doses["INPUT"] = (doses["DURATION"].to_numpy(float) > 0).astype(float)
@@ -682,7 +885,9 @@ class Ode(Pk):
         model, rtol, max_steps = self.ode, self.rtol, self.max_steps
         periodic = "log_shift" in d
 
-        def fn(th, t_dose, amt, duration, infusion, state, row_time, idx, row, output, *t_period):
+        steady = self.steady_state
+
+        def fn(th, t_dose, amt, duration, infusion, state, row_time, ss_ii, dose_ep, idx, row, output, episode, *tp):
             dur = jnp.where(infusion > 0.5, duration, 0.0)
             values = predict_outputs(
                 model,
@@ -695,7 +900,10 @@ class Ode(Pk):
                 idx,
                 row.astype(int),
                 output,
-                t_period=t_period[0] if t_period else None,
+                t_period=tp[0] if tp else None,
+                ss_ii=ss_ii if steady else None,  # (without steady_state, SS records are refused)
+                dose_episode=dose_ep,
+                episode=episode,
                 rtol=rtol,
                 atol=rtol * 1e-3,
                 max_steps=max_steps,
@@ -705,17 +913,18 @@ class Ode(Pk):
         mat, vec = TensorType("float64", shape=(None, None)), TensorType("float64", shape=(None,))
         ivec = TensorType("int64", shape=(None,))
         th = pt.stack([theta[p] for p in self.parameters], axis=1)
-        args = [d[k] for k in ("t_dose", "amt", "duration", "infusion", "dose_state", "row_time")]
+        keys = ("t_dose", "amt", "duration", "infusion", "dose_state", "row_time", "ss_ii", "dose_episode")
+        args = [pt.cast(d[k], "float64") for k in keys]
         idx = pt.cast(d["patient_idx"], "int64")
+        rows = (idx, d["obs_row"], d["output"], pt.cast(d["episode"], "float64"))
         if not periodic:
-            op = JAXOp([mat] * 7 + [ivec, vec, vec], [vec], fn, name=f"ode_{model.name}")
-            return op(th, *[pt.cast(a, "float64") for a in args], idx, d["obs_row"], d["output"])
+            op = JAXOp([mat] * 9 + [ivec, vec, vec, vec], [vec], fn, name=f"ode_{model.name}")
+            return op(th, *args, *rows)
         # each period's parameters: the subject's own, moved by the period's covariates and occasion
         th = pt.exp(pt.log(th)[:, None, :] + d["log_shift"])
         cube = TensorType("float64", shape=(None, None, None))
-        op = JAXOp([cube] + [mat] * 6 + [ivec, vec, vec, mat], [vec], fn, name=f"ode_{model.name}_periods")
-        t_period = pt.cast(d["t_period"], "float64")
-        return op(th, *[pt.cast(a, "float64") for a in args], idx, d["obs_row"], d["output"], t_period)
+        op = JAXOp([cube] + [mat] * 8 + [ivec, vec, vec, vec, mat], [vec], fn, name=f"ode_{model.name}_periods")
+        return op(th, *args, *rows, pt.cast(d["t_period"], "float64"))
 
     def _likelihood(self, pri, conc, blq, y_obs, d: dict) -> None:
         """Each row's residual error by its output's kind; BLQ rows by the M3 method."""

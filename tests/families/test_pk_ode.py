@@ -258,7 +258,14 @@ P = bt.pseudonymise(1, KEY)
     [
         (
             dict(SS=1, II=12.0),
-            f"steady-state doses (SS > 0) are not modelled by the ODE family yet (patient {P}, row 0, column 'SS')",
+            "a steady-state dose (SS=1) needs Ode(..., steady_state=True), which solves each dose's steady "
+            f"state in the program (patient {P}, row 0, column 'SS')",
+        ),
+        (
+            dict(SS=2, II=12.0),
+            "SS=2 (a steady state added to what is there) assumes superposition, which holds for linear models "
+            "only: the ODE family models SS=1 (give the earlier doses, or use the closed-form PK family) "
+            f"(patient {P}, row 0, column 'SS')",
         ),
         (
             dict(CMT=9),
