@@ -20,7 +20,9 @@ Data: a dose's CMT names its state (CMT k is the k-th state; CMT 0 or absent:
 (``{CMT: output}``; default: every level is the first output). Each output has its residual
 error (``error=``, one kind for all or ``{output: kind}``): ``"additive"``, ``"proportional"``,
 ``"combined"`` or ``"exponential"`` (log y ~ N(log f, sigma), e.g. for neutrophil counts).
-Steady-state doses and resets are refused (not modelled by this family yet).
+Resets (EVID 3, EVID 4) start a new episode from the model's initial state; steady-state doses
+(SS=1, with ``steady_state=True``) start from the periodic state of their train
+(:func:`steady_state`); SS=2 (superposition) is refused.
 
 Built-in models (:data:`ODE_MODELS`): ``one_compartment`` (linear, the closed-form family's
 model as an ODE, for checks), ``michaelis_menten`` (saturable elimination), ``effect_emax``
@@ -466,6 +468,9 @@ def resolve_model(model) -> OdeModel:
 @register_family
 class Ode(Pk):
     """Population PK/PD family of an ODE model (see the module docstring).
+
+    ``steady_state=True`` builds the steady-state solve (:func:`steady_state`) into the program,
+    for event tables with SS=1 records (refused without it: it costs compile time).
 
     Examples
     --------
