@@ -31,6 +31,15 @@ def ode_levels(df, theta=P1, **options):
     return pm.draw(pm.do(model, fixed)["conc"], random_seed=0)
 
 
+def one_id(*records):
+    """One subject's event table from (TIME, AMT, EVID, CMT) records, in this order (levels: DV 1)."""
+    df = pd.DataFrame(
+        [{"TIME": t, "AMT": a, "EVID": e, "CMT": c, "DV": 1.0 if e == 0 else np.nan} for t, a, e, c in records]
+    )
+    df.insert(0, "ID", 1)
+    return df
+
+
 ODE_CASES = [c for c in CASES if "SS2" not in c]
 
 
@@ -56,17 +65,8 @@ def test_evid_4_resets_then_doses():
 def test_a_level_recorded_at_a_reset_but_before_it_sees_the_state_before_it():
     """Record order decides the episode (as in the closed-form family): a level at 30.5 listed
     before the EVID 3 record at 30.5 reads the state before the reset, one listed after reads 0."""
-    rows = [
-        {"TIME": 0.0, "AMT": 80.0, "EVID": 1, "CMT": 1, "DV": np.nan},
-        {"TIME": 30.5, "AMT": 0.0, "EVID": 0, "CMT": 2, "DV": 1.0},
-        {"TIME": 30.5, "AMT": 0.0, "EVID": 3, "CMT": 0, "DV": np.nan},
-        {"TIME": 30.5, "AMT": 0.0, "EVID": 0, "CMT": 2, "DV": 1.0},
-        {"TIME": 31.0, "AMT": 100.0, "EVID": 1, "CMT": 1, "DV": np.nan},
-        {"TIME": 33.0, "AMT": 0.0, "EVID": 0, "CMT": 2, "DV": 1.0},
-    ]
-    df = pd.DataFrame(rows)
-    df.insert(0, "ID", 1)
-    got = ode_levels(df)
+    df = one_id((0.0, 80.0, 1, 1), (30.5, 0.0, 0, 2), (30.5, 0.0, 3, 0), (30.5, 0.0, 0, 2))
+    got = ode_levels(pd.concat([df, one_id((31.0, 100.0, 1, 1), (33.0, 0.0, 0, 2))], ignore_index=True))
     before = simulate(dict(P1), [(0.0, "depot", 80.0, 0, 0)], [30.5])[0]
     after = simulate(dict(P1), [(0.0, "depot", 80.0, 0, 0), (30.5, "reset", 0, 0, 0)], [33.0])[0]
     last = simulate(dict(P1), [(31.0, "depot", 100.0, 0, 0)], [33.0])[0]
@@ -176,15 +176,7 @@ def test_what_the_ode_family_refuses_around_resets_and_steady_state():
         "a steady-state infusion (SS > 0) that lasts longer than its interval II is not modelled "
         f"(its infusions would overlap) (patient {pid}, row 1, column 'RATE')"
     )
-    rows = [
-        {"TIME": 0.0, "AMT": 80.0, "EVID": 1, "CMT": 1, "DV": np.nan},
-        {"TIME": 10.0, "AMT": 0.0, "EVID": 0, "CMT": 2, "DV": 1.0},
-        {"TIME": 0.0, "AMT": 80.0, "EVID": 4, "CMT": 1, "DV": np.nan},
-        {"TIME": 5.0, "AMT": 0.0, "EVID": 0, "CMT": 2, "DV": 1.0},
-    ]
-    df = pd.DataFrame(rows)
-    df.insert(0, "ID", 1)
-    ev = read_nonmem(df, key=KEY)
+    ev = read_nonmem(one_id((0.0, 80.0, 1, 1), (10.0, 0.0, 0, 2), (0.0, 80.0, 4, 1), (5.0, 0.0, 0, 2)), key=KEY)
     bt.Pk().design(ev.frame, ev.baseline, ev.schema)  # the closed-form family takes the restarted clock
     with pytest.raises(bt.DataError) as err:
         fam.design(ev.frame, ev.baseline, ev.schema)
