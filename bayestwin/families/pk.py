@@ -83,6 +83,20 @@ def refuse_time_varying(frame: pd.DataFrame, covariates, fail) -> None:
         )
 
 
+def refuse_long_steady_infusions(frame: pd.DataFrame, fail) -> None:
+    """Refuse a steady-state infusion longer than its interval II through ``fail`` (the
+    infusions of its train would overlap)."""
+    if "SS" in frame:
+        rate, amt = frame["RATE"].to_numpy(float), frame["AMT"].to_numpy(float)
+        duration = np.where(rate > 0, amt / np.where(rate > 0, rate, 1.0), 0.0)
+        fail(
+            "a steady-state infusion (SS > 0) that lasts longer than its interval II is not modelled "
+            "(its infusions would overlap)",
+            (frame["SS"].to_numpy() > 0) & (duration > frame["II"].to_numpy(float)),
+            "RATE",
+        )
+
+
 def refuse_occasions(frame: pd.DataFrame, fail, why: str) -> None:
     """Refuse an OCC that changes within an ID (``why``: what would model it) through ``fail``."""
     if "OCC" in frame:
@@ -549,15 +563,7 @@ class Pk(FamilyBase):
         dose, and an ID whose every level precedes its first dose."""
         fail = record_check(frame)
         evid = frame["EVID"].to_numpy()
-        if "SS" in frame:
-            rate, amt = frame["RATE"].to_numpy(float), frame["AMT"].to_numpy(float)
-            duration = np.where(rate > 0, amt / np.where(rate > 0, rate, 1.0), 0.0)
-            fail(
-                "a steady-state infusion (SS > 0) that lasts longer than its interval II is not modelled "
-                "(its infusions would overlap)",
-                (frame["SS"].to_numpy() > 0) & (duration > frame["II"].to_numpy(float)),
-                "RATE",
-            )
+        refuse_long_steady_infusions(frame, fail)
         refuse_time_varying(frame, covariates, fail)
         refuse_occasions(
             frame, fail, "this family has no inter-occasion variability (the ODE family has: bt.Ode(..., iov=['CL']))"

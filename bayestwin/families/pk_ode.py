@@ -55,6 +55,7 @@ from bayestwin.families.pk import (
     _listed,
     log_ndtr,
     record_check,
+    refuse_long_steady_infusions,
     refuse_occasions,
     refuse_time_varying,
 )
@@ -282,14 +283,16 @@ def solve_doses(
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def _periodic_state(step, y0, args, tol):
-    return _newton(step, y0, args, tol)
+def _periodic_state(step, y0, args, tol, active):
+    return _newton(step, y0, args, tol, active)
 
 
-def _newton(step, y0, args, tol, iterations: int = 30):
+def _newton(step, y0, args, tol, active, iterations: int = 30):
     """The fixed point of ``y -> step(y, args)`` by Newton's method from ``y0``; converged when
     the residual is below ``tol`` of the state's largest amount, NaN if not within
-    ``iterations`` (the sampler then rejects the position)."""
+    ``iterations`` (the sampler then rejects the position). Where ``active`` is false (a dose
+    slot that is not a steady-state dose, under ``vmap``), ``y0`` untouched: no solve, and no
+    NaN from a model whose initial state is not at rest."""
 
     n = y0.shape[0]
 
@@ -305,30 +308,32 @@ def _newton(step, y0, args, tol, iterations: int = 30):
         jac = (moved - m).T / h[None, :] - jnp.eye(n)
         return jnp.where(done, y, y - jnp.linalg.solve(jac, r)), i + 1, done
 
-    y, _, done = jax.lax.while_loop(lambda c: (c[1] < iterations) & ~c[2], go, (y0, 0, jnp.array(False)))
+    start = (y0, 0, ~jnp.asarray(active, bool))
+    y, _, done = jax.lax.while_loop(lambda c: (c[1] < iterations) & ~c[2], go, start)
     return jnp.where(done, y, jnp.nan)
 
 
-def _periodic_fwd(step, y0, args, tol):
-    y = _newton(step, y0, args, tol)
-    return y, (y, args)
+def _periodic_fwd(step, y0, args, tol, active):
+    y = _newton(step, y0, args, tol, active)
+    return y, (y, args, active)
 
 
 def _periodic_bwd(step, tol, res, ct):
     """Implicit function theorem: y = step(y, a) gives dy/da = (I - dstep/dy)^-1 dstep/da; one
-    linearisation of ``step`` gives both the transposed Jacobian and the cotangent of ``a``."""
-    y, args = res
+    linearisation of ``step`` gives both the transposed Jacobian and the cotangent of ``a``
+    (nothing where the slot is not ``active``)."""
+    y, args, active = res
     pullback = jax.vjp(step, y, args)[1]
     eye = jnp.eye(y.shape[0])
     jac = jax.vmap(lambda e: pullback(e)[0])(eye)  # row j: e_j^T dstep/dy
-    w = jnp.linalg.solve((eye - jac).T, ct)
-    return jnp.zeros_like(y), pullback(w)[1]
+    w = jnp.where(active, jnp.linalg.solve((eye - jac).T, ct), 0.0)
+    return jnp.zeros_like(y), pullback(w)[1], jnp.zeros_like(active)
 
 
 _periodic_state.defvjp(_periodic_fwd, _periodic_bwd)
 
 
-def steady_state(model: OdeModel, p: Mapping, amt, state, duration, ii, **tol):
+def steady_state(model: OdeModel, p: Mapping, amt, state, duration, ii, active=True, **tol):
     """The state just before a steady-state dose (NONMEM SS=1): the periodic state of the
     infinite train of the dose (``amt`` into ``state``, a bolus, or an infusion over
     ``duration`` < ``ii``) given every ``ii``, i.e. the fixed point y = M(y) of the map M from
@@ -357,7 +362,8 @@ def steady_state(model: OdeModel, p: Mapping, amt, state, duration, ii, **tol):
 
     dose = (jnp.asarray(v, float) for v in (amt, state, duration, ii))
     args = ({n: jnp.asarray(v, float) for n, v in p.items()}, *dose)
-    return _periodic_state(step, model.initial(p), args, max(float(tol.get("rtol", 1e-6)), 1e-9))
+    tolerance = max(float(tol.get("rtol", 1e-6)), 1e-9)
+    return _periodic_state(step, model.initial(p), args, tolerance, jnp.asarray(active, float))
 
 
 def predict_outputs(
@@ -409,9 +415,9 @@ def predict_outputs(
             p_dose = jax.vmap(at)(td)
             y_reset = jax.vmap(model.initial)(p_dose)
             if steady:
-                on = ii > 0  # other slots solve a harmless train (no drug, interval 1) and are not used
+                on = ii > 0  # other slots: no solve (inactive), with safe inputs all the same
                 y_ss = jax.vmap(lambda q, *x: steady_state(model, q, *x, **tol))(
-                    p_dose, jnp.where(on, a, 0.0), s, jnp.where(on, d, 0.0), jnp.where(on, ii, 1.0)
+                    p_dose, jnp.where(on, a, 0.0), s, jnp.where(on, d, 0.0), jnp.where(on, ii, 1.0), on
                 )
                 y_reset = jnp.where(on[:, None], y_ss, y_reset)
             kw = {"episode": dep, "obs_episode": oep, "y_reset": y_reset, "ss_ii": ii}
@@ -634,15 +640,7 @@ class Ode(Pk):
             (ss == 1) & (not self.steady_state),
             "SS",
         )
-        if "RATE" in frame:
-            rate = frame["RATE"].to_numpy(float)
-            duration = np.where(rate > 0, frame["AMT"].to_numpy(float) / np.where(rate > 0, rate, 1.0), 0.0)
-            fail(
-                "a steady-state infusion (SS > 0) that lasts longer than its interval II is not modelled "
-                "(its infusions would overlap)",
-                (ss > 0) & (duration > frame["II"].to_numpy(float)),
-                "RATE",
-            )
+        refuse_long_steady_infusions(frame, fail)
         ids, time = frame["ID"].to_numpy(), frame["TIME"].to_numpy(float)
         back = np.r_[False, (ids[1:] == ids[:-1]) & (time[1:] < time[:-1])]
         fail(
