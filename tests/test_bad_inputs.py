@@ -158,6 +158,13 @@ NM_CASES = [
         {"row": 0, "column": "ADDL"},
     ),
     ("SS 3", nm({(0, "SS"): 3, (0, "II"): 12.0}), {}, "SS must be 0, 1 or 2", {"row": 0, "column": "SS"}),
+    (
+        "AMT on a reset",
+        nm(EVID=[1, 0, 3, 1, 0, 0], AMT=[100.0, 0, 50.0, 120.0, 0, 0]),
+        {},
+        "AMT on a record that doses nothing (EVID 2, or EVID 3: a reset; EVID 4 resets and doses)",
+        {"row": 2, "column": "AMT"},
+    ),
     ("SS on an observation", nm({(1, "SS"): 1}), {}, "SS on a row that is not a dose", {"row": 1, "column": "SS"}),
     ("SS without II", nm({(0, "SS"): 1}), {}, "steady state (SS > 0) needs the dosing interval II > 0", {"row": 0}),
     ("MDV 2", nm({(1, "MDV"): 2}), {}, "MDV must be 0 or 1", {"row": 1, "column": "MDV"}),

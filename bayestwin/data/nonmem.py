@@ -359,6 +359,11 @@ def read_nonmem(
     obs = evid == 0
     fail("dose with AMT <= 0", dose & ~(amt > 0), "AMT")
     fail("observation with AMT", obs & ~np.isnan(amt) & (amt != 0), "AMT")
+    fail(
+        "AMT on a record that doses nothing (EVID 2, or EVID 3: a reset; EVID 4 resets and doses)",
+        np.isin(evid, [2, 3]) & ~np.isnan(amt) & (amt != 0),
+        "AMT",
+    )
     blq = np.nan_to_num(numeric["BLQ"]) > 0
     fail("observation without DV", obs & np.isnan(dv) & ~blq, "DV")
     fail("DV is not finite", obs & np.isinf(dv), "DV")
