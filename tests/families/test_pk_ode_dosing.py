@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-import pymc as pm
 import pytest
 
 import bayestwin as bt
 from bayestwin.data.nonmem import read_nonmem
 from bayestwin.families import pk_ode
+from tests.families.test_pk_ode import graph_levels
 from tests.families.test_pk_steady_state import CASES, KEY, OBS, P1, simulate, table
 
 TOL = {"rtol": 1e-10, "atol": 1e-13, "max_steps": 4096}
@@ -25,10 +25,7 @@ TOL = {"rtol": 1e-10, "atol": 1e-13, "max_steps": 4096}
 def ode_levels(df, theta=P1, **options):
     """The ODE family's ``conc`` (what is fitted and forecast) for the one subject of ``df``."""
     fam = bt.Ode("one_compartment", observations={2: "conc"}, correlated=False, rtol=1e-10, **options)
-    ev = read_nonmem(df, key=KEY)
-    model = fam.build_model(fam.design(ev.frame, ev.baseline, ev.schema), ev.schema)
-    fixed = {f"log_{p}": np.log(v) for p, v in theta.items()} | {"z": np.zeros((1, 3))}
-    return pm.draw(pm.do(model, fixed)["conc"], random_seed=0)
+    return graph_levels(fam, read_nonmem(df, key=KEY), theta)[1]
 
 
 def one_id(*records):
