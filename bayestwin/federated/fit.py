@@ -19,21 +19,14 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from bayestwin.data.cohort import Cohort
+from bayestwin.data.cohort import Cohort, Columns
 from bayestwin.engine import condition as cond
 from bayestwin.engine.compile import compile_twin, constrained_draws
 from bayestwin.engine.fit import FitConfig
 from bayestwin.errors import require_whole
 from bayestwin.families import get_family
 from bayestwin.federated import ep
-from bayestwin.federated.site import (
-    check_cohort,
-    on_schema,
-    prior_gaussian,
-    schema_summary,
-    shared_schema,
-    tilted_moments,
-)
+from bayestwin.federated.site import Site, prior_gaussian, shared_schema
 from bayestwin.review.convergence import Thresholds, Verdict
 
 
@@ -69,6 +62,14 @@ class Ledger:
         return sum(m["bytes"] for m in self.messages)
 
 
+def _columns(d) -> Columns:
+    """The sites' column names as the population keeps them (a :class:`Columns`)."""
+    try:
+        return Columns(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    except (AttributeError, TypeError) as err:
+        raise ep.SiteError(f"the sites sent column names that are not a table's columns ({err})") from None
+
+
 def _gaussian_message(g: ep.Gaussian) -> dict:
     return {"precision": np.asarray(g.precision).tolist(), "shift": np.asarray(g.shift).tolist()}
 
@@ -79,9 +80,13 @@ class Coordinator:
     Its state (the site factors, the global approximation, the history) changes only when a
     whole sweep has come back: a site that fails or drops out mid-sweep raises a
     :class:`~bayestwin.federated.ep.SiteError` naming it, and the coordinator keeps the state of
-    the last complete sweep (call :meth:`run` again to go on). In this local path each site's
-    work runs in this process (:meth:`ask`); a federation framework replaces :meth:`ask` with
-    a message to the site's machine.
+    the last complete sweep (call :meth:`run` again to go on).
+
+    ``sites`` maps each site's name to its :class:`Cohort` (the local path: each site's work runs
+    in this process, by a :class:`~bayestwin.federated.site.Site`) or to any object with the
+    site's ``answer(kind, body) -> dict`` (a site on another machine: the Flower path,
+    :mod:`bayestwin.federated.flower`, answers through Flower messages). Every exchange goes
+    through :meth:`ask`, which logs it in the :class:`Ledger`.
     """
 
     def __init__(
@@ -103,26 +108,41 @@ class Coordinator:
         if len(set(self.names)) < len(self.names):
             raise ValueError(f"site names must be distinct, not {self.names}")
         self.family = get_family(family)
-        cohorts = {str(k): check_cohort(c, str(k)) for k, c in sites.items()}
-        self.ledger = Ledger() if ledger is None else ledger
-        summaries = {
-            k: self.ledger.record(0, k, "from site", "schema summary", schema_summary(c, k)) for k, c in cohorts.items()
+        self._sites = {
+            str(k): s if callable(getattr(s, "answer", None)) else Site(str(k), s, family=self.family)
+            for k, s in sites.items()
         }
+        self.cfg = FitConfig.for_family(
+            self.family, draws=draws, tune=tune, chains=chains, target_accept=target_accept, extend=0
+        )
+        self.cfg.check()
+        self.ledger = Ledger() if ledger is None else ledger
+        summaries = {k: self.ask(k, "schema summary", {}, 0) for k in self.names}
         self.schema = shared_schema(summaries, therapies)
         # what each site reported of its size (counts only): the population's patients and rows
         self.sizes = {
             "patients": {k: int(m["patients"]) for k, m in summaries.items()},
             "observations": {k: int(m["outcome"]["n"]) for k, m in summaries.items()},
         }
-        self.ledger.record(0, "*", "to site", "shared schema", self.schema.to_dict())
-        self._cohorts = {k: on_schema(c, self.schema, k) for k, c in cohorts.items()}
-        self.columns = next(iter(cohorts.values())).columns
         self.program = compile_twin(self.family, self.schema, cond.padded_length(1))
         self.prior = prior_gaussian(self.program.model, self.program.phi, seed=seed)
-        self.cfg = FitConfig.for_family(
-            self.family, draws=draws, tune=tune, chains=chains, target_accept=target_accept, extend=0
-        )
-        self.cfg.check()
+        agreed = {
+            "schema": self.schema.to_dict(),
+            "family": self.family.config(),
+            "blocks": [[b.name, b.rv, list(b.shape)] for b in self.program.phi],
+            "prior": _gaussian_message(self.prior),
+            "sites": len(self.names),
+            "sampler": {k: getattr(self.cfg, k) for k in ("draws", "tune", "chains", "target_accept")},
+        }
+        columns = {k: self.ask(k, "shared schema", agreed, 0) for k in self.names}
+        first = columns[self.names[0]]
+        for k, c in columns.items():
+            if not isinstance(c, Mapping) or c.get("columns") != first.get("columns"):
+                raise ep.SiteError(
+                    f"site {k!r} reads its table with columns {c.get('columns') if isinstance(c, Mapping) else c!r}, "
+                    f"site {self.names[0]!r} with {first.get('columns')}: every site must name its columns the same"
+                )
+        self.columns = _columns(first["columns"])
         self.seed = seed
         self.sites = tuple(ep.Gaussian.flat(len(self.prior.shift)) for _ in self.names)
         self.approx = self._previous = self.prior
@@ -130,21 +150,14 @@ class Coordinator:
         self.history: list[dict] = []
         self.reports: dict[str, dict] = {}
 
-    def ask(self, site: str, cavity: ep.Gaussian, sweep: int) -> dict:
-        """Send ``site`` its cavity; its tilted moments come back (the local path: computed here)."""
-        self.ledger.record(sweep, site, "to site", "cavity", _gaussian_message(cavity))
-        k = self.names.index(site)
-        got = tilted_moments(
-            self.family,
-            self._cohorts[site],
-            self.program.phi,
-            cavity,
-            self.prior,
-            len(self.names),
-            self.cfg,
-            seed=self.seed + 1000 * sweep + k,
-        )
-        return self.ledger.record(sweep, site, "from site", "tilted moments", got.to_message())
+    def ask(self, site: str, kind: str, body: dict, sweep: int) -> dict:
+        """Send ``site`` one message and return its answer, both logged in the ledger (an empty
+        request, such as the first ``"schema summary"``, carries nothing and is not logged)."""
+        if body:
+            self.ledger.record(sweep, site, "to site", kind, body)
+        reply = self._sites[site].answer(kind, body)
+        answer = {"schema summary": "schema summary", "shared schema": "ready", "cavity": "tilted moments"}[kind]
+        return self.ledger.record(sweep, site, "from site", answer, reply)
 
     def run(self, iterations: int = 6, *, damping: float = 1.0, tol: float = 0.1) -> Coordinator:
         """Run EP sweeps until one moves the approximation by less than ``tol`` (means in
@@ -172,8 +185,9 @@ class Coordinator:
 
             def tilted(k: int, cav: ep.Gaussian, sweep=sweep, reports=reports):
                 site = self.names[k]
+                body = _gaussian_message(cav) | {"seed": self.seed + 1000 * sweep + k}
                 try:
-                    msg = self.ask(site, cav, sweep)
+                    msg = self.ask(site, "cavity", body, sweep)
                 except ep.SiteError:
                     raise
                 except Exception as err:  # noqa: BLE001 - a site that fails or drops out is named

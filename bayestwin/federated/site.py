@@ -303,3 +303,95 @@ def tilted_moments(
     }
     cov = np.atleast_2d(np.cov(x, rowvar=False))
     return TiltedMoments(x.mean(0), 0.5 * (cov + cov.T), int(np.floor(np.nanmin(ess))), report)
+
+
+# ------------------------------------------------------------------------------ a site's side
+class Site:
+    """One site's side of a federated fit: its rows stay here; it answers the coordinator.
+
+    Every exchange is a message ``(kind, body)`` of plain JSON-able data, answered by
+    :meth:`answer`: the same object serves the local path (the coordinator calls it in the same
+    process) and a federation framework (a Flower ``ClientApp`` calls it on the site's machine,
+    :mod:`bayestwin.federated.flower`). Three kinds:
+
+    - ``"schema summary"`` (empty body): the site's :func:`schema_summary`;
+    - ``"shared schema"``: the schema every site fits with, the family's config, the population
+      blocks (phi), the EP prior, the number of sites and the NUTS settings; the site reads its
+      rows with them and answers ``"ready"`` with its table's column names (so that the
+      coordinator's population reads new patients' tables the same way);
+    - ``"cavity"``: its cavity (precision, shift), the sweep and the seed; it answers its
+      :class:`TiltedMoments` message.
+
+    A message it cannot use raises :class:`SiteError` naming the site and the field.
+    """
+
+    #: the kinds of message a site answers
+    KINDS = ("schema summary", "shared schema", "cavity")
+
+    def __init__(self, name: str, cohort: Cohort, *, family=None):
+        self.name = str(name)
+        self.cohort = check_cohort(cohort, self.name)
+        self.family = family  # the local path may hand the family object over (else: from its config)
+        self._fit = None  # (family, cohort on the shared schema, blocks, prior, sites, cfg) once agreed
+
+    def __repr__(self) -> str:
+        return f"Site({self.name!r}, {self.cohort.n_patients} patients; its rows stay here)"
+
+    def answer(self, kind: str, body: Mapping) -> dict:
+        """The site's reply to one message from the coordinator (module docstring)."""
+        if kind == "schema summary":
+            return schema_summary(self.cohort, self.name)
+        if kind == "shared schema":
+            return self._agree(body)
+        if kind == "cavity":
+            return self._tilted(body)
+        raise SiteError(f"site {self.name!r} got a message of kind {kind!r}, not one of {list(self.KINDS)}")
+
+    def _agree(self, body: Mapping) -> dict:
+        from bayestwin.families import from_config
+
+        fields = {"schema", "family", "blocks", "prior", "sites", "sampler"}
+        if not isinstance(body, Mapping) or set(body) != fields:
+            got = sorted(body) if isinstance(body, Mapping) else type(body).__name__
+            raise SiteError(f"site {self.name!r} got a shared schema with fields {got}, not {sorted(fields)}")
+        try:
+            schema = Schema.from_dict(body["schema"])
+            same = self.family is not None and self.family.config() == body["family"]
+            family = self.family if same else from_config(body["family"])
+            blocks = tuple(Block(str(n), str(rv), tuple(int(s) for s in shape)) for n, rv, shape in body["blocks"])
+            d = sum(b.size for b in blocks)
+            prior = Gaussian(np.asarray(body["prior"]["precision"], float), np.asarray(body["prior"]["shift"], float))
+            sampler = dict(body["sampler"])
+            cfg = FitConfig.for_family(family, extend=0, **sampler)
+            cfg.check()
+        except SiteError:
+            raise
+        except Exception as err:  # noqa: BLE001 - whatever is malformed, the site says which message
+            why = f"{type(err).__name__}: {err}"
+            raise SiteError(f"site {self.name!r} cannot use the shared schema it got ({why})") from None
+        n_sites = body["sites"]
+        if isinstance(n_sites, bool) or not isinstance(n_sites, int) or n_sites < 1:
+            raise SiteError(f"site {self.name!r} got sites={n_sites!r}, not a whole number >= 1")
+        if prior.precision.shape != (d, d) or prior.shift.shape != (d,) or not np.isfinite(prior.precision).all():
+            raise SiteError(f"site {self.name!r} got a prior that is not a finite Gaussian over the {d} blocks' values")
+        cohort = on_schema(self.cohort, schema, self.name)
+        self._fit = (family, cohort, blocks, prior, n_sites, cfg)
+        cols = self.cohort.columns
+        return {"columns": {f: (list(v) if isinstance(v, tuple) else v) for f, v in cols.__dict__.items()}}
+
+    def _tilted(self, body: Mapping) -> dict:
+        if self._fit is None:
+            raise SiteError(f"site {self.name!r} got a cavity before the shared schema")
+        if not isinstance(body, Mapping) or set(body) != {"precision", "shift", "seed"}:
+            got = sorted(body) if isinstance(body, Mapping) else type(body).__name__
+            raise SiteError(f"site {self.name!r} got a cavity with fields {got}, not ['precision', 'seed', 'shift']")
+        family, cohort, blocks, prior, n_sites, cfg = self._fit
+        d = len(prior.shift)
+        cav = Gaussian(np.asarray(body["precision"], float), np.asarray(body["shift"], float))
+        if cav.precision.shape != (d, d) or cav.shift.shape != (d,):
+            raise SiteError(f"site {self.name!r} got a cavity of shapes {cav.precision.shape} and {cav.shift.shape}")
+        seed = body["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise SiteError(f"site {self.name!r} got seed={seed!r}, not a whole number >= 0")
+        got = tilted_moments(family, cohort, blocks, cav, prior, n_sites, cfg, seed=seed)
+        return got.to_message()

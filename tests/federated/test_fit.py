@@ -2,6 +2,7 @@
 against the pooled fit of the same rows, and what crosses the wire."""
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import bayestwin as bt
 from bayestwin.federated import ep
 from bayestwin.federated.fit import Coordinator, Ledger, federated_fit
-from bayestwin.federated.site import schema_summary, shared_schema
+from bayestwin.federated.site import Site, schema_summary, shared_schema
 from tests.agreement import assert_twin_matches_refit
 from tests.conftest import KEY, THERAPIES
 
@@ -88,7 +89,13 @@ def test_no_row_or_pseudonym_leaves_a_site(federated):
     outcome value (as JSON writes a float: its shortest repr, 13-17 significant digits here)."""
     fed, sites, ledger = federated
     bodies = [m["body"] for m in ledger.messages]
-    assert {m["kind"] for m in ledger.messages} == {"schema summary", "shared schema", "cavity", "tilted moments"}
+    assert {m["kind"] for m in ledger.messages} == {
+        "schema summary",
+        "shared schema",
+        "ready",
+        "cavity",
+        "tilted moments",
+    }
     text = "\n".join(bodies)
     for cohort in sites.values():
         for pseudonym in cohort.patients:
@@ -148,18 +155,24 @@ def test_a_federated_population_saves_loads_and_holds_no_row(federated, simulate
     assert "Posterior predictive check" not in page
 
 
-class _GaussianSites(Coordinator):
-    """Sites whose tilted moments are exact (each site's factor a fixed Gaussian, no NUTS): the
-    coordinator's own logic, quickly. ``answers`` replaces a site's message in a sweep."""
+class _GaussianSite:
+    """A site whose tilted moments are exact (its factor a fixed Gaussian, no NUTS): the
+    coordinator's own logic, quickly, through the same messages as a real :class:`Site` (which
+    answers everything else). ``next`` (shared by the sites) replaces a site's next answer to a
+    cavity: a message, or an exception it raises."""
 
-    answers: dict = {}
+    def __init__(self, name, cohort, next_answers):
+        self.site, self.next = Site(name, cohort), next_answers
 
-    def ask(self, site, cavity, sweep):
-        if (site, sweep) in self.answers:
-            answer = self.answers[site, sweep]
+    def answer(self, kind, body):
+        if kind != "cavity":
+            return self.site.answer(kind, body)
+        if self.site.name in self.next:
+            answer = self.next.pop(self.site.name)
             if isinstance(answer, Exception):
                 raise answer
             return answer
+        cavity = ep.Gaussian(np.asarray(body["precision"]), np.asarray(body["shift"]))
         d = len(cavity.shift)
         mean, cov = cavity.times(ep.Gaussian(np.eye(d), np.full(d, 0.1))).moments()
         return {"mean": mean.tolist(), "cov": cov.tolist(), "draws": 4000, "diagnostics": {}}
@@ -168,20 +181,23 @@ class _GaussianSites(Coordinator):
 @pytest.fixture(scope="module")
 def coordinator(simulated):
     train, _, _ = simulated
-    return _GaussianSites(_sites(train), therapies=THERAPIES, seed=3)
+    answers = {}
+    sites = {k: _GaussianSite(k, c, answers) for k, c in _sites(train).items()}
+    coord = Coordinator(sites, therapies=THERAPIES, seed=3)
+    coord.answers = answers
+    return coord
 
 
 def test_a_site_that_drops_out_leaves_the_last_good_state(coordinator):
     coord = coordinator
-    coord.answers = {("hospital_1", 2): ConnectionError("connection reset by peer")}
     coord.run(1)
+    coord.answers["hospital_1"] = ConnectionError("connection reset by peer")  # in sweep 2
     approx, factors, history = coord.approx, coord.sites, list(coord.history)
     with pytest.raises(
         ep.SiteError, match=r"site 'hospital_1' did not answer sweep 2 \(ConnectionError: connection reset"
     ):
         coord.run(3)
     assert coord.approx is approx and coord.sites is factors and coord.history == history
-    coord.answers = {}
     coord.run(1)  # the site is back: the fit goes on from sweep 2
     assert [h["sweep"] for h in coord.history] == [1, 2]
 
@@ -198,7 +214,7 @@ def test_a_site_that_drops_out_leaves_the_last_good_state(coordinator):
 def test_a_malformed_site_message_is_refused_by_name(coordinator, message, error):
     coord = coordinator
     before = list(coord.history)
-    coord.answers = {("hospital_2", len(before) + 1): message}
+    coord.answers["hospital_2"] = message
     with pytest.raises(ep.SiteError, match=f"site 'hospital_2' .*({error})"):
         coord.run(1)
     assert coord.history == before
@@ -257,3 +273,99 @@ def test_a_site_table_of_another_kind_is_refused(simulated):
         TypeError, match="site 'h0': a federated fit takes a bt.Cohort of the site's rows, not DataFrame"
     ):
         federated_fit({"h0": train})
+
+
+# ------------------------------------------------------------------- the same exchange on Flower
+@pytest.fixture(scope="module")
+def on_flower(simulated):
+    """The federated fixture's first sweep again, on Flower's simulation engine (each site's
+    ClientApp in a Ray worker process, the coordinator's ServerApp here)."""
+    pytest.importorskip("flwr", reason="Flower is in the test extra (bayestwin[federated])")
+    from bayestwin.federated.flower import flower_fit
+
+    train, _, _ = simulated
+    ledger = Ledger()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pop = flower_fit(_sites(train), therapies=THERAPIES, draws=1000, tune=1000, seed=2, iterations=1, ledger=ledger)
+    return pop, ledger
+
+
+def test_flower_carries_the_same_messages_and_the_sites_sample_the_same_tilted_distributions(federated, on_flower):
+    """Up to each site's first answer the messages are the local path's, byte for byte (schema
+    summaries, shared schema, column names, cavities). The tilted moments then come from NUTS
+    in another process, whose arithmetic differs in the last bits (a table passed through Ray's
+    serialisation already changes them), so the chains differ: each site's tilted means must
+    agree within 4.5 Monte-Carlo SEs (sqrt(var / ESS) of each, ESS the smaller bulk ESS each
+    site reports), over 12 coordinates x 3 sites."""
+    _, _, local = federated
+    pop, ledger = on_flower
+    first = [m for m in local.messages if m["round"] <= 1]
+    assert [(m["round"], m["site"], m["kind"]) for m in ledger.messages] == [
+        (m["round"], m["site"], m["kind"]) for m in first
+    ]
+    z = []
+    for a, b in zip(first, ledger.messages, strict=True):
+        if a["kind"] != "tilted moments":
+            assert a["body"] == b["body"], (a["site"], a["kind"])
+            continue
+        x, y = json.loads(a["body"]), json.loads(b["body"])
+        var = np.diag(np.asarray(x["cov"]))
+        se = np.sqrt(var / x["draws"] + np.diag(np.asarray(y["cov"])) / y["draws"])
+        z.append(np.abs(np.asarray(x["mean"]) - np.asarray(y["mean"])) / se)
+    z = np.concatenate(z)
+    print("largest |difference| / MC SE", z.max().round(2))
+    assert len(z) == 36 and np.all(z <= 4.5)
+    assert pop.sampler["method"] == "ep" and pop.sampler["sites"] == ["hospital_0", "hospital_1", "hospital_2"]
+    assert pop.sampler["bytes_sent"] == ledger.nbytes
+
+
+def test_no_row_or_pseudonym_leaves_a_site_on_flower(on_flower, simulated):
+    _, ledger = on_flower
+    train, _, _ = simulated
+    text = "\n".join(m["body"] for m in ledger.messages)
+    for cohort in _sites(train).values():
+        for pseudonym in cohort.patients:
+            assert pseudonym not in text
+        for y in cohort.frame["outcome"].to_numpy():
+            assert json.dumps(float(y)) not in text
+    assert "sim-00" not in text
+
+
+def test_a_site_that_fails_on_flower_is_named_and_no_population_is_made(simulated):
+    """A site whose ClientApp cannot load its table answers with its error; the coordinator
+    raises it as a SiteError naming the node, and no population comes out."""
+    pytest.importorskip("flwr", reason="Flower is in the test extra (bayestwin[federated])")
+    from flwr.simulation import run_simulation
+
+    from bayestwin.federated.flower import coordinator_app, site_app
+
+    train, _, _ = simulated
+    table = list(_sites(train).items())
+
+    def load(context):
+        k = int(context.node_config["partition-id"])
+        if k == 1:
+            raise FileNotFoundError("/data/hospital_1.csv")
+        return table[k]
+
+    made, failed = [], []
+    server = coordinator_app(
+        3, therapies=THERAPIES, draws=100, tune=100, done=lambda p, c: made.append(p), failed=failed.append
+    )
+    error = r"node \d+ failed to load its site: FileNotFoundError: /data/hospital_1.csv"
+    with warnings.catch_warnings(), pytest.raises(ep.SiteError, match=f"^{error}$"):
+        warnings.simplefilter("ignore")
+        run_simulation(server_app=server, client_app=site_app(load), num_supernodes=3)
+    assert not made and len(failed) == 1 and re.fullmatch(error, str(failed[0]))
+
+
+def test_a_coordinator_error_on_flower_is_raised_by_flower_fit(simulated):
+    pytest.importorskip("flwr", reason="Flower is in the test extra (bayestwin[federated])")
+    from bayestwin.federated.flower import flower_fit
+
+    train, _, _ = simulated
+    sites = _sites(train)
+    with warnings.catch_warnings(), pytest.raises(ep.SiteError, match=r"therapy 'drug_b' is given at a site but not"):
+        warnings.simplefilter("ignore")
+        flower_fit(sites, therapies=["standard", "drug_a"], draws=100, tune=100, iterations=1)

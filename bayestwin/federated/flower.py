@@ -1,0 +1,306 @@
+"""A federated population fit on Flower: the coordinator a ``ServerApp``, each site a ``ClientApp``.
+
+The exchange is the local path's (:class:`~bayestwin.federated.fit.Coordinator` and
+:class:`~bayestwin.federated.site.Site`), carried by Flower messages instead of function calls:
+the coordinator's :class:`FlowerSite` sends each request as a Flower ``Message`` (message type
+``"query"``, one ``ConfigRecord`` holding the request's kind and its JSON body) to the site's
+SuperNode, whose ``ClientApp`` (:func:`site_app`) answers it with the site's
+:meth:`Site.answer <bayestwin.federated.site.Site.answer>`. Rows never leave the site's process;
+the coordinator's :class:`~bayestwin.federated.fit.Ledger` logs every body that crossed.
+
+- :func:`coordinator_app` and :func:`site_app` build the two apps, for any Flower runtime: the
+  simulation engine on one machine, or a deployment (a SuperLink, one SuperNode per hospital,
+  ``flwr run``): give the ServerApp an ``out`` folder to save the population into.
+- :func:`flower_fit` runs both on Flower's simulation engine (Ray; one virtual SuperNode per
+  site, each site's ``ClientApp`` in a Ray worker process) and returns the population.
+
+A site's ``ClientApp`` keeps the agreed shared schema in Flower's ``context.state`` (which Flower
+keeps per node across messages), so a site answers a cavity whichever worker process serves it.
+A site that fails answers with its error, which the coordinator raises as a
+:class:`~bayestwin.federated.ep.SiteError` naming the site (its state stays that of the last
+complete sweep); a site that does not answer within ``timeout`` seconds is named the same way.
+
+Needs the optional extra: ``pip install "bayestwin[federated]"`` (``flwr[simulation]``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from bayestwin.data.cohort import Cohort
+from bayestwin.federated.ep import SiteError
+from bayestwin.federated.site import Site
+
+#: The Flower record that carries bayestwin's messages, and the message type they travel as.
+RECORD, MESSAGE_TYPE = "bayestwin", "query"
+
+
+def _flwr():
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            'the Flower path needs Flower: pip install "bayestwin[federated]" (flwr[simulation])'
+        ) from None
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    return ConfigRecord, Message, RecordDict
+
+
+def _envelope(**fields) -> dict:
+    """A message's content: one ConfigRecord with string values (kind, JSON body, site, error)."""
+    ConfigRecord, _, RecordDict = _flwr()
+    return RecordDict({RECORD: ConfigRecord({k: str(v) for k, v in fields.items()})})
+
+
+# --------------------------------------------------------------------------------- the site
+def site_app(load: Callable[[object], tuple[str, Cohort]]):
+    """A Flower ``ClientApp`` serving one site per SuperNode.
+
+    ``load(context)`` returns ``(site name, that site's Cohort)`` for the node the app runs on,
+    e.g. from ``context.node_config`` (a path to the hospital's table in a deployment; the
+    simulation engine's ``partition-id`` in :func:`flower_fit`). It is called once per node and
+    process; its rows stay in the process.
+
+    Requests of kind ``"name"`` are answered with the site's name (how the coordinator learns
+    which node is which site); every other kind by :meth:`Site.answer`. The reply carries the
+    answer's JSON, or the site's error.
+    """
+    from flwr.clientapp import ClientApp
+
+    _, Message, _ = _flwr()
+    app = ClientApp()
+    sites: dict[int, Site] = {}  # per node, in this process
+
+    @app.query()
+    def answer(msg, context):
+        node = int(context.node_id)
+        name = "?"
+        try:
+            if node not in sites:
+                name, cohort = load(context)
+                sites[node] = Site(str(name), cohort)
+            site = sites[node]
+            name = site.name
+            record = msg.content[RECORD]
+            kind, body = str(record["kind"]), json.loads(str(record["body"]))
+            if kind == "name":
+                reply = {}
+            else:
+                state = context.state
+                if kind == "shared schema":  # kept by Flower for this node's later messages
+                    state[RECORD] = _envelope(shared=json.dumps(body))[RECORD]
+                elif kind == "cavity" and site._fit is None and RECORD in state:
+                    site.answer("shared schema", json.loads(str(state[RECORD]["shared"])))
+                reply = site.answer(kind, body)
+            content = _envelope(site=name, body=json.dumps(reply), error="")
+        except Exception as err:  # noqa: BLE001 - the site's failure goes back, named, to the coordinator
+            content = _envelope(site=name, body="null", error=f"{type(err).__name__}: {err}")
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+# -------------------------------------------------------------------------- the coordinator
+class FlowerSite:
+    """The coordinator's handle on a site at a Flower node: ``answer(kind, body)`` sends the
+    request as a Flower message and waits for the site's reply (at most ``timeout`` seconds)."""
+
+    def __init__(self, grid, node_id: int, name: str, timeout: float = 3600.0):
+        self.grid, self.node_id, self.name, self.timeout = grid, int(node_id), str(name), float(timeout)
+
+    def __repr__(self) -> str:
+        return f"FlowerSite({self.name!r}, node {self.node_id})"
+
+    def answer(self, kind: str, body: Mapping) -> dict:
+        _, Message, _ = _flwr()
+        msg = Message(_envelope(kind=kind, body=json.dumps(body)), dst_node_id=self.node_id, message_type=MESSAGE_TYPE)
+        replies = list(self.grid.send_and_receive([msg], timeout=self.timeout))
+        if not replies:
+            raise SiteError(f"site {self.name!r} did not answer a {kind!r} message within {self.timeout:g} s")
+        reply = replies[0]
+        if reply.has_error():
+            raise SiteError(f"site {self.name!r}: Flower reports {reply.error.code}: {reply.error.reason}")
+        record = reply.content[RECORD]
+        if str(record["error"]):
+            raise SiteError(f"site {self.name!r} failed: {record['error']}")
+        return json.loads(str(record["body"]))
+
+
+def _site_name(grid, node: int, timeout: float) -> str:
+    """Ask the node which site it is (a ``"name"`` request; the name comes in the reply's envelope)."""
+    _, Message, _ = _flwr()
+    msg = Message(_envelope(kind="name", body="{}"), dst_node_id=node, message_type=MESSAGE_TYPE)
+    replies = list(grid.send_and_receive([msg], timeout=timeout))
+    if not replies or replies[0].has_error():
+        raise SiteError(f"node {node} did not say which site it is within {timeout:g} s")
+    record = replies[0].content[RECORD]
+    if str(record["error"]):
+        raise SiteError(f"node {node} failed to load its site: {record['error']}")
+    return str(record["site"])
+
+
+def _nodes(grid, n: int, timeout: float) -> list[int]:
+    """The ids of ``n`` connected nodes, waiting at most ``timeout`` seconds for them."""
+    start = time.monotonic()
+    while True:
+        nodes = sorted(int(x) for x in grid.get_node_ids())
+        if len(nodes) >= n:
+            return nodes[:n]
+        if time.monotonic() - start > timeout:
+            raise SiteError(f"{len(nodes)} of {n} sites connected within {timeout:g} s")
+        time.sleep(0.2)
+
+
+def coordinator_app(
+    sites: int,
+    family="progression",
+    *,
+    therapies=None,
+    iterations: int = 6,
+    damping: float = 1.0,
+    tol: float = 0.1,
+    draws: int = 1000,
+    tune: int = 1000,
+    chains: int = 4,
+    target_accept: float = 0.9,
+    seed: int = 0,
+    timeout: float = 3600.0,
+    out: str | Path | None = None,
+    done: Callable | None = None,
+    failed: Callable[[BaseException], None] | None = None,
+    ledger=None,
+):
+    """A Flower ``ServerApp`` that runs the federated fit over ``sites`` connected sites.
+
+    It waits for ``sites`` nodes (at most ``timeout`` seconds), asks each its site's name,
+    then runs :class:`~bayestwin.federated.fit.Coordinator` with a :class:`FlowerSite` per
+    node, the sites in the order of their names (the same arguments as
+    :func:`~bayestwin.federated.fit.federated_fit`). The
+    population is saved to ``out`` (``bt.save``: atomic, refuses a folder it did not write)
+    and handed to ``done(population, coordinator)`` when given. If the fit fails (a site's
+    error, a site that does not answer: :class:`SiteError`), ``failed(error)`` is called before
+    the error ends the run (Flower logs it; the coordinator's state is that of its last
+    complete sweep).
+    """
+    from flwr.serverapp import ServerApp
+
+    from bayestwin.federated.fit import Coordinator
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        try:
+            _coordinate(grid)
+        except Exception as err:
+            if failed is not None:
+                failed(err)
+            raise
+
+    def _coordinate(grid):
+        nodes = _nodes(grid, sites, timeout)
+        handles = {}
+        for node in nodes:
+            site = _site_name(grid, node, timeout)
+            if site in handles:
+                raise SiteError(f"two nodes ({handles[site].node_id} and {node}) say they are site {site!r}")
+            handles[site] = FlowerSite(grid, node, site, timeout)
+        coord = Coordinator(
+            dict(sorted(handles.items())),
+            family,
+            therapies=therapies,
+            draws=draws,
+            tune=tune,
+            chains=chains,
+            target_accept=target_accept,
+            seed=seed,
+            ledger=ledger,
+        )
+        coord.run(iterations, damping=damping, tol=tol)
+        population = coord.population()
+        if out is not None:
+            from bayestwin.io import save
+
+            save(population, out)
+        if done is not None:
+            done(population, coord)
+
+    return app
+
+
+def flower_fit(
+    sites: Mapping[str, Cohort],
+    family="progression",
+    *,
+    therapies=None,
+    iterations: int = 6,
+    damping: float = 1.0,
+    tol: float = 0.1,
+    draws: int = 1000,
+    tune: int = 1000,
+    chains: int = 4,
+    target_accept: float = 0.9,
+    seed: int = 0,
+    ledger=None,
+    cpus_per_site: float = 1.0,
+    timeout: float = 3600.0,
+):
+    """:func:`~bayestwin.federated.fit.federated_fit` on Flower's simulation engine.
+
+    One virtual SuperNode per site, each site's ``ClientApp`` in a Ray worker process (with
+    ``cpus_per_site`` CPUs); the coordinator's ``ServerApp`` in this process. Same arguments
+    and result as ``federated_fit``; with the same ``seed`` each site samples with the same
+    seeds, so the two paths give the same population up to the last bits of the samplers'
+    arithmetic in other processes.
+    """
+    from flwr.simulation import run_simulation
+
+    from bayestwin.federated.site import check_cohort
+
+    if not isinstance(sites, Mapping) or not sites:
+        raise ValueError("sites must be a non-empty mapping of site name -> that site's bt.Cohort")
+    table = [(str(k), check_cohort(c, str(k))) for k, c in sites.items()]
+
+    def load(context):
+        return table[int(context.node_config["partition-id"])]
+
+    result: dict = {}
+
+    def done(population, coord):
+        result["population"] = population
+
+    def failed(err):
+        result["error"] = err
+
+    server = coordinator_app(
+        len(table),
+        family,
+        therapies=therapies,
+        iterations=iterations,
+        damping=damping,
+        tol=tol,
+        draws=draws,
+        tune=tune,
+        chains=chains,
+        target_accept=target_accept,
+        seed=seed,
+        timeout=timeout,
+        done=done,
+        failed=failed,
+        ledger=ledger,
+    )
+    run_simulation(
+        server_app=server,
+        client_app=site_app(load),
+        num_supernodes=len(table),
+        backend_config={"client_resources": {"num_cpus": cpus_per_site}},
+    )
+    if "error" in result:
+        raise result["error"]
+    if "population" not in result:
+        raise SiteError("the federated fit on Flower ended without a population (see the log above)")
+    return result["population"]
