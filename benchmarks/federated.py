@@ -11,6 +11,7 @@ difference of the means in pooled posterior SDs (goal <= 0.1), the ratio of the 
 first 5 days) from each population, compared in the twin's posterior SDs.
 
     .venv/bin/python benchmarks/federated.py            # about 3.5 minutes on 2 cores (fits 3.3-3.6 min, measured)
+    .venv/bin/python benchmarks/federated.py --flower   # + the same fit on Flower's simulation engine
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sites", type=int, default=3)
     ap.add_argument("--draws", type=int, default=1000)
+    ap.add_argument("--flower", action="store_true", help="the same fit again on Flower's simulation engine (Ray)")
     args = ap.parse_args()
     df = sleepstudy()
     with warnings.catch_warnings():
@@ -123,6 +125,22 @@ def main() -> None:
         f"sd ratios {table['sd ratio'].min():.3f}-{table['sd ratio'].max():.3f} (goal 0.9-1.1); "
         "both over the constrained parameters above and every unconstrained coordinate"
     )
+    if args.flower:
+        from bayestwin.federated.flower import flower_fit
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = time.perf_counter()
+            fl = flower_fit(split(df, args.sites), draws=args.draws, tune=args.draws, seed=3)
+            t_fl = time.perf_counter() - t
+        tf = pd.concat([compare(pooled, fl), unconstrained(pooled, fl)])
+        f = fl.sampler
+        print(
+            f"on Flower (simulation engine, each site's ClientApp in a Ray worker): {t_fl:.1f} s "
+            f"({t_fl / t_fed:.2f}x the local path), {f['sweeps']} EP sweeps, {f['messages']} messages, "
+            f"{f['bytes_sent']:,} bytes; verdict: {fl.verdict}; against the pooled fit: largest |diff| / pooled sd "
+            f"{tf['|diff| / pooled sd'].max():.3f}, sd ratios {tf['sd ratio'].min():.3f}-{tf['sd ratio'].max():.3f}"
+        )
     one = df[(df.Subject == df.Subject.iloc[0]) & (df.Days <= 4)]
     a, b = pooled.condition(one, key=KEY, seed=4), fed.condition(one, key=KEY, seed=4)
     for name in ("patient_intercept", "patient_slope"):

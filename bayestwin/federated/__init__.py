@@ -4,8 +4,10 @@
 expectation propagation over sites (:mod:`bayestwin.federated.ep`, the maths; each site's side in
 :mod:`bayestwin.federated.site`); :class:`Coordinator`, the same step by step; :class:`Ledger`,
 every message that crossed the wire. A federated population saves and loads like any other and
-holds no row (what needs rows says so). The local (one-process) path; a federation framework and
-differentially private virtual cohorts are not yet built. Guide: ``docs/pages/guides/across-sites.md``.
+holds no row (what needs rows says so). Each site's side is a :class:`~bayestwin.federated.site.Site`
+answering the coordinator's messages: in this process (the local path, the default), or on
+Flower (:mod:`bayestwin.federated.flower`, the optional extra ``bayestwin[federated]``).
+Differentially private releases: :mod:`bayestwin.privacy`. Guide: ``docs/pages/guides/across-sites.md``.
 """
 
 from bayestwin.federated.ep import Gaussian, SiteError
