@@ -155,31 +155,36 @@ def _nodes(grid, n: int, timeout: float) -> list[int]:
         time.sleep(0.2)
 
 
+#: federated_fit's settings the Flower apps take as they are: the coordinator's, then EP's sweeps
+COORDINATOR = ("therapies", "draws", "tune", "chains", "target_accept", "seed")
+SWEEPS = ("iterations", "damping", "tol")
+
+
+def _settings(fit: Mapping) -> tuple[dict, dict]:
+    unknown = sorted(set(fit) - set(COORDINATOR) - set(SWEEPS))
+    if unknown:
+        raise TypeError(f"unknown settings {unknown}: a federated fit takes {[*COORDINATOR, *SWEEPS]}")
+    return {k: fit[k] for k in COORDINATOR if k in fit}, {k: fit[k] for k in SWEEPS if k in fit}
+
+
 def coordinator_app(
     sites: int,
     family="progression",
     *,
-    therapies=None,
-    iterations: int = 6,
-    damping: float = 1.0,
-    tol: float = 0.1,
-    draws: int = 1000,
-    tune: int = 1000,
-    chains: int = 4,
-    target_accept: float = 0.9,
-    seed: int = 0,
     timeout: float = 3600.0,
     out: str | Path | None = None,
     done: Callable | None = None,
     failed: Callable[[BaseException], None] | None = None,
     ledger=None,
+    **fit,
 ):
     """A Flower ``ServerApp`` that runs the federated fit over ``sites`` connected sites.
 
     It waits for ``sites`` nodes (at most ``timeout`` seconds), asks each its site's name,
     then runs :class:`~bayestwin.federated.fit.Coordinator` with a :class:`FlowerSite` per
-    node, the sites in the order of their names (the same arguments as
-    :func:`~bayestwin.federated.fit.federated_fit`). The
+    node, the sites in the order of their names; ``fit``: the settings of
+    :func:`~bayestwin.federated.fit.federated_fit` (therapies, draws, tune, chains,
+    target_accept, seed, iterations, damping, tol), checked here. The
     population is saved to ``out`` (``bt.save``: atomic, refuses a folder it did not write)
     and handed to ``done(population, coordinator)`` when given. If the fit fails (a site's
     error, a site that does not answer: :class:`SiteError`), ``failed(error)`` is called before
@@ -190,6 +195,7 @@ def coordinator_app(
 
     from bayestwin.federated.fit import Coordinator
 
+    settings, sweeps = _settings(fit)
     app = ServerApp()
 
     @app.main()
@@ -209,18 +215,8 @@ def coordinator_app(
             if site in handles:
                 raise SiteError(f"two nodes ({handles[site].node_id} and {node}) say they are site {site!r}")
             handles[site] = FlowerSite(grid, node, site, timeout)
-        coord = Coordinator(
-            dict(sorted(handles.items())),
-            family,
-            therapies=therapies,
-            draws=draws,
-            tune=tune,
-            chains=chains,
-            target_accept=target_accept,
-            seed=seed,
-            ledger=ledger,
-        )
-        coord.run(iterations, damping=damping, tol=tol)
+        coord = Coordinator(dict(sorted(handles.items())), family, ledger=ledger, **settings)
+        coord.run(**sweeps)
         population = coord.population()
         if out is not None:
             from bayestwin.io import save
@@ -236,26 +232,19 @@ def flower_fit(
     sites: Mapping[str, Cohort],
     family="progression",
     *,
-    therapies=None,
-    iterations: int = 6,
-    damping: float = 1.0,
-    tol: float = 0.1,
-    draws: int = 1000,
-    tune: int = 1000,
-    chains: int = 4,
-    target_accept: float = 0.9,
-    seed: int = 0,
     ledger=None,
     cpus_per_site: float = 1.0,
     timeout: float = 3600.0,
+    **fit,
 ):
     """:func:`~bayestwin.federated.fit.federated_fit` on Flower's simulation engine.
 
     One virtual SuperNode per site, each site's ``ClientApp`` in a Ray worker process (with
-    ``cpus_per_site`` CPUs); the coordinator's ``ServerApp`` in this process. Same arguments
-    and result as ``federated_fit``; with the same ``seed`` each site samples with the same
-    seeds, so the two paths give the same population up to the last bits of the samplers'
-    arithmetic in other processes.
+    ``cpus_per_site`` CPUs); the coordinator's ``ServerApp`` in this process. ``fit``: the
+    settings of ``federated_fit`` (therapies, draws, tune, chains, target_accept, seed,
+    iterations, damping, tol); the result is the same kind of population. With the same seed
+    the sites get the same messages as on the local path, but their samplers' last bits differ
+    in other processes, so the chains, hence the population, differ within Monte-Carlo error.
     """
     from flwr.simulation import run_simulation
 
@@ -276,23 +265,7 @@ def flower_fit(
     def failed(err):
         result["error"] = err
 
-    server = coordinator_app(
-        len(table),
-        family,
-        therapies=therapies,
-        iterations=iterations,
-        damping=damping,
-        tol=tol,
-        draws=draws,
-        tune=tune,
-        chains=chains,
-        target_accept=target_accept,
-        seed=seed,
-        timeout=timeout,
-        done=done,
-        failed=failed,
-        ledger=ledger,
-    )
+    server = coordinator_app(len(table), family, timeout=timeout, done=done, failed=failed, ledger=ledger, **fit)
     run_simulation(
         server_app=server,
         client_app=site_app(load),
