@@ -159,6 +159,45 @@ class Coordinator:
         answer = {"schema summary": "schema summary", "shared schema": "ready", "cavity": "tilted moments"}[kind]
         return self.ledger.record(sweep, site, "from site", answer, reply)
 
+    def _ask_sweep(self, sweep: int) -> dict:
+        """Send every site its cavity (the sweep's approximation without the site's factor, as
+        :func:`~bayestwin.federated.ep.sweep` computes it) and return each site's answer. Sites
+        whose handles can answer all at once (``answer_all``: Flower) get their messages at the
+        same time and work in parallel; otherwise one after the other. A site that fails or does
+        not answer raises :class:`SiteError` naming it (the first in the sites' order)."""
+        approx = ep.product([self.prior, *self.sites])
+        bodies = {
+            name: _gaussian_message(ep.cavity(approx, old, name)) | {"seed": self.seed + 1000 * sweep + k}
+            for k, (name, old) in enumerate(zip(self.names, self.sites, strict=True))
+        }
+
+        def failed(site, err):
+            if isinstance(err, ep.SiteError):
+                raise err
+            raise ep.SiteError(
+                f"site {site!r} did not answer sweep {sweep} ({type(err).__name__}: {err}); "
+                f"the coordinator keeps the state of sweep {sweep - 1}"
+            ) from err
+
+        handles = [self._sites[n] for n in self.names]
+        together = getattr(type(handles[0]), "answer_all", None)
+        replies = {}
+        if together is not None and all(type(h) is type(handles[0]) for h in handles):
+            for name in self.names:
+                self.ledger.record(sweep, name, "to site", "cavity", bodies[name])
+            answers = together(handles, "cavity", [bodies[n] for n in self.names])
+            for name, reply in zip(self.names, answers, strict=True):
+                if isinstance(reply, Exception):
+                    failed(name, reply)
+                replies[name] = self.ledger.record(sweep, name, "from site", "tilted moments", reply)
+            return replies
+        for name in self.names:
+            try:
+                replies[name] = self.ask(name, "cavity", bodies[name], sweep)
+            except Exception as err:  # noqa: BLE001 - a site that fails or drops out is named
+                failed(name, err)
+        return replies
+
     def run(self, iterations: int = 6, *, damping: float = 1.0, tol: float = 0.1) -> Coordinator:
         """Run EP sweeps until one moves the approximation by less than ``tol`` (means in
         posterior SDs, SDs relatively: :func:`~bayestwin.federated.ep.shift_in_sds`), at most
@@ -183,18 +222,11 @@ class Coordinator:
             sweep = len(self.history) + 1
             reports = {}
 
-            def tilted(k: int, cav: ep.Gaussian, sweep=sweep, reports=reports):
+            replies = self._ask_sweep(sweep)
+
+            def tilted(k: int, cav: ep.Gaussian, replies=replies, reports=reports):
                 site = self.names[k]
-                body = _gaussian_message(cav) | {"seed": self.seed + 1000 * sweep + k}
-                try:
-                    msg = self.ask(site, "cavity", body, sweep)
-                except ep.SiteError:
-                    raise
-                except Exception as err:  # noqa: BLE001 - a site that fails or drops out is named
-                    raise ep.SiteError(
-                        f"site {site!r} did not answer sweep {sweep} ({type(err).__name__}: {err}); "
-                        f"the coordinator keeps the state of sweep {sweep - 1}"
-                    ) from err
+                msg = replies[site]
                 if not isinstance(msg, Mapping) or not {"mean", "cov", "draws", "diagnostics"} <= set(msg):
                     raise ep.SiteError(f"site {site!r} sent a message without mean, cov, draws and diagnostics")
                 mean, cov, draws = ep.check_moments(msg["mean"], msg["cov"], msg["draws"], len(cav.shift), site)

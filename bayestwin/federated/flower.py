@@ -115,19 +115,43 @@ class FlowerSite:
     def __repr__(self) -> str:
         return f"FlowerSite({self.name!r}, node {self.node_id})"
 
-    def answer(self, kind: str, body: Mapping) -> dict:
+    def _request(self, kind: str, body: Mapping):
         _, Message, _ = _flwr()
-        msg = Message(_envelope(kind=kind, body=json.dumps(body)), dst_node_id=self.node_id, message_type=MESSAGE_TYPE)
-        replies = list(self.grid.send_and_receive([msg], timeout=self.timeout))
-        if not replies:
+        return Message(_envelope(kind=kind, body=json.dumps(body)), dst_node_id=self.node_id, message_type=MESSAGE_TYPE)
+
+    def _read(self, reply, kind: str) -> dict:
+        if reply is None:
             raise SiteError(f"site {self.name!r} did not answer a {kind!r} message within {self.timeout:g} s")
-        reply = replies[0]
         if reply.has_error():
             raise SiteError(f"site {self.name!r}: Flower reports {reply.error.code}: {reply.error.reason}")
         record = reply.content[RECORD]
         if str(record["error"]):
             raise SiteError(f"site {self.name!r} failed: {record['error']}")
         return json.loads(str(record["body"]))
+
+    def answer(self, kind: str, body: Mapping) -> dict:
+        replies = list(self.grid.send_and_receive([self._request(kind, body)], timeout=self.timeout))
+        return self._read(replies[0] if replies else None, kind)
+
+    @staticmethod
+    def answer_all(handles: list[FlowerSite], kind: str, bodies: list[Mapping]) -> list:
+        """Send one request to each site at once (the sites work at the same time) and return
+        each site's answer, or the :class:`SiteError` it gave, in the order of ``handles``."""
+        if len({id(h.grid) for h in handles}) > 1:  # not one federation: one at a time
+            return [FlowerSite._try(h.answer, kind, b) for h, b in zip(handles, bodies, strict=True)]
+        grid, timeout = handles[0].grid, max(h.timeout for h in handles)
+        replies = grid.send_and_receive(
+            [h._request(kind, b) for h, b in zip(handles, bodies, strict=True)], timeout=timeout
+        )
+        by_node = {int(r.metadata.src_node_id): r for r in replies}
+        return [FlowerSite._try(h._read, by_node.get(h.node_id), kind) for h in handles]
+
+    @staticmethod
+    def _try(fn, *args):
+        try:
+            return fn(*args)
+        except SiteError as err:
+            return err
 
 
 def _site_name(grid, node: int, timeout: float) -> str:
