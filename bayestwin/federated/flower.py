@@ -93,7 +93,7 @@ def site_app(load: Callable[[object], tuple[str, Cohort]]):
                 state = context.state
                 if kind == "shared schema":  # kept by Flower for this node's later messages
                     state[RECORD] = _envelope(shared=json.dumps(body))[RECORD]
-                elif kind == "cavity" and site._fit is None and RECORD in state:
+                elif kind == "cavity" and not site.agreed and RECORD in state:
                     site.answer("shared schema", json.loads(str(state[RECORD]["shared"])))
                 reply = site.answer(kind, body)
             content = _envelope(site=name, body=json.dumps(reply), error="")
@@ -156,9 +156,8 @@ class FlowerSite:
 
 def _site_name(grid, node: int, timeout: float) -> str:
     """Ask the node which site it is (a ``"name"`` request; the name comes in the reply's envelope)."""
-    _, Message, _ = _flwr()
-    msg = Message(_envelope(kind="name", body="{}"), dst_node_id=node, message_type=MESSAGE_TYPE)
-    replies = list(grid.send_and_receive([msg], timeout=timeout))
+    request = FlowerSite(grid, node, f"node {node}", timeout)._request("name", {})
+    replies = list(grid.send_and_receive([request], timeout=timeout))
     if not replies or replies[0].has_error():
         raise SiteError(f"node {node} did not say which site it is within {timeout:g} s")
     record = replies[0].content[RECORD]
@@ -220,6 +219,10 @@ def coordinator_app(
     from bayestwin.federated.fit import Coordinator
 
     settings, sweeps = _settings(fit)
+    if out is not None:
+        from bayestwin.io import check_target
+
+        check_target(out)  # refused now, not after the fit
     app = ServerApp()
 
     @app.main()

@@ -337,6 +337,11 @@ class Site:
     def __repr__(self) -> str:
         return f"Site({self.name!r}, {self.cohort.n_patients} patients; its rows stay here)"
 
+    @property
+    def agreed(self) -> bool:
+        """Whether the site has read its rows with a shared schema (and can answer a cavity)."""
+        return self._fit is not None
+
     def answer(self, kind: str, body: Mapping) -> dict:
         """The site's reply to one message from the coordinator (module docstring)."""
         if kind == "schema summary":
@@ -380,7 +385,7 @@ class Site:
         return {"columns": {f: (list(v) if isinstance(v, tuple) else v) for f, v in cols.__dict__.items()}}
 
     def _tilted(self, body: Mapping) -> dict:
-        if self._fit is None:
+        if not self.agreed:
             raise SiteError(f"site {self.name!r} got a cavity before the shared schema")
         if not isinstance(body, Mapping) or set(body) != {"precision", "shift", "seed"}:
             got = sorted(body) if isinstance(body, Mapping) else type(body).__name__
