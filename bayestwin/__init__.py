@@ -3,9 +3,29 @@
 Cohort -> fit -> Population -> condition -> Twin -> predict -> Forecast.
 """
 
+import os as _os
 import warnings as _warnings
 
 import jax as _jax
+
+
+def _keep_xla_flags() -> None:
+    """Move a host device count to the end of ``$XLA_FLAGS``, before PyMC's JAX module reads it.
+
+    PyMC's JAX module, imported below, rewrites ``$XLA_FLAGS`` at import: it drops a device
+    count with a greedy pattern (``--xla_force_host_platform_device_count=.+\\s``) that drops
+    every flag after it too, then asks for 100 host devices. A process started from a process
+    that imported it inherits the count first, so its other XLA flags were lost (found when a
+    Flower site's ClientApp, started by its SuperNode, compiled at XLA's default level instead
+    of its parent's and sampled other chains). Last in the string, the count is kept whole.
+    """
+    flags = _os.environ.get("XLA_FLAGS", "").split()
+    count = [f for f in flags if f.startswith("--xla_force_host_platform_device_count=")]
+    if count and flags[-len(count) :] != count:
+        _os.environ["XLA_FLAGS"] = " ".join([*(f for f in flags if f not in count), *count])
+
+
+_keep_xla_flags()
 
 _jax.config.update("jax_enable_x64", True)
 from bayestwin import cache as _cache  # noqa: E402

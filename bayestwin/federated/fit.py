@@ -117,7 +117,7 @@ class Coordinator:
         )
         self.cfg.check()
         self.ledger = Ledger() if ledger is None else ledger
-        summaries = {k: self.ask(k, "schema summary", {}, 0) for k in self.names}
+        summaries = self._ask_all("schema summary", dict.fromkeys(self.names, {}), 0)
         self.schema = shared_schema(summaries, therapies)
         # what each site reported of its size (counts only): the population's patients and rows
         self.sizes = {
@@ -134,7 +134,7 @@ class Coordinator:
             "sites": len(self.names),
             "sampler": {k: getattr(self.cfg, k) for k in ("draws", "tune", "chains", "target_accept")},
         }
-        columns = {k: self.ask(k, "shared schema", agreed, 0) for k in self.names}
+        columns = self._ask_all("shared schema", dict.fromkeys(self.names, agreed), 0)
         first = columns[self.names[0]]
         for k, c in columns.items():
             if not isinstance(c, Mapping) or c.get("columns") != first.get("columns"):
@@ -150,21 +150,53 @@ class Coordinator:
         self.history: list[dict] = []
         self.reports: dict[str, dict] = {}
 
+    #: the kind of each answer, by the kind of request
+    ANSWERS = {"schema summary": "schema summary", "shared schema": "ready", "cavity": "tilted moments"}
+
     def ask(self, site: str, kind: str, body: dict, sweep: int) -> dict:
         """Send ``site`` one message and return its answer, both logged in the ledger (an empty
         request, such as the first ``"schema summary"``, carries nothing and is not logged)."""
         if body:
             self.ledger.record(sweep, site, "to site", kind, body)
         reply = self._sites[site].answer(kind, body)
-        answer = {"schema summary": "schema summary", "shared schema": "ready", "cavity": "tilted moments"}[kind]
-        return self.ledger.record(sweep, site, "from site", answer, reply)
+        return self.ledger.record(sweep, site, "from site", self.ANSWERS[kind], reply)
+
+    def _ask_all(self, kind: str, bodies: Mapping[str, dict], sweep: int, failed=None) -> dict:
+        """Send each site its message of ``kind`` and return each site's answer, all logged.
+        Sites whose handles can answer all at once (``answer_all``: Flower) get their messages at
+        the same time and work in parallel; otherwise one after the other. A site's error is
+        raised (the first in the sites' order), through ``failed(site, error)`` when given."""
+
+        def fail(site, err):
+            if failed is not None:
+                failed(site, err)
+            raise err
+
+        handles = [self._sites[n] for n in self.names]
+        together = getattr(type(handles[0]), "answer_all", None)
+        replies = {}
+        if together is not None and all(type(h) is type(handles[0]) for h in handles):
+            for name in self.names:
+                if bodies[name]:
+                    self.ledger.record(sweep, name, "to site", kind, bodies[name])
+            answers = together(handles, kind, [bodies[n] for n in self.names])
+            for name, reply in zip(self.names, answers, strict=True):
+                if isinstance(reply, Exception):
+                    fail(name, reply)
+                replies[name] = self.ledger.record(sweep, name, "from site", self.ANSWERS[kind], reply)
+            return replies
+        for name in self.names:
+            try:
+                replies[name] = self.ask(name, kind, bodies[name], sweep)
+            except Exception as err:  # noqa: BLE001 - a site that fails or drops out is named
+                fail(name, err)
+        return replies
 
     def _ask_sweep(self, sweep: int) -> dict:
         """Send every site its cavity (the sweep's approximation without the site's factor, as
-        :func:`~bayestwin.federated.ep.sweep` computes it) and return each site's answer. Sites
-        whose handles can answer all at once (``answer_all``: Flower) get their messages at the
-        same time and work in parallel; otherwise one after the other. A site that fails or does
-        not answer raises :class:`SiteError` naming it (the first in the sites' order)."""
+        :func:`~bayestwin.federated.ep.sweep` computes it) and return each site's answer
+        (:meth:`_ask_all`). A site that fails or does not answer raises :class:`SiteError` naming
+        it (the first in the sites' order)."""
         approx = ep.product([self.prior, *self.sites])
         bodies = {
             name: _gaussian_message(ep.cavity(approx, old, name)) | {"seed": self.seed + 1000 * sweep + k}
@@ -179,24 +211,7 @@ class Coordinator:
                 f"the coordinator keeps the state of sweep {sweep - 1}"
             ) from err
 
-        handles = [self._sites[n] for n in self.names]
-        together = getattr(type(handles[0]), "answer_all", None)
-        replies = {}
-        if together is not None and all(type(h) is type(handles[0]) for h in handles):
-            for name in self.names:
-                self.ledger.record(sweep, name, "to site", "cavity", bodies[name])
-            answers = together(handles, "cavity", [bodies[n] for n in self.names])
-            for name, reply in zip(self.names, answers, strict=True):
-                if isinstance(reply, Exception):
-                    failed(name, reply)
-                replies[name] = self.ledger.record(sweep, name, "from site", "tilted moments", reply)
-            return replies
-        for name in self.names:
-            try:
-                replies[name] = self.ask(name, "cavity", bodies[name], sweep)
-            except Exception as err:  # noqa: BLE001 - a site that fails or drops out is named
-                failed(name, err)
-        return replies
+        return self._ask_all("cavity", bodies, sweep, failed)
 
     def run(self, iterations: int = 6, *, damping: float = 1.0, tol: float = 0.1) -> Coordinator:
         """Run EP sweeps until one moves the approximation by less than ``tol`` (means in

@@ -154,16 +154,25 @@ class FlowerSite:
             return err
 
 
-def _site_name(grid, node: int, timeout: float) -> str:
-    """Ask the node which site it is (a ``"name"`` request; the name comes in the reply's envelope)."""
-    request = FlowerSite(grid, node, f"node {node}", timeout)._request("name", {})
-    replies = list(grid.send_and_receive([request], timeout=timeout))
-    if not replies or replies[0].has_error():
-        raise SiteError(f"node {node} did not say which site it is within {timeout:g} s")
-    record = replies[0].content[RECORD]
-    if str(record["error"]):
-        raise SiteError(f"node {node} failed to load its site: {record['error']}")
-    return str(record["site"])
+def _site_names(grid, nodes: list[int], timeout: float) -> dict[str, FlowerSite]:
+    """Ask every node at once which site it is (a ``"name"`` request; the name comes in the
+    reply's envelope); return a handle per site name."""
+    asked = [FlowerSite(grid, node, f"node {node}", timeout) for node in nodes]
+    replies = grid.send_and_receive([h._request("name", {}) for h in asked], timeout=timeout)
+    by_node = {int(r.metadata.src_node_id): r for r in replies}
+    handles: dict[str, FlowerSite] = {}
+    for node in nodes:
+        reply = by_node.get(node)
+        if reply is None or reply.has_error():
+            raise SiteError(f"node {node} did not say which site it is within {timeout:g} s")
+        record = reply.content[RECORD]
+        if str(record["error"]):
+            raise SiteError(f"node {node} failed to load its site: {record['error']}")
+        site = str(record["site"])
+        if site in handles:
+            raise SiteError(f"two nodes ({handles[site].node_id} and {node}) say they are site {site!r}")
+        handles[site] = FlowerSite(grid, node, site, timeout)
+    return handles
 
 
 def _nodes(grid, n: int, timeout: float) -> list[int]:
@@ -190,6 +199,26 @@ def _settings(fit: Mapping) -> tuple[dict, dict]:
     return {k: fit[k] for k in COORDINATOR if k in fit}, {k: fit[k] for k in SWEEPS if k in fit}
 
 
+def coordinate(grid, sites: int, family="progression", *, timeout: float = 3600.0, ledger=None, **fit):
+    """Run the federated fit over the ``sites`` nodes connected to Flower's ``grid`` (inside a
+    ``ServerApp``'s main); return ``(population, coordinator)``.
+
+    It waits for ``sites`` nodes (at most ``timeout`` seconds), asks each its site's name, then
+    runs :class:`~bayestwin.federated.fit.Coordinator` with a :class:`FlowerSite` per node, the
+    sites in the order of their names; ``fit``: the settings of
+    :func:`~bayestwin.federated.fit.federated_fit` (therapies, draws, tune, chains,
+    target_accept, seed, iterations, damping, tol). A site's error, or a site that does not
+    answer, raises :class:`SiteError` naming it.
+    """
+    from bayestwin.federated.fit import Coordinator
+
+    settings, sweeps = _settings(fit)
+    handles = _site_names(grid, _nodes(grid, sites, timeout), timeout)
+    coord = Coordinator(dict(sorted(handles.items())), family, ledger=ledger, **settings)
+    coord.run(**sweeps)
+    return coord.population(), coord
+
+
 def coordinator_app(
     sites: int,
     family="progression",
@@ -201,24 +230,19 @@ def coordinator_app(
     ledger=None,
     **fit,
 ):
-    """A Flower ``ServerApp`` that runs the federated fit over ``sites`` connected sites.
+    """A Flower ``ServerApp`` that runs the federated fit over ``sites`` connected sites
+    (:func:`coordinate`, with these settings, checked here).
 
-    It waits for ``sites`` nodes (at most ``timeout`` seconds), asks each its site's name,
-    then runs :class:`~bayestwin.federated.fit.Coordinator` with a :class:`FlowerSite` per
-    node, the sites in the order of their names; ``fit``: the settings of
-    :func:`~bayestwin.federated.fit.federated_fit` (therapies, draws, tune, chains,
-    target_accept, seed, iterations, damping, tol), checked here. The
-    population is saved to ``out`` (``bt.save``: atomic, refuses a folder it did not write)
+    The population is saved to ``out`` (``bt.save``: atomic, refuses a folder it did not write)
     and handed to ``done(population, coordinator)`` when given. If the fit fails (a site's
     error, a site that does not answer: :class:`SiteError`), ``failed(error)`` is called before
     the error ends the run (Flower logs it; the coordinator's state is that of its last
-    complete sweep).
+    complete sweep). A deployment whose settings come with each run (``flwr run``'s run
+    config): :mod:`bayestwin.federated.deploy`.
     """
     from flwr.serverapp import ServerApp
 
-    from bayestwin.federated.fit import Coordinator
-
-    settings, sweeps = _settings(fit)
+    _settings(fit)
     if out is not None:
         from bayestwin.io import check_target
 
@@ -228,23 +252,11 @@ def coordinator_app(
     @app.main()
     def main(grid, context):
         try:
-            _coordinate(grid)
+            population, coord = coordinate(grid, sites, family, timeout=timeout, ledger=ledger, **fit)
         except Exception as err:
             if failed is not None:
                 failed(err)
             raise
-
-    def _coordinate(grid):
-        nodes = _nodes(grid, sites, timeout)
-        handles = {}
-        for node in nodes:
-            site = _site_name(grid, node, timeout)
-            if site in handles:
-                raise SiteError(f"two nodes ({handles[site].node_id} and {node}) say they are site {site!r}")
-            handles[site] = FlowerSite(grid, node, site, timeout)
-        coord = Coordinator(dict(sorted(handles.items())), family, ledger=ledger, **settings)
-        coord.run(**sweeps)
-        population = coord.population()
         if out is not None:
             from bayestwin.io import save
 
