@@ -281,9 +281,8 @@ def flower_fit(
     One virtual SuperNode per site, each site's ``ClientApp`` in a Ray worker process (with
     ``cpus_per_site`` CPUs); the coordinator's ``ServerApp`` in this process. ``fit``: the
     settings of ``federated_fit`` (therapies, draws, tune, chains, target_accept, seed,
-    iterations, damping, tol); the result is the same kind of population. With the same seed
-    the sites get the same messages as on the local path, but their samplers' last bits differ
-    in other processes, so the chains, hence the population, differ within Monte-Carlo error.
+    iterations, damping, tol); the result is the local path's population: with the same seed
+    and XLA flags, the sites send and receive the local path's messages byte for byte.
     """
     from flwr.simulation import run_simulation
 

@@ -291,33 +291,22 @@ def on_flower(simulated):
     return pop, ledger
 
 
-def test_flower_carries_the_same_messages_and_the_sites_sample_the_same_tilted_distributions(federated, on_flower):
-    """Up to each site's first answer the messages are the local path's, byte for byte (schema
-    summaries, shared schema, column names, cavities). The tilted moments then come from NUTS
-    in another process, whose arithmetic differs in the last bits (a table passed through Ray's
-    serialisation already changes them), so the chains differ: each site's tilted means must
-    agree within 4.5 Monte-Carlo SEs (sqrt(var / ESS) of each, ESS the smaller bulk ESS each
-    site reports), over 12 coordinates x 3 sites."""
+def test_flower_carries_the_local_paths_messages_byte_for_byte(federated, on_flower):
+    """The first sweep on Flower (each site's ClientApp in a Ray worker process, its table passed
+    there by Ray's serialisation) sends and receives the local path's messages byte for byte:
+    schema summaries, shared schema, column names, cavities, and each site's tilted moments,
+    sampled by NUTS in another process with the same seed. (Until bayestwin kept the XLA flags a
+    process passes on to its children, the workers compiled at another optimisation level and
+    their chains differed within Monte-Carlo error: see ``bayestwin/__init__.py``.)"""
     _, _, local = federated
     pop, ledger = on_flower
     first = {(m["round"], m["site"], m["direction"], m["kind"]): m["body"] for m in local.messages if m["round"] <= 1}
     sent = {(m["round"], m["site"], m["direction"], m["kind"]): m["body"] for m in ledger.messages}
-    assert len(sent) == len(ledger.messages) == len(first) == 15 and set(sent) == set(first)
+    assert len(sent) == len(ledger.messages) == len(first) == 15
+    assert sent == first
     # the cavities went to the three sites at once, before any answer came back
     order = [(m["round"], m["kind"]) for m in ledger.messages]
     assert order[-6:] == [(1, "cavity")] * 3 + [(1, "tilted moments")] * 3
-    z = []
-    for key, body in first.items():
-        if key[3] != "tilted moments":
-            assert sent[key] == body, key
-            continue
-        x, y = json.loads(body), json.loads(sent[key])
-        var = np.diag(np.asarray(x["cov"]))
-        se = np.sqrt(var / x["draws"] + np.diag(np.asarray(y["cov"])) / y["draws"])
-        z.append(np.abs(np.asarray(x["mean"]) - np.asarray(y["mean"])) / se)
-    z = np.concatenate(z)
-    print("largest |difference| / MC SE", z.max().round(2))
-    assert len(z) == 36 and np.all(z <= 4.5)
     assert pop.sampler["method"] == "ep" and pop.sampler["sites"] == ["hospital_0", "hospital_1", "hospital_2"]
     assert pop.sampler["bytes_sent"] == ledger.nbytes
 
