@@ -13,7 +13,8 @@ coordinator's ``ServerApp`` where the SuperLink is; this module is that Flower A
 - :data:`server`: the coordinator. Its settings come with each run, as Flower's run config
   (:data:`RUN_CONFIG`: the number of sites, the family, the NUTS and EP settings, ``out``, the
   folder the population is saved into, and ``ledger``, a JSON file of every message that
-  crossed the wire, both absolute paths), checked before anything runs.
+  crossed the wire, written also when the run fails; both absolute paths), checked before
+  anything runs.
 - :func:`write_app` writes the App's ``pyproject.toml`` (Flower builds a FAB from its folder;
   the code is this installed package).
 
@@ -149,12 +150,14 @@ def _serve(grid, context) -> None:
     settings = run_settings(context.run_config)
     ledger = Ledger()
     fit = {k: settings[k] for k in (*COORDINATOR, *SWEEPS)}
-    population, _ = coordinate(
-        grid, settings["sites"], settings["family"], timeout=settings["timeout"], ledger=ledger, **fit
-    )
-    save(population, settings["out"])
-    if settings["ledger"]:
-        write_file(settings["ledger"], json.dumps(ledger.messages, indent=1))
+    try:
+        population, _ = coordinate(
+            grid, settings["sites"], settings["family"], timeout=settings["timeout"], ledger=ledger, **fit
+        )
+        save(population, settings["out"])
+    finally:  # what crossed the wire is kept, also when a site failed the run
+        if settings["ledger"]:
+            write_file(settings["ledger"], json.dumps(ledger.messages, indent=1))
 
 
 def _server_app():

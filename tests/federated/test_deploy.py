@@ -135,7 +135,7 @@ def deployed(tmp_path_factory):
             dep.supernode(name, site)
         done = dep.run(app, out=str(root / "population"), ledger=str(root / "ledger.json"))
         dep.supernode("nowhere", root / "hospitals" / "nowhere" / "site.toml")
-        failed = dep.run(app, sites=3, out=str(root / "population-3"))
+        failed = dep.run(app, sites=3, out=str(root / "population-3"), ledger=str(root / "ledger-3.json"))
     finally:
         dep.stop()
     return root, sites, done, failed
@@ -185,6 +185,7 @@ def test_a_site_that_cannot_read_its_table_fails_the_deployed_run_by_name(deploy
     log = failed.stdout + failed.stderr
     assert "failed to load its site: SpecError:" in log and "nowhere/site.toml: cannot read it" in log, log
     assert not (root / "population-3").exists()
+    assert json.loads((root / "ledger-3.json").read_text()) == []  # it failed before any message to a site
 
 
 # ------------------------------------------------------------------ what a deployment reads
