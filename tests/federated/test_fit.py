@@ -276,43 +276,51 @@ def test_a_site_table_of_another_kind_is_refused(simulated):
 
 
 # ------------------------------------------------------------------- the same exchange on Flower
+#: The Flower tests' fit: two sweeps at small sizes (the messages are compared bit for bit, so
+#: they need no Monte-Carlo precision; the local path's accuracy is the tests above)
+ON_FLOWER = {"therapies": THERAPIES, "draws": 200, "tune": 200, "seed": 2, "iterations": 2}
+
+
 @pytest.fixture(scope="module")
 def on_flower(simulated):
-    """The federated fixture's first sweep again, on Flower's simulation engine (each site's
-    ClientApp in a Ray worker process, the coordinator's ServerApp here)."""
+    """Two sweeps on Flower's simulation engine (each site's ClientApp in a Ray worker process,
+    its table passed there by Ray's serialisation; the coordinator's ServerApp here), and the
+    same on the local path."""
     pytest.importorskip("flwr", reason="Flower is in the test extra (bayestwin[federated])")
     from bayestwin.federated.flower import flower_fit
 
     train, _, _ = simulated
-    ledger = Ledger()
+    ledger, local = Ledger(), Ledger()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pop = flower_fit(_sites(train), therapies=THERAPIES, draws=1000, tune=1000, seed=2, iterations=1, ledger=ledger)
-    return pop, ledger
+        pop = flower_fit(_sites(train), ledger=ledger, **ON_FLOWER)
+        here = federated_fit(_sites(train), ledger=local, **ON_FLOWER)
+    return pop, ledger, here, local
 
 
-def test_flower_carries_the_local_paths_messages_byte_for_byte(federated, on_flower):
-    """The first sweep on Flower (each site's ClientApp in a Ray worker process, its table passed
-    there by Ray's serialisation) sends and receives the local path's messages byte for byte:
-    schema summaries, shared schema, column names, cavities, and each site's tilted moments,
-    sampled by NUTS in another process with the same seed. (Until bayestwin kept the XLA flags a
-    process passes on to its children, the workers compiled at another optimisation level and
-    their chains differed within Monte-Carlo error: see ``bayestwin/__init__.py``.)"""
-    _, _, local = federated
-    pop, ledger = on_flower
-    first = {(m["round"], m["site"], m["direction"], m["kind"]): m["body"] for m in local.messages if m["round"] <= 1}
+def test_flower_carries_the_local_paths_messages_byte_for_byte(on_flower):
+    """On Flower the coordinator and the sites send the local path's messages byte for byte
+    (schema summaries, shared schema, column names, cavities, and each site's tilted moments,
+    sampled by NUTS in another process with the same seed), so the population is the local
+    path's, draw for draw. (Until bayestwin kept the XLA flags a process passes on to its
+    children, the workers compiled at another optimisation level and their chains differed
+    within Monte-Carlo error: see ``bayestwin/__init__.py``.)"""
+    pop, ledger, here, local = on_flower
     sent = {(m["round"], m["site"], m["direction"], m["kind"]): m["body"] for m in ledger.messages}
-    assert len(sent) == len(ledger.messages) == len(first) == 15
-    assert sent == first
-    # the cavities went to the three sites at once, before any answer came back
+    want = {(m["round"], m["site"], m["direction"], m["kind"]): m["body"] for m in local.messages}
+    assert len(sent) == len(ledger.messages) == len(local.messages) == 21
+    assert sent == want
+    # each sweep's cavities went to the three sites at once, before any answer came back
     order = [(m["round"], m["kind"]) for m in ledger.messages]
-    assert order[-6:] == [(1, "cavity")] * 3 + [(1, "tilted moments")] * 3
+    assert order[-6:] == [(2, "cavity")] * 3 + [(2, "tilted moments")] * 3
     assert pop.sampler["method"] == "ep" and pop.sampler["sites"] == ["hospital_0", "hospital_1", "hospital_2"]
-    assert pop.sampler["bytes_sent"] == ledger.nbytes
+    assert pop.sampler["bytes_sent"] == ledger.nbytes and pop.sampler["history"] == here.sampler["history"]
+    for name, values in here.idata.posterior.items():
+        np.testing.assert_array_equal(pop.idata.posterior[name].values, values.values)
 
 
 def test_no_row_or_pseudonym_leaves_a_site_on_flower(on_flower, simulated):
-    _, ledger = on_flower
+    _, ledger, _, _ = on_flower
     train, _, _ = simulated
     text = "\n".join(m["body"] for m in ledger.messages)
     for cohort in _sites(train).values():
