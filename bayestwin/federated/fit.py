@@ -169,7 +169,7 @@ class Coordinator:
 
         def fail(site, err):
             if failed is not None:
-                failed(site, err)
+                failed(site, err)  # raises the error it makes of err
             raise err
 
         handles = [self._sites[n] for n in self.names]

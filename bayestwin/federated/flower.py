@@ -139,11 +139,8 @@ class FlowerSite:
         each site's answer, or the :class:`SiteError` it gave, in the order of ``handles``."""
         if len({id(h.grid) for h in handles}) > 1:  # not one federation: one at a time
             return [FlowerSite._try(h.answer, kind, b) for h, b in zip(handles, bodies, strict=True)]
-        grid, timeout = handles[0].grid, max(h.timeout for h in handles)
-        replies = grid.send_and_receive(
-            [h._request(kind, b) for h, b in zip(handles, bodies, strict=True)], timeout=timeout
-        )
-        by_node = {int(r.metadata.src_node_id): r for r in replies}
+        requests = [h._request(kind, b) for h, b in zip(handles, bodies, strict=True)]
+        by_node = _send_all(handles[0].grid, requests, max(h.timeout for h in handles))
         return [FlowerSite._try(h._read, by_node.get(h.node_id), kind) for h in handles]
 
     @staticmethod
@@ -154,12 +151,16 @@ class FlowerSite:
             return err
 
 
+def _send_all(grid, requests: list, timeout: float) -> dict:
+    """Send the requests at once and return the replies that came back, by the node that sent each."""
+    return {int(r.metadata.src_node_id): r for r in grid.send_and_receive(requests, timeout=timeout)}
+
+
 def _site_names(grid, nodes: list[int], timeout: float) -> dict[str, FlowerSite]:
     """Ask every node at once which site it is (a ``"name"`` request; the name comes in the
     reply's envelope); return a handle per site name."""
     asked = [FlowerSite(grid, node, f"node {node}", timeout) for node in nodes]
-    replies = grid.send_and_receive([h._request("name", {}) for h in asked], timeout=timeout)
-    by_node = {int(r.metadata.src_node_id): r for r in replies}
+    by_node = _send_all(grid, [h._request("name", {}) for h in asked], timeout)
     handles: dict[str, FlowerSite] = {}
     for node in nodes:
         reply = by_node.get(node)
