@@ -65,7 +65,11 @@ def test_a_formula_twin_matches_a_full_refit(formula_fit, simulated):
     [
         ("y ~ time + log(age) + (1 | patient)", "function terms are not supported"),
         ("y ~ time + (1 | patient) + (0 + time | patient)", "write the patient effects as one group term"),
-        ("y ~ time + (1 | site)", "group terms are by patient, not by ['site']"),
+        ("y ~ time + (1 | site)", "the formula has no (... | patient) term"),
+        ("y ~ time + (1 | patient) + (1 | site) + (0 + time | site)", "write the effects by 'site' as one group term"),
+        ("y ~ time + site + (1 | patient) + (1 | site)", "'site' is both a grouping factor and a common term"),
+        ("y ~ time + (1 | patient) + (1 | time)", "a group term is by patient or by one categorical covariate"),
+        ("y ~ time + (1 + site | patient) + (1 | site)", "the group term by 'patient' has the variable 'site'"),
         ("y ~ time + therapy", "the formula has no (... | patient) term"),
         ("y time", "a formula reads 'outcome ~ terms'"),
     ],
@@ -85,6 +89,95 @@ def test_unknown_variables_and_likelihoods_are_refused_before_fitting():
         bt.fit(cohort, bt.Formula("y ~ time + weight + (1 | patient)", likelihood="poisson"), draws=10, tune=10)
     with pytest.raises(ValueError, match="likelihood must be one of"):
         bt.Formula("y ~ time + (1 | patient)", likelihood="gamma")
+
+
+def _sites(n: int = 40, offsets=(-10.0, -3.0, 3.0, 10.0), seed: int = 5):
+    """The progression simulation with a site (hospital) column, patients spread over the
+    sites in turn, and each site's offset added to its patients' outcomes."""
+    from bayestwin.families.progression import simulate
+
+    df, truth = simulate(n_patients=n, seed=seed)
+    sites = {p: f"h{j % len(offsets)}" for j, p in enumerate(df.patient.unique())}
+    df["site"] = df.patient.map(sites)
+    df["outcome"] += df.site.map({f"h{k}": o for k, o in enumerate(offsets)})
+    return df, truth, sites
+
+
+SITE_FORMULA = "y ~ time + time:therapy + (1 + time | patient) + (1 | site)"
+
+
+def test_a_site_term_adds_each_patients_sites_effect_to_its_rows():
+    """``(1 | site)``: population-level effects by level of a categorical covariate, read from the
+    patient's one-hot columns (the reference level included), added to every row of the patient."""
+    df, _, _ = _sites(8)
+    cohort = bt.Cohort(df, covariates=["site"], therapies=THERAPIES, key=KEY)
+    fam = bt.Formula("y ~ time + (1 | patient) + (1 | site)")
+    design = fam.design(cohort.frame, cohort.baseline, cohort.schema)
+    model = fam.build_model(design, cohort.schema)
+    assert fam.patient_vars == ("z",)  # the site's effects are the population's, not the patient's
+    assert model.named_vars_to_dims["site_effects"] == ("site", "site_effect")
+    assert list(model.coords["site"]) == ["h0", "h1", "h2", "h3"]
+    mu = model.replace_rvs_by_values([model["y"].owner.op.dist_params(model["y"].owner)[0]])[0]
+    point = model.initial_point()
+    point["beta"] = np.array([50.0, 0.5])
+    point["z"] = np.zeros_like(point["z"])
+    point["site_effects"] = np.array([[1.0], [2.0], [3.0], [4.0]])
+    values = [v for v in model.value_vars if v.name in ("beta", "z", "patient_sd_log__", "site_effects")]
+    got = model.compile_fn(mu, inputs=values)({v.name: point[v.name] for v in values})
+    level = cohort.baseline["site"].str[1:].astype(int).reindex(cohort.frame["patient"]).to_numpy()
+    want = 50.0 + 0.5 * cohort.frame["time"].to_numpy() + (level + 1.0)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_a_site_term_needs_a_categorical_covariate():
+    df, _, _ = _sites(8)
+    cohort = bt.Cohort(df, therapies=THERAPIES, key=KEY)  # no covariates: site is not read
+    with pytest.raises(
+        FamilyError, match=r"the group term \(\.\.\. \| site\) needs 'site' to be a categorical covariate"
+    ):
+        bt.fit(cohort, bt.Formula(SITE_FORMULA), draws=10, tune=10)
+
+
+@pytest.mark.slow
+def test_site_effects_are_recovered_and_a_new_patients_twin_takes_its_sites():
+    """Four sites with offsets -10, -3, 3, 10 (the patients' own SD is 6): the fitted site
+    effects, centred, recover the levels the data carry (each site's offset plus the mean of its
+    patients' simulated own intercepts, centred), within 3 posterior SDs. A new patient's twin
+    reads its site from its table; a site the population has not seen is refused by name."""
+    df, truth, sites = _sites()
+    train = df[df.patient.isin(list(sites)[:36])]
+    cohort = bt.Cohort(train, covariates=["site"], therapies=THERAPIES, key=KEY)
+    pop = bt.fit(cohort, bt.Formula(SITE_FORMULA), draws=1000, tune=1000, seed=1, progressbar=False)
+    assert pop.verdict.converged, str(pop.verdict)
+    effects = pop.posterior["site_effects"].sel(site_effect="Intercept")
+    centred = effects - effects.mean("site")
+    offsets = np.array([-10.0, -3.0, 3.0, 10.0])
+    fitted = set(train.patient)
+    own = [np.mean([truth["patient_intercept"][p] for p in fitted if sites[p] == f"h{k}"]) for k in range(4)]
+    level = offsets + np.array(own)
+    want = level - level.mean()
+    got, sd = centred.mean(["chain", "draw"]).to_numpy(), centred.std(["chain", "draw"]).to_numpy()
+    print("centred site effects", np.round(got, 2), "+-", np.round(sd, 2), "want", np.round(want, 2))
+    assert np.all(np.abs(got - want) <= 3 * sd)
+
+    # virtual patients at a site (the population's posterior mean; the same seed, so the same
+    # patients' own effects): at time 0 their levels differ by exactly the sites' effects
+    from bayestwin.trials import virtual_cohort
+
+    at = {
+        s: virtual_cohort(pop, 50, times=[0.0], covariates={"site": s}, uncertainty="mean", seed=3)["mean"]
+        for s in ("h0", "h3")
+    }
+    gap = (at["h3"] - at["h0"]).to_numpy()
+    mean = effects.mean(["chain", "draw"])
+    np.testing.assert_allclose(gap, float(mean.sel(site="h3") - mean.sel(site="h0")), rtol=1e-9)
+
+    new = df[df.patient == list(sites)[39]].iloc[:3]  # site h3, its first three visits
+    twin = pop.condition(new, key=KEY, seed=2)
+    assert twin.verdict.converged
+    assert np.isfinite(twin.predict(times=[12.0]).draws["mean"].to_numpy()).all()
+    with pytest.raises(ValueError, match=r"level 'h9' was not seen in fitting \(known: \['h0', 'h1', 'h2', 'h3'\]\)"):
+        pop.condition(new.assign(site="h9"), key=KEY)
 
 
 def test_a_bambi_model_becomes_the_same_formula():
