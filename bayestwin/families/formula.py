@@ -165,6 +165,11 @@ class Formula(Model):
         self._terms = _parse(formula)
         super().__init__(self._build, prediction=prediction)
 
+    @property
+    def grouping_factors(self) -> tuple[str, ...]:
+        """The categorical covariates with a group term of their own (sites), besides ``patient``."""
+        return tuple(self._terms[4])
+
     def config(self) -> dict:
         return {
             "family": self.name,

@@ -108,6 +108,14 @@ class Coordinator:
         if len(set(self.names)) < len(self.names):
             raise ValueError(f"site names must be distinct, not {self.names}")
         self.family = get_family(family)
+        grouped = tuple(getattr(self.family, "grouping_factors", ()))
+        if grouped:
+            raise ValueError(
+                f"a federated fit does not yet take effects by {grouped[0]!r} ({self.family!r}): each level's "
+                "effect would be a population parameter that one site's rows inform, and the other sites' "
+                "moments of it only Monte-Carlo noise (on four simulated sites EP's approximation became "
+                f"improper); fit it on a pooled table, or leave the (... | {grouped[0]}) term out across sites"
+            )
         self._sites = {
             str(k): s if callable(getattr(s, "answer", None)) else Site(str(k), s, family=self.family)
             for k, s in sites.items()

@@ -275,6 +275,22 @@ def test_a_site_table_of_another_kind_is_refused(simulated):
         federated_fit({"h0": train})
 
 
+def test_site_level_effects_are_refused_across_sites_before_any_message(simulated):
+    """A formula's (1 | site) term: each level's effect is informed by one site's rows only;
+    EP over sites does not model that yet, so the coordinator refuses it before asking anything."""
+    train, _, _ = simulated
+    table = train.assign(site=train.patient.map(lambda p: f"h{int(p[-2:]) % 3}"))
+    sites = {
+        f"h{j}": bt.Cohort(table[table.site == f"h{j}"], covariates=["site"], therapies=THERAPIES, key=KEY)
+        for j in range(3)
+    }
+    ledger = Ledger()
+    family = bt.Formula("y ~ time + (1 | patient) + (1 | site)")
+    with pytest.raises(ValueError, match=r"^a federated fit does not yet take effects by 'site' \(Formula\("):
+        federated_fit(sites, family, ledger=ledger)
+    assert ledger.messages == []
+
+
 # ------------------------------------------------------------------- the same exchange on Flower
 #: The Flower tests' fit: two sweeps at small sizes (the messages are compared bit for bit, so
 #: they need no Monte-Carlo precision; the local path's accuracy is the tests above)
