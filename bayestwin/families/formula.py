@@ -338,16 +338,16 @@ def _group_effects(factor: str, names: list[str], scales: list, sy: float, model
     scale = np.array([sy if s is None else sy / s for s in scales])
     model.add_coord(f"{factor}_effect", names)
     dims = (factor, f"{factor}_effect")
+    z = pm.Normal("z", 0.0, 1.0, dims=dims) if factor == "patient" else None  # first: the variables' order
     prior = pm.Gamma.dist(alpha=2.0, beta=2.0 / scale, shape=len(names))
     if len(names) > 1:
         chol = lkj_cholesky(f"{factor}_chol", f"{factor}_effect", eta=2.0, sd_dist=prior, stds_name=f"{factor}_sd")
     else:
         sd = pm.Gamma(f"{factor}_sd", alpha=2.0, beta=2.0 / scale, dims=f"{factor}_effect")
-    if factor != "patient":
+    if z is None:  # a site's effects, centred
         if len(names) > 1:
             return pm.MvNormal(f"{factor}_effects", mu=pt.zeros(len(names)), chol=chol, dims=dims)
         return pm.Normal(f"{factor}_effects", 0.0, sd, dims=dims)
-    z = pm.Normal("z", 0.0, 1.0, dims=dims)
     b = z @ chol.T if len(names) > 1 else z * sd
     return pm.Deterministic(f"{factor}_effects", b, dims=dims)
 
