@@ -128,6 +128,18 @@ def test_a_site_term_adds_each_patients_sites_effect_to_its_rows():
     want = 50.0 + 0.5 * cohort.frame["time"].to_numpy() + (level + 1.0)
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
+    # (1 + time | site): each site's level and slope, LKJ-correlated, centred
+    fam = bt.Formula("y ~ time + (1 | patient) + (1 + time | site)")
+    model = fam.build_model(fam.design(cohort.frame, cohort.baseline, cohort.schema), cohort.schema)
+    assert list(model.coords["site_effect"]) == ["Intercept", "time"] and "site_chol" in model.named_vars
+    mu = model.replace_rvs_by_values([model["y"].owner.op.dist_params(model["y"].owner)[0]])[0]
+    point = model.initial_point() | {"beta": np.array([50.0, 0.5]), "z": np.zeros_like(point["z"])}
+    point["site_effects"] = np.array([[1.0, 0.1], [2.0, 0.2], [3.0, 0.3], [4.0, 0.4]])
+    values = [v for v in model.value_vars if v.name in ("beta", "z", "patient_sd_log__", "site_effects")]
+    got = model.compile_fn(mu, inputs=values)({v.name: point[v.name] for v in values})
+    t = cohort.frame["time"].to_numpy()
+    np.testing.assert_allclose(got, 50.0 + 0.5 * t + (level + 1.0) * (1.0 + 0.1 * t), rtol=1e-12)
+
 
 def test_a_site_term_needs_a_categorical_covariate():
     df, _, _ = _sites(8)
