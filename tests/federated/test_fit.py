@@ -28,13 +28,17 @@ def _sites(train):
     }
 
 
+#: The federated fit of these tests (on the local path, and its first two sweeps on Flower)
+FIT = {"therapies": THERAPIES, "draws": 1000, "tune": 1000, "seed": 2}
+
+
 @pytest.fixture(scope="module")
 def federated(simulated):
     train, _, _ = simulated
     sites, ledger = _sites(train), Ledger()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        pop = federated_fit(sites, therapies=THERAPIES, draws=1000, tune=1000, seed=2, ledger=ledger)
+        pop = federated_fit(sites, **FIT, ledger=ledger)
     return pop, sites, ledger
 
 
@@ -292,51 +296,48 @@ def test_site_level_effects_are_refused_across_sites_before_any_message(simulate
 
 
 # ------------------------------------------------------------------- the same exchange on Flower
-#: The Flower tests' fit: two sweeps at small sizes (the messages are compared bit for bit, so
-#: they need no Monte-Carlo precision; the local path's accuracy is the tests above)
-ON_FLOWER = {"therapies": THERAPIES, "draws": 200, "tune": 200, "seed": 2, "iterations": 2}
-
-
 @pytest.fixture(scope="module")
 def on_flower(simulated):
-    """Two sweeps on Flower's simulation engine (each site's ClientApp in a Ray worker process,
-    its table passed there by Ray's serialisation; the coordinator's ServerApp here), and the
-    same on the local path."""
+    """The first two sweeps of the federated fit above on Flower's simulation engine (each site's
+    ClientApp in a Ray worker process, its table passed there by Ray's serialisation; the
+    coordinator's ServerApp here). The local path's own sweeps are the ``federated`` fixture's:
+    EP's sweeps do not depend on how many follow (each sweep's seeds are fixed by its number)."""
     pytest.importorskip("flwr", reason="Flower is in the test extra (bayestwin[federated])")
     from bayestwin.federated.flower import flower_fit
 
     train, _, _ = simulated
-    ledger, local = Ledger(), Ledger()
+    ledger = Ledger()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pop = flower_fit(_sites(train), ledger=ledger, **ON_FLOWER)
-        here = federated_fit(_sites(train), ledger=local, **ON_FLOWER)
-    return pop, ledger, here, local
+        pop = flower_fit(_sites(train), ledger=ledger, iterations=2, **FIT)
+    return pop, ledger
 
 
-def test_flower_carries_the_local_paths_messages_byte_for_byte(on_flower):
+def test_flower_carries_the_local_paths_messages_byte_for_byte(on_flower, federated):
     """On Flower the coordinator and the sites send the local path's messages byte for byte
     (schema summaries, shared schema, column names, cavities, and each site's tilted moments,
-    sampled by NUTS in another process with the same seed), so the population is the local
-    path's, draw for draw. (Until bayestwin kept the XLA flags a process passes on to its
+    sampled by NUTS in another process with the same seed), so EP's approximation after each
+    sweep is the local path's to the last bit (the population's draws are made from it by the
+    same code on both paths). (Until bayestwin kept the XLA flags a process passes on to its
     children, the workers compiled at another optimisation level and their chains differed
     within Monte-Carlo error: see ``bayestwin/__init__.py``.)"""
-    pop, ledger, here, local = on_flower
+    pop, ledger = on_flower
+    here, _, local = federated
+    assert here.sampler["sweeps"] >= 2
     sent = {(m["round"], m["site"], m["direction"], m["kind"]): m["body"] for m in ledger.messages}
-    want = {(m["round"], m["site"], m["direction"], m["kind"]): m["body"] for m in local.messages}
-    assert len(sent) == len(ledger.messages) == len(local.messages) == 21
+    want = {(m["round"], m["site"], m["direction"], m["kind"]): m["body"] for m in local.messages if m["round"] <= 2}
+    assert len(sent) == len(ledger.messages) == len(want) == 21
     assert sent == want
     # each sweep's cavities went to the three sites at once, before any answer came back
     order = [(m["round"], m["kind"]) for m in ledger.messages]
     assert order[-6:] == [(2, "cavity")] * 3 + [(2, "tilted moments")] * 3
     assert pop.sampler["method"] == "ep" and pop.sampler["sites"] == ["hospital_0", "hospital_1", "hospital_2"]
-    assert pop.sampler["bytes_sent"] == ledger.nbytes and pop.sampler["history"] == here.sampler["history"]
-    for name, values in here.idata.posterior.items():
-        np.testing.assert_array_equal(pop.idata.posterior[name].values, values.values)
+    assert pop.sampler["bytes_sent"] == ledger.nbytes
+    assert pop.sampler["history"] == here.sampler["history"][:2]  # the approximation's moments, each sweep
 
 
 def test_no_row_or_pseudonym_leaves_a_site_on_flower(on_flower, simulated):
-    _, ledger, _, _ = on_flower
+    _, ledger = on_flower
     train, _, _ = simulated
     text = "\n".join(m["body"] for m in ledger.messages)
     for cohort in _sites(train).values():
