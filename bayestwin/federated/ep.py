@@ -179,7 +179,34 @@ def _proper(g: Gaussian) -> bool:
     return True
 
 
-def sweep(prior: Gaussian, sites: Sequence[Gaussian], tilted: Tilted, *, damping: float = 0.5, names=None):
+def marginal(g: Gaussian, idx) -> Gaussian:
+    """The marginal of the proper Gaussian ``g`` over the coordinates ``idx``, in natural parameters."""
+    idx = np.asarray(idx, int)
+    mean, cov = g.moments()
+    q = np.linalg.inv(cov[np.ix_(idx, idx)])
+    q = 0.5 * (q + q.T)
+    return Gaussian(q, q @ mean[idx])
+
+
+def restrict(g: Gaussian, idx) -> Gaussian:
+    """The natural parameters of a factor over ``idx`` alone (exact for a factor that is zero
+    outside ``idx``, as a site factor of :func:`sweep` with ``subsets`` is)."""
+    idx = np.asarray(idx, int)
+    return Gaussian(g.precision[np.ix_(idx, idx)], g.shift[idx])
+
+
+def embed(g: Gaussian, idx, d: int) -> Gaussian:
+    """A factor over the coordinates ``idx`` as a factor over all ``d`` (zeros elsewhere)."""
+    idx = np.asarray(idx, int)
+    q, r = np.zeros((d, d)), np.zeros(d)
+    q[np.ix_(idx, idx)] = g.precision
+    r[idx] = g.shift
+    return Gaussian(q, r)
+
+
+def sweep(
+    prior: Gaussian, sites: Sequence[Gaussian], tilted: Tilted, *, damping: float = 0.5, names=None, subsets=None
+):
     """One parallel EP sweep: every site updates from the same global approximation, as sites
     running at the same time do. Returns ``(sites, approx, damping)``, new objects and the
     damping used: if the updates at ``damping`` would make the global approximation or a site's
@@ -187,7 +214,14 @@ def sweep(prior: Gaussian, sites: Sequence[Gaussian], tilted: Tilted, *, damping
     again with half the damping, down to :data:`MIN_DAMPING` (damping moves EP's path, not its
     fixed points: Minka 2001; Vehtari et al. 2020, sec. 5.1). If a site fails (its ``tilted``
     raises, or it sends a malformed factor), or no damping helps, the exception propagates and
-    the caller's state is untouched."""
+    the caller's state is untouched.
+
+    ``subsets`` (one index array per site; ``None``: every site over all coordinates): the
+    coordinates site k's factor depends on, the shared parameters and its *local* ones (e.g. the
+    effects of the levels of a site factor that its rows hold; Vehtari et al. 2020, sec. 4.1 on
+    local parameters). Site k is then given the cavity's marginal over its subset (``tilted``
+    receives it), returns moments over it, and its factor is updated there and is zero
+    elsewhere: coordinates its rows do not touch get no Monte-Carlo noise from it."""
     _check_damping(damping)
     d = len(prior.shift)
     names = [str(k) for k in range(len(sites))] if names is None else [str(n) for n in names]
@@ -195,13 +229,19 @@ def sweep(prior: Gaussian, sites: Sequence[Gaussian], tilted: Tilted, *, damping
     answers = []
     for k, old in enumerate(sites):
         cav = cavity(approx, old, names[k])
+        if subsets is not None:
+            cav = marginal(cav, subsets[k])
         answers.append((cav, *tilted(k, cav)))
     delta = float(damping)
     while True:
-        updated = [
-            check_factor(site_update(old, cav, mean, cov, draws=draws, damping=delta), d, names[k])
-            for k, (old, (cav, mean, cov, draws)) in enumerate(zip(sites, answers, strict=True))
-        ]
+        updated = []
+        for k, (old, (cav, mean, cov, draws)) in enumerate(zip(sites, answers, strict=True)):
+            if subsets is None:
+                factor = site_update(old, cav, mean, cov, draws=draws, damping=delta)
+            else:
+                idx = subsets[k]
+                factor = embed(site_update(restrict(old, idx), cav, mean, cov, draws=draws, damping=delta), idx, d)
+            updated.append(check_factor(factor, d, names[k]))
         new = product([prior, *updated])
         if _proper(new) and all(_proper(new.over(u)) for u in updated):
             return tuple(updated), new, delta
@@ -223,12 +263,19 @@ def shift_in_sds(before: Gaussian, after: Gaussian) -> float:
 
 
 def expectation_propagation(
-    prior: Gaussian, tilted: Tilted, n_sites: int, *, iterations: int = 6, damping: float = 0.5, tol: float = 0.0
+    prior: Gaussian,
+    tilted: Tilted,
+    n_sites: int,
+    *,
+    iterations: int = 6,
+    damping: float = 0.5,
+    tol: float = 0.0,
+    subsets=None,
 ) -> EPResult:
     """Run EP over ``n_sites`` sites in parallel sweeps (:func:`sweep`), each site's tilted
     moments from ``tilted``, for ``iterations`` sweeps or until a sweep moves the global
     approximation by less than ``tol`` (:func:`shift_in_sds`). Returns the global approximation
-    and the site factors.
+    and the site factors. ``subsets``: each site's coordinates (:func:`sweep`).
     """
     require_whole("n_sites", n_sites, 1)  # no sites or no sweep would return the prior as if fitted
     require_whole("iterations", iterations, 1)
@@ -238,7 +285,7 @@ def expectation_propagation(
     approx = prior
     history = []
     for i in range(iterations):
-        sites, new, _ = sweep(prior, sites, tilted, damping=damping)
+        sites, new, _ = sweep(prior, sites, tilted, damping=damping, subsets=subsets)
         moved = shift_in_sds(approx, new) if i else np.inf
         approx = new
         history.append(approx.moments())

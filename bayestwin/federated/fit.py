@@ -26,7 +26,7 @@ from bayestwin.engine.fit import FitConfig
 from bayestwin.errors import require_whole
 from bayestwin.families import get_family
 from bayestwin.federated import ep
-from bayestwin.federated.site import Site, prior_gaussian, shared_schema
+from bayestwin.federated.site import Share, Site, local_effects, owners, prior_gaussian, shared_schema
 from bayestwin.review.convergence import Thresholds, Verdict
 
 
@@ -108,14 +108,6 @@ class Coordinator:
         if len(set(self.names)) < len(self.names):
             raise ValueError(f"site names must be distinct, not {self.names}")
         self.family = get_family(family)
-        grouped = tuple(getattr(self.family, "grouping_factors", ()))
-        if grouped:
-            raise ValueError(
-                f"a federated fit does not yet take effects by {grouped[0]!r} ({self.family!r}): each level's "
-                "effect would be a population parameter that one site's rows inform, and the other sites' "
-                "moments of it only Monte-Carlo noise (on four simulated sites EP's approximation became "
-                f"improper); fit it on a pooled table, or leave the (... | {grouped[0]}) term out across sites"
-            )
         self._sites = {
             str(k): s if callable(getattr(s, "answer", None)) else Site(str(k), s, family=self.family)
             for k, s in sites.items()
@@ -133,7 +125,16 @@ class Coordinator:
             "observations": {k: int(m["outcome"]["n"]) for k, m in summaries.items()},
         }
         self.program = compile_twin(self.family, self.schema, cond.padded_length(1))
-        self.prior = prior_gaussian(self.program.model, self.program.phi, seed=seed)
+        # effects by a site factor ((1 | site)) are local parameters: each site's factor lives on
+        # the shared coordinates and the levels its rows hold (bayestwin.federated.site)
+        effects = local_effects(self.family, self.schema, self.program.phi)
+        self.prior = prior_gaussian(self.program.model, self.program.phi, seed=seed, effects=effects)
+        d = len(self.prior.shift)
+        self.subsets = own = None
+        if effects:
+            seen = {k: {e.factor: set(summaries[k]["categorical"][e.factor]) for e in effects} for k in self.names}
+            own = owners(effects, seen)
+            self.subsets = [Share.of(effects, d, seen[k], own[k]).subset for k in self.names]
         agreed = {
             "schema": self.schema.to_dict(),
             "family": self.family.config(),
@@ -142,7 +143,8 @@ class Coordinator:
             "sites": len(self.names),
             "sampler": {k: getattr(self.cfg, k) for k in ("draws", "tune", "chains", "target_accept")},
         }
-        columns = self._ask_all("shared schema", dict.fromkeys(self.names, agreed), 0)
+        bodies = {k: agreed if own is None else agreed | {"own": own[k]} for k in self.names}
+        columns = self._ask_all("shared schema", bodies, 0)
         first = columns[self.names[0]]
         for k, c in columns.items():
             if not isinstance(c, Mapping) or c.get("columns") != first.get("columns"):
@@ -206,10 +208,12 @@ class Coordinator:
         (:meth:`_ask_all`). A site that fails or does not answer raises :class:`SiteError` naming
         it (the first in the sites' order)."""
         approx = ep.product([self.prior, *self.sites])
-        bodies = {
-            name: _gaussian_message(ep.cavity(approx, old, name)) | {"seed": self.seed + 1000 * sweep + k}
-            for k, (name, old) in enumerate(zip(self.names, self.sites, strict=True))
-        }
+        bodies = {}
+        for k, (name, old) in enumerate(zip(self.names, self.sites, strict=True)):
+            cav = ep.cavity(approx, old, name)
+            if self.subsets is not None:  # the marginal over the site's part of phi
+                cav = ep.marginal(cav, self.subsets[k])
+            bodies[name] = _gaussian_message(cav) | {"seed": self.seed + 1000 * sweep + k}
 
         def failed(site, err):
             if isinstance(err, ep.SiteError):
@@ -257,7 +261,12 @@ class Coordinator:
                 return mean, cov, draws
 
             sites, new, used = ep.sweep(
-                self.prior, self.sites, tilted, damping=1.0 if sweep == 1 else damping, names=self.names
+                self.prior,
+                self.sites,
+                tilted,
+                damping=1.0 if sweep == 1 else damping,
+                names=self.names,
+                subsets=self.subsets,
             )
             asked = 1.0 if sweep == 1 else damping
             # a sweep the coordinator had to damp further moved less than a full step would have:

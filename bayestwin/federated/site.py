@@ -21,6 +21,22 @@ its draws and g_-k the cavity (which includes p0g, so it is proper from the firs
 The product of the K sites' true factors times p0g is then p0 ∏ p(y_k | phi): the pooled
 posterior. The site model's own log density holds log p0 (with its Jacobian) once; a
 ``pm.Potential`` takes (1 - 1/K) of it away and adds the rest.
+
+**Site effects** (a formula's ``(1 | site)``: each level of a categorical covariate has its own
+effects u_j ~ p(u_j | site_sd)) are *local* parameters (Vehtari et al. 2020, sec. 4.1): level
+j's effects touch only the rows of the site(s) holding level j. Site k's factor then depends on
+its subset S_k of phi, the shared parameters and the effects of the levels its rows hold
+(:class:`Share`), and EP works there (:func:`bayestwin.federated.ep.sweep`'s ``subsets``):
+the site gets the cavity's marginal over S_k and returns moments over S_k only. The prior of
+level j's effects, p(u_j | site_sd), belongs wholly to one site (its *owner*, the first site
+holding level j), and p0g is block-diagonal (the shared parameters; each level's effects), so
+
+    f_k = l_k(S_k) [p0s / p0g_shared]^(1/K) ∏_{j owned by k} p(u_j | site_sd) / p0g_j(u_j),
+
+with p0s the prior of the shared parameters; the product over sites is again p0 / p0g times
+the likelihood. In the site's model the effects of levels it does not hold are independent
+N(0, 1) variables that nothing else touches (left out of its moments). The global Gaussian
+covers every level's effects, so twins condition on it as on a pooled fit.
 """
 
 from __future__ import annotations
@@ -204,11 +220,88 @@ def _flat(model: pm.Model, blocks: Sequence[Block]):
     return pt.concatenate(parts)
 
 
-def prior_gaussian(model: pm.Model, blocks: Sequence[Block], *, draws: int = 4000, seed: int = 0) -> Gaussian:
+class Effects(NamedTuple):
+    """Where one site factor's level effects sit in the flat phi: the block of ``rv`` (shape
+    (levels, width)) starts at ``start``; level j's ``width`` effects follow each other."""
+
+    factor: str  # the categorical covariate, e.g. "site"
+    rv: str  # its effects' variable, e.g. "site_effects"
+    start: int
+    levels: tuple[str, ...]
+    width: int
+
+    def indices(self, level: str) -> np.ndarray:
+        j = self.levels.index(level)
+        return self.start + j * self.width + np.arange(self.width)
+
+
+def local_effects(family, schema: Schema, blocks: Sequence[Block]) -> tuple[Effects, ...]:
+    """The family's effects by a site factor (its ``grouping_factors``, e.g. a formula's
+    ``(1 | site)``) as local parameters of phi; empty when it has none."""
+    starts, at = {}, 0
+    for b in blocks:
+        starts[b.rv] = (at, b.shape)
+        at += b.size
+    out = []
+    for factor in getattr(family, "grouping_factors", ()):
+        rv = f"{factor}_effects"
+        levels = tuple(schema.categorical.get(factor, ()))
+        if rv not in starts or not levels or starts[rv][1][0] != len(levels):
+            raise ValueError(f"the effects by {factor!r} ({rv}) are not a (level, effect) block of the population")
+        start, shape = starts[rv]
+        out.append(Effects(factor, rv, start, levels, int(np.prod(shape[1:], dtype=int))))
+    return tuple(out)
+
+
+class Share(NamedTuple):
+    """One site's part of phi when the population has local parameters (:class:`Effects`):
+    the levels its rows hold (``seen``), the levels whose prior it carries (``own``), and its
+    subset S_k of phi (the shared coordinates and its seen levels' effects, sorted)."""
+
+    effects: tuple[Effects, ...]
+    seen: dict  # factor -> levels its rows hold
+    own: dict  # factor -> levels whose prior p(u_j | SDs) is in its factor
+    subset: np.ndarray
+
+    @classmethod
+    def of(cls, effects: tuple[Effects, ...], d: int, seen: Mapping, own: Mapping) -> Share:
+        local = np.concatenate([e.indices(lv) for e in effects for lv in e.levels])
+        keep = np.setdiff1d(np.arange(d), local)
+        held = [e.indices(lv) for e in effects for lv in e.levels if lv in seen[e.factor]]
+        subset = np.sort(np.concatenate([keep, *held])).astype(int)
+        return cls(effects, {f: tuple(v) for f, v in seen.items()}, {f: tuple(v) for f, v in own.items()}, subset)
+
+    def shared(self, d: int) -> np.ndarray:
+        """phi's shared coordinates (no level's effect)."""
+        local = np.concatenate([e.indices(lv) for e in self.effects for lv in e.levels])
+        return np.setdiff1d(np.arange(d), local)
+
+    def owned(self) -> np.ndarray:
+        """The coordinates of the effects of the levels this site owns."""
+        parts = [e.indices(lv) for e in self.effects for lv in self.own[e.factor]]
+        return np.sort(np.concatenate(parts)).astype(int) if parts else np.zeros(0, int)
+
+
+def owners(effects: tuple[Effects, ...], seen: Mapping[str, Mapping]) -> dict:
+    """Each site's owned levels: level j's prior goes to the first site (in ``seen``'s order)
+    whose rows hold it. ``seen``: site -> factor -> levels. Returns site -> factor -> levels."""
+    out = {k: {e.factor: [] for e in effects} for k in seen}
+    for e in effects:
+        for lv in e.levels:
+            holder = next((k for k, s in seen.items() if lv in s[e.factor]), None)
+            if holder is not None:
+                out[holder][e.factor].append(lv)
+    return out
+
+
+def prior_gaussian(
+    model: pm.Model, blocks: Sequence[Block], *, draws: int = 4000, seed: int = 0, effects: tuple[Effects, ...] = ()
+) -> Gaussian:
     """A Gaussian fitted to the population prior's draws in the unconstrained space of ``blocks``.
 
     The EP approximation starts from it; the sites correct for the difference between it and
     the true prior (see the module docstring), so it need only be proper and roughly right.
+    With local ``effects`` it is block-diagonal: the shared coordinates, and each level's effects.
     """
     names = sorted({b.rv for b in blocks})
     with model, quiet_pymc():
@@ -217,6 +310,14 @@ def prior_gaussian(model: pm.Model, blocks: Sequence[Block], *, draws: int = 400
     if not np.isfinite(x).all():
         raise ValueError("the population prior gave draws that are not finite in the unconstrained space")
     cov = np.atleast_2d(np.cov(x, rowvar=False))
+    if effects:  # block-diagonal: the shared coordinates, and each level's effects on their own
+        groups = [e.indices(lv) for e in effects for lv in e.levels]
+        local = np.concatenate(groups)
+        groups.append(np.setdiff1d(np.arange(len(cov)), local))
+        mask = np.zeros(cov.shape, bool)
+        for g in groups:
+            mask[np.ix_(g, g)] = True
+        cov = np.where(mask, cov, 0.0)
     q = np.linalg.inv(cov)
     q = 0.5 * (q + q.T)
     return Gaussian(q, q @ x.mean(0))
@@ -229,14 +330,24 @@ def _gauss_logpdf(phi, g: Gaussian):
 
 
 def tilted_model(
-    model: pm.Model, population: Sequence[str], blocks: Sequence[Block], cavity: Gaussian, prior: Gaussian, n_sites: int
+    model: pm.Model,
+    population: Sequence[str],
+    blocks: Sequence[Block],
+    cavity: Gaussian,
+    prior: Gaussian,
+    n_sites: int,
+    share: Share | None = None,
 ) -> pm.Model:
     """``model`` (the site's fit model) turned into its tilted distribution (module docstring),
     by one ``pm.Potential``. ``population``: the free population variables; every one must be
-    among ``blocks`` (the twin programs' phi), so that the tilted space is the twins' space."""
+    among ``blocks`` (the twin programs' phi), so that the tilted space is the twins' space.
+    ``share``: the site's part of phi when it has local parameters; ``cavity`` is then over
+    ``share.subset``."""
     names = {b.rv for b in blocks}
     if set(population) != names:
         raise ValueError(f"the fit's population variables {sorted(population)} are not the twins' {sorted(names)}")
+    if share is not None:
+        return _tilted_local(model, names, blocks, cavity, prior, n_sites, share)
     with model:
         phi = _flat(model, blocks)
         log_prior = model.logp(vars=[model[n] for n in sorted(names)], jacobian=True)
@@ -244,6 +355,39 @@ def tilted_model(
             "ep_tilt",
             -(1.0 - 1.0 / n_sites) * log_prior - _gauss_logpdf(phi, prior) / n_sites + _gauss_logpdf(phi, cavity),
         )
+    return model
+
+
+def _tilted_local(model, names, blocks, cavity: Gaussian, prior: Gaussian, n_sites: int, share: Share) -> pm.Model:
+    """The tilted distribution of a site with local parameters (module docstring): the shared
+    prior's 1/K share, the owned levels' priors whole, the other levels' priors taken away (the
+    levels it does not hold: independent N(0, 1) instead), the block-diagonal p0g likewise, and
+    the cavity over the site's subset."""
+    d = len(prior.shift)
+    q, r = np.asarray(prior.precision, float), np.asarray(prior.shift, float)
+    common, owned = share.shared(d), share.owned()
+
+    def gauss(x, idx_q, idx):
+        g = Gaussian(q[np.ix_(idx_q, idx_q)], r[idx_q])
+        return _gauss_logpdf(x[idx], g)
+
+    with model:
+        phi = _flat(model, blocks)
+        rvs = {e.rv for e in share.effects}
+        log_prior = model.logp(vars=[model[n] for n in sorted(names - rvs)], jacobian=True)
+        term = -(1.0 - 1.0 / n_sites) * log_prior
+        for e in share.effects:
+            rv = model[e.rv]
+            lp = model.logp(vars=[rv], jacobian=True, sum=False)[0]
+            lp = lp.reshape((len(e.levels), -1)).sum(axis=1)  # per level
+            u = model.rvs_to_values[rv].reshape((len(e.levels), -1))
+            other = np.array([lv not in share.own[e.factor] for lv in e.levels], float)
+            unseen = np.array([lv not in share.seen[e.factor] for lv in e.levels], float)
+            term = term - (other * lp).sum() - 0.5 * (unseen * pt.sqr(u).sum(axis=1)).sum()
+        term = term - gauss(phi, common, common) / n_sites
+        if len(owned):
+            term = term - gauss(phi, owned, owned)
+        pm.Potential("ep_tilt", term + _gauss_logpdf(phi[share.subset], cavity))
     return model
 
 
@@ -278,16 +422,20 @@ def tilted_moments(
     cfg: FitConfig,
     *,
     seed: int = 0,
+    share: Share | None = None,
 ) -> TiltedMoments:
     """Sample a site's tilted distribution by the engine's NUTS on its own rows; return its
-    moments over the unconstrained population parameters (never a row or a patient's draw)."""
+    moments over the unconstrained population parameters (never a row or a patient's draw);
+    with local parameters (``share``), over the site's subset of them only."""
     design = family.design(cohort.frame, cohort.baseline, cohort.schema)
     model, hidden = family.fit_model(design, cohort.schema)
     population = [rv.name for rv in model.free_RVs if rv.name not in (*family.patient_vars, *hidden)]
-    model = tilted_model(model, population, blocks, cavity, prior, n_sites)
+    model = tilted_model(model, population, blocks, cavity, prior, n_sites, share)
     idata = sample_model(model, population, cfg, seed=seed, drop=hidden)
     post = idata.posterior.to_dataset()
     x = unconstrained_draws(model, post, tuple(blocks))
+    if share is not None:
+        x = x[:, share.subset]
     table = diagnostics(post[population], idata.sample_stats.to_dataset())
     chains, n = post.sizes["chain"], post.sizes["draw"]
     from bayestwin.review import batched
@@ -316,10 +464,12 @@ class Site:
 
     - ``"schema summary"`` (empty body): the site's :func:`schema_summary`;
     - ``"shared schema"``: the schema every site fits with, the family's config, the population
-      blocks (phi), the EP prior, the number of sites and the NUTS settings; the site reads its
-      rows with them and answers ``"ready"`` with its table's column names (so that the
-      coordinator's population reads new patients' tables the same way);
-    - ``"cavity"``: its cavity (precision, shift), the sweep and the seed; it answers its
+      blocks (phi), the EP prior, the number of sites and the NUTS settings, and, for a family
+      with effects by a site factor, the levels whose prior the site owns (``"own"``); the
+      site reads its rows with them and answers ``"ready"`` with its table's column names (so
+      that the coordinator's population reads new patients' tables the same way);
+    - ``"cavity"``: its cavity (precision, shift; with site effects, the marginal over the
+      site's subset of phi, :class:`Share`), the sweep and the seed; it answers its
       :class:`TiltedMoments` message.
 
     A message it cannot use raises :class:`SiteError` naming the site and the field.
@@ -332,7 +482,7 @@ class Site:
         self.name = str(name)
         self.cohort = check_cohort(cohort, self.name)
         self.family = family  # the local path may hand the family object over (else: from its config)
-        self._fit = None  # (family, cohort on the shared schema, blocks, prior, sites, cfg) once agreed
+        self._fit = None  # (family, cohort on the shared schema, blocks, prior, sites, cfg, share) once agreed
 
     def __repr__(self) -> str:
         return f"Site({self.name!r}, {self.cohort.n_patients} patients; its rows stay here)"
@@ -356,7 +506,7 @@ class Site:
         from bayestwin.families import from_config
 
         fields = {"schema", "family", "blocks", "prior", "sites", "sampler"}
-        if not isinstance(body, Mapping) or set(body) != fields:
+        if not isinstance(body, Mapping) or set(body) - {"own"} != fields:
             got = sorted(body) if isinstance(body, Mapping) else type(body).__name__
             raise SiteError(f"site {self.name!r} got a shared schema with fields {got}, not {sorted(fields)}")
         try:
@@ -380,9 +530,33 @@ class Site:
         if prior.precision.shape != (d, d) or prior.shift.shape != (d,) or not np.isfinite(prior.precision).all():
             raise SiteError(f"site {self.name!r} got a prior that is not a finite Gaussian over the {d} blocks' values")
         cohort = on_schema(self.cohort, schema, self.name)
-        self._fit = (family, cohort, blocks, prior, n_sites, cfg)
+        share = self._share(family, schema, blocks, cohort, d, body.get("own"))
+        self._fit = (family, cohort, blocks, prior, n_sites, cfg, share)
         cols = self.cohort.columns
         return {"columns": {f: (list(v) if isinstance(v, tuple) else v) for f, v in cols.__dict__.items()}}
+
+    def _share(self, family, schema, blocks, cohort, d: int, own) -> Share | None:
+        """The site's part of phi (:class:`Share`) when the family has effects by a site factor:
+        the levels its rows hold, and the levels the coordinator gave it to own (``"own"``,
+        which must be among them); ``None`` without such effects (then no ``"own"`` field)."""
+        try:
+            effects = local_effects(family, schema, blocks)
+        except ValueError as err:
+            raise SiteError(f"site {self.name!r} cannot use the shared schema it got ({err})") from None
+        if not effects:
+            if own is not None:
+                raise SiteError(f"site {self.name!r} got levels to own, but {family!r} has no effects by a site factor")
+            return None
+        factors = [e.factor for e in effects]
+        if not isinstance(own, Mapping) or sorted(own) != sorted(factors):
+            raise SiteError(f"site {self.name!r} got own={own!r}, not the levels it owns of each of {factors}")
+        seen = {e.factor: sorted({str(x) for x in cohort.baseline[e.factor]}) for e in effects}
+        for f, levels in own.items():
+            if not isinstance(levels, (list, tuple)) or not set(levels) <= set(seen[f]):
+                raise SiteError(
+                    f"site {self.name!r} was given levels {levels!r} of {f!r} to own; its rows hold {seen[f]}"
+                )
+        return Share.of(effects, d, seen, own)
 
     def _tilted(self, body: Mapping) -> dict:
         if not self.agreed:
@@ -390,13 +564,13 @@ class Site:
         if not isinstance(body, Mapping) or set(body) != {"precision", "shift", "seed"}:
             got = sorted(body) if isinstance(body, Mapping) else type(body).__name__
             raise SiteError(f"site {self.name!r} got a cavity with fields {got}, not ['precision', 'seed', 'shift']")
-        family, cohort, blocks, prior, n_sites, cfg = self._fit
-        d = len(prior.shift)
+        family, cohort, blocks, prior, n_sites, cfg, share = self._fit
+        d = len(prior.shift) if share is None else len(share.subset)
         cav = Gaussian(np.asarray(body["precision"], float), np.asarray(body["shift"], float))
         if cav.precision.shape != (d, d) or cav.shift.shape != (d,):
             raise SiteError(f"site {self.name!r} got a cavity of shapes {cav.precision.shape} and {cav.shift.shape}")
         seed = body["seed"]
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise SiteError(f"site {self.name!r} got seed={seed!r}, not a whole number >= 0")
-        got = tilted_moments(family, cohort, blocks, cav, prior, n_sites, cfg, seed=seed)
+        got = tilted_moments(family, cohort, blocks, cav, prior, n_sites, cfg, seed=seed, share=share)
         return got.to_message()

@@ -187,3 +187,57 @@ def test_the_verdict_says_ep_has_not_settled_and_why():
     assert moved.failing == ["EP did not settle: the last sweep moved the population posterior by 0.25 SD (tol 0.1)"]
     reports["b"]["divergences"] = 3  # a site's run that fails the gate fails the population
     assert not _verdict(reports, 0.05, 0.1, Thresholds()).converged
+
+
+# ------------------------------------------------------------------- local parameters (site effects)
+def _with_site_effects(seed=3, sizes=(12, 30, 7, 20), tau_u=1.5):
+    """The linear-Gaussian sites above, plus each site's own effect u_k on its rows
+    (y_k = X_k phi + u_k + e): the parameters are (phi, u_1..u_K), and site k's likelihood
+    touches phi and u_k only. Prior: N(0, TAU^2) on phi, N(0, tau_u^2) on each u_k."""
+    rng = np.random.default_rng(seed)
+    phi, u = rng.normal(size=D), rng.normal(0.0, tau_u, size=len(sizes))
+    K, out = len(sizes), []
+    for k, n in enumerate(sizes):
+        X = rng.normal(size=(n, D)) * rng.uniform(0.5, 2.0, size=D)
+        A = np.zeros((n, D + K))
+        A[:, :D], A[:, D + k] = X, 1.0  # the rows' design over all parameters
+        out.append((A, X @ phi + u[k] + SIGMA * rng.normal(size=n)))
+    prior = Gaussian(np.diag([1 / TAU**2] * D + [1 / tau_u**2] * K), np.zeros(D + K))
+    subsets = [np.r_[np.arange(D), D + k] for k in range(K)]
+    return out, prior, subsets
+
+
+def test_local_parameters_give_the_pooled_posterior_and_factors_zero_outside_their_subsets():
+    """Each site is given the cavity's marginal over (phi, its own u_k) and returns exact tilted
+    moments there: one undamped sweep gives the pooled posterior over every parameter, each
+    site's factor is zero outside its subset (no information on the other sites' effects), and
+    damped sweeps converge to the same fixed point."""
+    from bayestwin.federated.ep import marginal
+
+    sites, prior, subsets = _with_site_effects()
+    pooled = prior
+    for A, y in sites:
+        pooled = pooled.times(_likelihood(A, y))
+    mean, cov = pooled.moments()
+    given = []
+
+    def tilted(k, cav):
+        A, y = sites[k]
+        idx = subsets[k]
+        given.append(len(cav.shift))
+        lik = _likelihood(A[:, idx], y)
+        return (*cav.times(lik).moments(), None)
+
+    res = expectation_propagation(prior, tilted, len(sites), iterations=1, damping=1.0, subsets=subsets)
+    assert set(given) == {D + 1}  # the marginal over the site's subset, not all D + K coordinates
+    m, c = res.approx.moments()
+    np.testing.assert_allclose(m, mean, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(c, cov, rtol=1e-9, atol=1e-13)
+    for k, g in enumerate(res.sites):
+        outside = np.setdiff1d(np.arange(D + len(sites)), subsets[k])
+        assert not g.precision[outside].any() and not g.shift[outside].any()
+    damped = expectation_propagation(prior, tilted, len(sites), iterations=40, damping=0.5, subsets=subsets)
+    np.testing.assert_allclose(damped.approx.moments()[0], mean, rtol=1e-8, atol=1e-10)
+    # the marginal of a Gaussian over some coordinates is the sub-block of its covariance
+    sub = marginal(pooled, subsets[2])
+    np.testing.assert_allclose(np.linalg.inv(sub.precision), cov[np.ix_(subsets[2], subsets[2])], rtol=1e-10)

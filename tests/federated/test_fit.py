@@ -279,20 +279,133 @@ def test_a_site_table_of_another_kind_is_refused(simulated):
         federated_fit({"h0": train})
 
 
-def test_site_level_effects_are_refused_across_sites_before_any_message(simulated):
-    """A formula's (1 | site) term: each level's effect is informed by one site's rows only;
-    EP over sites does not model that yet, so the coordinator refuses it before asking anything."""
-    train, _, _ = simulated
-    table = train.assign(site=train.patient.map(lambda p: f"h{int(p[-2:]) % 3}"))
-    sites = {
-        f"h{j}": bt.Cohort(table[table.site == f"h{j}"], covariates=["site"], therapies=THERAPIES, key=KEY)
-        for j in range(3)
+def _site_parts():
+    """24 simulated patients at four hospital levels h0-h3 (offsets -10, -3, 3, 10) in three
+    sites: A holds h0 and half of h1's patients, B the other half of h1 and h2, C h3. So level
+    h1 is held by two sites (its prior owned by A, the first), and every site lacks some level."""
+    from tests.families.test_formula import _sites as site_table
+
+    df, _, _ = site_table(24)
+    h1 = sorted(df[df.site == "h1"].patient.unique())
+    return {
+        "A": df[(df.site == "h0") | df.patient.isin(h1[:3])],
+        "B": df[(df.site == "h2") | df.patient.isin(h1[3:])],
+        "C": df[df.site == "h3"],
     }
+
+
+@pytest.mark.parametrize("term", ["(1 | site)", "(1 + time | site)"])
+def test_site_effects_are_local_and_the_sites_factors_multiply_to_the_pooled_posterior(term):
+    """Effects by a site factor are local parameters: each level's prior is owned by the first
+    site holding it (sent in the shared schema), and each site's tilted model lives on the shared
+    parameters and its own levels' effects. Exact check of the factorisation EP's fixed point
+    rests on: at any point, the sum over sites of (tilted log density - log cavity), minus the
+    N(0, 1) of the levels a site does not hold, plus log p0g, is the pooled model's log density
+    up to one constant (three random points, 1e-8)."""
+    import pandas as pd
+
+    from bayestwin.federated.site import tilted_model
+
+    parts = _site_parts()
+    family = bt.Formula(f"y ~ time + time:therapy + (1 + time | patient) + {term}")
+    cohorts = {k: bt.Cohort(v, covariates=["site"], therapies=THERAPIES, key=KEY) for k, v in parts.items()}
     ledger = Ledger()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        coord = Coordinator(cohorts, family, therapies=THERAPIES, ledger=ledger, seed=0)
+    own = {m["site"]: json.loads(m["body"])["own"] for m in ledger.messages if m["kind"] == "shared schema"}
+    assert own == {"A": {"site": ["h0", "h1"]}, "B": {"site": ["h2"]}, "C": {"site": ["h3"]}}
+    pooled_cohort = bt.Cohort(pd.concat(parts.values()), covariates=["site"], therapies=THERAPIES, key=KEY)
+    design = family.design(pooled_cohort.frame, pooled_cohort.baseline, coord.schema)
+    pooled = family.fit_model(design, coord.schema)[0]
+    width = 1 if term == "(1 | site)" else 2
+    d = len(coord.prior.shift)
+    rng = np.random.default_rng(0)
+    sites = []
+    for k, name in enumerate(coord.names):
+        fam, cohort, blocks, prior, n_sites, _, share = coord._sites[name]._fit
+        np.testing.assert_array_equal(share.subset, coord.subsets[k])
+        assert len(share.subset) == d - width * (4 - len(share.seen["site"]))  # the levels it holds
+        m = len(share.subset)
+        a = rng.normal(size=(m, m))
+        cav = ep.Gaussian(a @ a.T / m + np.eye(m), rng.normal(size=m))
+        model = fam.fit_model(fam.design(cohort.frame, cohort.baseline, cohort.schema), cohort.schema)[0]
+        population = [b.rv for b in blocks]
+        model = tilted_model(model, population, blocks, cav, prior, n_sites, share)
+        unseen = [j for j, lv in enumerate(coord.schema.categorical["site"]) if lv not in share.seen["site"]]
+        sites.append((model, model.compile_logp(), cav, share, unseen))
+    blocks = coord.program.phi
+    pooled_logp = pooled.compile_logp()
+
+    def total(point):
+        phi = np.concatenate([np.ravel(point[b.name]) for b in blocks])
+        out = -0.5 * phi @ coord.prior.precision @ phi + coord.prior.shift @ phi - pooled_logp(point)
+        for model, logp, cav, share, unseen in sites:
+            mine = [list(pooled.coords["patient"]).index(p) for p in model.coords["patient"]]
+            at = {k: (v[mine] if k == "z" else v) for k, v in point.items()}
+            x = phi[share.subset]
+            out += logp(at) - (-0.5 * x @ cav.precision @ x + cav.shift @ x)
+            out += 0.5 * float(np.sum(np.asarray(point["site_effects"])[unseen] ** 2))
+        return out
+
+    start = pooled.initial_point()
+    values = [total({k: v + rng.normal(0.0, 0.5, np.shape(v)) for k, v in start.items()}) for _ in range(3)]
+    assert np.ptp(values) < 1e-8 * max(1.0, abs(values[0])), values
+
+
+def test_a_federated_fit_with_site_effects_runs_end_to_end_on_the_sites_subsets():
+    """One short sweep through the real sites (NUTS on each tilted model): each site is sent the
+    cavity's marginal over its subset and returns moments over it (the shared coordinates and
+    the levels it holds), no row or pseudonym is in any message, and the population holds every
+    level's effects. (Agreement with the pooled fit at full size is a benchmark:
+    ``benchmarks/federated.py --site-effects``, figures in the across-sites guide.)"""
+    parts = _site_parts()
+    family = bt.Formula("y ~ time + time:therapy + (1 + time | patient) + (1 | site)")
+    cohorts = {k: bt.Cohort(v, covariates=["site"], therapies=THERAPIES, key=KEY) for k, v in parts.items()}
+    ledger = Ledger()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pop = federated_fit(
+            cohorts, family, therapies=THERAPIES, draws=150, tune=150, chains=2, iterations=1, seed=4, ledger=ledger
+        )
+    agreed = json.loads(next(m["body"] for m in ledger.messages if m["kind"] == "shared schema"))
+    d = sum(int(np.prod(shape)) for _, _, shape in agreed["blocks"])
+    held = {"A": 2, "B": 2, "C": 1}  # levels each site's rows hold, of 4
+    for m in ledger.messages:
+        body = json.loads(m["body"])
+        if m["kind"] == "cavity":
+            assert np.shape(body["precision"]) == (d - 4 + held[m["site"]],) * 2
+        if m["kind"] == "tilted moments":
+            assert len(body["mean"]) == d - 4 + held[m["site"]]
+    text = "\n".join(m["body"] for m in ledger.messages)
+    for cohort in cohorts.values():
+        assert not any(p in text for p in cohort.patients)
+    effects = pop.posterior["site_effects"]
+    assert list(effects["site"].values) == ["h0", "h1", "h2", "h3"] and np.isfinite(effects.to_numpy()).all()
+    # the data's ordering of the sites (offsets -10, -3, 3, 10) shows already after one short sweep
+    assert np.all(np.diff(effects.mean(["chain", "draw"]).sel(site_effect="Intercept").to_numpy()) > 0)
+
+
+def test_a_site_given_levels_its_rows_do_not_hold_refuses_them():
+    parts = _site_parts()
     family = bt.Formula("y ~ time + (1 | patient) + (1 | site)")
-    with pytest.raises(ValueError, match=r"^a federated fit does not yet take effects by 'site' \(Formula\("):
-        federated_fit(sites, family, ledger=ledger)
-    assert ledger.messages == []
+    cohorts = {k: bt.Cohort(v, covariates=["site"], therapies=THERAPIES, key=KEY) for k, v in parts.items()}
+    site = Site("C", cohorts["C"], family=family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        coord = Coordinator(cohorts, family, therapies=THERAPIES, seed=0)
+    agreed = json.loads(
+        [m for m in coord.ledger.messages if m["kind"] == "shared schema" and m["site"] == "C"][0]["body"]
+    )
+    with pytest.raises(
+        ep.SiteError, match=r"^site 'C' was given levels \['h0'\] of 'site' to own; its rows hold \['h3'\]$"
+    ):
+        site.answer("shared schema", agreed | {"own": {"site": ["h0"]}})
+    with pytest.raises(ep.SiteError, match=r"^site 'C' got own=None, not the levels it owns of each of \['site'\]$"):
+        site.answer("shared schema", {k: v for k, v in agreed.items() if k != "own"})
+    site.answer("shared schema", agreed)
+    with pytest.raises(ep.SiteError, match=r"^site 'C' got a cavity of shapes \(3, 3\) and \(3,\)"):
+        site.answer("cavity", {"precision": np.eye(3).tolist(), "shift": [0.0] * 3, "seed": 1})
 
 
 # ------------------------------------------------------------------- the same exchange on Flower
