@@ -231,6 +231,7 @@ class Effects(NamedTuple):
     width: int
 
     def indices(self, level: str) -> np.ndarray:
+        """The coordinates of ``level``'s effects in the flat phi."""
         j = self.levels.index(level)
         return self.start + j * self.width + np.arange(self.width)
 
@@ -265,6 +266,8 @@ class Share(NamedTuple):
 
     @classmethod
     def of(cls, effects: tuple[Effects, ...], d: int, seen: Mapping, own: Mapping) -> Share:
+        """The share of a site whose rows hold the levels ``seen`` and that owns ``own`` (each
+        factor -> levels), in a phi of ``d`` coordinates."""
         local = np.concatenate([e.indices(lv) for e in effects for lv in e.levels])
         keep = np.setdiff1d(np.arange(d), local)
         held = [e.indices(lv) for e in effects for lv in e.levels if lv in seen[e.factor]]
