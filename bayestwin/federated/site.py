@@ -82,11 +82,12 @@ def _pool(parts: Sequence[dict]) -> tuple[int, float, float]:
 
 
 def check_cohort(cohort, site: str) -> Cohort:
-    """The federated fit takes :class:`Cohort` tables (progression, formula and user models)."""
+    """The federated fit takes :class:`Cohort` tables: progression, formula and user models, and
+    time-to-event tables (``bt.read_survival`` makes a Cohort of at-risk intervals)."""
     if type(cohort) is not Cohort:
         raise TypeError(
             f"site {site!r}: a federated fit takes a bt.Cohort of the site's rows, not {type(cohort).__name__} "
-            "(PK events, survival and joint tables are not yet supported across sites)"
+            "(PK events and joint tables are not yet supported across sites)"
         )
     return cohort
 
