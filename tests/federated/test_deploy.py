@@ -195,11 +195,31 @@ def test_a_site_toml_is_checked_by_key_and_type(tmp_path):
     with pytest.raises(SpecError, match=r"site.toml \[data\]: unknown key 'outcom'; valid keys: \["):
         read_site(path)
     path.write_text('name = "north"\n[data]\nsource = "data.csv"\nformat = "nonmem"\n')
-    with pytest.raises(SpecError, match=r"format must be 'longitudinal' \(a federated fit takes a bt.Cohort\)"):
+    with pytest.raises(
+        SpecError,
+        match=r"format must be 'longitudinal' or 'survival' \(a federated fit takes a bt.Cohort\), not 'nonmem'",
+    ):
         read_site(path)
     path.write_text('[data]\nsource = "data.csv"\nformat = "longitudinal"\n')
     with pytest.raises(SpecError, match=r"site.toml needs 'name'$"):
         read_site(path)
+
+
+def test_a_survival_site_reads_its_at_risk_intervals(tmp_path, monkeypatch):
+    """A site.toml of format "survival" gives the site's time-to-event table (a Cohort of at-risk
+    intervals), which a federated fit takes (tests/federated/test_fit.py)."""
+    from bayestwin.families.survival import simulate
+
+    df, _ = simulate(12, seed=1)
+    df.to_csv(tmp_path / "events.csv", index=False)
+    (tmp_path / "site.toml").write_text(
+        'name = "south"\n[data]\nsource = "events.csv"\nformat = "survival"\npatient = "patient"\n'
+        'time = "time"\nevent = "event"\nstart = "start"\ncovariates = ["age"]\nkey_env = "SOUTH_KEY"\n'
+    )
+    monkeypatch.setenv("SOUTH_KEY", "south-site-key-0001")
+    name, cohort = read_site(tmp_path / "site.toml")
+    assert name == "south" and cohort.n_patients == 12 and cohort.columns.start == "start"
+    assert cohort.frame["outcome"].sum() == df.event.sum()
 
 
 @pytest.mark.parametrize(
