@@ -3,6 +3,8 @@ of a conjugate model, where the answer is known in closed form."""
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bayestwin.federated.ep import (
     Gaussian,
@@ -241,3 +243,38 @@ def test_local_parameters_give_the_pooled_posterior_and_factors_zero_outside_the
     # the marginal of a Gaussian over some coordinates is the sub-block of its covariance
     sub = marginal(pooled, subsets[2])
     np.testing.assert_allclose(np.linalg.inv(sub.precision), cov[np.ix_(subsets[2], subsets[2])], rtol=1e-10)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_every_level_has_one_owner_that_holds_it_and_subsets_keep_the_shared_coordinates(data):
+    """Property (any levels, widths and sites' holdings): each level's prior goes to exactly one
+    site, one whose rows hold it, the first such; a site's subset is every shared coordinate
+    plus the effects of the levels it holds, and nothing else."""
+    from bayestwin.federated.site import Effects, Share, owners
+
+    n_levels = data.draw(st.integers(1, 5))
+    width = data.draw(st.integers(1, 3))
+    before, after = data.draw(st.integers(0, 4)), data.draw(st.integers(0, 4))  # shared coordinates
+    levels = tuple(f"h{j}" for j in range(n_levels))
+    effects = (Effects("site", "site_effects", before, levels, width),)
+    d = before + n_levels * width + after
+    n_sites = data.draw(st.integers(1, 4))
+    held = [set(data.draw(st.lists(st.sampled_from(levels), min_size=1, unique=True))) for _ in range(n_sites)]
+    for lv in levels:  # every level is held somewhere (the schema's levels are the sites' union)
+        if not any(lv in h for h in held):
+            held[data.draw(st.integers(0, n_sites - 1))].add(lv)
+    seen = {f"s{k}": {"site": h} for k, h in enumerate(held)}
+    own = owners(effects, seen)
+    for lv in levels:
+        holders = [k for k in seen if lv in seen[k]["site"]]
+        assert [k for k in own if lv in own[k]["site"]] == holders[:1]
+    shared = set(range(before)) | set(range(before + n_levels * width, d))
+    for k in seen:
+        share = Share.of(effects, d, seen[k], own[k])
+        mine = {before + levels.index(lv) * width + i for lv in seen[k]["site"] for i in range(width)}
+        assert list(share.subset) == sorted(shared | mine)
+        assert set(share.shared(d)) == shared
+        assert set(share.owned()) == {
+            before + levels.index(lv) * width + i for lv in own[k]["site"] for i in range(width)
+        }
