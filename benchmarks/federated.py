@@ -19,6 +19,7 @@ hospitals (40 patients, the progression simulation with site offsets -10, -3, 3 
 patient SD of 6), each hospital a site holding one level: the federated fit (each level's
 effects local to its site, bayestwin.federated.site) against the pooled fit of the same rows,
 as above, and a new patient's twin at hospital h3 from each. About 7 minutes on 2 cores.
+``--levels 8``: eight hospitals of ten patients (offsets evenly from -10 to 10).
 """
 
 from __future__ import annotations
@@ -116,9 +117,10 @@ def hospitals(n: int = 40, offsets=(-10.0, -3.0, 3.0, 10.0), seed: int = 5) -> p
     return df
 
 
-def site_effects(draws: int) -> None:
-    df = hospitals()
-    new = df[df.patient == df.patient.unique()[-1]].iloc[:3]  # hospital h3, three visits
+def site_effects(draws: int, levels: int = 4) -> None:
+    offsets = (-10.0, -3.0, 3.0, 10.0) if levels == 4 else tuple(np.linspace(-10.0, 10.0, levels))
+    df = hospitals(10 * levels, offsets)
+    new = df[df.patient == df.patient.unique()[-1]].iloc[:3]  # the last hospital, three visits
     df = df.drop(new.index)
     family = bt.Formula(SITE_FORMULA)
 
@@ -136,7 +138,7 @@ def site_effects(draws: int) -> None:
         t_fed = time.perf_counter() - t
     out = pd.concat([compare(pooled, fed), unconstrained(pooled, fed).rename(columns={"coordinate": "parameter"})])
     s = fed.sampler
-    print(f"four simulated hospitals, {SITE_FORMULA}, {draws} + {draws} draws x 4 chains")
+    print(f"{levels} simulated hospitals of 10 patients, {SITE_FORMULA}, {draws} + {draws} draws x 4 chains")
     print(f"pooled fit (peer): {t_pooled:.1f} s, verdict: {pooled.verdict}")
     print(
         f"federated fit: {t_fed:.1f} s, {s['sweeps']} EP sweeps (moved "
@@ -154,7 +156,8 @@ def site_effects(draws: int) -> None:
     for e in x["patient_effect"].values:
         xe, ye = x.sel(patient_effect=e), y.sel(patient_effect=e)
         print(
-            f"twin at h3, patient effect {e}: pooled {float(xe.mean()):.2f} (SD {float(xe.std()):.2f}), "
+            f"twin at {new.site.iloc[0]}, patient effect {e}: pooled {float(xe.mean()):.2f} "
+            f"(SD {float(xe.std()):.2f}), "
             f"federated {float(ye.mean()):.2f} (SD {float(ye.std()):.2f}): "
             f"{abs(float(ye.mean()) - float(xe.mean())) / float(xe.std()):.3f} twin SDs apart"
         )
@@ -171,9 +174,10 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=1000)
     ap.add_argument("--flower", action="store_true", help="the same fit again on Flower's simulation engine (Ray)")
     ap.add_argument("--site-effects", action="store_true", help="a (1 | site) formula across four simulated hospitals")
+    ap.add_argument("--levels", type=int, default=4, help="with --site-effects: the number of hospitals")
     args = ap.parse_args()
     if args.site_effects:
-        site_effects(args.draws)
+        site_effects(args.draws, args.levels)
         return
     df = sleepstudy()
     with warnings.catch_warnings():
