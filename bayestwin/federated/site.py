@@ -237,6 +237,11 @@ class Effects(NamedTuple):
         return self.start + j * self.width + np.arange(self.width)
 
 
+def _local(effects: Sequence[Effects]) -> np.ndarray:
+    """The coordinates of every level's effects in the flat phi."""
+    return np.concatenate([e.indices(lv) for e in effects for lv in e.levels])
+
+
 def local_effects(family, schema: Schema, blocks: Sequence[Block]) -> tuple[Effects, ...]:
     """The family's effects by a site factor (its ``grouping_factors``, e.g. a formula's
     ``(1 | site)``) as local parameters of phi; empty when it has none."""
@@ -269,16 +274,14 @@ class Share(NamedTuple):
     def of(cls, effects: tuple[Effects, ...], d: int, seen: Mapping, own: Mapping) -> Share:
         """The share of a site whose rows hold the levels ``seen`` and that owns ``own`` (each
         factor -> levels), in a phi of ``d`` coordinates."""
-        local = np.concatenate([e.indices(lv) for e in effects for lv in e.levels])
-        keep = np.setdiff1d(np.arange(d), local)
+        keep = np.setdiff1d(np.arange(d), _local(effects))
         held = [e.indices(lv) for e in effects for lv in e.levels if lv in seen[e.factor]]
         subset = np.sort(np.concatenate([keep, *held])).astype(int)
         return cls(effects, {f: tuple(v) for f, v in seen.items()}, {f: tuple(v) for f, v in own.items()}, subset)
 
     def shared(self, d: int) -> np.ndarray:
         """phi's shared coordinates (no level's effect)."""
-        local = np.concatenate([e.indices(lv) for e in self.effects for lv in e.levels])
-        return np.setdiff1d(np.arange(d), local)
+        return np.setdiff1d(np.arange(d), _local(self.effects))
 
     def owned(self) -> np.ndarray:
         """The coordinates of the effects of the levels this site owns."""
@@ -316,8 +319,7 @@ def prior_gaussian(
     cov = np.atleast_2d(np.cov(x, rowvar=False))
     if effects:  # block-diagonal: the shared coordinates, and each level's effects on their own
         groups = [e.indices(lv) for e in effects for lv in e.levels]
-        local = np.concatenate(groups)
-        groups.append(np.setdiff1d(np.arange(len(cov)), local))
+        groups.append(np.setdiff1d(np.arange(len(cov)), _local(effects)))
         mask = np.zeros(cov.shape, bool)
         for g in groups:
             mask[np.ix_(g, g)] = True
