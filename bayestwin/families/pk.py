@@ -501,6 +501,30 @@ class Pk(FamilyBase):
         }
         return pri
 
+    def federated_priors(self, schema: Schema, scales: dict) -> dict:
+        """The typical values' priors of :meth:`default_priors` centred on pooled aggregates, for a
+        fit across sites where no one holds the pooled rows (:mod:`bayestwin.federated`): the
+        geometric mean dose in place of the median, the largest level of any site, each
+        covariate's geometric mean over subjects for the typical subject. Every site then fits
+        the same model, and a pooled fit with these priors is that model too.
+
+        ``scales``: ``{"amt": float, "dv_max": float, "covariates": {column: geometric mean}}``.
+        """
+        gm = scales["covariates"]
+        columns = self.covariate_columns(schema)
+        log_wt = np.log(gm[self.weight] / 70.0) if self.weight and gm.get(self.weight, 0) > 0 else 0.0
+        pseudo = Design(
+            patients=["typical"],
+            data={
+                "amt": np.array([[scales["amt"]]]),
+                "y_obs": np.array([scales["dv_max"]]),
+                "blq": np.zeros(1),
+                "log_wt": np.array([log_wt]) if self.weight else np.zeros(0),
+                "cov": np.array([[gm.get(c, 0.0) for c in columns]]),
+            },
+        )
+        return {k: v for k, v in self.default_priors(schema, pseudo).items() if k.startswith("log_")}
+
     def _typical_shift(self, design: Design, schema: Schema) -> dict:
         """Each parameter's covariate-model term (log scale) for the data's median subject, at the
         coefficients' prior means (power effects only: the others are 0 there)."""

@@ -485,6 +485,9 @@ class Ode(Pk):
     ('cl', 'v', 'mtt', 'gamma', 'circ0', 'slope')
     """
 
+    #: Not across sites yet: its residual priors are scaled by each output's own spread.
+    federated_priors = None
+
     name = "ode"
     inputs = Pk.inputs | {
         "dose_state": Axis("patient", "dose"),  # the state each dose enters

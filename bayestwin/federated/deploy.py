@@ -79,23 +79,21 @@ SITE_KEYS = ("name", "description", "data")
 
 
 def read_site(path) -> tuple[str, Cohort]:
-    """The site's name and its :class:`Cohort`, from its ``site.toml`` (``name`` and a ``[data]``
-    table as in a model spec: ``source`` relative to the file's folder, ``format =
-    "longitudinal"`` or ``"survival"``, the column roles, ``key_env``). Unknown keys and wrong types are a
+    """The site's name and its table (a :class:`Cohort`, or NONMEM events), from its
+    ``site.toml`` (``name`` and a ``[data]`` table as in a model spec: ``source`` relative to the
+    file's folder, ``format = "longitudinal"``, ``"survival"`` or ``"nonmem"``, the column roles,
+    ``key_env``). Unknown keys and wrong types are a
     :class:`SpecError` naming the file."""
     from bayestwin.tomlspec import check, read_toml, require
-    from bayestwin.zoo import SPEC_SCHEMA, spec_data
+    from bayestwin.zoo import FORMATS, SPEC_SCHEMA, spec_data
 
     path = Path(path)
     spec = read_toml(path)
     check(spec, {k: SPEC_SCHEMA[k] if k in SPEC_SCHEMA else str for k in SITE_KEYS}, str(path))
     require(spec, ("name", "data"), str(path))
     require(spec["data"], ("source", "format"), f"{path} [data]")
-    if spec["data"]["format"] not in ("longitudinal", "survival"):
-        raise SpecError(
-            f"{path} [data]: format must be 'longitudinal' or 'survival' (a federated fit takes a bt.Cohort), "
-            f"not {spec['data']['format']!r}"
-        )
+    if spec["data"]["format"] not in FORMATS:
+        raise SpecError(f"{path} [data]: format must be one of {FORMATS}, not {spec['data']['format']!r}")
     if "key" in spec["data"] and "key_env" in spec["data"]:
         raise SpecError(f"{path} [data]: give key or key_env, not both")
     if not spec["name"].strip():

@@ -26,7 +26,15 @@ from bayestwin.engine.fit import FitConfig
 from bayestwin.errors import require_whole
 from bayestwin.families import get_family
 from bayestwin.federated import ep
-from bayestwin.federated.site import Share, Site, local_effects, owners, prior_gaussian, shared_schema
+from bayestwin.federated.site import (
+    Share,
+    Site,
+    local_effects,
+    owners,
+    prior_gaussian,
+    shared_scales,
+    shared_schema,
+)
 from bayestwin.review.convergence import Thresholds, Verdict
 
 
@@ -62,8 +70,28 @@ class Ledger:
         return sum(m["bytes"] for m in self.messages)
 
 
-def _columns(d) -> Columns:
-    """The sites' column names as the population keeps them (a :class:`Columns`)."""
+def _with_priors(family, schema, scales: dict):
+    """``family`` with its data-centred priors fixed from the pooled aggregates (each site would
+    centre them on its own rows): the model every site fits and the population keeps. A prior
+    the user gave stays."""
+    from bayestwin.families import from_config
+
+    if not callable(getattr(family, "federated_priors", None)):
+        raise ValueError(
+            f"{family!r} does not fit NONMEM events across sites: its default priors are centred on "
+            "each table's own scales (the PK family fixes them from the sites' aggregates)"
+        )
+    fixed = family.federated_priors(schema, scales)
+    config = family.config()
+    config["priors"] = {k: v.to_dict() for k, v in fixed.items()} | config["priors"]
+    return from_config(config)
+
+
+def _columns(d) -> Columns | None:
+    """The sites' column names as the population keeps them (a :class:`Columns`; ``None`` for
+    NONMEM events, whose names are fixed)."""
+    if d is None:
+        return None
     try:
         return Columns(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
     except (AttributeError, TypeError) as err:
@@ -119,6 +147,9 @@ class Coordinator:
         self.ledger = Ledger() if ledger is None else ledger
         summaries = self._ask_all("schema summary", dict.fromkeys(self.names, {}), 0)
         self.schema = shared_schema(summaries, therapies)
+        scales = shared_scales(summaries)
+        if scales is not None:  # NONMEM events: the PK priors centred once, from every site's aggregates
+            self.family = _with_priors(self.family, self.schema, scales)  # sent to the sites with the schema
         # what each site reported of its size (counts only): the population's patients and rows
         self.sizes = {
             "patients": {k: int(m["patients"]) for k, m in summaries.items()},

@@ -50,6 +50,7 @@ import pymc as pm
 import pytensor.tensor as pt
 
 from bayestwin.data.cohort import OUTCOME, THERAPY, TIME, Cohort, Schema
+from bayestwin.data.nonmem import Events
 from bayestwin.engine.compile import Block, unconstrained_draws
 from bayestwin.engine.fit import FitConfig, sample_model
 from bayestwin.federated.ep import Gaussian, SiteError
@@ -81,15 +82,34 @@ def _pool(parts: Sequence[dict]) -> tuple[int, float, float]:
     return n, mean, float(np.sqrt(m2 / n)) if n else 0.0
 
 
-def check_cohort(cohort, site: str) -> Cohort:
-    """The federated fit takes :class:`Cohort` tables: progression, formula and user models, and
-    time-to-event tables (``bt.read_survival`` makes a Cohort of at-risk intervals)."""
-    if type(cohort) is not Cohort:
+def check_cohort(cohort, site: str):
+    """The federated fit takes :class:`Cohort` tables (progression, formula and user models, and
+    time-to-event tables: ``bt.read_survival`` makes a Cohort of at-risk intervals) and NONMEM
+    event tables (``bt.read_nonmem``: the PK families)."""
+    if type(cohort) is not Cohort and not isinstance(cohort, Events):
         raise TypeError(
-            f"site {site!r}: a federated fit takes a bt.Cohort of the site's rows, not {type(cohort).__name__} "
-            "(PK events and joint tables are not yet supported across sites)"
+            f"site {site!r}: a federated fit takes a bt.Cohort or bt.read_nonmem events of the site's rows, "
+            f"not {type(cohort).__name__} (joint tables are not yet supported across sites)"
         )
     return cohort
+
+
+class _EventsOnSchema(Events):
+    """A site's NONMEM events read with the shared schema (its rows unchanged): the PK families
+    scale their priors and covariates by ``schema``, which for events is otherwise computed from
+    the site's own rows."""
+
+    def __init__(self, events: Events, schema: Schema):
+        self.__dict__.update(events.__dict__)
+        self._shared = schema
+
+    @property
+    def schema(self) -> Schema:
+        return self._shared
+
+
+def _n_patients(cohort) -> int:
+    return int(cohort.n_patients) if isinstance(cohort, Cohort) else len(cohort.patients)
 
 
 def schema_summary(cohort: Cohort, site: str = "this site") -> dict:
@@ -101,14 +121,63 @@ def schema_summary(cohort: Cohort, site: str = "this site") -> dict:
     """
     check_cohort(cohort, site)
     schema, base, frame = cohort.schema, cohort.baseline, cohort.frame
-    t = np.abs(frame[TIME].to_numpy(float))
-    return {
-        "therapies": sorted({str(x) for x in frame[THERAPY]}) if THERAPY in frame else list(schema.therapies),
+    if isinstance(cohort, Events):  # NONMEM events: no therapies (the doses say it), levels are DV
+        times, therapies = frame["TIME"].to_numpy(float), []
+        outcome = frame.loc[frame["EVID"] == 0, "DV"].dropna().to_numpy(float)
+    else:
+        times, outcome = frame[TIME].to_numpy(float), frame[OUTCOME].to_numpy(float)
+        therapies = sorted({str(x) for x in frame[THERAPY]}) if THERAPY in frame else list(schema.therapies)
+    t = np.abs(times)
+    out = {
+        "therapies": therapies,
         "numeric": {c: _moments(base[c].to_numpy(float)) for c in schema.numeric},
         "categorical": {c: sorted({str(x) for x in base[c]}) for c in schema.categorical},
         "time_max": float(t.max()) if len(t) else 0.0,
-        "outcome": _moments(frame[OUTCOME].to_numpy(float)),
-        "patients": int(cohort.n_patients),
+        "outcome": _moments(outcome),
+        "patients": _n_patients(cohort),
+    }
+    if isinstance(cohort, Events):
+        out["scales"] = _event_scales(cohort, outcome)
+    return out
+
+
+def _event_scales(events: Events, levels: np.ndarray) -> dict:
+    """What the PK family's data-centred priors read from a table (:meth:`Pk.default_priors`), as
+    aggregates: the log dose amounts' moments, the largest level, and each numeric covariate's
+    log moments over subjects (its geometric mean: the typical subject's)."""
+    amt = events.doses()["AMT"].to_numpy(float)
+    base = events.baseline
+
+    def logs(x):
+        x = np.asarray(x, float)
+        return _moments(np.log(x[x > 0]))
+
+    return {
+        "log_amt": logs(amt),
+        "dv_max": float(levels.max()) if len(levels) else 0.0,
+        "log_covariates": {c: logs(base[c].to_numpy(float)) for c in events.schema.numeric},
+    }
+
+
+def shared_scales(summaries: Mapping[str, dict]) -> dict | None:
+    """The pooled table's scales from each site's ``"scales"`` (NONMEM events; ``None`` for
+    Cohort tables): geometric mean dose, largest level, each covariate's geometric mean."""
+    parts = [s["scales"] for s in summaries.values() if "scales" in s]
+    if not parts:
+        return None
+    if len(parts) < len(summaries):
+        raise SiteError(
+            "some sites sent NONMEM events and others a Cohort: every site must hold the same kind of table"
+        )
+
+    def gm(ms):
+        n, mean, _ = _pool(ms)
+        return float(np.exp(mean)) if n else 0.0
+
+    return {
+        "amt": gm([p["log_amt"] for p in parts]),
+        "dv_max": max(p["dv_max"] for p in parts),
+        "covariates": {c: gm([p["log_covariates"][c] for p in parts]) for c in parts[0]["log_covariates"]},
     }
 
 
@@ -116,7 +185,7 @@ def check_summary(summary, site: str) -> dict:
     """A site's :func:`schema_summary` as received: its fields, whole non-negative counts, finite
     means and spreads, lists of levels; else :class:`SiteError` naming the site and field."""
     fields = {"therapies", "numeric", "categorical", "time_max", "outcome", "patients"}
-    if not isinstance(summary, Mapping) or set(summary) != fields:
+    if not isinstance(summary, Mapping) or set(summary) - {"scales"} != fields:
         got = sorted(summary) if isinstance(summary, Mapping) else type(summary).__name__
         raise SiteError(f"site {site!r} sent a schema summary with fields {got}, not {sorted(fields)}")
 
@@ -128,6 +197,19 @@ def check_summary(summary, site: str) -> dict:
             raise SiteError(f"site {site!r} sent {what} that is not a count, a finite mean and a sum of squares >= 0")
 
     moments(summary["outcome"], "an outcome summary")
+    if "scales" in summary:  # NONMEM events: what the PK priors are centred on
+        sc = summary["scales"]
+        ok = isinstance(sc, Mapping) and set(sc) == {"log_amt", "dv_max", "log_covariates"}
+        ok = ok and isinstance(sc["log_covariates"], Mapping)
+        ok = ok and sorted(sc["log_covariates"]) == sorted(summary["numeric"])
+        ok = ok and isinstance(sc["dv_max"], (int, float)) and np.isfinite(sc["dv_max"])
+        if not ok:
+            raise SiteError(
+                f"site {site!r} sent scales that are not log dose moments, a largest level and covariate moments"
+            )
+        moments(sc["log_amt"], "a summary of the log doses")
+        for c, m in sc["log_covariates"].items():
+            moments(m, f"a summary of log {c!r}")
     if not isinstance(summary["numeric"], Mapping) or not isinstance(summary["categorical"], Mapping):
         raise SiteError(f"site {site!r} sent covariates that are not name -> summary mappings")
     for c, m in summary["numeric"].items():
@@ -205,6 +287,8 @@ def on_schema(cohort: Cohort, schema: Schema, site: str, *, subject: str | None 
         extra = set(cohort.baseline[c].astype(str)) - set(levels)
         if extra:
             raise SiteError(f"{subject} has level {sorted(extra)[0]!r} of {c!r}, not in {against}")
+    if isinstance(cohort, Events):
+        return _EventsOnSchema(cohort, schema)
     out = object.__new__(Cohort)
     out.__dict__.update(cohort.__dict__)
     out.schema = schema
@@ -491,7 +575,7 @@ class Site:
         self._fit = None  # (family, cohort on the shared schema, blocks, prior, sites, cfg, share) once agreed
 
     def __repr__(self) -> str:
-        return f"Site({self.name!r}, {self.cohort.n_patients} patients; its rows stay here)"
+        return f"Site({self.name!r}, {_n_patients(self.cohort)} patients; its rows stay here)"
 
     @property
     def agreed(self) -> bool:
@@ -538,7 +622,9 @@ class Site:
         cohort = on_schema(self.cohort, schema, self.name)
         share = self._share(family, schema, blocks, cohort, d, body.get("own"))
         self._fit = (family, cohort, blocks, prior, n_sites, cfg, share)
-        cols = self.cohort.columns
+        cols = self.cohort.columns  # None for NONMEM events: their column names are fixed
+        if cols is None:
+            return {"columns": None}
         return {"columns": {f: (list(v) if isinstance(v, tuple) else v) for f, v in cols.__dict__.items()}}
 
     def _share(self, family, schema, blocks, cohort, d: int, own) -> Share | None:

@@ -194,10 +194,10 @@ def test_a_site_toml_is_checked_by_key_and_type(tmp_path):
     path.write_text(SITE_TOML.format(name="north").replace("outcome =", "outcom ="))
     with pytest.raises(SpecError, match=r"site.toml \[data\]: unknown key 'outcom'; valid keys: \["):
         read_site(path)
-    path.write_text('name = "north"\n[data]\nsource = "data.csv"\nformat = "nonmem"\n')
+    path.write_text('name = "north"\n[data]\nsource = "data.csv"\nformat = "fhir"\n')
     with pytest.raises(
         SpecError,
-        match=r"format must be 'longitudinal' or 'survival' \(a federated fit takes a bt.Cohort\), not 'nonmem'",
+        match=r"format must be one of \('longitudinal', 'nonmem', 'survival'\), not 'fhir'",
     ):
         read_site(path)
     path.write_text('[data]\nsource = "data.csv"\nformat = "longitudinal"\n')
@@ -220,6 +220,23 @@ def test_a_survival_site_reads_its_at_risk_intervals(tmp_path, monkeypatch):
     name, cohort = read_site(tmp_path / "site.toml")
     assert name == "south" and cohort.n_patients == 12 and cohort.columns.start == "start"
     assert cohort.frame["outcome"].sum() == df.event.sum()
+
+
+def test_a_nonmem_site_reads_its_events(tmp_path, monkeypatch):
+    """A site.toml of format "nonmem" gives the site's NONMEM events (the PK family), which a
+    federated fit takes (tests/federated/test_fit.py)."""
+    from bayestwin.data.nonmem import Events
+    from bayestwin.families.pk import simulate
+
+    table, _ = simulate(4, seed=1, weight=True)
+    table.to_csv(tmp_path / "pk.csv", index=False)
+    (tmp_path / "site.toml").write_text(
+        'name = "east"\n[data]\nsource = "pk.csv"\nformat = "nonmem"\ncovariates = ["WT"]\nkey_env = "EAST_KEY"\n'
+    )
+    monkeypatch.setenv("EAST_KEY", "east-site-key-00001")
+    name, events = read_site(tmp_path / "site.toml")
+    assert name == "east" and isinstance(events, Events) and len(events.patients) == 4
+    assert events.covariates == ["WT"] and not any(str(i) in events.patients for i in table.ID.unique())
 
 
 @pytest.mark.parametrize(

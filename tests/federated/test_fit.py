@@ -272,19 +272,45 @@ def test_a_malformed_schema_summary_is_refused_by_name(simulated, change, error)
         shared_schema(summaries, THERAPIES)
 
 
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (lambda s: s["scales"].pop("dv_max"), "site 's1' sent scales that are not log dose moments"),
+        (lambda s: s["scales"].update(dv_max=float("inf")), "site 's1' sent scales that are not"),
+        (lambda s: s["scales"]["log_amt"].update(m2=-1.0), "site 's1' sent a summary of the log doses that is not a count"),
+        (lambda s: s["scales"]["log_covariates"].pop("WT"), "site 's1' sent scales that are not"),
+        (lambda s: s.pop("scales"), "some sites sent NONMEM events and others a Cohort"),
+    ],
+)
+def test_malformed_pk_scales_are_refused_by_name(change, error):
+    from bayestwin.federated.site import shared_scales
+
+    _, sites = _pk_sites()
+    summaries = {k: schema_summary(e, k) for k, e in sites.items()}
+    change(summaries["s1"])
+    with pytest.raises(ep.SiteError, match=error):
+        shared_schema(summaries)
+        shared_scales(summaries)
+
+
+def test_the_ode_family_is_refused_across_sites_by_name():
+    _, sites = _pk_sites()
+    with pytest.raises(ValueError, match=r"does not fit NONMEM events across sites: its default priors are centred"):
+        Coordinator(sites, bt.Ode("one_compartment"), seed=0)
+
+
 def test_a_site_table_of_another_kind_is_refused(simulated):
     train, _, _ = simulated
     with pytest.raises(
-        TypeError, match="site 'h0': a federated fit takes a bt.Cohort of the site's rows, not DataFrame"
+        TypeError,
+        match="site 'h0': a federated fit takes a bt.Cohort or bt.read_nonmem events of the site's rows, not DataFrame",
     ):
         federated_fit({"h0": train})
     from bayestwin.families.joint import simulate
 
     df, _ = simulate(6, seed=1)
     joint = bt.read_joint(df, key=KEY)
-    with pytest.raises(
-        TypeError, match=r"not JointCohort \(PK events and joint tables are not yet supported across sites\)$"
-    ):
+    with pytest.raises(TypeError, match=r"not JointCohort \(joint tables are not yet supported across sites\)$"):
         federated_fit({"h0": joint}, bt.Joint())
 
 
@@ -446,6 +472,97 @@ def test_a_survival_population_fits_across_sites_as_on_the_pooled_table():
     ]
     sd = float(risks[0].std(["chain", "draw"]).max())
     assert float(np.abs(risks[0].mean(["chain", "draw"]) - risks[1].mean(["chain", "draw"])).max()) <= 0.1 * sd
+
+
+def _pk_sites(n: int = 12):
+    """A simulated PK study with body weight (12 subjects) in three sites by subject."""
+    from bayestwin.families.pk import simulate
+
+    table, _ = simulate(n, seed=5, weight=True, times=(0.5, 1, 2, 4, 8, 12, 24))
+    ids = np.array_split(np.array(sorted(table.ID.unique())), 3)
+    sites = {f"s{j}": bt.read_nonmem(table[table.ID.isin(g)], covariates=["WT"], key=KEY) for j, g in enumerate(ids)}
+    return table, sites
+
+
+def test_pk_events_share_the_pooled_schema_and_their_factors_multiply_to_the_pooled_posterior():
+    """NONMEM events (the PK family) across sites: the shared schema is the pooled table's
+    (weight's mean and SD, the time scale, the levels' mean and SD, which scale the PK priors),
+    and the exact factorisation EP's fixed point rests on holds: at any point, the sum over sites
+    of (tilted log density - log cavity) plus the EP prior is the pooled model's log density up
+    to one constant (three random points, 1e-8). (Agreement of the fits at full size, on the
+    Theoph study split by subject, is a benchmark: ``benchmarks/federated.py --pk``.)"""
+    from bayestwin.federated.site import tilted_model
+
+    table, sites = _pk_sites()
+    family = bt.Pk()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        coord = Coordinator(sites, family, seed=0)
+    pooled_events = bt.read_nonmem(table, covariates=["WT"], key=KEY)
+    want = pooled_events.schema
+    assert coord.schema.numeric["WT"] == pytest.approx(want.numeric["WT"], rel=1e-12)
+    assert coord.schema.categorical == want.categorical and coord.schema.therapies == ()
+    assert coord.schema.time_scale == want.time_scale
+    assert (coord.schema.outcome_mean, coord.schema.outcome_sd) == pytest.approx(
+        (want.outcome_mean, want.outcome_sd), rel=1e-12
+    )
+    # The PK priors are centred on the data's scales: the coordinator fixes them once from the
+    # sites' aggregates (here one dose level, so the geometric mean dose is the pooled median and
+    # the priors are the pooled table's own), and every site fits that model.
+    design = family.design(pooled_events.frame, pooled_events.baseline, coord.schema)
+    default = family.default_priors(coord.schema, design)
+    for name in ("log_cl", "log_v", "log_ka"):
+        got, want = coord.family.priors[name].to_dict(), default[name].to_dict()
+        assert got.pop("dist") == want.pop("dist") == "Normal" and got == pytest.approx(want, rel=1e-12)
+    pooled = coord.family.fit_model(design, coord.schema)[0]
+    rng = np.random.default_rng(1)
+    d = len(coord.prior.shift)
+    parts = []
+    for name in coord.names:
+        fam, cohort, blocks, prior, n_sites, _, share = coord._sites[name]._fit
+        assert share is None and cohort.schema == coord.schema  # read with the shared schema
+        assert fam.config() == coord.family.config()  # and the priors fixed by the coordinator
+        a = rng.normal(size=(d, d))
+        cav = ep.Gaussian(a @ a.T / d + np.eye(d), rng.normal(size=d))
+        model = fam.fit_model(fam.design(cohort.frame, cohort.baseline, cohort.schema), cohort.schema)[0]
+        model = tilted_model(model, [b.rv for b in blocks], blocks, cav, prior, n_sites)
+        mine = [list(pooled.coords["patient"]).index(p) for p in model.coords["patient"]]
+        parts.append((model.compile_logp(), cav, mine))
+    blocks, pooled_logp = coord.program.phi, pooled.compile_logp()
+
+    def total(point):
+        phi = np.concatenate([np.ravel(point[b.name]) for b in blocks])
+        out = -0.5 * phi @ coord.prior.precision @ phi + coord.prior.shift @ phi - pooled_logp(point)
+        for logp, cav, mine in parts:
+            at = {k: (v[mine] if k == "z" else v) for k, v in point.items()}
+            out += logp(at) - (-0.5 * phi @ cav.precision @ phi + cav.shift @ phi)
+        return out
+
+    start = pooled.initial_point()
+    values = [total({k: v + rng.normal(0.0, 0.3, np.shape(v)) for k, v in start.items()}) for _ in range(3)]
+    assert np.ptp(values) < 1e-8 * max(1.0, abs(values[0])), values
+
+
+def test_a_federated_pk_fit_runs_end_to_end_and_its_population_conditions_twins():
+    """One short sweep of a PK fit through the real sites: no subject's ID or pseudonym in any
+    message, the population reads new subjects' NONMEM tables (fixed column names) and
+    conditions a new subject's twin on its levels."""
+    table, sites = _pk_sites()
+    ledger = Ledger()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pop = federated_fit(sites, bt.Pk(), draws=150, tune=150, chains=2, iterations=1, seed=4, ledger=ledger)
+    text = "\n".join(m["body"] for m in ledger.messages)
+    for events in sites.values():
+        assert not any(str(p) in text for p in events.patients)
+    for i in table.ID.unique():
+        assert not re.search(rf"\"ID\": \[?{int(i)}\b", text)
+    assert pop.columns is None and pop.schema.therapies == ()
+    first = table[table.ID == table.ID.iloc[0]]
+    new = pd.concat([first[first.EVID == 1], first[first.EVID == 0].iloc[:3]]).assign(ID=500)
+    twin = pop.condition(new, key=KEY, seed=1, method="importance")
+    cl = twin.posterior["patient_cl"]
+    assert np.isfinite(cl.to_numpy()).all() and float(cl.std()) > 0
 
 
 # ------------------------------------------------------------------- the same exchange on Flower
