@@ -110,7 +110,7 @@ class Coordinator:
     :class:`~bayestwin.federated.ep.SiteError` naming it, and the coordinator keeps the state of
     the last complete sweep (call :meth:`run` again to go on).
 
-    ``sites`` maps each site's name to its :class:`Cohort` (the local path: each site's work runs
+    ``sites`` maps each site's name to its :class:`Cohort` or NONMEM events (the local path: each site's work runs
     in this process, by a :class:`~bayestwin.federated.site.Site`) or to any object with the
     site's ``answer(kind, body) -> dict`` (a site on another machine: the Flower path,
     :mod:`bayestwin.federated.flower`, answers through Flower messages). Every exchange goes
@@ -382,8 +382,10 @@ def federated_fit(
     Parameters
     ----------
     sites
-        Site name -> that site's :class:`Cohort` (in a real federation each lives on its own
-        machine; here each site's work runs in this process, through the same messages).
+        Site name -> that site's :class:`Cohort` or NONMEM events (``bt.read_nonmem``, the PK
+        family: its priors are then fixed from the sites' aggregates, ``Pk.federated_priors``);
+        in a real federation each lives on its own machine; here each site's work runs in this
+        process, through the same messages.
     family
         A family instance or name; its population parameters are what the sites learn together.
     therapies
