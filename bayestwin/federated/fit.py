@@ -110,8 +110,8 @@ class Coordinator:
     :class:`~bayestwin.federated.ep.SiteError` naming it, and the coordinator keeps the state of
     the last complete sweep (call :meth:`run` again to go on).
 
-    ``sites`` maps each site's name to its :class:`Cohort` or NONMEM events (the local path: each site's work runs
-    in this process, by a :class:`~bayestwin.federated.site.Site`) or to any object with the
+    ``sites`` maps each site's name to its :class:`Cohort` or NONMEM events (the local path:
+    each site's work runs in this process, by a :class:`~bayestwin.federated.site.Site`) or to any object with the
     site's ``answer(kind, body) -> dict`` (a site on another machine: the Flower path,
     :mod:`bayestwin.federated.flower`, answers through Flower messages). Every exchange goes
     through :meth:`ask`, which logs it in the :class:`Ledger`.
