@@ -107,6 +107,25 @@ def unconstrained(pooled, fed) -> pd.DataFrame:
     )
 
 
+def report(what: str, draws: int, pooled, fed, t_pooled: float, t_fed: float) -> None:
+    """Print the two fits' times and EP's exchange, and every population parameter (constrained
+    and unconstrained) from both, against the goals (means within 0.1 pooled SD, SDs within 10%)."""
+    out = pd.concat([compare(pooled, fed), unconstrained(pooled, fed).rename(columns={"coordinate": "parameter"})])
+    s = fed.sampler
+    print(f"{what}, {draws} + {draws} draws x 4 chains")
+    print(f"pooled fit (peer): {t_pooled:.1f} s, verdict: {pooled.verdict}")
+    print(
+        f"federated fit: {t_fed:.1f} s, {s['sweeps']} EP sweeps (moved "
+        f"{', '.join(f'{h["moved"]:.3f}' for h in s['history'][1:])} SD), {s['messages']} messages, "
+        f"{s['bytes_sent']:,} bytes; verdict: {fed.verdict}"
+    )
+    print(out.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(
+        f"largest |diff| / pooled sd: {out['|diff| / pooled sd'].max():.3f} (goal <= 0.1); "
+        f"sd ratios {out['sd ratio'].min():.3f}-{out['sd ratio'].max():.3f} (goal 0.9-1.1)"
+    )
+
+
 def pk(draws: int, sites: int = 3) -> None:
     from bayestwin.zoo import read_spec, spec_family
 
@@ -134,20 +153,7 @@ def pk(draws: int, sites: int = 3) -> None:
         "prior means fixed from the sites' aggregates (the pooled table's own defaults): "
         + ", ".join(f"{k} {m:.3f} ({default[k].to_dict()['mu']:.3f})" for k, m in shifted.items())
     )
-    out = pd.concat([compare(pooled, fed), unconstrained(pooled, fed).rename(columns={"coordinate": "parameter"})])
-    s = fed.sampler
-    print(f"Theoph (12 subjects) in {sites} sites by subject, {family!r}, {draws} + {draws} draws x 4 chains")
-    print(f"pooled fit (peer): {t_pooled:.1f} s, verdict: {pooled.verdict}")
-    print(
-        f"federated fit: {t_fed:.1f} s, {s['sweeps']} EP sweeps (moved "
-        f"{', '.join(f'{h["moved"]:.3f}' for h in s['history'][1:])} SD), {s['messages']} messages, "
-        f"{s['bytes_sent']:,} bytes; verdict: {fed.verdict}"
-    )
-    print(out.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    print(
-        f"largest |diff| / pooled sd: {out['|diff| / pooled sd'].max():.3f} (goal <= 0.1); "
-        f"sd ratios {out['sd ratio'].min():.3f}-{out['sd ratio'].max():.3f} (goal 0.9-1.1)"
-    )
+    report(f"Theoph (12 subjects) in {sites} sites by subject, {family!r}", draws, pooled, fed, t_pooled, t_fed)
     first = df[df.ID == df.ID.iloc[0]]
     one = pd.concat([first[first.EVID == 1], first[first.EVID == 0].iloc[1:4]]).assign(ID=101)
     a, b = pooled.condition(one, key=KEY, seed=4), fed.condition(one, key=KEY, seed=4)
@@ -195,20 +201,7 @@ def site_effects(draws: int, levels: int = 4) -> None:
         sites = {h: table(df[df.site == h]) for h in sorted(df.site.unique())}
         fed = federated_fit(sites, family, therapies=THERAPIES, draws=draws, tune=draws, seed=2)
         t_fed = time.perf_counter() - t
-    out = pd.concat([compare(pooled, fed), unconstrained(pooled, fed).rename(columns={"coordinate": "parameter"})])
-    s = fed.sampler
-    print(f"{levels} simulated hospitals of 10 patients, {SITE_FORMULA}, {draws} + {draws} draws x 4 chains")
-    print(f"pooled fit (peer): {t_pooled:.1f} s, verdict: {pooled.verdict}")
-    print(
-        f"federated fit: {t_fed:.1f} s, {s['sweeps']} EP sweeps (moved "
-        f"{', '.join(f'{h["moved"]:.3f}' for h in s['history'][1:])} SD), {s['messages']} messages, "
-        f"{s['bytes_sent']:,} bytes; verdict: {fed.verdict}"
-    )
-    print(out.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    print(
-        f"largest |diff| / pooled sd: {out['|diff| / pooled sd'].max():.3f} (goal <= 0.1); "
-        f"sd ratios {out['sd ratio'].min():.3f}-{out['sd ratio'].max():.3f} (goal 0.9-1.1)"
-    )
+    report(f"{levels} simulated hospitals of 10 patients, {SITE_FORMULA}", draws, pooled, fed, t_pooled, t_fed)
     a, b = pooled.condition(new, key=KEY, seed=4), fed.condition(new, key=KEY, seed=4)
     x, y = a.posterior["patient_effects"], b.posterior["patient_effects"]
     fa, fb = (t.predict(times=[12.0]).draws["mean"] for t in (a, b))
