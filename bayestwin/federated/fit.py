@@ -148,6 +148,9 @@ class Coordinator:
         summaries = self._ask_all("schema summary", dict.fromkeys(self.names, {}), 0)
         self.schema = shared_schema(summaries, therapies)
         scales = shared_scales(summaries)
+        if (scales is not None) != (self.family.table == "events"):  # the sites' tables against the family's
+            held = "NONMEM events (bt.read_nonmem)" if scales is not None else "Cohort tables"
+            raise ValueError(f"{self.family!r} does not fit the sites' tables: they hold {held}")
         if scales is not None:  # NONMEM events: the PK priors centred once, from every site's aggregates
             self.family = _with_priors(self.family, self.schema, scales)  # sent to the sites with the schema
         # what each site reported of its size (counts only): the population's patients and rows

@@ -299,6 +299,15 @@ def test_the_ode_family_is_refused_across_sites_by_name():
         Coordinator(sites, bt.Ode("one_compartment"), seed=0)
 
 
+def test_a_family_for_another_kind_of_table_is_refused_before_any_sweep(simulated):
+    _, sites = _pk_sites()
+    with pytest.raises(ValueError, match=r"^Progression\(.*\) does not fit the sites' tables: they hold NONMEM events"):
+        Coordinator(sites, bt.Progression(), seed=0)
+    cohorts = _sites(simulated[0])
+    with pytest.raises(ValueError, match=r"^Pk\(.*\) does not fit the sites' tables: they hold Cohort tables$"):
+        Coordinator(cohorts, bt.Pk(), therapies=THERAPIES, seed=0)
+
+
 def test_a_site_table_of_another_kind_is_refused(simulated):
     train, _, _ = simulated
     with pytest.raises(
