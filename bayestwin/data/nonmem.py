@@ -85,6 +85,11 @@ class Events:
         """Pseudonymised IDs, in order of first appearance."""
         return list(pd.unique(self.frame["ID"]))
 
+    @property
+    def n_patients(self) -> int:
+        """Number of IDs (as a Cohort's ``n_patients``)."""
+        return int(self.frame["ID"].nunique())
+
     def doses(self) -> pd.DataFrame:
         """Every dose as its own row, ADDL expanded (time + k·II, k = 1..ADDL).
 

@@ -108,10 +108,6 @@ class _EventsOnSchema(Events):
         return self._shared
 
 
-def _n_patients(cohort) -> int:
-    return int(cohort.n_patients) if isinstance(cohort, Cohort) else len(cohort.patients)
-
-
 def schema_summary(cohort: Cohort, site: str = "this site") -> dict:
     """What a site shares so that every site fits with one schema: aggregates, no row.
 
@@ -134,19 +130,18 @@ def schema_summary(cohort: Cohort, site: str = "this site") -> dict:
         "categorical": {c: sorted({str(x) for x in base[c]}) for c in schema.categorical},
         "time_max": float(t.max()) if len(t) else 0.0,
         "outcome": _moments(outcome),
-        "patients": _n_patients(cohort),
+        "patients": int(cohort.n_patients),
     }
     if isinstance(cohort, Events):
-        out["scales"] = _event_scales(cohort, outcome)
+        out["scales"] = _event_scales(cohort.doses()["AMT"].to_numpy(float), outcome, base, schema.numeric)
     return out
 
 
-def _event_scales(events: Events, levels: np.ndarray) -> dict:
+def _event_scales(amt: np.ndarray, levels: np.ndarray, base, numeric) -> dict:
     """What the PK family's data-centred priors read from a table (:meth:`Pk.default_priors`), as
     aggregates: the log dose amounts' moments, the largest level, and each numeric covariate's
-    log moments over subjects (its geometric mean: the typical subject's)."""
-    amt = events.doses()["AMT"].to_numpy(float)
-    base = events.baseline
+    log moments over subjects (``base``: one row per subject; its geometric mean is the typical
+    subject's)."""
 
     def logs(x):
         x = np.asarray(x, float)
@@ -155,7 +150,7 @@ def _event_scales(events: Events, levels: np.ndarray) -> dict:
     return {
         "log_amt": logs(amt),
         "dv_max": float(levels.max()) if len(levels) else 0.0,
-        "log_covariates": {c: logs(base[c].to_numpy(float)) for c in events.schema.numeric},
+        "log_covariates": {c: logs(base[c].to_numpy(float)) for c in numeric},
     }
 
 
@@ -575,7 +570,7 @@ class Site:
         self._fit = None  # (family, cohort on the shared schema, blocks, prior, sites, cfg, share) once agreed
 
     def __repr__(self) -> str:
-        return f"Site({self.name!r}, {_n_patients(self.cohort)} patients; its rows stay here)"
+        return f"Site({self.name!r}, {self.cohort.n_patients} patients; its rows stay here)"
 
     @property
     def agreed(self) -> bool:
